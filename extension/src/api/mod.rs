@@ -1,0 +1,5 @@
+//! SQL-facing functions implemented in Rust. The rest of the SQL API is in `sql/`.
+
+pub mod matching;
+pub mod principal;
+pub mod wake;

@@ -1,0 +1,67 @@
+//! picloud's errors raised from Rust, each mapped to one SQLSTATE.
+//!
+//! Errors raised from the SQL files use the project class `PC` (see README); the Rust side only
+//! needs standard codes.
+
+use pgrx::pg_sys::elog::PgLogLevel;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PicloudError {
+    /// A collection pattern that is not `*`, `prefix:*` or an exact name.
+    InvalidPattern {
+        pattern: String,
+        reason: &'static str,
+    },
+    /// A role named as principal does not exist.
+    UnknownPrincipal { principal: String },
+    /// A value passed to a function is outside what it accepts.
+    InvalidParameter { what: &'static str, detail: String },
+}
+
+impl PicloudError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            PicloudError::InvalidPattern { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            PicloudError::UnknownPrincipal { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            PicloudError::InvalidParameter { .. } => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            PicloudError::InvalidPattern { pattern, reason } => {
+                format!("invalid collection pattern {pattern:?}: {reason}")
+            }
+            PicloudError::UnknownPrincipal { principal } => {
+                format!("principal role {principal:?} does not exist")
+            }
+            PicloudError::InvalidParameter { what, detail } => format!("invalid {what}: {detail}"),
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            PicloudError::InvalidPattern { .. } => Some(
+                "Use '*' for every collection, 'prefix:*' for names starting with 'prefix:', or an exact name without '*'.",
+            ),
+            PicloudError::UnknownPrincipal { .. } => {
+                Some("The role that registered the trigger was dropped; re-register the trigger.")
+            }
+            PicloudError::InvalidParameter { .. } => None,
+        }
+    }
+
+    /// Raises this error as a Postgres ERROR; never returns.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.message(), "picloud");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR-level reports do not return")
+    }
+}

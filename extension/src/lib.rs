@@ -1,0 +1,89 @@
+//! picloud: a transactional outbox with event triggers, retries and dead letters.
+//!
+//! The schema and most of the SQL surface live in `sql/` (plain SQL and PL/pgSQL, pulled in
+//! below in dependency order). Rust owns what SQL cannot do: settings, shared memory for the
+//! wake-up decision, running a handler as its principal, and the background worker.
+
+use pgrx::prelude::*;
+
+mod api;
+mod error;
+mod gucs;
+mod worker;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/001_schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../../sql/010_access.sql",
+    name = "access",
+    requires = ["schema", api::matching::picloud_collection_matches]
+);
+extension_sql_file!(
+    "../../sql/020_triggers.sql",
+    name = "triggers",
+    requires = [
+        "access",
+        api::matching::picloud_collection_match_keys,
+        api::matching::picloud_pattern_match_key
+    ]
+);
+extension_sql_file!(
+    "../../sql/030_outbox.sql",
+    name = "outbox",
+    requires = [
+        "triggers",
+        api::wake::picloud_wake_at_commit,
+        api::wake::picloud_note_claim,
+        api::principal::picloud_current_depth,
+        api::principal::picloud_invoke_as
+    ]
+);
+extension_sql_file!(
+    "../../sql/040_dead_letters.sql",
+    name = "dead_letters",
+    requires = ["outbox"]
+);
+extension_sql_file!(
+    "../../sql/050_housekeeping.sql",
+    name = "housekeeping",
+    requires = ["dead_letters"]
+);
+extension_sql_file!(
+    "../../sql/090_privileges.sql",
+    name = "privileges",
+    finalize
+);
+
+/// Loads settings, shared memory and the background worker. picloud's wake-up flag lives in
+/// shared memory and its housekeeping runs in a background worker, and both can only be set
+/// up while the postmaster loads `shared_preload_libraries`.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reading a postmaster-owned global that is only written during start-up.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "picloud must be loaded via shared_preload_libraries",
+            "Add 'picloud' to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
+        );
+    }
+    gucs::init();
+    api::wake::init_shared_memory();
+    worker::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'picloud'",
+            "picloud.gc_interval = '1s'",
+        ]
+    }
+}

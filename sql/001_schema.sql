@@ -1,0 +1,229 @@
+-- picloud storage. Every primary key and unique constraint leads with app_id so the schema
+-- can be distributed by app (each event's work stays on one shard).
+
+-- Apps: the tenants. Postgres roles act on them through app_roles.
+CREATE TABLE picloud.apps (
+    app_id      uuid        NOT NULL DEFAULT gen_random_uuid(),
+    name        text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name        NOT NULL DEFAULT current_user,
+    CONSTRAINT apps_pkey PRIMARY KEY (app_id),
+    CONSTRAINT apps_name_length CHECK (length(name) BETWEEN 1 AND 200)
+);
+
+-- Who may do what in an app. 'admin' manages triggers, handlers and dead letters (the
+-- AppManageTriggers and AppDeadLetterManage capabilities) and may enqueue; 'producer' may
+-- only enqueue. Capabilities belong to the exact role named (act as it with SET ROLE).
+CREATE TABLE picloud.app_roles (
+    app_id      uuid        NOT NULL,
+    role_name   name        NOT NULL,
+    capability  text        NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    granted_by  name        NOT NULL DEFAULT current_user,
+    CONSTRAINT app_roles_pkey PRIMARY KEY (app_id, role_name, capability),
+    CONSTRAINT app_roles_capability_valid CHECK (capability IN ('admin', 'producer')),
+    CONSTRAINT app_roles_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
+);
+CREATE INDEX app_roles_role_idx ON picloud.app_roles (role_name);
+
+-- Handlers ("scripts"): what a trigger runs. kind 'sql' targets a function taking jsonb,
+-- 'http' a URL the supervisor POSTs to, 'command' a command name defined in the supervisor's
+-- own configuration (never a program path chosen by a tenant).
+CREATE TABLE picloud.scripts (
+    app_id                  uuid        NOT NULL,
+    script_id               uuid        NOT NULL DEFAULT gen_random_uuid(),
+    name                    text        NOT NULL,
+    kind                    text        NOT NULL,
+    target                  text        NOT NULL,
+    sql_function            regprocedure,
+    timeout_ms              integer     NOT NULL DEFAULT 30000,
+    registered_by_principal name        NOT NULL DEFAULT current_user,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT scripts_pkey PRIMARY KEY (app_id, script_id),
+    CONSTRAINT scripts_name_unique UNIQUE (app_id, name),
+    CONSTRAINT scripts_name_length CHECK (length(name) BETWEEN 1 AND 200),
+    CONSTRAINT scripts_kind_valid CHECK (kind IN ('sql', 'http', 'command')),
+    CONSTRAINT scripts_target_length CHECK (length(target) BETWEEN 1 AND 2048),
+    CONSTRAINT scripts_sql_function_iff_sql CHECK ((kind = 'sql') = (sql_function IS NOT NULL)),
+    CONSTRAINT scripts_timeout_range CHECK (timeout_ms BETWEEN 1 AND 3600000),
+    CONSTRAINT scripts_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
+);
+
+-- Triggers: the parent row of every registered trigger; per-kind details hang off it 1:1.
+CREATE TABLE picloud.triggers (
+    app_id                  uuid        NOT NULL,
+    trigger_id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    kind                    text        NOT NULL,
+    script_id               uuid        NOT NULL,
+    enabled                 boolean     NOT NULL DEFAULT true,
+    registered_by_principal name        NOT NULL DEFAULT current_user,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT triggers_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT triggers_kind_valid CHECK (kind IN ('kv', 'dead_letter')),
+    CONSTRAINT triggers_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE,
+    -- A handler still used by a trigger cannot be dropped by accident.
+    CONSTRAINT triggers_script_fkey FOREIGN KEY (app_id, script_id)
+        REFERENCES picloud.scripts (app_id, script_id) ON DELETE RESTRICT
+);
+CREATE INDEX triggers_script_idx ON picloud.triggers (app_id, script_id);
+
+-- KV trigger details. match_key encodes the pattern so that matching is an index probe:
+-- '*' for every collection, '>prefix:' for 'prefix:*', '=name' for an exact name.
+CREATE TABLE picloud.kv_trigger_details (
+    app_id              uuid   NOT NULL,
+    trigger_id          uuid   NOT NULL,
+    collection_pattern  text   NOT NULL,
+    match_key           text   NOT NULL,
+    ops                 text[] NOT NULL,
+    CONSTRAINT kv_trigger_details_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT kv_trigger_details_ops_valid
+        CHECK (cardinality(ops) >= 1 AND ops <@ ARRAY['insert', 'update', 'delete', 'set']::text[]),
+    CONSTRAINT kv_trigger_details_trigger_fkey FOREIGN KEY (app_id, trigger_id)
+        REFERENCES picloud.triggers (app_id, trigger_id) ON DELETE CASCADE
+);
+CREATE INDEX kv_trigger_details_match_idx ON picloud.kv_trigger_details (app_id, match_key);
+
+-- Dead-letter trigger details: which dead letters fire it. NULL filters match anything.
+CREATE TABLE picloud.dead_letter_trigger_details (
+    app_id          uuid NOT NULL,
+    trigger_id      uuid NOT NULL,
+    source_filter   text,
+    script_filter   uuid,
+    CONSTRAINT dead_letter_trigger_details_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT dead_letter_trigger_details_trigger_fkey FOREIGN KEY (app_id, trigger_id)
+        REFERENCES picloud.triggers (app_id, trigger_id) ON DELETE CASCADE
+);
+CREATE INDEX dead_letter_trigger_details_match_idx
+    ON picloud.dead_letter_trigger_details (app_id, source_filter);
+
+-- The outbox: the one async dispatch substrate. A row is claimed by a supervisor under a
+-- lease, and either completed (deleted), rescheduled, or moved to dead_letters.
+CREATE TABLE picloud.outbox (
+    app_id            uuid        NOT NULL,
+    event_id          uuid        NOT NULL DEFAULT gen_random_uuid(),
+    source            text        NOT NULL,
+    op                text        NOT NULL,
+    trigger_id        uuid,
+    script_id         uuid        NOT NULL,
+    payload           jsonb       NOT NULL,
+    depth             integer     NOT NULL DEFAULT 0,
+    attempt_count     integer     NOT NULL DEFAULT 0,
+    due_at            timestamptz NOT NULL DEFAULT now(),
+    claimed_by        text,
+    lease_expires_at  timestamptz,
+    first_attempt_at  timestamptz,
+    last_attempt_at   timestamptz,
+    last_error        text,
+    reply_to          text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outbox_pkey PRIMARY KEY (app_id, event_id),
+    CONSTRAINT outbox_source_valid
+        CHECK (source IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')),
+    CONSTRAINT outbox_op_length CHECK (length(op) BETWEEN 1 AND 200),
+    CONSTRAINT outbox_depth_nonnegative CHECK (depth >= 0),
+    CONSTRAINT outbox_attempt_count_nonnegative CHECK (attempt_count >= 0),
+    CONSTRAINT outbox_claim_has_lease CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL))
+) WITH (
+    -- A queue table churns: every row is inserted, updated once or twice and deleted.
+    -- Vacuum it early and often, and leave room on each page for HOT updates.
+    fillfactor = 85,
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.05,
+    autovacuum_vacuum_cost_delay = 0
+);
+-- No foreign keys on the outbox: they would cost a lookup per enqueue and a lock on the
+-- parent row; the enqueue functions check the handler instead, and deleting an app or a
+-- handler removes its pending events explicitly.
+
+-- Claim path: due, unclaimed rows in due order.
+CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
+-- Lease rescue: claimed rows by lease expiry.
+CREATE INDEX outbox_lease_idx ON picloud.outbox (lease_expires_at) WHERE claimed_by IS NOT NULL;
+
+-- Idempotency keys outlive their outbox row (which is deleted on completion), so a retry of
+-- the same request after the event ran still enqueues nothing.
+CREATE TABLE picloud.idempotency_keys (
+    app_id           uuid        NOT NULL,
+    idempotency_key  text        NOT NULL,
+    event_id         uuid        NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (app_id, idempotency_key),
+    CONSTRAINT idempotency_keys_key_length CHECK (length(idempotency_key) BETWEEN 1 AND 512)
+);
+CREATE INDEX idempotency_keys_created_idx ON picloud.idempotency_keys (created_at);
+
+CREATE TABLE picloud.dead_letters (
+    app_id             uuid        NOT NULL,
+    dead_letter_id     uuid        NOT NULL DEFAULT gen_random_uuid(),
+    original_event_id  uuid        NOT NULL,
+    source             text        NOT NULL,
+    op                 text        NOT NULL,
+    trigger_id         uuid,
+    script_id          uuid,
+    payload            jsonb       NOT NULL,
+    depth              integer     NOT NULL DEFAULT 0,
+    attempt_count      integer     NOT NULL,
+    first_attempt_at   timestamptz,
+    last_attempt_at    timestamptz,
+    last_error         text        NOT NULL DEFAULT '',
+    reply_to           text,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    resolved_at        timestamptz,
+    resolved_by        name,
+    resolution         text,
+    CONSTRAINT dead_letters_pkey PRIMARY KEY (app_id, dead_letter_id),
+    CONSTRAINT dead_letters_resolution_valid
+        CHECK (resolution IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed')),
+    CONSTRAINT dead_letters_resolved_consistent CHECK ((resolved_at IS NULL) = (resolution IS NULL)),
+    CONSTRAINT dead_letters_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
+);
+-- The per-app unresolved-count badge and the unresolved list.
+CREATE INDEX dead_letters_unresolved_idx ON picloud.dead_letters (app_id, created_at)
+    WHERE resolved_at IS NULL;
+-- The full list, newest first.
+CREATE INDEX dead_letters_app_created_idx ON picloud.dead_letters (app_id, created_at);
+-- Retention GC by age (only resolved rows are ever collected).
+CREATE INDEX dead_letters_gc_idx ON picloud.dead_letters (created_at) WHERE resolved_at IS NOT NULL;
+
+-- Synchronous-call inboxes: a caller LISTENs on channel and waits until expires_at. The
+-- owner's backend pid and start time tell whether the caller is still connected.
+CREATE TABLE picloud.inboxes (
+    app_id          uuid        NOT NULL,
+    channel         text        NOT NULL,
+    owner_role      name        NOT NULL DEFAULT current_user,
+    owner_pid       integer     NOT NULL,
+    owner_started   timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    expires_at      timestamptz NOT NULL,
+    CONSTRAINT inboxes_pkey PRIMARY KEY (app_id, channel),
+    CONSTRAINT inboxes_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
+);
+CREATE INDEX inboxes_expires_idx ON picloud.inboxes (expires_at);
+
+-- Forensics: a handler finished for a synchronous caller whose inbox was already gone.
+CREATE TABLE picloud.abandoned_executions (
+    app_id          uuid        NOT NULL,
+    abandoned_id    uuid        NOT NULL DEFAULT gen_random_uuid(),
+    event_id        uuid        NOT NULL,
+    trigger_id      uuid,
+    script_id       uuid,
+    reply_to        text        NOT NULL,
+    succeeded       boolean     NOT NULL,
+    result          jsonb,
+    error           text,
+    reason          text        NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT abandoned_executions_pkey PRIMARY KEY (app_id, abandoned_id),
+    CONSTRAINT abandoned_executions_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
+);
+CREATE INDEX abandoned_executions_app_idx ON picloud.abandoned_executions (app_id, created_at);
+CREATE INDEX abandoned_executions_gc_idx ON picloud.abandoned_executions (created_at);

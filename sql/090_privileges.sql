@@ -1,0 +1,172 @@
+-- Privileges and row-level security. Runs last, once every object exists.
+--
+-- Nothing is granted to PUBLIC. Tenant roles reach picloud through picloud_user (granted by
+-- picloud_grant_app_role), and row-level security narrows every table to the apps the role
+-- holds a capability in. The supervisor role bypasses RLS; superusers and picloud_admin
+-- members pass every policy.
+
+REVOKE ALL ON SCHEMA picloud FROM PUBLIC;
+GRANT USAGE ON SCHEMA picloud TO picloud_user, picloud_admin, picloud_supervisor;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA picloud FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA picloud FROM PUBLIC;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_user, picloud_supervisor;
+
+-- Functions every tenant may call; each checks the app capability it needs itself.
+GRANT EXECUTE ON FUNCTION
+    picloud.picloud_collection_matches(text, text),
+    picloud.picloud_has_capability(uuid, text),
+    picloud.picloud_current_depth(),
+    picloud.picloud_supervisor_idle(),
+    picloud.picloud_create_app(text),
+    picloud.picloud_list_apps(),
+    picloud.picloud_drop_app(uuid),
+    picloud.picloud_grant_app_role(uuid, name, text),
+    picloud.picloud_revoke_app_role(uuid, name, text),
+    picloud.picloud_create_script(uuid, text, text, text, integer),
+    picloud.picloud_list_scripts(uuid),
+    picloud.picloud_drop_script(uuid, uuid),
+    picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean),
+    picloud.picloud_create_dead_letter_trigger(uuid, uuid, text, uuid, boolean),
+    picloud.picloud_get_trigger(uuid, uuid),
+    picloud.picloud_list_triggers(uuid),
+    picloud.picloud_set_trigger_enabled(uuid, uuid, boolean),
+    picloud.picloud_enable_trigger(uuid, uuid),
+    picloud.picloud_disable_trigger(uuid, uuid),
+    picloud.picloud_drop_trigger(uuid, uuid),
+    picloud.picloud_match_kv_triggers(uuid, text, text),
+    picloud.picloud_match_dead_letter_triggers(uuid, text, uuid),
+    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
+    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz),
+    picloud.picloud_emit_kv(uuid, text, text, text, jsonb, integer),
+    picloud.capture(),
+    picloud.picloud_retry_delay(integer),
+    picloud.picloud_list_outbox(uuid, integer, integer),
+    picloud.picloud_open_inbox(uuid, interval),
+    picloud.picloud_close_inbox(uuid, text),
+    picloud.picloud_list_dead_letters(uuid, boolean, integer, integer),
+    picloud.picloud_get_dead_letter(uuid, uuid),
+    picloud.picloud_dead_letter_count(uuid),
+    picloud.picloud_resolve_dead_letter(uuid, uuid, text),
+    picloud.picloud_replay_dead_letter(uuid, uuid),
+    picloud.picloud_replay_dead_letters(uuid, text, uuid, timestamptz),
+    picloud.picloud_ignore_dead_letters(uuid, text, uuid, timestamptz),
+    picloud.picloud_list_abandoned_executions(uuid, integer, integer),
+    picloud.picloud_gc_pass(),
+    -- Helpers the functions above call with the tenant's rights.
+    picloud._null_argument(text[], boolean[]),
+    picloud._invalid(text, text),
+    picloud._is_owner(),
+    picloud._require(uuid, text),
+    picloud._require_owner(text),
+    picloud._require_app(uuid),
+    picloud._require_script(uuid, uuid),
+    picloud._pattern_match_key(text),
+    picloud._collection_match_keys(text),
+    picloud._trigger_infos(uuid),
+    picloud._event_depth(integer),
+    picloud._check_payload(jsonb),
+    picloud._check_event_shape(text, text),
+    picloud._resolve_handler(uuid, uuid, uuid),
+    picloud._check_page(integer, integer),
+    picloud._wake_at_commit(),
+    picloud._lock_unresolved(uuid, uuid),
+    picloud._replay(picloud.dead_letters)
+TO picloud_user, picloud_supervisor;
+
+-- The supervisor's own functions. _invoke_as switches users: never grant it to tenants.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_supervisor;
+
+-- Row-level security ---------------------------------------------------------------------------
+
+ALTER TABLE picloud.apps ENABLE ROW LEVEL SECURITY;
+CREATE POLICY apps_visible ON picloud.apps FOR SELECT
+    USING (picloud._is_owner() OR EXISTS (
+        SELECT 1 FROM picloud.app_roles r WHERE r.app_id = apps.app_id AND r.role_name = current_user));
+CREATE POLICY apps_owner_writes ON picloud.apps FOR ALL
+    USING (picloud._is_owner()) WITH CHECK (picloud._is_owner());
+
+ALTER TABLE picloud.app_roles ENABLE ROW LEVEL SECURITY;
+CREATE POLICY app_roles_visible ON picloud.app_roles FOR SELECT
+    USING (role_name = current_user OR picloud._is_owner());
+CREATE POLICY app_roles_owner_writes ON picloud.app_roles FOR ALL
+    USING (picloud._is_owner()) WITH CHECK (picloud._is_owner());
+
+-- Handlers and triggers: producers see them (enqueue resolves handlers and matches
+-- triggers with the caller's rights); only admins change them, and only as themselves.
+ALTER TABLE picloud.scripts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY scripts_visible ON picloud.scripts FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY scripts_insert ON picloud.scripts FOR INSERT
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers') AND registered_by_principal = current_user);
+CREATE POLICY scripts_update ON picloud.scripts FOR UPDATE
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers') AND registered_by_principal = current_user);
+CREATE POLICY scripts_delete ON picloud.scripts FOR DELETE
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
+ALTER TABLE picloud.triggers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY triggers_visible ON picloud.triggers FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY triggers_insert ON picloud.triggers FOR INSERT
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers') AND registered_by_principal = current_user);
+CREATE POLICY triggers_update ON picloud.triggers FOR UPDATE
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+CREATE POLICY triggers_delete ON picloud.triggers FOR DELETE
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
+ALTER TABLE picloud.kv_trigger_details ENABLE ROW LEVEL SECURITY;
+CREATE POLICY kv_trigger_details_visible ON picloud.kv_trigger_details FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY kv_trigger_details_writes ON picloud.kv_trigger_details FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
+ALTER TABLE picloud.dead_letter_trigger_details ENABLE ROW LEVEL SECURITY;
+CREATE POLICY dead_letter_trigger_details_visible ON picloud.dead_letter_trigger_details FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY dead_letter_trigger_details_writes ON picloud.dead_letter_trigger_details FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
+-- The outbox: producers insert; admins see and manage pending events.
+ALTER TABLE picloud.outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY outbox_insert ON picloud.outbox FOR INSERT
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY outbox_admin ON picloud.outbox FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+
+ALTER TABLE picloud.idempotency_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY idempotency_keys_producer ON picloud.idempotency_keys FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'enqueue'));
+
+ALTER TABLE picloud.dead_letters ENABLE ROW LEVEL SECURITY;
+CREATE POLICY dead_letters_admin ON picloud.dead_letters FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+
+ALTER TABLE picloud.abandoned_executions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY abandoned_executions_admin ON picloud.abandoned_executions FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+
+-- Inboxes: each caller sees and manages its own.
+ALTER TABLE picloud.inboxes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY inboxes_owner ON picloud.inboxes FOR ALL
+    USING (picloud._is_owner() OR (owner_role = current_user AND picloud.picloud_has_capability(app_id, 'enqueue')))
+    WITH CHECK (picloud._is_owner() OR (owner_role = current_user AND picloud.picloud_has_capability(app_id, 'enqueue')));
+
+-- pg_dump keeps the data of these tables with the extension.
+SELECT pg_catalog.pg_extension_config_dump('picloud.apps', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.app_roles', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.scripts', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.triggers', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.kv_trigger_details', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letter_trigger_details', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.abandoned_executions', '');
