@@ -359,7 +359,7 @@ $$;
 
 -- Runs a claimed event's SQL handler as its principal and completes the event, all in the
 -- caller's transaction: the handler's writes and the completion commit or roll back together.
--- Returns the handler's result as jsonb (NULL for a void handler).
+-- Returns the handler's result as jsonb for a synchronous event (NULL otherwise).
 CREATE FUNCTION picloud.picloud_run_sql_handler(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -368,6 +368,9 @@ DECLARE
     v_kind text;
     v_principal name;
     v_problem text;
+    v_token bigint;
+    v_event jsonb;
+    v_call text;
     v_text text;
     v_result jsonb;
 BEGIN
@@ -395,7 +398,12 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = v_function) THEN
         RAISE EXCEPTION 'handler function of event % no longer exists', p_event_id USING ERRCODE = '42883';
     END IF;
-    v_text := picloud._invoke_as(v_principal, v_function::oid::regproc::text, picloud._event_json(r), r.depth);
+    v_event := picloud._event_json(r);
+    v_call := format('SELECT %s($1)::text', v_function::oid::regproc);
+    -- From here until _unbecome this code runs with the principal's rights only.
+    v_token := picloud._become(v_principal, r.depth);
+    EXECUTE v_call INTO v_text USING v_event;
+    PERFORM picloud._unbecome(v_token);
     IF v_text IS NOT NULL AND v_text <> '' AND r.reply_to IS NOT NULL THEN
         BEGIN
             v_result := v_text::jsonb;

@@ -72,10 +72,12 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_page(integer, integer),
     picloud._wake_at_commit(),
     picloud._lock_unresolved(uuid, uuid),
-    picloud._replay(picloud.dead_letters)
+    picloud._replay(picloud.dead_letters),
+    -- Runs as the handler's principal; useless without the token _become returned.
+    picloud._unbecome(bigint)
 TO picloud_user, picloud_supervisor;
 
--- The supervisor's own functions. _invoke_as switches users: never grant it to tenants.
+-- The supervisor's own functions. _become switches users: never grant it to tenants.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_supervisor;
 
 -- Row-level security ---------------------------------------------------------------------------

@@ -36,7 +36,8 @@ extension_sql_file!(
         api::wake::picloud_wake_at_commit,
         api::wake::picloud_note_claim,
         api::principal::picloud_current_depth,
-        api::principal::picloud_invoke_as
+        api::principal::picloud_become,
+        api::principal::picloud_unbecome
     ]
 );
 extension_sql_file!(

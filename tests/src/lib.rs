@@ -1,1 +1,190 @@
+//! Test harness for picloud's integration tests.
+//!
+//! The test command (scripts/test.sh) starts one throwaway cluster with picloud preloaded and
+//! passes its port in `PICLOUD_TEST_PORT`. Each test works in a database of its own
+//! (`fresh_db`), so tests never see each other's rows; tests of the background worker use the
+//! database it serves (`PICLOUD_TEST_WORKER_DB`) with apps of their own.
 
+use postgres::{Client, NoTls};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use postgres;
+pub use serde_json;
+pub use uuid;
+
+pub fn port() -> u16 {
+    std::env::var("PICLOUD_TEST_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("PICLOUD_TEST_PORT must name the port of the test cluster (run scripts/test.sh)")
+}
+
+pub fn worker_db() -> String {
+    std::env::var("PICLOUD_TEST_WORKER_DB").unwrap_or_else(|_| "picloud_it".to_string())
+}
+
+pub fn url(db: &str, user: &str) -> String {
+    format!("host=127.0.0.1 port={} user={user} dbname={db}", port())
+}
+
+pub fn connect(db: &str) -> Client {
+    connect_as(db, "postgres")
+}
+
+pub fn connect_as(db: &str, user: &str) -> Client {
+    let mut client = Client::connect(&url(db, user), NoTls)
+        .unwrap_or_else(|e| panic!("connect to {db} as {user}: {e}"));
+    client
+        .batch_execute("SET search_path = public, picloud")
+        .expect("set search_path");
+    client
+}
+
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Creates a new database with the extension and returns its name and a superuser client.
+pub fn fresh_db(tag: &str) -> (String, Client) {
+    let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
+    let name = format!("t_{tag}_{}_{n}", std::process::id());
+    let mut admin = connect("postgres");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .expect("drop old test database");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create test database");
+    let mut client = connect(&name);
+    client.batch_execute("CREATE EXTENSION picloud").expect("create extension");
+    (name, client)
+}
+
+/// The SQLSTATE of a failed call, e.g. "42501".
+pub fn sqlstate(result: Result<impl std::fmt::Debug, postgres::Error>) -> String {
+    match result {
+        Ok(value) => panic!("expected an error, got {value:?}"),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| panic!("error without SQLSTATE: {e}")),
+    }
+}
+
+/// The message of a failed call.
+pub fn error_message(result: Result<impl std::fmt::Debug, postgres::Error>) -> String {
+    match result {
+        Ok(value) => panic!("expected an error, got {value:?}"),
+        Err(e) => e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
+    }
+}
+
+pub fn count(client: &mut Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).expect(sql).get::<_, i64>(0)
+}
+
+/// Polls `check` until it returns true or `timeout` passes; returns whether it did.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+pub fn supervisor_bin() -> String {
+    std::env::var("PICLOUD_SUPERVISOR_BIN").unwrap_or_else(|_| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        root.join("target/debug/picloud-supervisor").to_string_lossy().into_owned()
+    })
+}
+
+/// A running picloud-supervisor process, killed when dropped.
+pub struct Supervisor {
+    pub child: Child,
+    pub log_path: std::path::PathBuf,
+}
+
+impl Supervisor {
+    pub fn start(db: &str, extra: &[&str]) -> Supervisor {
+        let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/it-logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let log_path = log_dir.join(format!("supervisor-{db}-{n}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(supervisor_bin())
+            .arg("--database-url")
+            .arg(url(db, "postgres"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start picloud-supervisor (build it first: cargo build -p picloud-supervisor)");
+        Supervisor { child, log_path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        // Already-exited children make kill fail; either way it is gone afterwards.
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit; returns the exit status if it exited.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().ok();
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Creates an app with a SQL handler that appends each event id to `ledger` and a KV
+/// trigger on every collection. Returns (app_id, script_id).
+pub fn ledger_app(client: &mut Client) -> (uuid::Uuid, uuid::Uuid) {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS ledger (event_id uuid NOT NULL, payload jsonb, at timestamptz DEFAULT clock_timestamp());
+             CREATE OR REPLACE FUNCTION ledger_handler(e jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF e->'payload'->>'fail' = 'always' THEN
+                     RAISE EXCEPTION 'handler failed on purpose';
+                 END IF;
+                 INSERT INTO ledger (event_id, payload) VALUES ((e->>'event_id')::uuid, e->'payload');
+                 RETURN jsonb_build_object('echo', e->'payload');
+             END $$;",
+        )
+        .expect("ledger schema");
+    let app: uuid::Uuid = client
+        .query_one("SELECT picloud_create_app('ledger')", &[])
+        .expect("create app")
+        .get(0);
+    let script: uuid::Uuid = client
+        .query_one("SELECT picloud_create_script($1, 'ledger', 'sql', 'ledger_handler')", &[&app])
+        .expect("create script")
+        .get(0);
+    (app, script)
+}
