@@ -1,0 +1,229 @@
+//! The SQL contract with the picloud extension: every call the supervisor
+//! makes, schema-qualified, plus the classification of errors into what the
+//! supervisor does about them. No policy lives here; the database decides.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{Client, NoTls, Row};
+use uuid::Uuid;
+
+use crate::log;
+
+/// SQLSTATE raised by picloud_complete / picloud_fail when this worker no
+/// longer holds the lease on the row.
+pub const LEASE_LOST_SQLSTATE: &str = "PC002";
+
+/// One claimed outbox row, as returned by picloud.picloud_claim.
+/// (reply_to is not read: answering a synchronous caller is done by the
+/// database when the row is completed.)
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub app_id: Uuid,
+    pub event_id: Uuid,
+    pub source: String,
+    pub op: String,
+    pub trigger_id: Option<Uuid>,
+    pub script_id: Uuid,
+    pub payload: Value,
+    pub depth: i32,
+    pub attempt_count: i32,
+    /// NULL when the event's script no longer exists.
+    pub handler_kind: Option<String>,
+    pub handler_target: Option<String>,
+    pub timeout_ms: i32,
+    pub principal: Option<String>,
+    pub principal_error: Option<String>,
+}
+
+impl Claim {
+    fn from_row(row: &Row) -> Result<Claim, String> {
+        Ok(Claim {
+            app_id: column(row, "app_id")?,
+            event_id: column(row, "event_id")?,
+            source: column(row, "source")?,
+            op: column(row, "op")?,
+            trigger_id: column(row, "trigger_id")?,
+            script_id: column(row, "script_id")?,
+            payload: column(row, "payload")?,
+            depth: column(row, "depth")?,
+            attempt_count: column(row, "attempt_count")?,
+            handler_kind: column(row, "handler_kind")?,
+            handler_target: column(row, "handler_target")?,
+            timeout_ms: column(row, "timeout_ms")?,
+            principal: column(row, "principal")?,
+            principal_error: column(row, "principal_error")?,
+        })
+    }
+}
+
+fn column<'a, T: FromSql<'a>>(row: &'a Row, name: &str) -> Result<T, String> {
+    row.try_get(name).map_err(|e| format!("column {name}: {e}"))
+}
+
+/// Opens a connection whose connection task runs in the background; used for
+/// executor connections (the dispatcher's own connection is opened in `wake`).
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            log::warn(
+                "executor connection closed with an error",
+                &[("error", error_text(&e).into())],
+            );
+        }
+    });
+    Ok(client)
+}
+
+/// Claims up to `batch` due rows for this worker. Rows that cannot be read
+/// are returned as errors so the caller can log them; their lease expires.
+pub async fn claim(
+    client: &Client,
+    worker: &str,
+    batch: i32,
+    lease_ms: i32,
+) -> Result<Vec<Result<Claim, String>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)",
+            &[&worker, &batch, &lease_ms],
+        )
+        .await?;
+    Ok(rows.iter().map(Claim::from_row).collect())
+}
+
+/// Why a report (complete, fail, release) did not go through.
+#[derive(Debug)]
+pub enum ReportError {
+    /// Another worker holds the row now; nothing more to do.
+    LeaseLost(String),
+    /// The connection broke; the report may or may not have landed, so it is
+    /// never repeated: if it did not, the lease expires and the row returns.
+    Connection(String),
+    /// The database refused the call for another reason.
+    Rejected(String),
+}
+
+impl ReportError {
+    pub fn from_error(e: &tokio_postgres::Error) -> ReportError {
+        if is_lease_lost(e) {
+            ReportError::LeaseLost(error_text(e))
+        } else if e.as_db_error().is_some() {
+            ReportError::Rejected(error_text(e))
+        } else {
+            ReportError::Connection(error_text(e))
+        }
+    }
+}
+
+pub async fn complete(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    result: Option<&Value>,
+) -> Result<(), ReportError> {
+    client
+        .execute(
+            "SELECT picloud.picloud_complete($1::uuid, $2::uuid, $3::text, $4::jsonb)",
+            &[&claim.app_id, &claim.event_id, &worker, &result],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| ReportError::from_error(&e))
+}
+
+/// What the database decided after a failure.
+#[derive(Debug)]
+pub struct FailOutcome {
+    /// 'retry' or 'dead_letter'.
+    pub outcome: String,
+    pub next_due_at: Option<DateTime<Utc>>,
+    pub dead_letter_id: Option<Uuid>,
+}
+
+pub async fn fail(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    error: &str,
+) -> Result<FailOutcome, ReportError> {
+    let row = client
+        .query_one(
+            "SELECT * FROM picloud.picloud_fail($1::uuid, $2::uuid, $3::text, $4::text)",
+            &[&claim.app_id, &claim.event_id, &worker, &error],
+        )
+        .await
+        .map_err(|e| ReportError::from_error(&e))?;
+    Ok(FailOutcome {
+        outcome: column(&row, "outcome").map_err(ReportError::Rejected)?,
+        next_due_at: column(&row, "next_due_at").map_err(ReportError::Rejected)?,
+        dead_letter_id: column(&row, "dead_letter_id").map_err(ReportError::Rejected)?,
+    })
+}
+
+/// Returns false when the lease is lost.
+pub async fn extend_lease(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    lease_ms: i32,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT picloud.picloud_extend_lease($1::uuid, $2::uuid, $3::text, $4::int4)",
+            &[&claim.app_id, &claim.event_id, &worker, &lease_ms],
+        )
+        .await?;
+    // A NULL answer cannot confirm the lease, so it counts as lost.
+    Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+}
+
+/// Gives a claimed row back to the queue without counting the attempt.
+/// Returns false when this worker no longer held the row.
+pub async fn release(client: &Client, claim: &Claim, worker: &str) -> Result<bool, ReportError> {
+    let row = client
+        .query_one(
+            "SELECT picloud.picloud_release($1::uuid, $2::uuid, $3::text)",
+            &[&claim.app_id, &claim.event_id, &worker],
+        )
+        .await
+        .map_err(|e| ReportError::from_error(&e))?;
+    let released: Option<bool> = row
+        .try_get(0)
+        .map_err(|e| ReportError::Rejected(error_text(&e)))?;
+    Ok(released.unwrap_or(false))
+}
+
+pub fn is_lease_lost(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|code| code.code() == LEASE_LOST_SQLSTATE)
+}
+
+/// Error text for logs and for picloud_fail: the server's message, its
+/// detail when present, and the SQLSTATE; or the client error otherwise.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                text.push_str("\nDETAIL: ");
+                text.push_str(detail);
+            }
+            text.push_str(&format!(" (SQLSTATE {})", db.code().code()));
+            text
+        }
+        None => {
+            // The client error's own text is only its kind ("error connecting
+            // to server"); the cause (e.g. "Connection refused") is its source.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
+}

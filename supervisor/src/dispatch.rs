@@ -1,0 +1,150 @@
+//! The dispatcher: claims due rows on its own connection, only as many as
+//! there are free executor slots, and hands each to an executor task at once.
+//! Claimed rows never wait in a local queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+use crate::backoff::Backoff;
+use crate::db;
+use crate::executor;
+use crate::log;
+use crate::stats::Stats;
+use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::wake::{self, WakeConnection};
+
+/// After an empty claim the extension starts sending wake-ups for this worker;
+/// an event enqueued just before that would get none, so claim once more
+/// shortly after to close that window.
+const RECHECK_DELAY: Duration = Duration::from_millis(50);
+
+/// Runs until shutdown is requested, reconnecting with backoff whenever the
+/// connection or a claim fails.
+pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let mut backoff = Backoff::new();
+    loop {
+        if *phase.borrow() != Phase::Running {
+            return;
+        }
+        let failure = match wake::connect(&shared.config.db).await {
+            Ok(connection) => {
+                log::info(
+                    "dispatcher connected",
+                    &[("channel", wake::WAKE_CHANNEL.into())],
+                );
+                match claim_loop(&shared, &connection, &mut phase, &mut backoff).await {
+                    Ok(()) => return,
+                    Err(e) => format!("dispatcher connection failed: {}", db::error_text(&e)),
+                }
+            }
+            Err(e) => format!("dispatcher could not connect: {}", db::error_text(&e)),
+        };
+        let delay = backoff.next_delay();
+        log::warn(
+            "dispatcher reconnecting",
+            &[
+                ("error", failure.into()),
+                ("retry_in_ms", json!(delay.as_millis() as u64)),
+            ],
+        );
+        if sleep_unless_stopping(delay, &mut phase).await {
+            return;
+        }
+    }
+}
+
+/// Claims and dispatches until shutdown (`Ok`) or a database error (`Err`).
+async fn claim_loop(
+    shared: &Arc<Shared>,
+    connection: &WakeConnection,
+    phase: &mut watch::Receiver<Phase>,
+    backoff: &mut Backoff,
+) -> Result<(), tokio_postgres::Error> {
+    let config = &shared.config;
+    let mut rechecked = false;
+    loop {
+        // Wait for a free executor slot before claiming anything.
+        let first = tokio::select! {
+            permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed; if it were, nothing could run.
+                Err(_) => return Ok(()),
+            },
+            _ = stopping(phase) => return Ok(()),
+        };
+        if *phase.borrow() != Phase::Running {
+            return Ok(());
+        }
+        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
+        while permits.len() < config.batch_size {
+            match Arc::clone(&shared.slots).try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+
+        let rows = db::claim(
+            &connection.client,
+            &config.worker_name,
+            permits.len() as i32,
+            config.lease_ms,
+        )
+        .await?;
+        backoff.reset();
+        let claimed = rows.len();
+        Stats::add(&shared.stats.claimed, claimed as u64);
+        for row in rows {
+            let claim = match row {
+                Ok(claim) => claim,
+                Err(e) => {
+                    log::error(
+                        "claimed row could not be read; its lease will expire",
+                        &[("error", e.into())],
+                    );
+                    continue;
+                }
+            };
+            let permit = match permits.pop() {
+                Some(permit) => permit,
+                None => {
+                    // The database returned more rows than asked for; run them
+                    // anyway, each as soon as a slot frees up.
+                    log::warn("claim returned more rows than requested", &[]);
+                    match Arc::clone(&shared.slots).acquire_owned().await {
+                        Ok(permit) => permit,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
+            tokio::spawn(executor::run_event(
+                Arc::clone(shared),
+                claim,
+                permit,
+                phase.clone(),
+            ));
+        }
+        // Unused permits go back here, before any waiting.
+        drop(permits);
+
+        if claimed > 0 {
+            rechecked = false;
+            continue;
+        }
+        if !rechecked {
+            rechecked = true;
+            if sleep_unless_stopping(RECHECK_DELAY, phase).await {
+                return Ok(());
+            }
+            continue;
+        }
+        rechecked = false;
+        tokio::select! {
+            _ = connection.wake.notified() => {}
+            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = stopping(phase) => return Ok(()),
+        }
+    }
+}

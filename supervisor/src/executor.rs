@@ -1,0 +1,432 @@
+//! Executors: each claimed row runs in its own task, on a connection taken
+//! from a pool of executor connections, and its outcome is reported exactly
+//! once (or not at all when the connection broke: the lease then expires and
+//! the database hands the row out again).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::db::{self, Claim, ReportError};
+use crate::handlers::sql::SqlOutcome;
+use crate::handlers::{self, bounded_error, HandlerResult};
+use crate::log::{self, Level};
+use crate::stats::Stats;
+use crate::supervise::{aborted, Phase, Shared};
+
+/// Idle executor connections. At most `concurrency` are ever in use, because
+/// each running event holds one executor slot and at most one connection.
+pub struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl Pool {
+    pub fn new(config: tokio_postgres::Config) -> Pool {
+        Pool {
+            config,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle connection, or a new one. Broken idle connections are dropped
+    /// here, which is how they get replaced.
+    async fn get(&self) -> Result<Client, tokio_postgres::Error> {
+        while let Some(client) = self.pop_idle() {
+            if !client.is_closed() {
+                return Ok(client);
+            }
+            log::warn("executor connection lost; replacing it", &[]);
+        }
+        let client = db::connect(&self.config).await?;
+        log::info("executor connection opened", &[]);
+        Ok(client)
+    }
+
+    fn pop_idle(&self) -> Option<Client> {
+        // A panic elsewhere while holding the lock leaves a plain Vec behind,
+        // which is still perfectly usable.
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn put(&self, client: Client) {
+        if client.is_closed() {
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(client);
+    }
+}
+
+/// What became of one claimed event.
+#[derive(Debug)]
+enum Outcome {
+    Completed,
+    /// Reported with picloud_fail; `outcome` is the database's decision.
+    Failed {
+        outcome: String,
+        error: String,
+        next_due_at: Option<DateTime<Utc>>,
+        dead_letter_id: Option<Uuid>,
+    },
+    Released,
+    LeaseLost(String),
+    /// The connection broke; nothing (more) was reported. The lease expires.
+    Unreported(String),
+    /// The database refused the report for a reason other than the lease.
+    ReportRejected(String),
+}
+
+/// Runs one claimed event to its end. The permit is the executor slot; it is
+/// held until the outcome is reported so the dispatcher never over-claims.
+pub async fn run_event(
+    shared: Arc<Shared>,
+    claim: Claim,
+    permit: OwnedSemaphorePermit,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let started = Instant::now();
+    let outcome = match connection(&shared, &mut phase).await {
+        Some(mut client) => {
+            let (outcome, reusable) = process(&shared, &mut client, &claim, &mut phase).await;
+            if reusable {
+                shared.pool.put(client);
+            }
+            outcome
+        }
+        None => Outcome::Unreported("no executor connection".to_owned()),
+    };
+    count(&shared.stats, &outcome);
+    log_outcome(&claim, &outcome, started.elapsed());
+    drop(permit);
+}
+
+/// Gets an executor connection, retrying with backoff for up to half the
+/// lease; after that the row is left to its lease.
+async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Option<Client> {
+    let give_up_at = Instant::now() + lease_duration(shared) / 2;
+    let mut backoff = Backoff::new();
+    loop {
+        match shared.pool.get().await {
+            Ok(client) => return Some(client),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                log::warn(
+                    "executor could not connect",
+                    &[
+                        ("error", db::error_text(&e).into()),
+                        ("retry_in_ms", json!(delay.as_millis() as u64)),
+                    ],
+                );
+                if Instant::now() + delay > give_up_at {
+                    return None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = aborted(phase) => return None,
+                }
+            }
+        }
+    }
+}
+
+fn lease_duration(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.config.lease_ms.max(1) as u64)
+}
+
+/// Handles the event on `client`. Returns the outcome and whether the
+/// connection is in a known state and may go back to the pool.
+async fn process(
+    shared: &Shared,
+    client: &mut Client,
+    claim: &Claim,
+    phase: &mut watch::Receiver<Phase>,
+) -> (Outcome, bool) {
+    let worker = shared.config.worker_name.as_str();
+    // Claimed but not started when shutdown began: give it back untouched.
+    if *phase.borrow() != Phase::Running {
+        return (release(client, claim, worker).await, true);
+    }
+    if let Some(error) = &claim.principal_error {
+        return (report_failure(client, claim, worker, error).await, true);
+    }
+    // Every handler has a timeout; a non-positive one would mean "none".
+    let timeout_ms = claim.timeout_ms.max(1) as u32;
+    let unrunnable = match (
+        claim.handler_kind.as_deref(),
+        claim.handler_target.as_deref(),
+    ) {
+        (Some("sql"), _) => return run_sql(client, claim, worker, timeout_ms, phase).await,
+        (Some(kind @ ("http" | "command")), Some(target)) => {
+            let outcome =
+                run_external(shared, client, claim, kind, target, timeout_ms, phase).await;
+            return (outcome, true);
+        }
+        (Some(kind @ ("http" | "command")), None) => format!("{kind} handler has no target"),
+        (Some(other), _) => format!("handler kind not supported: {other}"),
+        // The script was deleted after the event was enqueued.
+        (None, _) => "the event's handler script no longer exists".to_owned(),
+    };
+    (
+        report_failure(client, claim, worker, &unrunnable).await,
+        true,
+    )
+}
+
+/// SQL handlers hold the row locked in their own transaction, so no lease
+/// renewal is needed. On shutdown abort the running statement is cancelled
+/// and the row released instead of failed.
+async fn run_sql(
+    client: &mut Client,
+    claim: &Claim,
+    worker: &str,
+    timeout_ms: u32,
+    phase: &mut watch::Receiver<Phase>,
+) -> (Outcome, bool) {
+    let cancel = client.cancel_token();
+    let (sql_outcome, was_aborted) = {
+        let running = handlers::sql::run(client, claim, worker, timeout_ms);
+        tokio::pin!(running);
+        let first = tokio::select! {
+            outcome = &mut running => Some(outcome),
+            _ = aborted(phase) => None,
+        };
+        match first {
+            Some(outcome) => (outcome, false),
+            None => {
+                if let Err(e) = cancel.cancel_query(NoTls).await {
+                    log::warn(
+                        "could not cancel sql handler",
+                        &[
+                            ("event_id", json!(claim.event_id)),
+                            ("error", db::error_text(&e).into()),
+                        ],
+                    );
+                }
+                // Wait for the rollback so the row is unlocked before release.
+                (running.await, true)
+            }
+        }
+    };
+    match sql_outcome {
+        SqlOutcome::Completed => (Outcome::Completed, true),
+        SqlOutcome::Failed(_) if was_aborted => (release(client, claim, worker).await, true),
+        SqlOutcome::Failed(error) => (report_failure(client, claim, worker, &error).await, true),
+        SqlOutcome::LeaseLost(error) => (Outcome::LeaseLost(error), true),
+        SqlOutcome::Broken(error) => (Outcome::Unreported(error), false),
+    }
+}
+
+/// How an http or command handler run ended.
+enum External {
+    Finished(HandlerResult),
+    LeaseLost,
+    Aborted,
+}
+
+async fn run_external(
+    shared: &Shared,
+    client: &Client,
+    claim: &Claim,
+    kind: &str,
+    target: &str,
+    timeout_ms: u32,
+    phase: &mut watch::Receiver<Phase>,
+) -> Outcome {
+    let config = &shared.config;
+    let worker = config.worker_name.as_str();
+    let timeout = Duration::from_millis(u64::from(timeout_ms));
+    let input = handlers::event_json(claim).to_string().into_bytes();
+    let handler = async {
+        if kind == "http" {
+            handlers::http::run(
+                &config.http_allow,
+                config.max_reply_bytes,
+                target,
+                claim.event_id,
+                &input,
+                timeout,
+            )
+            .await
+        } else {
+            handlers::command::run(
+                &config.commands,
+                config.max_reply_bytes,
+                target,
+                &input,
+                timeout,
+            )
+            .await
+        }
+    };
+    // Dropping the handler future (lease lost, abort) drops its connection or
+    // kills its process.
+    let ended = tokio::select! {
+        ended = with_lease(client, claim, worker, config.lease_ms, handler) => ended,
+        _ = aborted(phase) => External::Aborted,
+    };
+    match ended {
+        External::Finished(Ok(result)) => {
+            report_success(client, claim, worker, result.as_ref()).await
+        }
+        External::Finished(Err(error)) => report_failure(client, claim, worker, &error).await,
+        External::LeaseLost => {
+            Outcome::LeaseLost("picloud_extend_lease reported the lease lost".to_owned())
+        }
+        External::Aborted => release(client, claim, worker).await,
+    }
+}
+
+/// Runs `handler` while renewing the lease every lease/3. If the database
+/// says the lease is gone, the handler is abandoned: another worker may
+/// already run the row, and completing it would be refused anyway.
+async fn with_lease<F>(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    lease_ms: i32,
+    handler: F,
+) -> External
+where
+    F: std::future::Future<Output = HandlerResult>,
+{
+    let period = Duration::from_millis((lease_ms / 3).max(10) as u64);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(handler);
+    loop {
+        tokio::select! {
+            result = &mut handler => return External::Finished(result),
+            _ = ticker.tick() => match db::extend_lease(client, claim, worker, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => return External::LeaseLost,
+                // Keep going: the handler may still finish, and if the
+                // connection is gone the report will say so.
+                Err(e) => log::warn(
+                    "could not extend lease",
+                    &[("event_id", json!(claim.event_id)), ("error", db::error_text(&e).into())],
+                ),
+            },
+        }
+    }
+}
+
+async fn report_success(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    result: Option<&Value>,
+) -> Outcome {
+    match db::complete(client, claim, worker, result).await {
+        Ok(()) => Outcome::Completed,
+        Err(e) => report_error_outcome(e),
+    }
+}
+
+async fn report_failure(client: &Client, claim: &Claim, worker: &str, error: &str) -> Outcome {
+    let error = bounded_error(error);
+    match db::fail(client, claim, worker, &error).await {
+        Ok(decision) => Outcome::Failed {
+            outcome: decision.outcome,
+            error,
+            next_due_at: decision.next_due_at,
+            dead_letter_id: decision.dead_letter_id,
+        },
+        Err(e) => report_error_outcome(e),
+    }
+}
+
+async fn release(client: &Client, claim: &Claim, worker: &str) -> Outcome {
+    match db::release(client, claim, worker).await {
+        Ok(true) => Outcome::Released,
+        Ok(false) => Outcome::LeaseLost("picloud_release: the row was no longer held".to_owned()),
+        Err(e) => report_error_outcome(e),
+    }
+}
+
+fn report_error_outcome(e: ReportError) -> Outcome {
+    match e {
+        ReportError::LeaseLost(text) => Outcome::LeaseLost(text),
+        ReportError::Connection(text) => Outcome::Unreported(text),
+        ReportError::Rejected(text) => Outcome::ReportRejected(text),
+    }
+}
+
+fn count(stats: &Stats, outcome: &Outcome) {
+    match outcome {
+        Outcome::Completed => Stats::add(&stats.completed, 1),
+        Outcome::Failed { outcome, .. } => {
+            Stats::add(&stats.failed, 1);
+            if outcome == "dead_letter" {
+                Stats::add(&stats.dead_lettered, 1);
+            }
+        }
+        Outcome::Released => Stats::add(&stats.released, 1),
+        Outcome::LeaseLost(_) => Stats::add(&stats.lease_lost, 1),
+        Outcome::Unreported(_) | Outcome::ReportRejected(_) => Stats::add(&stats.unreported, 1),
+    }
+}
+
+/// One line per event. Routine outcomes are debug; a retry is info; what
+/// needs attention (dead letters, lost leases, unreported outcomes) is louder.
+fn log_outcome(claim: &Claim, outcome: &Outcome, elapsed: Duration) {
+    let mut fields: Vec<(&str, Value)> = vec![
+        ("event_id", json!(claim.event_id)),
+        ("app_id", json!(claim.app_id)),
+        ("kind", json!(claim.handler_kind)),
+        ("target", json!(claim.handler_target)),
+        ("principal", json!(claim.principal)),
+        ("attempt", json!(claim.attempt_count)),
+        ("depth", json!(claim.depth)),
+    ];
+    let (level, name) = match outcome {
+        Outcome::Completed => (Level::Debug, "completed"),
+        Outcome::Failed {
+            outcome,
+            error,
+            next_due_at,
+            dead_letter_id,
+        } => {
+            fields.push(("error", json!(error)));
+            if let Some(at) = next_due_at {
+                fields.push(("next_due_at", json!(at.to_rfc3339())));
+            }
+            if let Some(id) = dead_letter_id {
+                fields.push(("dead_letter_id", json!(id)));
+            }
+            let level = if outcome == "dead_letter" {
+                Level::Warn
+            } else {
+                Level::Info
+            };
+            (level, outcome.as_str())
+        }
+        Outcome::Released => (Level::Debug, "released"),
+        Outcome::LeaseLost(reason) => {
+            fields.push(("error", json!(reason)));
+            (Level::Warn, "lease_lost")
+        }
+        Outcome::Unreported(reason) => {
+            fields.push(("error", json!(reason)));
+            (Level::Warn, "unreported")
+        }
+        Outcome::ReportRejected(reason) => {
+            fields.push(("error", json!(reason)));
+            (Level::Error, "report_rejected")
+        }
+    };
+    fields.push(("outcome", json!(name)));
+    fields.push(("ms", json!(elapsed.as_millis() as u64)));
+    log::write(level, "event", &fields);
+}

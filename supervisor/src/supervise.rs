@@ -1,0 +1,205 @@
+//! Wiring and lifecycle: start the dispatcher and the summary, wait for
+//! SIGTERM/SIGINT, then shut down in order: stop claiming, let running
+//! handlers finish within the grace period, release what is still unfinished.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::dispatch;
+use crate::executor::Pool;
+use crate::log;
+use crate::stats::{self, Stats};
+
+/// Time allowed, after the grace period, to cancel handlers and release their rows.
+const RELEASE_BUDGET: Duration = Duration::from_secs(5);
+
+/// Lifecycle phase, broadcast to the dispatcher and every executor task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Shutdown requested: no more claims; running handlers may finish.
+    Draining,
+    /// Grace period over: abandon handlers and release their rows.
+    Aborting,
+}
+
+/// State shared by the dispatcher and the executors.
+pub struct Shared {
+    pub config: Config,
+    pub pool: Pool,
+    /// One permit per executor slot (`concurrency` in total).
+    pub slots: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+}
+
+/// Resolves once shutdown has been requested.
+pub async fn stopping(phase: &mut watch::Receiver<Phase>) {
+    if phase.wait_for(|p| *p != Phase::Running).await.is_err() {
+        // The sender lives for the whole run; once it is gone no change can come.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves once running handlers must be abandoned.
+pub async fn aborted(phase: &mut watch::Receiver<Phase>) {
+    if phase.wait_for(|p| *p == Phase::Aborting).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Sleeps for `delay`; returns true if shutdown was requested meanwhile.
+pub async fn sleep_unless_stopping(delay: Duration, phase: &mut watch::Receiver<Phase>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => *phase.borrow() != Phase::Running,
+        _ = stopping(phase) => true,
+    }
+}
+
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Runs the supervisor until a signal asks it to stop. Returns the exit code.
+pub async fn run(config: Config) -> u8 {
+    let mut signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error(
+                "could not install signal handlers",
+                &[("error", e.to_string().into())],
+            );
+            return 1;
+        }
+    };
+    log_start(&config);
+
+    let concurrency = config.concurrency;
+    let shared = Arc::new(Shared {
+        pool: Pool::new(config.db.clone()),
+        slots: Arc::new(Semaphore::new(concurrency)),
+        stats: Arc::new(Stats::default()),
+        config,
+    });
+    let (phase_sender, phase) = watch::channel(Phase::Running);
+    let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase));
+    let summary = tokio::spawn(stats::report_periodically(Arc::clone(&shared.stats)));
+
+    let mut exit_code = 0;
+    tokio::select! {
+        name = signals.recv() => log::info(
+            "shutdown requested; no more claims",
+            &[("signal", name.into()), ("grace_ms", json!(shared.config.shutdown_grace.as_millis() as u64))],
+        ),
+        ended = &mut dispatcher => {
+            // The dispatcher only returns on shutdown, so this is a panic.
+            log::error(
+                "dispatcher stopped unexpectedly; shutting down",
+                &[("error", format!("{ended:?}").into())],
+            );
+            exit_code = 1;
+        }
+    }
+    phase_sender.send_replace(Phase::Draining);
+    let deadline = Instant::now() + shared.config.shutdown_grace;
+
+    // A claim already in flight completes, so the rows it returns are
+    // released instead of waiting for their leases to expire.
+    if !dispatcher.is_finished()
+        && tokio::time::timeout_at(deadline, &mut dispatcher)
+            .await
+            .is_err()
+    {
+        dispatcher.abort();
+        log::warn("dispatcher did not stop within the grace period", &[]);
+    }
+
+    let all_slots = concurrency as u32;
+    let drained = tokio::select! {
+        finished = tokio::time::timeout_at(deadline, shared.slots.acquire_many(all_slots)) => {
+            matches!(finished, Ok(Ok(_)))
+        }
+        name = signals.recv() => {
+            log::info("second signal; not waiting for running handlers", &[("signal", name.into())]);
+            false
+        }
+    };
+    if !drained {
+        let unfinished = concurrency.saturating_sub(shared.slots.available_permits());
+        log::info(
+            "releasing unfinished events",
+            &[("in_flight", json!(unfinished))],
+        );
+        phase_sender.send_replace(Phase::Aborting);
+        let released =
+            tokio::time::timeout(RELEASE_BUDGET, shared.slots.acquire_many(all_slots)).await;
+        if !matches!(released, Ok(Ok(_))) {
+            let unfinished = concurrency.saturating_sub(shared.slots.available_permits());
+            log::warn(
+                "exiting with events unreported; their leases will expire",
+                &[("in_flight", json!(unfinished))],
+            );
+        }
+    }
+
+    summary.abort();
+    shared.stats.log_summary();
+    log::info(
+        "stopped",
+        &[("worker", shared.config.worker_name.as_str().into())],
+    );
+    exit_code
+}
+
+fn log_start(config: &Config) {
+    let allow: Vec<String> = config
+        .http_allow
+        .entries
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let commands: Vec<&str> = config.commands.keys().map(String::as_str).collect();
+    log::info(
+        "starting",
+        &[
+            ("version", env!("CARGO_PKG_VERSION").into()),
+            ("worker", config.worker_name.as_str().into()),
+            ("concurrency", json!(config.concurrency)),
+            ("batch_size", json!(config.batch_size)),
+            (
+                "poll_interval_ms",
+                json!(config.poll_interval.as_millis() as u64),
+            ),
+            ("lease_ms", json!(config.lease_ms)),
+            (
+                "shutdown_grace_ms",
+                json!(config.shutdown_grace.as_millis() as u64),
+            ),
+            ("http_allow", json!(allow)),
+            ("commands", json!(commands)),
+            ("max_reply_bytes", json!(config.max_reply_bytes)),
+        ],
+    );
+}
