@@ -154,6 +154,7 @@ DECLARE
     v_depth integer;
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
     v_too_big integer;
+    v_ids uuid[];
 BEGIN
     IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payloads IS NULL THEN
         PERFORM picloud._null_argument('{app_id,source,op,payloads}',
@@ -171,16 +172,17 @@ BEGIN
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
-    RETURN QUERY
+    -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
+    -- be allowed to read the outbox, which shows other producers' events.
+    v_ids := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_payloads)));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
-    SELECT p_app_id, gen_random_uuid(), p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
+    SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
            coalesce(p_run_at, now())
-    FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    ORDER BY p.ord
-    RETURNING event_id;
+    FROM unnest(p_payloads, v_ids) AS p(payload, event_id);
     IF cardinality(p_payloads) > 0 THEN
         PERFORM picloud._wake_at_commit();
     END IF;
+    RETURN QUERY SELECT unnest(v_ids);
 END
 $$;
 
@@ -283,6 +285,40 @@ $$;
 
 -- Claim, complete, fail (what the supervisor calls) -----------------------------------------
 
+-- Who a claimed event's handler runs as, or why it cannot run. The role comes from the
+-- trigger only when the event's handler is that trigger's handler: a row that pairs one
+-- registrant's trigger with another's handler must never borrow the trigger's rights.
+CREATE FUNCTION picloud._handler_principal(p_app_id uuid, p_trigger_id uuid, p_script_id uuid)
+RETURNS TABLE (principal name, problem text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_script_principal name;
+    v_trigger_principal name;
+    v_trigger_script uuid;
+BEGIN
+    SELECT s.registered_by_principal INTO v_script_principal
+    FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::name, 'the handler no longer exists'::text;
+        RETURN;
+    END IF;
+    IF p_trigger_id IS NOT NULL THEN
+        SELECT t.registered_by_principal, t.script_id INTO v_trigger_principal, v_trigger_script
+        FROM picloud.triggers t WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id;
+        IF FOUND THEN
+            IF v_trigger_script <> p_script_id THEN
+                RETURN QUERY SELECT NULL::name, format('handler %s is not the handler of trigger %s', p_script_id, p_trigger_id);
+                RETURN;
+            END IF;
+            RETURN QUERY SELECT v_trigger_principal, picloud._principal_problem(p_app_id, v_trigger_principal);
+            RETURN;
+        END IF;
+        -- The trigger was dropped after the event was enqueued: the handler's registrant runs it.
+    END IF;
+    RETURN QUERY SELECT v_script_principal, picloud._principal_problem(p_app_id, v_script_principal);
+END
+$$;
+
 CREATE FUNCTION picloud.picloud_claim(p_worker text, p_batch integer, p_lease_ms integer)
 RETURNS TABLE (
     app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
@@ -329,11 +365,11 @@ BEGIN
            c.attempt_count, c.reply_to, s.kind,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
            coalesce(s.timeout_ms, 30000),
-           coalesce(t.registered_by_principal, s.registered_by_principal),
-           picloud._principal_problem(c.app_id, coalesce(t.registered_by_principal, s.registered_by_principal))
+           h.principal,
+           h.problem
     FROM claimed c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    LEFT JOIN picloud.triggers t ON t.app_id = c.app_id AND t.trigger_id = c.trigger_id;
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);
 END
@@ -383,12 +419,10 @@ BEGIN
     IF NOT FOUND OR r.claimed_by IS DISTINCT FROM p_worker THEN
         PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
     END IF;
-    SELECT s.sql_function, s.kind, coalesce(t.registered_by_principal, s.registered_by_principal)
-    INTO v_function, v_kind, v_principal
-    FROM picloud.scripts s
-    LEFT JOIN picloud.triggers t ON t.app_id = r.app_id AND t.trigger_id = r.trigger_id
-    WHERE s.app_id = r.app_id AND s.script_id = r.script_id;
-    v_problem := picloud._principal_problem(r.app_id, v_principal);
+    SELECT s.sql_function, s.kind INTO v_function, v_kind
+    FROM picloud.scripts s WHERE s.app_id = r.app_id AND s.script_id = r.script_id;
+    SELECT h.principal, h.problem INTO v_principal, v_problem
+    FROM picloud._handler_principal(r.app_id, r.trigger_id, r.script_id) h;
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'cannot run handler of event %: %', p_event_id, v_problem USING ERRCODE = 'PC005';
     END IF;

@@ -11,7 +11,16 @@ GRANT USAGE ON SCHEMA picloud TO picloud_user, picloud_admin, picloud_supervisor
 REVOKE ALL ON ALL TABLES IN SCHEMA picloud FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA picloud FROM PUBLIC;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_user, picloud_supervisor;
+-- Tenants get only the writes the API functions make with their rights (row-level security
+-- narrows each to the tenant's apps): no UPDATE of who a trigger or handler runs as, and no
+-- writes at all to claims, dead-lettering or abandoned executions.
+GRANT SELECT ON ALL TABLES IN SCHEMA picloud TO picloud_user;
+GRANT INSERT, DELETE ON picloud.scripts, picloud.triggers, picloud.kv_trigger_details,
+    picloud.dead_letter_trigger_details, picloud.inboxes TO picloud_user;
+GRANT UPDATE (enabled, updated_at) ON picloud.triggers TO picloud_user;
+GRANT INSERT ON picloud.outbox, picloud.idempotency_keys TO picloud_user;
+GRANT UPDATE (resolution, resolved_at, resolved_by) ON picloud.dead_letters TO picloud_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_supervisor;
 
 -- Functions every tenant may call; each checks the app capability it needs itself.
 GRANT EXECUTE ON FUNCTION
@@ -77,8 +86,21 @@ GRANT EXECUTE ON FUNCTION
     picloud._unbecome(bigint)
 TO picloud_user, picloud_supervisor;
 
--- The supervisor's own functions. _become switches users: never grant it to tenants.
+-- The supervisor's own functions. _become switches users: it is granted to nobody else.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_supervisor;
+-- Housekeeping on demand (picloud_gc_pass) for picloud_admin.
+GRANT EXECUTE ON FUNCTION
+    picloud._gc_rescue_leases(integer),
+    picloud._gc_dead_letters(integer),
+    picloud._gc_abandoned_executions(integer),
+    picloud._gc_inboxes(integer),
+    picloud._gc_idempotency_keys(integer),
+    picloud._settle_failure(picloud.outbox, text, interval),
+    picloud._dead_letter(picloud.outbox, text),
+    picloud._reply(picloud.outbox, boolean, jsonb, text),
+    picloud._record_abandoned(picloud.outbox, boolean, jsonb, text, text),
+    picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)
+TO picloud_admin;
 
 -- Row-level security ---------------------------------------------------------------------------
 
@@ -113,6 +135,7 @@ CREATE POLICY triggers_visible ON picloud.triggers FOR SELECT
     USING (picloud.picloud_has_capability(app_id, 'enqueue'));
 CREATE POLICY triggers_insert ON picloud.triggers FOR INSERT
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers') AND registered_by_principal = current_user);
+-- Tenants may update only enabled/updated_at (column privileges above).
 CREATE POLICY triggers_update ON picloud.triggers FOR UPDATE
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
