@@ -410,32 +410,32 @@ fn outbox_size_returns_to_a_small_bound_after_a_sustained_run() {
     let mut c = connect(&db);
     let (app, script, table) = ledger(&mut c, "bloat");
     c.batch_execute("VACUUM picloud.outbox").unwrap();
-    let size = |c: &mut Client| count(c, "SELECT pg_total_relation_size('picloud.outbox')");
+    // The heap is what autovacuum gives back (it truncates empty trailing pages); indexes keep
+    // their pages for reuse, so they are reported but not bounded.
+    let table_size = |c: &mut Client| count(c, "SELECT pg_table_size('picloud.outbox')");
+    let index_size = |c: &mut Client| count(c, "SELECT pg_indexes_size('picloud.outbox')");
     let dead = |c: &mut Client| count(c, "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'picloud.outbox'::regclass");
-    let before = size(&mut c);
+    let before = table_size(&mut c);
     let events = if soak() { 200_000 } else { 30_000 };
-    let mut args = supervisor_args();
-    args.extend(["--concurrency", "8"]);
-    let args: Vec<&str> = args.into_iter().skip(0).collect();
     let _sup = Supervisor::start(&db, &["--poll-interval-ms", "300", "--concurrency", "8", "--batch-size", "8"]);
     let mut committed = Vec::new();
     for _ in 0..(events / 5000) {
         committed.extend(enqueue_committed(&mut c, app, script, 5000));
     }
     let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(600));
-    let peak = size(&mut c);
+    let peak = table_size(&mut c);
     let dead_after_run = dead(&mut c);
     let start = Instant::now();
     let bound = (before * 2).max(256 * 1024);
-    let shrank = eventually(Duration::from_secs(90), || size(&mut c) <= bound);
+    let shrank = eventually(Duration::from_secs(120), || table_size(&mut c) <= bound);
     println!(
-        "bloat: events={} lost={lost} duplicates={duplicates} size_before={before} size_after_run={peak} dead_tuples_after_run={dead_after_run} size_after_autovacuum={} dead_tuples_now={} waited={:.1}s",
+        "bloat: events={} lost={lost} duplicates={duplicates} table_size_before={before} table_size_after_run={peak} dead_tuples_after_run={dead_after_run} table_size_after_autovacuum={} index_size={} dead_tuples_now={} waited={:.1}s",
         committed.len(),
-        size(&mut c),
+        table_size(&mut c),
+        index_size(&mut c),
         dead(&mut c),
         start.elapsed().as_secs_f64()
     );
-    drop(args);
     assert_eq!((lost, duplicates), (0, 0));
-    assert!(shrank, "outbox stayed at {} bytes (bound {bound})", size(&mut c));
+    assert!(shrank, "outbox heap stayed at {} bytes (bound {bound})", table_size(&mut c));
 }

@@ -380,6 +380,8 @@ enum Kind {
     VisibleInApp,
     /// Supervisor only: not even picloud_admin may call it.
     Supervisor,
+    /// A housekeeping step: the supervisor and picloud_admin (for picloud_gc_pass) only.
+    Housekeeping,
     /// picloud._unbecome: callable, but useless without the token.
     Unbecome,
 }
@@ -439,6 +441,13 @@ fn cases(kind: Kind) -> Vec<(Who, App, Expect)> {
             (TenantB, App::A, Expect::NoExecute),
             (Producer, App::A, Expect::NoExecute),
             (Admin, App::A, Expect::NoExecute),
+            (Nobody, App::A, Expect::NoSchema),
+        ],
+        Kind::Housekeeping => vec![
+            (TenantA, App::A, Expect::NoExecute),
+            (TenantB, App::A, Expect::NoExecute),
+            (Producer, App::A, Expect::NoExecute),
+            (Admin, App::A, Expect::Ok),
             (Nobody, App::A, Expect::NoSchema),
         ],
         Kind::Unbecome => vec![
@@ -875,7 +884,7 @@ fn specs() -> Vec<Spec> {
         Spec {
             func: "picloud_gc_pass",
             kind: Kind::Owner,
-            build: |_, _, _| call("SELECT count(*)::text FROM picloud.picloud_gc_pass()").value("5"),
+            build: |t, _, app| gc_case(t, app, "pass"),
         },
         // The supervisor's functions.
         Spec {
@@ -940,10 +949,31 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Supervisor,
             build: |_, _, _| call("SELECT picloud._become('postgres', 0)::text"),
         },
+        // Housekeeping steps: picloud_gc_pass calls them with picloud_admin's rights.
         Spec {
             func: "picloud._gc_rescue_leases",
-            kind: Kind::Supervisor,
-            build: |_, _, _| call("SELECT picloud._gc_rescue_leases(100)::text"),
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "rescue_leases"),
+        },
+        Spec {
+            func: "picloud._gc_dead_letters",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "dead_letters"),
+        },
+        Spec {
+            func: "picloud._gc_abandoned_executions",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "abandoned_executions"),
+        },
+        Spec {
+            func: "picloud._gc_inboxes",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "inboxes"),
+        },
+        Spec {
+            func: "picloud._gc_idempotency_keys",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "idempotency_keys"),
         },
         Spec {
             func: "picloud._unbecome",
@@ -951,6 +981,94 @@ fn specs() -> Vec<Spec> {
             build: |_, _, _| call("SELECT picloud._unbecome(12345)::text"),
         },
     ]
+}
+
+/// A case for one housekeeping step (or, for "pass", picloud_gc_pass): every step gets work in
+/// `app` - three events whose lease expired (one due for a retry, one out of attempts, one
+/// synchronous whose caller is gone), a resolved and an unresolved dead letter, an abandoned
+/// execution and an idempotency key far past any retention, and an expired inbox. The call
+/// returns what the step removed; its effect is checked on exactly these rows, and the cleanup
+/// removes whatever of them is left.
+fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
+    let s = t.script(app);
+    let n = t.next();
+    let (retry, exhausted, sync) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (resolved, unresolved, abandoned) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (channel, key) = (format!("gc_inbox{n}"), format!("gc_key{n}"));
+    t.su.batch_execute(&format!(
+        "INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, attempt_count, claimed_by, lease_expires_at, reply_to)
+         VALUES ('{app}', '{retry}', 'queue', 'gc', '{s}', '{{}}', 1, 'lost', now() - interval '1 minute', NULL),
+                ('{app}', '{exhausted}', 'queue', 'gc', '{s}', '{{}}', current_setting('picloud.retry_max_attempts')::integer,
+                 'lost', now() - interval '1 minute', NULL),
+                ('{app}', '{sync}', 'queue', 'gc', '{s}', '{{}}', 1, 'lost', now() - interval '1 minute', 'gone{n}');
+         INSERT INTO picloud.dead_letters (app_id, dead_letter_id, original_event_id, source, op, payload, attempt_count,
+                                           created_at, resolved_at, resolved_by, resolution)
+         VALUES ('{app}', '{resolved}', gen_random_uuid(), 'queue', 'gc', '{{}}', 1, now() - interval '200 years', now(), 'postgres', 'ignored'),
+                ('{app}', '{unresolved}', gen_random_uuid(), 'queue', 'gc', '{{}}', 1, now() - interval '200 years', NULL, NULL, NULL);
+         INSERT INTO picloud.abandoned_executions (app_id, abandoned_id, event_id, reply_to, succeeded, reason, created_at)
+         VALUES ('{app}', '{abandoned}', gen_random_uuid(), 'gone', true, 'gc', now() - interval '200 years');
+         INSERT INTO picloud.inboxes (app_id, channel, owner_role, owner_pid, owner_started, expires_at)
+         VALUES ('{app}', '{channel}', 'postgres', 0, now(), now() - interval '1 minute');
+         INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id, created_at)
+         VALUES ('{app}', '{key}', gen_random_uuid(), now() - interval '200 years');"
+    ))
+    .expect("housekeeping fixture");
+    // Retention 0 keeps dead letters and abandoned executions forever.
+    let keeps = |t: &mut Tenancy, setting: &str| flag(&mut t.su, &format!("SELECT current_setting('picloud.{setting}')::integer = 0"));
+    let keep_dead_letters = keeps(t, "dead_letter_retention_days");
+    let keep_abandoned = keeps(t, "abandoned_executions_retention_days");
+    let not_if = |keep: bool| if keep { "" } else { "NOT" };
+    let steps: [(&str, i64, String); 5] = [
+        (
+            "rescue_leases",
+            3,
+            format!(
+                "(SELECT claimed_by IS NULL AND lease_expires_at IS NULL AND attempt_count = 1
+                         AND last_error = 'lease of worker \"lost\" expired'
+                  FROM picloud.outbox WHERE event_id = '{retry}')
+                 AND NOT EXISTS (SELECT 1 FROM picloud.outbox WHERE event_id IN ('{exhausted}', '{sync}'))
+                 AND (SELECT count(*) FROM picloud.dead_letters WHERE original_event_id IN ('{exhausted}', '{sync}')
+                         AND resolved_at IS NULL AND last_error = 'lease of worker \"lost\" expired') = 2
+                 AND EXISTS (SELECT 1 FROM picloud.abandoned_executions
+                             WHERE event_id = '{sync}' AND NOT succeeded AND reason = 'inbox does not exist')"
+            ),
+        ),
+        (
+            "dead_letters",
+            if keep_dead_letters { 0 } else { 1 },
+            format!(
+                "{} EXISTS (SELECT 1 FROM picloud.dead_letters WHERE dead_letter_id = '{resolved}')
+                 AND EXISTS (SELECT 1 FROM picloud.dead_letters WHERE dead_letter_id = '{unresolved}')",
+                not_if(keep_dead_letters)
+            ),
+        ),
+        (
+            "abandoned_executions",
+            if keep_abandoned { 0 } else { 1 },
+            format!("{} EXISTS (SELECT 1 FROM picloud.abandoned_executions WHERE abandoned_id = '{abandoned}')", not_if(keep_abandoned)),
+        ),
+        ("inboxes", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.inboxes WHERE channel = '{channel}')")),
+        ("idempotency_keys", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.idempotency_keys WHERE idempotency_key = '{key}')")),
+    ];
+    let c = if step == "pass" {
+        let value = steps.iter().map(|(k, n, _)| format!("{k}={n}")).collect::<Vec<_>>().join(",");
+        let check = steps.iter().map(|(_, _, c)| format!("({c})")).collect::<Vec<_>>().join(" AND ");
+        call("SELECT string_agg(kind || '=' || removed, ',' ORDER BY n) FROM picloud.picloud_gc_pass() WITH ORDINALITY AS g(kind, removed, n)")
+            .value(value)
+            .check(format!("SELECT {check}"))
+    } else {
+        let (_, n, check) = steps.iter().find(|(k, _, _)| *k == step).expect("housekeeping step");
+        call(format!("SELECT picloud._gc_{step}(10000)::text")).value(n.to_string()).check(format!("SELECT {check}"))
+    };
+    c.cleanup(format!(
+        "DELETE FROM picloud.outbox WHERE event_id IN ('{retry}', '{exhausted}', '{sync}')
+            OR payload ->> 'original_event_id' IN ('{exhausted}', '{sync}');
+         DELETE FROM picloud.dead_letters WHERE dead_letter_id IN ('{resolved}', '{unresolved}')
+            OR original_event_id IN ('{exhausted}', '{sync}');
+         DELETE FROM picloud.abandoned_executions WHERE abandoned_id = '{abandoned}' OR event_id = '{sync}';
+         DELETE FROM picloud.inboxes WHERE channel = '{channel}';
+         DELETE FROM picloud.idempotency_keys WHERE idempotency_key = '{key}';"
+    ))
 }
 
 /// What is wrong with a refusal, if anything.
@@ -1096,8 +1214,51 @@ fn affected(c: &mut Client, sql: &str) -> Result<u64, (String, String)> {
     c.execute(sql, &[]).map_err(|e| code_and_message(&e))
 }
 
-/// SELECT, UPDATE, DELETE and INSERT straight on every picloud table: tenant_a sees and
-/// touches only app A's rows, never app B's, and cannot put rows into app B.
+// What a tenant role (a member of picloud_user) may write straight into picloud's tables: only
+// what the API functions write with the caller's rights. Row-level security then narrows each
+// write to the tenant's own apps; everything else is refused with 42501 "permission denied for
+// table ..." before a row is looked at, the tenant's own rows included.
+
+fn tenant_may_insert(table: &str) -> bool {
+    matches!(
+        table,
+        "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes" | "outbox" | "idempotency_keys"
+    )
+}
+
+fn tenant_may_delete(table: &str) -> bool {
+    matches!(table, "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes")
+}
+
+/// The columns a tenant may UPDATE (comma-separated, sorted), if any.
+fn tenant_update_columns(table: &str) -> Option<&'static str> {
+    match table {
+        "triggers" => Some("enabled,updated_at"),
+        "dead_letters" => Some("resolution,resolved_at,resolved_by"),
+        _ => None,
+    }
+}
+
+/// An UPDATE that sets every column a tenant may update to itself (so changes nothing).
+fn noop_update_of_tenant_columns(table: &str) -> Option<String> {
+    tenant_update_columns(table)
+        .map(|cols| format!("UPDATE picloud.{table} SET {}", cols.split(',').map(|c| format!("{c} = {c}")).collect::<Vec<_>>().join(", ")))
+}
+
+/// Refused for want of a table (or column) privilege.
+fn no_privilege(outcome: &Result<u64, (String, String)>, table: &str) -> bool {
+    matches!(outcome, Err((code, message)) if code == "42501" && *message == format!("permission denied for table {table}"))
+}
+
+/// Refused by a policy's WITH CHECK.
+fn rls_refused(outcome: &Result<u64, (String, String)>, table: &str) -> bool {
+    matches!(outcome, Err((code, message))
+        if code == "42501" && message.contains("row-level security") && message.contains(&format!("\"{table}\"")))
+}
+
+/// SELECT, UPDATE, DELETE and INSERT straight on every picloud table: tenant_a sees only app A's
+/// rows; it writes only where it holds the privilege and only app A's rows there; every other
+/// write is refused (42501) and changes nothing, in app B or in app A.
 #[test]
 fn tables_show_and_touch_only_the_roles_own_apps() {
     let mut t = Tenancy::new("sectables");
@@ -1106,6 +1267,42 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     let b_before = fingerprint(&mut t.su, &format!("x.app_id = '{b}'"));
     assert!(b_before.iter().all(|(_, n, _)| *n >= 1), "every table has rows of app B: {b_before:?}");
     let mut failures = Vec::new();
+
+    // The catalog grants tenant_a (through picloud_user) exactly the writes listed above.
+    for table in TABLES {
+        let got = text(
+            &mut t.su,
+            &format!(
+                "SELECT concat_ws(' ',
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'SELECT') THEN 'SELECT' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'INSERT') THEN 'INSERT' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'UPDATE') THEN 'UPDATE' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'DELETE') THEN 'DELETE' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'TRUNCATE') THEN 'TRUNCATE' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'REFERENCES') THEN 'REFERENCES' END,
+                        CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'TRIGGER') THEN 'TRIGGER' END,
+                        (SELECT 'UPDATE(' || string_agg(attname::text, ',' ORDER BY attname) || ')'
+                         FROM pg_attribute
+                         WHERE attrelid = 'picloud.{table}'::regclass AND attnum > 0 AND NOT attisdropped
+                           AND has_column_privilege('{ta}', attrelid, attnum, 'UPDATE')))"
+            ),
+        )
+        .unwrap_or_default();
+        let mut want = vec!["SELECT".to_string()];
+        if tenant_may_insert(table) {
+            want.push("INSERT".to_string());
+        }
+        if tenant_may_delete(table) {
+            want.push("DELETE".to_string());
+        }
+        if let Some(cols) = tenant_update_columns(table) {
+            want.push(format!("UPDATE({cols})"));
+        }
+        let want = want.join(" ");
+        if got != want {
+            failures.push(format!("privileges of tenant_a on {table}: {got:?}, expected {want:?}"));
+        }
+    }
 
     // What tenant_a may see of each table, as the superuser counts it.
     let visible = |t: &mut Tenancy, table: &str| -> i64 {
@@ -1116,9 +1313,8 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         };
         count(&mut t.su, &format!("SELECT count(*) FROM picloud.{table} WHERE {filter}"))
     };
-    // Tables tenant_a may write (apps and app roles belong to picloud_admin).
-    let writable = |table: &str| !matches!(table, "apps" | "app_roles");
 
+    let a_before = fingerprint(&mut t.su, &format!("x.app_id = '{a}'"));
     for table in TABLES {
         let want = visible(&mut t, table);
         let all = count(&mut t.a, &format!("SELECT count(*) FROM picloud.{table}"));
@@ -1127,31 +1323,48 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         if all != want || of_b != 0 || not_a != 0 || want == 0 {
             failures.push(format!("SELECT {table}: sees {all} rows (expected {want}), {of_b} of app B, {not_a} not of app A"));
         }
-        // UPDATE: B's rows are out of reach; only A's writable rows are touched.
-        match affected(&mut t.a, &format!("UPDATE picloud.{table} SET app_id = app_id WHERE app_id = '{b}'")) {
-            Ok(0) => {}
-            other => failures.push(format!("UPDATE {table} rows of app B: {other:?}, expected 0 rows")),
+        // No tenant may UPDATE app_id anywhere: B's rows, its own rows, or moving its own rows
+        // into app B are all refused outright.
+        for sql in [
+            format!("UPDATE picloud.{table} SET app_id = app_id WHERE app_id = '{b}'"),
+            format!("UPDATE picloud.{table} SET app_id = app_id"),
+            format!("UPDATE picloud.{table} SET app_id = '{b}' WHERE app_id = '{a}'"),
+        ] {
+            let got = affected(&mut t.a, &sql);
+            if !no_privilege(&got, table) {
+                failures.push(format!("{sql}: {got:?}, expected 42501 permission denied for table {table}"));
+            }
         }
-        let want_updated = if writable(table) { want as u64 } else { 0 };
-        match affected(&mut t.a, &format!("UPDATE picloud.{table} SET app_id = app_id")) {
-            Ok(n) if n == want_updated => {}
-            other => failures.push(format!("UPDATE {table} (all rows): {other:?}, expected {want_updated} rows")),
+        // Where some columns may be updated: B's rows are out of reach, A's rows are updated.
+        if let Some(update) = noop_update_of_tenant_columns(table) {
+            match affected(&mut t.a, &format!("{update} WHERE app_id = '{b}'")) {
+                Ok(0) => {}
+                other => failures.push(format!("{update} of app B's rows: {other:?}, expected 0 rows")),
+            }
+            match affected(&mut t.a, &update) {
+                Ok(n) if n == want as u64 => {}
+                other => failures.push(format!("{update} (all rows): {other:?}, expected {want} rows (app A's)")),
+            }
         }
-        // Moving A's rows into app B is refused by the policies' WITH CHECK.
-        let moved = affected(&mut t.a, &format!("UPDATE picloud.{table} SET app_id = '{b}' WHERE app_id = '{a}'"));
-        match (&moved, writable(table)) {
-            (Err((code, _)), true) if code == "42501" => {}
-            (Ok(0), false) => {}
-            _ => failures.push(format!("UPDATE {table} SET app_id = B: {moved:?}")),
-        }
-        // DELETE of B's rows reaches nothing.
-        match affected(&mut t.a, &format!("DELETE FROM picloud.{table} WHERE app_id = '{b}'")) {
-            Ok(0) => {}
-            other => failures.push(format!("DELETE {table} rows of app B: {other:?}, expected 0 rows")),
+        // DELETE of B's rows reaches nothing where tenants may delete, and is refused elsewhere.
+        let sql = format!("DELETE FROM picloud.{table} WHERE app_id = '{b}'");
+        let got = affected(&mut t.a, &sql);
+        let ok = if tenant_may_delete(table) { got == Ok(0) } else { no_privilege(&got, table) };
+        if !ok {
+            failures.push(format!(
+                "{sql}: {got:?}, expected {}",
+                if tenant_may_delete(table) { "0 rows".to_string() } else { format!("42501 permission denied for table {table}") }
+            ));
         }
     }
+    let changed = changed_tables(&a_before, &fingerprint(&mut t.su, &format!("x.app_id = '{a}'")));
+    if !changed.is_empty() {
+        failures.push(format!("tenant_a's UPDATEs and refused writes changed app A's rows: {changed:?}"));
+    }
 
-    // INSERT: rows for app A where tenant_a may write; anything for app B is refused (42501).
+    // INSERT: rows for app A where tenant_a may insert (refused for lack of privilege
+    // elsewhere); anything for app B is refused (42501), by the policies where the privilege
+    // exists.
     let script_a = id(&mut t.su, &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{a}'"));
     let script_b = id(&mut t.su, &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{b}'"));
     let trig_b = id(&mut t.su, &format!("SELECT trigger_id FROM picloud.triggers WHERE app_id = '{b}' AND kind = 'dead_letter'"));
@@ -1244,16 +1457,35 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     ];
     for (table, into_a, into_b) in &inserts {
         let table = *table;
+        let before = fingerprint(&mut t.su, "true");
         let got = affected(&mut t.a, into_a);
-        match (&got, writable(table)) {
+        let refused_a = got.is_err();
+        match (&got, tenant_may_insert(table)) {
             (Ok(n), true) if *n >= 1 => {}
-            (Err((code, _)), false) if code == "42501" => {}
-            _ => failures.push(format!("INSERT {table} for app A: {got:?}")),
+            (got, false) if no_privilege(got, table) => {}
+            _ => failures.push(format!(
+                "INSERT {table} for app A: {got:?}, expected {}",
+                if tenant_may_insert(table) { "success".to_string() } else { format!("42501 permission denied for table {table}") }
+            )),
         }
+        if refused_a {
+            let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
+            if !changed.is_empty() {
+                failures.push(format!("refused INSERT {table} for app A changed {changed:?}"));
+            }
+        }
+        let before = fingerprint(&mut t.su, "true");
         let got = affected(&mut t.a, into_b);
-        match &got {
-            Err((code, message)) if code == "42501" && message.contains("row-level security") => {}
-            _ => failures.push(format!("INSERT {table} for app B: {got:?}, expected 42501 (row-level security)")),
+        let ok = if tenant_may_insert(table) { rls_refused(&got, table) } else { no_privilege(&got, table) };
+        if !ok {
+            failures.push(format!(
+                "INSERT {table} for app B: {got:?}, expected 42501 ({})",
+                if tenant_may_insert(table) { "row-level security".to_string() } else { format!("permission denied for table {table}") }
+            ));
+        }
+        let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
+        if !changed.is_empty() {
+            failures.push(format!("refused INSERT {table} for app B changed {changed:?}"));
         }
     }
     // An inbox in tenant_a's own app, but in someone else's name.
@@ -1264,11 +1496,15 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
              VALUES ('{a}', 'forged', '{tb}', 0, now(), now() + interval '1 hour')"
         ),
     );
-    if !matches!(&got, Err((code, _)) if code == "42501") {
-        failures.push(format!("INSERT inboxes owned by tenant_b: {got:?}, expected 42501"));
+    if !rls_refused(&got, "inboxes") {
+        failures.push(format!("INSERT inboxes owned by tenant_b: {got:?}, expected 42501 (row-level security)"));
+    }
+    if count(&mut t.su, "SELECT count(*) FROM picloud.inboxes WHERE channel = 'forged'") != 0 {
+        failures.push("the forged inbox exists".to_string());
     }
 
-    // DELETE everything tenant_a can: only app A's rows go (children before parents).
+    // DELETE everything tenant_a can: only app A's rows go (children before parents). Where
+    // tenants may not delete, even app A's own rows are refused and stay.
     let order = [
         "kv_trigger_details",
         "dead_letter_trigger_details",
@@ -1283,10 +1519,20 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         "apps",
     ];
     for table in order {
-        let want = if writable(table) { visible(&mut t, table) as u64 } else { 0 };
-        match affected(&mut t.a, &format!("DELETE FROM picloud.{table}")) {
-            Ok(n) if n == want => {}
-            other => failures.push(format!("DELETE FROM {table}: {other:?}, expected {want} rows (app A's)")),
+        let own = visible(&mut t, table);
+        let got = affected(&mut t.a, &format!("DELETE FROM picloud.{table}"));
+        if tenant_may_delete(table) {
+            if got != Ok(own as u64) {
+                failures.push(format!("DELETE FROM {table}: {got:?}, expected {own} rows (app A's)"));
+            }
+        } else {
+            if !no_privilege(&got, table) {
+                failures.push(format!("DELETE FROM {table}: {got:?}, expected 42501 permission denied for table {table}"));
+            }
+            let left = visible(&mut t, table);
+            if left != own || own == 0 {
+                failures.push(format!("{table}: refused DELETE left {left} of app A's {own} rows"));
+            }
         }
     }
     let b_after = fingerprint(&mut t.su, &format!("x.app_id = '{b}'"));
@@ -1295,7 +1541,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         failures.push(format!("app B's rows changed under tenant_a: {changed:?}"));
     }
     for table in TABLES {
-        if writable(table) && visible(&mut t, table) != 0 {
+        if tenant_may_delete(table) && visible(&mut t, table) != 0 {
             failures.push(format!("{table}: app A's rows survived tenant_a's DELETE"));
         }
     }
@@ -1307,7 +1553,8 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
 }
 
 /// The unprivileged role has no way into the schema; a picloud user without app rights sees
-/// and changes nothing; a producer sees what enqueueing needs and changes nothing but its own.
+/// and changes nothing (its writes are refused for want of privilege, or reach no row); a
+/// producer sees what enqueueing needs and changes nothing but its own.
 #[test]
 fn outsiders_and_producers_reach_no_rows() {
     let mut t = Tenancy::new("secoutsiders");
@@ -1331,10 +1578,19 @@ fn outsiders_and_producers_reach_no_rows() {
             }
         }
         let seen = count(&mut s, &format!("SELECT count(*) FROM picloud.{table}"));
+        // No write reaches a row: refused outright where picloud_user holds no privilege,
+        // 0 rows (row-level security) where it does.
         let updated = affected(&mut s, &format!("UPDATE picloud.{table} SET app_id = app_id"));
         let deleted = affected(&mut s, &format!("DELETE FROM picloud.{table}"));
-        if seen != 0 || updated != Ok(0) || deleted != Ok(0) {
+        let deleted_ok = if tenant_may_delete(table) { deleted == Ok(0) } else { no_privilege(&deleted, table) };
+        if seen != 0 || !no_privilege(&updated, table) || !deleted_ok {
             failures.push(format!("stranger on {table}: sees {seen}, UPDATE {updated:?}, DELETE {deleted:?}"));
+        }
+        if let Some(update) = noop_update_of_tenant_columns(table) {
+            let got = affected(&mut s, &update);
+            if got != Ok(0) {
+                failures.push(format!("stranger: {update}: {got:?}, expected 0 rows"));
+            }
         }
     }
     // A producer of app A sees app A's handlers and triggers (enqueue resolves them with its
@@ -1360,11 +1616,32 @@ fn outsiders_and_producers_reach_no_rows() {
             failures.push(format!("producer on {table}: sees {all} rows ({of_a} of app A), expected {want}"));
         }
     }
-    for table in ["apps", "app_roles", "scripts", "triggers", "kv_trigger_details", "dead_letter_trigger_details", "outbox", "dead_letters", "abandoned_executions"] {
+    for table in [
+        "apps",
+        "app_roles",
+        "scripts",
+        "triggers",
+        "kv_trigger_details",
+        "dead_letter_trigger_details",
+        "outbox",
+        "idempotency_keys",
+        "dead_letters",
+        "abandoned_executions",
+    ] {
         let updated = affected(&mut t.producer, &format!("UPDATE picloud.{table} SET app_id = app_id"));
         let deleted = affected(&mut t.producer, &format!("DELETE FROM picloud.{table}"));
-        if updated != Ok(0) || deleted != Ok(0) {
-            failures.push(format!("producer on {table}: UPDATE {updated:?}, DELETE {deleted:?}, expected 0 rows"));
+        let deleted_ok = if tenant_may_delete(table) { deleted == Ok(0) } else { no_privilege(&deleted, table) };
+        if !no_privilege(&updated, table) || !deleted_ok {
+            failures.push(format!(
+                "producer on {table}: UPDATE {updated:?}, DELETE {deleted:?}, expected 42501 permission denied for table {table} \
+                 (0 rows where the privilege exists)"
+            ));
+        }
+        if let Some(update) = noop_update_of_tenant_columns(table) {
+            let got = affected(&mut t.producer, &update);
+            if got != Ok(0) {
+                failures.push(format!("producer: {update}: {got:?}, expected 0 rows"));
+            }
         }
     }
     let changed = changed_tables(&everything, &fingerprint(&mut t.su, "true"));
@@ -1559,7 +1836,8 @@ fn sql_handlers_run_with_their_principals_rights_only() {
 }
 
 /// Inserting handlers or triggers in someone else's name is refused by the policies' WITH
-/// CHECK, and so is renaming one's own to someone else.
+/// CHECK; renaming one's own to someone else is refused outright (tenants hold no UPDATE on
+/// who a handler or trigger runs as).
 #[test]
 fn nobody_registers_a_handler_that_runs_as_someone_else() {
     let mut t = Tenancy::new("secregister");
@@ -1571,20 +1849,35 @@ fn nobody_registers_a_handler_that_runs_as_someone_else() {
     let before = fingerprint(&mut t.su, "true");
     let mut failures = Vec::new();
     for other in ["postgres", tb.as_str(), adm.as_str()] {
+        // (statement, table, refused by row-level security rather than for want of privilege)
         let attempts = [
-            format!(
-                "INSERT INTO picloud.triggers (app_id, kind, script_id, registered_by_principal) VALUES ('{a}', 'kv', '{own_script}', '{other}')"
+            (
+                format!(
+                    "INSERT INTO picloud.triggers (app_id, kind, script_id, registered_by_principal) VALUES ('{a}', 'kv', '{own_script}', '{other}')"
+                ),
+                "triggers",
+                true,
             ),
-            format!(
-                "INSERT INTO picloud.scripts (app_id, name, kind, target, sql_function, registered_by_principal)
-                 VALUES ('{a}', 'as_{other}', 'sql', 'a_schema.peek', 'a_schema.peek(jsonb)', '{other}')"
+            (
+                format!(
+                    "INSERT INTO picloud.scripts (app_id, name, kind, target, sql_function, registered_by_principal)
+                     VALUES ('{a}', 'as_{other}', 'sql', 'a_schema.peek', 'a_schema.peek(jsonb)', '{other}')"
+                ),
+                "scripts",
+                true,
             ),
-            format!("UPDATE picloud.scripts SET registered_by_principal = '{other}' WHERE script_id = '{own_script}'"),
+            (
+                format!("UPDATE picloud.scripts SET registered_by_principal = '{other}' WHERE script_id = '{own_script}'"),
+                "scripts",
+                false,
+            ),
         ];
-        for sql in &attempts {
-            match affected(&mut t.a, sql) {
-                Err((code, message)) if code == "42501" && message.contains("row-level security") => {}
-                other_outcome => failures.push(format!("{sql}: {other_outcome:?}, expected 42501 (row-level security)")),
+        for (sql, table, by_policy) in &attempts {
+            let outcome = affected(&mut t.a, sql);
+            let ok = if *by_policy { rls_refused(&outcome, table) } else { no_privilege(&outcome, table) };
+            if !ok {
+                let want = if *by_policy { "row-level security".to_string() } else { format!("permission denied for table {table}") };
+                failures.push(format!("{sql}: {outcome:?}, expected 42501 ({want})"));
             }
         }
     }
@@ -1603,11 +1896,9 @@ fn nobody_registers_a_handler_that_runs_as_someone_else() {
     // Renaming one's own trigger to another principal must be refused just the same.
     for other in ["postgres", adm.as_str()] {
         let sql = format!("UPDATE picloud.triggers SET registered_by_principal = '{other}' WHERE trigger_id = '{own_trigger}'");
-        match affected(&mut t.a, &sql) {
-            Err((code, _)) if code == "42501" => {}
-            outcome => failures.push(format!(
-                "{sql}: {outcome:?}, expected 42501 (policy triggers_update has no registered_by_principal = current_user check)"
-            )),
+        let outcome = affected(&mut t.a, &sql);
+        if !no_privilege(&outcome, "triggers") {
+            failures.push(format!("{sql}: {outcome:?}, expected 42501 permission denied for table triggers"));
         }
     }
     let principal = text(&mut t.su, &format!("SELECT registered_by_principal::text FROM picloud.triggers WHERE trigger_id = '{own_trigger}'"));
@@ -1659,7 +1950,15 @@ fn repointing_a_triggers_principal_gains_no_rights() {
     t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'mine', 'set', 'k', '{{}}')"), &[]).unwrap();
     let ran = claim_and_run(&mut t.su);
     assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
-    assert!(matches!(&outcome, Err((code, _)) if code == "42501"), "{attempt}: {outcome:?}, expected 42501");
+    assert!(no_privilege(&outcome, "triggers"), "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers");
+    let principal = text(&mut t.su, &format!("SELECT registered_by_principal::text FROM picloud.triggers WHERE trigger_id = '{mine}'"));
+    assert_eq!(principal.as_deref(), Some(t.tenant_a.as_str()), "tenant_a's trigger changed principal");
+    // Its event still ran, as tenant_a (and so could not read b_secret).
+    assert!(
+        ran.len() == 1 && ran[0].principal.as_deref() == Some(t.tenant_a.as_str()) && ran[0].principal_error.is_none(),
+        "{ran:?}"
+    );
+    assert!(matches!(&ran[0].outcome, Err((code, m)) if code == "42501" && m.contains("b_secret")), "{ran:?}");
 }
 
 /// An admin of app A points the operator's trigger at its own handler.
@@ -1669,10 +1968,22 @@ fn swapping_the_handler_of_someone_elses_trigger_gains_no_rights() {
     let (_, op_trigger, peek) = operator_and_peek(&mut t);
     let a = t.app_a;
     let attempt = format!("UPDATE picloud.triggers SET script_id = '{peek}' WHERE trigger_id = '{op_trigger}'");
+    let before = fingerprint(&mut t.su, "true");
     let outcome = affected(&mut t.a, &attempt);
+    let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
     t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"), &[]).unwrap();
     let ran = claim_and_run(&mut t.su);
-    assert_no_escalation(&mut t, &attempt, outcome, &ran);
+    assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
+    assert!(no_privilege(&outcome, "triggers"), "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers");
+    assert!(changed.is_empty(), "{attempt} was refused, yet changed {changed:?}");
+    // The operator's trigger still runs the operator's handler, as the operator.
+    assert!(
+        ran.len() == 1
+            && ran[0].principal.as_deref() == Some("postgres")
+            && ran[0].principal_error.is_none()
+            && ran[0].outcome.is_ok(),
+        "{ran:?}"
+    );
 }
 
 /// An admin of app A rewrites the operator's handler (taking it over in its own name) while
@@ -1686,10 +1997,22 @@ fn rewriting_a_handler_used_by_someone_elses_trigger_gains_no_rights() {
         "UPDATE picloud.scripts SET target = 'a_schema.peek', sql_function = 'a_schema.peek(jsonb)',
                 registered_by_principal = current_user WHERE script_id = '{op_script}'"
     );
+    let before = fingerprint(&mut t.su, "true");
     let outcome = affected(&mut t.a, &attempt);
+    let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
     t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"), &[]).unwrap();
     let ran = claim_and_run(&mut t.su);
-    assert_no_escalation(&mut t, &attempt, outcome, &ran);
+    assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
+    assert!(no_privilege(&outcome, "scripts"), "{attempt}: {outcome:?}, expected 42501 permission denied for table scripts");
+    assert!(changed.is_empty(), "{attempt} was refused, yet changed {changed:?}");
+    // The operator's trigger still runs the operator's own handler, as the operator.
+    assert!(
+        ran.len() == 1
+            && ran[0].principal.as_deref() == Some("postgres")
+            && ran[0].principal_error.is_none()
+            && ran[0].outcome.is_ok(),
+        "{ran:?}"
+    );
 }
 
 /// An admin (and a mere producer) of app A writes outbox rows by hand that name the operator's
@@ -1706,7 +2029,21 @@ fn a_hand_made_outbox_row_cannot_borrow_a_triggers_principal() {
     let by_admin = affected(&mut t.a, &attempt);
     let by_producer = affected(&mut t.producer, &attempt);
     let ran = claim_and_run(&mut t.su);
-    assert_no_escalation(&mut t, &attempt, by_admin.and(by_producer), &ran);
+    assert_no_escalation(&mut t, &attempt, by_admin.clone().and(by_producer.clone()), &ran);
+    // Producers may insert outbox rows (the enqueue functions do so with their rights), so
+    // both rows exist; the pairing is caught when they are claimed: no principal, PC005.
+    assert_eq!((by_admin, by_producer), (Ok(1), Ok(1)), "{attempt}");
+    assert_eq!(ran.len(), 2, "{ran:?}");
+    let needle = format!("handler {peek} is not the handler of trigger {op_trigger}");
+    for r in &ran {
+        assert!(r.principal.is_none(), "a hand-made row got principal {:?}: {r:?}", r.principal);
+        assert!(r.principal_error.as_deref().is_some_and(|e| e.contains(&needle)), "principal_error: {r:?}");
+        assert!(
+            matches!(&r.outcome, Err((code, message)) if code == "PC005" && message.contains(&needle)),
+            "run of a hand-made row: {r:?}, expected PC005"
+        );
+    }
+    assert_eq!(count(&mut t.su, "SELECT count(*) FROM picloud.outbox"), 2, "refused events stay in the outbox");
 }
 
 /// An admin of app A writes a dead letter by hand naming the operator's trigger but its own
@@ -1728,7 +2065,11 @@ fn a_hand_made_dead_letter_cannot_borrow_a_triggers_principal() {
         Err(e) => Err(code_and_message(&e)),
     };
     let ran = claim_and_run(&mut t.su);
-    assert_no_escalation(&mut t, &attempt, outcome, &ran);
+    assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
+    // Tenants hold no INSERT on dead_letters: nothing was written, nothing replayed or ran.
+    assert!(no_privilege(&outcome, "dead_letters"), "{attempt}: {outcome:?}, expected 42501 permission denied for table dead_letters");
+    assert_eq!(count(&mut t.su, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    assert!(ran.is_empty(), "{ran:?}");
 }
 
 /// A principal that was dropped, or is no longer an admin of the app, runs nothing: the claim
