@@ -110,6 +110,10 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn start(db: &str, extra: &[&str]) -> Supervisor {
+        Supervisor::start_as(db, "postgres", extra)
+    }
+
+    pub fn start_as(db: &str, user: &str, extra: &[&str]) -> Supervisor {
         let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/it-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -117,7 +121,7 @@ impl Supervisor {
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(supervisor_bin())
             .arg("--database-url")
-            .arg(url(db, "postgres"))
+            .arg(url(db, user))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -288,3 +288,33 @@ fn sigterm_stops_cleanly_and_releases_nothing_twice() {
     assert!(status.success(), "exit status {status:?}; log: {}", sup.log());
     assert!(sup.log().contains("\"level\""), "structured log lines");
 }
+
+#[test]
+fn supervisor_needs_no_superuser() {
+    let (db, mut c) = fresh_db("e2e_role");
+    let (app, script) = ledger_app(&mut c);
+    let tenant = format!("tenant_sup_{}", std::process::id());
+    // The operator lets the supervisor role log in; tenants' handlers still run as tenants.
+    c.batch_execute(&format!(
+        "ALTER ROLE picloud_supervisor LOGIN;
+         DROP ROLE IF EXISTS {tenant}; CREATE ROLE {tenant} LOGIN;
+         SELECT picloud_grant_app_role('{app}', '{tenant}', 'admin');
+         GRANT INSERT ON ledger TO {tenant};
+         GRANT EXECUTE ON FUNCTION ledger_handler(jsonb) TO {tenant};"
+    ))
+    .unwrap();
+    let mut t = connect_as(&db, &tenant);
+    let own: Uuid = t
+        .query_one("SELECT picloud_create_script($1, 'own', 'sql', 'ledger_handler')", &[&app])
+        .unwrap()
+        .get(0);
+    let _sup = Supervisor::start_as(&db, "picloud_supervisor", FAST);
+    for s in [script, own] {
+        c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &s]).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM ledger") == 2));
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    drop(t);
+    c.batch_execute(&format!("DROP OWNED BY {tenant}; DROP ROLE {tenant}")).ok();
+}
