@@ -135,7 +135,7 @@ const OPTIONS: &[Opt] = &[
         repeatable: true,
         help: "Hosts http handlers may call; repeatable and comma-separated (IPv6 as \
                [addr]:port). Loopback, private, link-local, unspecified and metadata \
-               addresses are refused unless that IP or host name is listed. Only plain \
+               addresses are refused unless that IP address itself is listed (a listed name that resolves to one is refused). Only plain \
                http:// targets work: https is not supported.",
     },
     Opt {

@@ -56,7 +56,9 @@ pub fn fresh_db(tag: &str) -> (String, Client) {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .expect("create test database");
     let mut client = connect(&name);
-    client.batch_execute("CREATE EXTENSION picloud").expect("create extension");
+    client
+        .batch_execute("CREATE EXTENSION picloud")
+        .expect("create extension");
     (name, client)
 }
 
@@ -75,7 +77,10 @@ pub fn sqlstate(result: Result<impl std::fmt::Debug, postgres::Error>) -> String
 pub fn error_message(result: Result<impl std::fmt::Debug, postgres::Error>) -> String {
     match result {
         Ok(value) => panic!("expected an error, got {value:?}"),
-        Err(e) => e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
+        Err(e) => e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 
@@ -98,7 +103,9 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 pub fn supervisor_bin() -> String {
     std::env::var("PICLOUD_SUPERVISOR_BIN").unwrap_or_else(|_| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        root.join("target/debug/picloud-supervisor").to_string_lossy().into_owned()
+        root.join("target/debug/picloud-supervisor")
+            .to_string_lossy()
+            .into_owned()
     })
 }
 
@@ -187,7 +194,10 @@ pub fn ledger_app(client: &mut Client) -> (uuid::Uuid, uuid::Uuid) {
         .expect("create app")
         .get(0);
     let script: uuid::Uuid = client
-        .query_one("SELECT picloud_create_script($1, 'ledger', 'sql', 'ledger_handler')", &[&app])
+        .query_one(
+            "SELECT picloud_create_script($1, 'ledger', 'sql', 'ledger_handler')",
+            &[&app],
+        )
         .expect("create script")
         .get(0);
     (app, script)

@@ -1,7 +1,7 @@
 //! The SQL API, function by function, against a real cluster.
 
-use picloud_tests::*;
 use picloud_tests::postgres::fallible_iterator::FallibleIterator;
+use picloud_tests::*;
 use postgres::Client;
 use serde_json::json;
 use std::collections::HashSet;
@@ -13,11 +13,15 @@ use uuid::Uuid;
 static CLAIMERS: Mutex<()> = Mutex::new(());
 
 fn claimers() -> std::sync::MutexGuard<'static, ()> {
-    CLAIMERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    CLAIMERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn uuid_of(c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Uuid {
-    c.query_one(sql, params).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, params)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 #[test]
@@ -40,10 +44,21 @@ fn scripts_validate_their_target() {
         let got = sqlstate(c.query_one(create, &[&app, name, kind, target, timeout]));
         assert_eq!(&got, code, "{name} {kind} {target}");
     }
-    assert_eq!(sqlstate(c.query_one(create, &[&app, &None::<String>, &"sql", &"x", &1000])), "22004");
+    assert_eq!(
+        sqlstate(c.query_one(create, &[&app, &None::<String>, &"sql", &"x", &1000])),
+        "22004"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.scripts"), 1);
-    let http = uuid_of(&mut c, "SELECT picloud_create_script($1, 'hook', 'http', 'http://example.com/hook')", &[&app]);
-    let cmd = uuid_of(&mut c, "SELECT picloud_create_script($1, 'cmd', 'command', 'resize-image', 5000)", &[&app]);
+    let http = uuid_of(
+        &mut c,
+        "SELECT picloud_create_script($1, 'hook', 'http', 'http://example.com/hook')",
+        &[&app],
+    );
+    let cmd = uuid_of(
+        &mut c,
+        "SELECT picloud_create_script($1, 'cmd', 'command', 'resize-image', 5000)",
+        &[&app],
+    );
     let listed: Vec<Uuid> = c
         .query("SELECT script_id FROM picloud_list_scripts($1)", &[&app])
         .unwrap()
@@ -51,8 +66,12 @@ fn scripts_validate_their_target() {
         .map(|r| r.get(0))
         .collect();
     assert!(listed.contains(&http) && listed.contains(&cmd) && listed.len() == 3);
-    c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &cmd]).unwrap();
-    assert_eq!(sqlstate(c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &cmd])), "P0002");
+    c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &cmd])
+        .unwrap();
+    assert_eq!(
+        sqlstate(c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &cmd])),
+        "P0002"
+    );
 }
 
 #[test]
@@ -61,32 +80,58 @@ fn kv_triggers_register_match_and_toggle() {
     let (app, script) = ledger_app(&mut c);
     let create = "SELECT picloud_create_kv_trigger($1, $2, $3)";
     for bad in ["", "a*b", "**", "user*", ":*", "*:*"] {
-        assert_eq!(sqlstate(c.query_one(create, &[&app, &bad, &script])), "22023", "{bad:?}");
+        assert_eq!(
+            sqlstate(c.query_one(create, &[&app, &bad, &script])),
+            "22023",
+            "{bad:?}"
+        );
     }
-    assert_eq!(sqlstate(c.query_one(create, &[&app, &"x", &Uuid::new_v4()])), "P0002");
     assert_eq!(
-        sqlstate(c.query_one("SELECT picloud_create_kv_trigger($1, 'x', $2, ARRAY['explode'])", &[&app, &script])),
+        sqlstate(c.query_one(create, &[&app, &"x", &Uuid::new_v4()])),
+        "P0002"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_create_kv_trigger($1, 'x', $2, ARRAY['explode'])",
+            &[&app, &script]
+        )),
         "22023"
     );
     assert_eq!(
-        sqlstate(c.query_one("SELECT picloud_create_kv_trigger($1, 'x', $2, ARRAY[]::text[])", &[&app, &script])),
+        sqlstate(c.query_one(
+            "SELECT picloud_create_kv_trigger($1, 'x', $2, ARRAY[]::text[])",
+            &[&app, &script]
+        )),
         "22023"
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.triggers"), 0);
 
     let all = uuid_of(&mut c, create, &[&app, &"*", &script]);
     let prefix = uuid_of(&mut c, create, &[&app, &"user:*", &script]);
-    let exact = uuid_of(&mut c, "SELECT picloud_create_kv_trigger($1, 'orders', $2, ARRAY['insert'])", &[&app, &script]);
+    let exact = uuid_of(
+        &mut c,
+        "SELECT picloud_create_kv_trigger($1, 'orders', $2, ARRAY['insert'])",
+        &[&app, &script],
+    );
     let matching = |c: &mut Client, coll: &str, op: &str| -> HashSet<Uuid> {
-        c.query("SELECT trigger_id FROM picloud_match_kv_triggers($1, $2, $3)", &[&app, &coll, &op])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        c.query(
+            "SELECT trigger_id FROM picloud_match_kv_triggers($1, $2, $3)",
+            &[&app, &coll, &op],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
     };
-    assert_eq!(matching(&mut c, "orders", "insert"), HashSet::from([all, exact]));
+    assert_eq!(
+        matching(&mut c, "orders", "insert"),
+        HashSet::from([all, exact])
+    );
     assert_eq!(matching(&mut c, "orders", "delete"), HashSet::from([all]));
-    assert_eq!(matching(&mut c, "user:42", "set"), HashSet::from([all, prefix]));
+    assert_eq!(
+        matching(&mut c, "user:42", "set"),
+        HashSet::from([all, prefix])
+    );
     assert_eq!(matching(&mut c, "user", "set"), HashSet::from([all]));
 
     let info = c.query_one("SELECT kind, collection_pattern, ops, registered_by_principal::text, enabled FROM picloud_get_trigger($1, $2)", &[&app, &exact]).unwrap();
@@ -95,17 +140,43 @@ fn kv_triggers_register_match_and_toggle() {
     assert_eq!(info.get::<_, Vec<String>>(2), vec!["insert".to_string()]);
     assert_eq!(info.get::<_, String>(3), "postgres");
     assert!(info.get::<_, bool>(4));
-    assert_eq!(sqlstate(c.query_one("SELECT * FROM picloud_get_trigger($1, $2)", &[&app, &Uuid::new_v4()])), "P0002");
-    assert_eq!(count(&mut c, &format!("SELECT count(*) FROM picloud_list_triggers('{app}')")), 3);
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT * FROM picloud_get_trigger($1, $2)",
+            &[&app, &Uuid::new_v4()]
+        )),
+        "P0002"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            &format!("SELECT count(*) FROM picloud_list_triggers('{app}')")
+        ),
+        3
+    );
 
-    c.execute("SELECT picloud_disable_trigger($1, $2)", &[&app, &all]).unwrap();
+    c.execute("SELECT picloud_disable_trigger($1, $2)", &[&app, &all])
+        .unwrap();
     assert_eq!(matching(&mut c, "orders", "insert"), HashSet::from([exact]));
-    c.execute("SELECT picloud_enable_trigger($1, $2)", &[&app, &all]).unwrap();
-    assert_eq!(matching(&mut c, "orders", "insert"), HashSet::from([all, exact]));
-    assert_eq!(sqlstate(c.execute("SELECT picloud_enable_trigger($1, $2)", &[&app, &Uuid::new_v4()])), "P0002");
+    c.execute("SELECT picloud_enable_trigger($1, $2)", &[&app, &all])
+        .unwrap();
+    assert_eq!(
+        matching(&mut c, "orders", "insert"),
+        HashSet::from([all, exact])
+    );
+    assert_eq!(
+        sqlstate(c.execute(
+            "SELECT picloud_enable_trigger($1, $2)",
+            &[&app, &Uuid::new_v4()]
+        )),
+        "P0002"
+    );
 
     let n: i32 = c
-        .query_one("SELECT picloud_emit_kv($1, 'user:7', 'set', 'k', '{\"v\":1}')", &[&app])
+        .query_one(
+            "SELECT picloud_emit_kv($1, 'user:7', 'set', 'k', '{\"v\":1}')",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     assert_eq!(n, 2);
@@ -113,9 +184,21 @@ fn kv_triggers_register_match_and_toggle() {
         .query_one("SELECT payload FROM picloud.outbox LIMIT 1", &[])
         .unwrap()
         .get(0);
-    assert_eq!(payload, json!({"collection": "user:7", "op": "set", "key": "k", "value": {"v": 1}}));
-    assert_eq!(sqlstate(c.query_one("SELECT picloud_emit_kv($1, '', 'set', 'k', '{}')", &[&app])), "22023");
-    assert_eq!(sqlstate(c.query_one("SELECT picloud_emit_kv($1, 'x', 'upsert', 'k', '{}')", &[&app])), "22023");
+    assert_eq!(
+        payload,
+        json!({"collection": "user:7", "op": "set", "key": "k", "value": {"v": 1}})
+    );
+    assert_eq!(
+        sqlstate(c.query_one("SELECT picloud_emit_kv($1, '', 'set', 'k', '{}')", &[&app])),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_emit_kv($1, 'x', 'upsert', 'k', '{}')",
+            &[&app]
+        )),
+        "22023"
+    );
 }
 
 #[test]
@@ -136,7 +219,10 @@ fn matching_uses_the_index_with_100k_triggers() {
          ANALYZE picloud.triggers; ANALYZE picloud.kv_trigger_details;",
     )
     .unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.triggers"), 100_000);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.triggers"),
+        100_000
+    );
     let app = "00000000-0000-0000-0000-000000000500";
     let plan: Vec<String> = c
         .query(
@@ -151,9 +237,15 @@ fn matching_uses_the_index_with_100k_triggers() {
     let text = plan.join("\n");
     assert!(text.contains("kv_trigger_details_match_idx"), "{text}");
     assert!(!text.contains("Seq Scan on kv_trigger_details"), "{text}");
-    let matched = count(&mut c, &format!("SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'c10', 'set')"));
+    let matched = count(
+        &mut c,
+        &format!("SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'c10', 'set')"),
+    );
     assert_eq!(matched, 2); // the exact trigger and '*'
-    let matched = count(&mut c, &format!("SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'p11:x', 'set')"));
+    let matched = count(
+        &mut c,
+        &format!("SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'p11:x', 'set')"),
+    );
     assert_eq!(matched, 2); // the prefix trigger and '*'
 }
 
@@ -161,7 +253,11 @@ fn matching_uses_the_index_with_100k_triggers() {
 fn enqueue_validates_and_records() {
     let (_db, mut c) = fresh_db("enqueue");
     let (app, script) = ledger_app(&mut c);
-    let id = uuid_of(&mut c, "SELECT picloud_enqueue($1, 'queue', 'send', '{\"n\":1}', $2)", &[&app, &script]);
+    let id = uuid_of(
+        &mut c,
+        "SELECT picloud_enqueue($1, 'queue', 'send', '{\"n\":1}', $2)",
+        &[&app, &script],
+    );
     let row = c
         .query_one("SELECT source, op, depth, attempt_count, claimed_by IS NULL, due_at <= now() FROM picloud.outbox WHERE event_id = $1", &[&id])
         .unwrap();
@@ -172,48 +268,91 @@ fn enqueue_validates_and_records() {
     assert!(row.get::<_, bool>(4) && row.get::<_, bool>(5));
 
     let e = "SELECT picloud_enqueue($1, $2, $3, $4::text::jsonb, $5)";
-    let bad: &[(&str, &str, &str, &str)] = &[
-        ("nope", "x", "{}", "22023"),
-        ("queue", "", "{}", "22023"),
-    ];
+    let bad: &[(&str, &str, &str, &str)] =
+        &[("nope", "x", "{}", "22023"), ("queue", "", "{}", "22023")];
     for (source, op, payload, code) in bad {
-        assert_eq!(&sqlstate(c.query_one(e, &[&app, source, op, payload, &script])), code);
+        assert_eq!(
+            &sqlstate(c.query_one(e, &[&app, source, op, payload, &script])),
+            code
+        );
     }
-    assert_eq!(sqlstate(c.query_one(e, &[&app, &"queue", &"x", &"{", &script])), "22P02");
-    assert_eq!(sqlstate(c.query_one(e, &[&None::<Uuid>, &"queue", &"x", &"{}", &script])), "22004");
-    assert_eq!(sqlstate(c.query_one(e, &[&app, &"queue", &"x", &"{}", &Uuid::new_v4()])), "P0002");
-    assert_eq!(sqlstate(c.query_one(e, &[&Uuid::new_v4(), &"queue", &"x", &"{}", &script])), "P0002");
-    assert_eq!(sqlstate(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}')", &[&app])), "22023");
     assert_eq!(
-        sqlstate(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_trigger_id => $3)", &[&app, &script, &Uuid::new_v4()])),
+        sqlstate(c.query_one(e, &[&app, &"queue", &"x", &"{", &script])),
+        "22P02"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(e, &[&None::<Uuid>, &"queue", &"x", &"{}", &script])),
+        "22004"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(e, &[&app, &"queue", &"x", &"{}", &Uuid::new_v4()])),
         "P0002"
     );
     assert_eq!(
-        sqlstate(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => 'nobody')", &[&app, &script])),
+        sqlstate(c.query_one(e, &[&Uuid::new_v4(), &"queue", &"x", &"{}", &script])),
+        "P0002"
+    );
+    assert_eq!(
+        sqlstate(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}')", &[&app])),
         "22023"
     );
     assert_eq!(
-        sqlstate(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => -1)", &[&app, &script])),
+        sqlstate(c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_trigger_id => $3)",
+            &[&app, &script, &Uuid::new_v4()]
+        )),
+        "P0002"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => 'nobody')",
+            &[&app, &script]
+        )),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => -1)",
+            &[&app, &script]
+        )),
         "22023"
     );
     // Payload limit.
-    c.batch_execute("SET picloud.max_payload_bytes = 2048").unwrap();
+    c.batch_execute("SET picloud.max_payload_bytes = 2048")
+        .unwrap();
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(10_000));
-    let err = c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)", &[&app, &big, &script]);
+    let err = c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+        &[&app, &big, &script],
+    );
     assert_eq!(sqlstate(err), "PC004");
     c.batch_execute("RESET picloud.max_payload_bytes").unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
 
     // Depth beyond the limit names the depth and the limit.
-    c.batch_execute("SET picloud.max_trigger_depth = 3").unwrap();
-    uuid_of(&mut c, "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => 3)", &[&app, &script]);
-    let err = c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => 4)", &[&app, &script]);
+    c.batch_execute("SET picloud.max_trigger_depth = 3")
+        .unwrap();
+    uuid_of(
+        &mut c,
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => 3)",
+        &[&app, &script],
+    );
+    let err = c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => 4)",
+        &[&app, &script],
+    );
     let message = match &err {
-        Err(e) => e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default(),
+        Err(e) => e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default(),
         Ok(_) => String::new(),
     };
     assert_eq!(sqlstate(err), "PC001");
-    assert!(message.contains("depth 4") && message.contains("(3)"), "{message}");
+    assert!(
+        message.contains("depth 4") && message.contains("(3)"),
+        "{message}"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 2);
 
     // Delayed delivery.
@@ -234,9 +373,13 @@ fn enqueue_validates_and_records() {
     let first = uuid_of(&mut c, q, &[&app, &script]);
     let before = count(&mut c, "SELECT count(*) FROM picloud.outbox");
     assert_eq!(uuid_of(&mut c, q, &[&app, &script]), first);
-    c.execute("DELETE FROM picloud.outbox WHERE event_id = $1", &[&first]).unwrap();
+    c.execute("DELETE FROM picloud.outbox WHERE event_id = $1", &[&first])
+        .unwrap();
     assert_eq!(uuid_of(&mut c, q, &[&app, &script]), first);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), before - 1);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.outbox"),
+        before - 1
+    );
 }
 
 #[test]
@@ -245,7 +388,10 @@ fn bulk_enqueue_returns_ids_in_order() {
     let (app, script) = ledger_app(&mut c);
     let payloads: Vec<serde_json::Value> = (0..1000).map(|i| json!({ "i": i })).collect();
     let ids: Vec<Uuid> = c
-        .query("SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)", &[&app, &payloads, &script])
+        .query(
+            "SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)",
+            &[&app, &payloads, &script],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -253,14 +399,20 @@ fn bulk_enqueue_returns_ids_in_order() {
     assert_eq!(ids.len(), 1000);
     for (i, id) in ids.iter().enumerate().step_by(97) {
         let p: serde_json::Value = c
-            .query_one("SELECT payload FROM picloud.outbox WHERE event_id = $1", &[id])
+            .query_one(
+                "SELECT payload FROM picloud.outbox WHERE event_id = $1",
+                &[id],
+            )
             .unwrap()
             .get(0);
         assert_eq!(p, json!({ "i": i }));
     }
     let with_null = vec![Some(json!({})), None];
     assert_eq!(
-        sqlstate(c.query("SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)", &[&app, &with_null, &script])),
+        sqlstate(c.query(
+            "SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)",
+            &[&app, &with_null, &script]
+        )),
         "22004"
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1000);
@@ -274,11 +426,19 @@ fn enqueue_is_transactional_and_notifies_only_on_commit() {
     let mut listener = connect(&db);
     listener.batch_execute("LISTEN picloud_wake").unwrap();
     // An empty claim marks a supervisor as idle, so enqueues notify.
-    c.query("SELECT * FROM picloud_claim('idle-worker', 10, 1000)", &[]).unwrap();
-    assert!(c.query_one("SELECT picloud_supervisor_idle()", &[]).unwrap().get::<_, bool>(0));
+    c.query("SELECT * FROM picloud_claim('idle-worker', 10, 1000)", &[])
+        .unwrap();
+    assert!(c
+        .query_one("SELECT picloud_supervisor_idle()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
 
     let mut tx = c.transaction().unwrap();
-    tx.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
+    tx.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     tx.rollback().unwrap();
     let mut seen = 0;
     {
@@ -292,8 +452,16 @@ fn enqueue_is_transactional_and_notifies_only_on_commit() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
 
     let mut tx = c.transaction().unwrap();
-    tx.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
-    tx.query_one("SELECT picloud_enqueue($1, 'queue', 'y', '{}', $2)", &[&app, &script]).unwrap();
+    tx.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    tx.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'y', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     tx.commit().unwrap();
     let mut channels = Vec::new();
     {
@@ -303,13 +471,25 @@ fn enqueue_is_transactional_and_notifies_only_on_commit() {
             channels.push(n.channel().to_string());
         }
     }
-    assert_eq!(channels, vec!["picloud_wake".to_string()], "one coalesced notification per commit");
+    assert_eq!(
+        channels,
+        vec!["picloud_wake".to_string()],
+        "one coalesced notification per commit"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 2);
 
     // While a supervisor is busy (its last claim returned rows), enqueues do not notify.
-    c.query("SELECT * FROM picloud_claim('busy-worker', 1, 1000)", &[]).unwrap();
-    assert!(!c.query_one("SELECT picloud_supervisor_idle()", &[]).unwrap().get::<_, bool>(0));
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'z', '{}', $2)", &[&app, &script]).unwrap();
+    c.query("SELECT * FROM picloud_claim('busy-worker', 1, 1000)", &[])
+        .unwrap();
+    assert!(!c
+        .query_one("SELECT picloud_supervisor_idle()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'z', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     let mut seen = 0;
     {
         let mut notes = listener.notifications();
@@ -336,7 +516,12 @@ fn two_claimers_never_share_a_row() {
             let mut c = connect(&db);
             let mut got = Vec::new();
             loop {
-                let rows = c.query("SELECT event_id FROM picloud_claim($1, 37, 60000)", &[&worker]).unwrap();
+                let rows = c
+                    .query(
+                        "SELECT event_id FROM picloud_claim($1, 37, 60000)",
+                        &[&worker],
+                    )
+                    .unwrap();
                 if rows.is_empty() {
                     break;
                 }
@@ -355,8 +540,19 @@ fn two_claimers_never_share_a_row() {
     assert_eq!(sb.len(), b.len(), "worker b got a row twice");
     assert!(sa.is_disjoint(&sb), "a row was claimed by both workers");
     assert_eq!(sa.len() + sb.len(), 4000);
-    assert!(!a.is_empty() && !b.is_empty(), "both claimers took work: {} / {}", a.len(), b.len());
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox WHERE claimed_by IS NULL OR attempt_count <> 1"), 0);
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both claimers took work: {} / {}",
+        a.len(),
+        b.len()
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE claimed_by IS NULL OR attempt_count <> 1"
+        ),
+        0
+    );
 }
 
 #[test]
@@ -368,15 +564,33 @@ fn retry_schedule_then_one_dead_letter() {
         "SET picloud.retry_max_attempts = 5; SET picloud.retry_base_delay = '100ms'; SET picloud.retry_max_delay = '1s'",
     )
     .unwrap();
-    let id = uuid_of(&mut c, "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]);
+    let id = uuid_of(
+        &mut c,
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    );
     let mut last_delay = 0.0;
     for attempt in 1..=5 {
-        let claimed = c.query("SELECT event_id, attempt_count FROM picloud_claim('w', 10, 60000)", &[]).unwrap();
+        let claimed = c
+            .query(
+                "SELECT event_id, attempt_count FROM picloud_claim('w', 10, 60000)",
+                &[],
+            )
+            .unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].get::<_, i32>(1), attempt);
         // Someone else cannot settle it.
-        assert_eq!(sqlstate(c.query("SELECT * FROM picloud_fail($1, $2, 'intruder', 'x')", &[&app, &id])), "PC002");
-        assert_eq!(sqlstate(c.execute("SELECT picloud_complete($1, $2, 'intruder')", &[&app, &id])), "PC002");
+        assert_eq!(
+            sqlstate(c.query(
+                "SELECT * FROM picloud_fail($1, $2, 'intruder', 'x')",
+                &[&app, &id]
+            )),
+            "PC002"
+        );
+        assert_eq!(
+            sqlstate(c.execute("SELECT picloud_complete($1, $2, 'intruder')", &[&app, &id])),
+            "PC002"
+        );
         let row = c
             .query_one(
                 "SELECT outcome, extract(epoch FROM next_due_at - now())::float8, dead_letter_id FROM picloud_fail($1, $2, 'w', $3)",
@@ -388,10 +602,20 @@ fn retry_schedule_then_one_dead_letter() {
             assert_eq!(outcome, "retry");
             let delay: f64 = row.get(1);
             let base = 0.1 * 2f64.powi(attempt - 1);
-            assert!(delay >= base.min(1.0) - 0.001 && delay <= (base * 1.25).min(1.0) + 0.001, "attempt {attempt}: {delay}");
-            assert!(delay >= last_delay, "delays must not shrink: {last_delay} then {delay}");
+            assert!(
+                delay >= base.min(1.0) - 0.001 && delay <= (base * 1.25).min(1.0) + 0.001,
+                "attempt {attempt}: {delay}"
+            );
+            assert!(
+                delay >= last_delay,
+                "delays must not shrink: {last_delay} then {delay}"
+            );
             last_delay = delay;
-            c.execute("UPDATE picloud.outbox SET due_at = now() WHERE event_id = $1", &[&id]).unwrap();
+            c.execute(
+                "UPDATE picloud.outbox SET due_at = now() WHERE event_id = $1",
+                &[&id],
+            )
+            .unwrap();
         } else {
             assert_eq!(outcome, "dead_letter");
             assert!(row.get::<_, Option<Uuid>>(2).is_some());
@@ -399,12 +623,18 @@ fn retry_schedule_then_one_dead_letter() {
     }
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
     let dl = c
-        .query_one("SELECT original_event_id, attempt_count, last_error FROM picloud.dead_letters", &[])
+        .query_one(
+            "SELECT original_event_id, attempt_count, last_error FROM picloud.dead_letters",
+            &[],
+        )
         .unwrap();
     assert_eq!(dl.get::<_, Uuid>(0), id);
     assert_eq!(dl.get::<_, i32>(1), 5);
     assert_eq!(dl.get::<_, String>(2), "boom 5");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 1);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        1
+    );
 }
 
 #[test]
@@ -420,12 +650,25 @@ fn a_self_feeding_chain_stops_at_the_depth_limit() {
          SET picloud.max_trigger_depth = 4;"
     ))
     .unwrap();
-    let script = uuid_of(&mut c, "SELECT picloud_create_script($1, 'again', 'sql', 'again')", &[&app]);
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'again', '{}', $2)", &[&app, &script]).unwrap();
+    let script = uuid_of(
+        &mut c,
+        "SELECT picloud_create_script($1, 'again', 'sql', 'again')",
+        &[&app],
+    );
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'again', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     let mut depths = Vec::new();
     let mut last_error = String::new();
     for _ in 0..10 {
-        let rows = c.query("SELECT app_id, event_id, depth FROM picloud_claim('w', 1, 60000)", &[]).unwrap();
+        let rows = c
+            .query(
+                "SELECT app_id, event_id, depth FROM picloud_claim('w', 1, 60000)",
+                &[],
+            )
+            .unwrap();
         let Some(row) = rows.first() else { break };
         let (a, e, d): (Uuid, Uuid, i32) = (row.get(0), row.get(1), row.get(2));
         depths.push(d);
@@ -444,7 +687,13 @@ fn a_self_feeding_chain_stops_at_the_depth_limit() {
     }
     assert_eq!(depths, vec![0, 1, 2, 3, 4]);
     assert_eq!(last_error, "PC001");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox WHERE depth > 4"), 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE depth > 4"
+        ),
+        0
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
 }
 
@@ -453,18 +702,39 @@ fn dead_letter_operations() {
     let _serial = claimers();
     let (_db, mut c) = fresh_db("deadletters");
     let (app, script) = ledger_app(&mut c);
-    c.batch_execute("SET picloud.retry_max_attempts = 1").unwrap();
-    let notify_script = uuid_of(&mut c, "SELECT picloud_create_script($1, 'on-dead', 'command', 'alert')", &[&app]);
-    let dl_trigger = uuid_of(&mut c, "SELECT picloud_create_dead_letter_trigger($1, $2, 'queue')", &[&app, &notify_script]);
+    c.batch_execute("SET picloud.retry_max_attempts = 1")
+        .unwrap();
+    let notify_script = uuid_of(
+        &mut c,
+        "SELECT picloud_create_script($1, 'on-dead', 'command', 'alert')",
+        &[&app],
+    );
+    let dl_trigger = uuid_of(
+        &mut c,
+        "SELECT picloud_create_dead_letter_trigger($1, $2, 'queue')",
+        &[&app, &notify_script],
+    );
     for i in 0..5 {
-        let id = uuid_of(&mut c, "SELECT picloud_enqueue($1, 'queue', 'x', jsonb_build_object('i', $2::int), $3)", &[&app, &i, &script]);
+        let id = uuid_of(
+            &mut c,
+            "SELECT picloud_enqueue($1, 'queue', 'x', jsonb_build_object('i', $2::int), $3)",
+            &[&app, &i, &script],
+        );
         // Earlier fan-out rows are due too; only this event is failed.
-        c.query("SELECT 1 FROM picloud_claim('w', 100, 60000)", &[]).unwrap();
-        c.query("SELECT * FROM picloud_fail($1, $2, 'w', 'nope')", &[&app, &id]).unwrap();
+        c.query("SELECT 1 FROM picloud_claim('w', 100, 60000)", &[])
+            .unwrap();
+        c.query(
+            "SELECT * FROM picloud_fail($1, $2, 'w', 'nope')",
+            &[&app, &id],
+        )
+        .unwrap();
     }
     // Each dead letter fanned out to the dead-letter trigger, one level deeper.
     let fanned = c
-        .query("SELECT source, depth, trigger_id, payload->>'last_error' FROM picloud.outbox", &[])
+        .query(
+            "SELECT source, depth, trigger_id, payload->>'last_error' FROM picloud.outbox",
+            &[],
+        )
         .unwrap();
     assert_eq!(fanned.len(), 5);
     for r in &fanned {
@@ -475,48 +745,122 @@ fn dead_letter_operations() {
     }
     c.execute("DELETE FROM picloud.outbox", &[]).unwrap();
 
-    assert_eq!(c.query_one("SELECT picloud_dead_letter_count($1)", &[&app]).unwrap().get::<_, i64>(0), 5);
+    assert_eq!(
+        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
+            .unwrap()
+            .get::<_, i64>(0),
+        5
+    );
     let ids: Vec<Uuid> = c
-        .query("SELECT dead_letter_id FROM picloud_list_dead_letters($1, true, 2, 0)", &[&app])
+        .query(
+            "SELECT dead_letter_id FROM picloud_list_dead_letters($1, true, 2, 0)",
+            &[&app],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids.len(), 2);
-    assert_eq!(sqlstate(c.query("SELECT * FROM picloud_list_dead_letters($1, true, -1, 0)", &[&app])), "22023");
-    assert_eq!(sqlstate(c.query("SELECT * FROM picloud_list_dead_letters($1, true, 10, -5)", &[&app])), "22023");
-    let got: Uuid = c.query_one("SELECT dead_letter_id FROM picloud_get_dead_letter($1, $2)", &[&app, &ids[0]]).unwrap().get(0);
+    assert_eq!(
+        sqlstate(c.query(
+            "SELECT * FROM picloud_list_dead_letters($1, true, -1, 0)",
+            &[&app]
+        )),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(c.query(
+            "SELECT * FROM picloud_list_dead_letters($1, true, 10, -5)",
+            &[&app]
+        )),
+        "22023"
+    );
+    let got: Uuid = c
+        .query_one(
+            "SELECT dead_letter_id FROM picloud_get_dead_letter($1, $2)",
+            &[&app, &ids[0]],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(got, ids[0]);
-    assert_eq!(sqlstate(c.query_one("SELECT * FROM picloud_get_dead_letter($1, $2)", &[&app, &Uuid::new_v4()])), "P0002");
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT * FROM picloud_get_dead_letter($1, $2)",
+            &[&app, &Uuid::new_v4()]
+        )),
+        "P0002"
+    );
 
     let resolve = "SELECT picloud_resolve_dead_letter($1, $2, $3)";
-    assert_eq!(sqlstate(c.execute(resolve, &[&app, &ids[0], &"lost"])), "23514");
-    assert_eq!(sqlstate(c.execute(resolve, &[&app, &Uuid::new_v4(), &"ignored"])), "P0002");
-    c.execute(resolve, &[&app, &ids[0], &"handled_by_script"]).unwrap();
-    assert_eq!(sqlstate(c.execute(resolve, &[&app, &ids[0], &"ignored"])), "PC003");
-    assert_eq!(sqlstate(c.query_one("SELECT picloud_replay_dead_letter($1, $2)", &[&app, &ids[0]])), "PC003");
+    assert_eq!(
+        sqlstate(c.execute(resolve, &[&app, &ids[0], &"lost"])),
+        "23514"
+    );
+    assert_eq!(
+        sqlstate(c.execute(resolve, &[&app, &Uuid::new_v4(), &"ignored"])),
+        "P0002"
+    );
+    c.execute(resolve, &[&app, &ids[0], &"handled_by_script"])
+        .unwrap();
+    assert_eq!(
+        sqlstate(c.execute(resolve, &[&app, &ids[0], &"ignored"])),
+        "PC003"
+    );
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_replay_dead_letter($1, $2)",
+            &[&app, &ids[0]]
+        )),
+        "PC003"
+    );
 
-    let new_event = uuid_of(&mut c, "SELECT picloud_replay_dead_letter($1, $2)", &[&app, &ids[1]]);
+    let new_event = uuid_of(
+        &mut c,
+        "SELECT picloud_replay_dead_letter($1, $2)",
+        &[&app, &ids[1]],
+    );
     let r = c
-        .query_one("SELECT attempt_count, script_id FROM picloud.outbox WHERE event_id = $1", &[&new_event])
+        .query_one(
+            "SELECT attempt_count, script_id FROM picloud.outbox WHERE event_id = $1",
+            &[&new_event],
+        )
         .unwrap();
     assert_eq!(r.get::<_, i32>(0), 0);
     assert_eq!(r.get::<_, Uuid>(1), script);
     let res: String = c
-        .query_one("SELECT resolution FROM picloud.dead_letters WHERE dead_letter_id = $1", &[&ids[1]])
+        .query_one(
+            "SELECT resolution FROM picloud.dead_letters WHERE dead_letter_id = $1",
+            &[&ids[1]],
+        )
         .unwrap()
         .get(0);
     assert_eq!(res, "replayed");
-    assert_eq!(c.query_one("SELECT picloud_dead_letter_count($1)", &[&app]).unwrap().get::<_, i64>(0), 3);
+    assert_eq!(
+        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
+            .unwrap()
+            .get::<_, i64>(0),
+        3
+    );
 
     let ignored: i32 = c
-        .query_one("SELECT picloud_ignore_dead_letters($1, p_source => 'kv')", &[&app])
+        .query_one(
+            "SELECT picloud_ignore_dead_letters($1, p_source => 'kv')",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     assert_eq!(ignored, 0);
-    let replayed: i32 = c.query_one("SELECT picloud_replay_dead_letters($1, 'queue')", &[&app]).unwrap().get(0);
+    let replayed: i32 = c
+        .query_one("SELECT picloud_replay_dead_letters($1, 'queue')", &[&app])
+        .unwrap()
+        .get(0);
     assert_eq!(replayed, 3);
-    assert_eq!(c.query_one("SELECT picloud_dead_letter_count($1)", &[&app]).unwrap().get::<_, i64>(0), 0);
+    assert_eq!(
+        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 4);
 }
 
@@ -524,7 +868,11 @@ fn dead_letter_operations() {
 fn capture_trigger_turns_row_changes_into_events() {
     let (_db, mut c) = fresh_db("capture");
     let (app, script) = ledger_app(&mut c);
-    c.query_one("SELECT picloud_create_kv_trigger($1, 'orders', $2)", &[&app, &script]).unwrap();
+    c.query_one(
+        "SELECT picloud_create_kv_trigger($1, 'orders', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     c.batch_execute(&format!(
         "CREATE TABLE orders (id int PRIMARY KEY, total numeric);
          CREATE TRIGGER orders_events AFTER INSERT OR UPDATE OR DELETE ON orders
@@ -539,14 +887,31 @@ fn capture_trigger_turns_row_changes_into_events() {
     ))
     .unwrap();
     let rows = c
-        .query("SELECT op, payload FROM picloud.outbox ORDER BY created_at, op DESC", &[])
+        .query(
+            "SELECT op, payload FROM picloud.outbox ORDER BY created_at, op DESC",
+            &[],
+        )
         .unwrap();
     let got: Vec<(String, serde_json::Value)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(got.len(), 3);
-    let by_op = |op: &str| got.iter().find(|(o, _)| o == op).map(|(_, p)| p.clone()).unwrap();
-    assert_eq!(by_op("insert")["value"], json!({"old": null, "new": {"id": 1, "total": 10}}));
-    assert_eq!(by_op("update")["value"], json!({"old": {"id": 1, "total": 10}, "new": {"id": 1, "total": 12}}));
-    assert_eq!(by_op("delete")["value"], json!({"old": {"id": 1, "total": 12}, "new": null}));
+    let by_op = |op: &str| {
+        got.iter()
+            .find(|(o, _)| o == op)
+            .map(|(_, p)| p.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        by_op("insert")["value"],
+        json!({"old": null, "new": {"id": 1, "total": 10}})
+    );
+    assert_eq!(
+        by_op("update")["value"],
+        json!({"old": {"id": 1, "total": 10}, "new": {"id": 1, "total": 12}})
+    );
+    assert_eq!(
+        by_op("delete")["value"],
+        json!({"old": {"id": 1, "total": 12}, "new": null})
+    );
     assert_eq!(by_op("delete")["key"], json!("1"));
     assert_eq!(by_op("insert")["collection"], json!("orders"));
     // A rolled-back write enqueues nothing.
@@ -563,12 +928,23 @@ fn synchronous_answers_and_abandoned_executions() {
     let (app, script) = ledger_app(&mut c);
     // A live caller gets the answer on its inbox channel.
     let mut caller = connect(&db);
-    let inbox: String = caller.query_one("SELECT picloud_open_inbox($1)", &[&app]).unwrap().get(0);
-    caller.batch_execute(&format!("LISTEN \"{inbox}\"")).unwrap();
-    let id = uuid_of(&mut caller, "SELECT picloud_enqueue($1, 'queue', 'x', '{\"q\":1}', $2, p_reply_to => $3)", &[&app, &script, &inbox]);
-    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[]).unwrap();
+    let inbox: String = caller
+        .query_one("SELECT picloud_open_inbox($1)", &[&app])
+        .unwrap()
+        .get(0);
+    caller
+        .batch_execute(&format!("LISTEN \"{inbox}\""))
+        .unwrap();
+    let id = uuid_of(
+        &mut caller,
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{\"q\":1}', $2, p_reply_to => $3)",
+        &[&app, &script, &inbox],
+    );
+    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[])
+        .unwrap();
     let mut tx = c.transaction().unwrap();
-    tx.query_one("SELECT picloud_run_sql_handler($1, $2, 'w')", &[&app, &id]).unwrap();
+    tx.query_one("SELECT picloud_run_sql_handler($1, $2, 'w')", &[&app, &id])
+        .unwrap();
     tx.commit().unwrap();
     let mut answers = Vec::new();
     {
@@ -584,9 +960,20 @@ fn synchronous_answers_and_abandoned_executions() {
     assert_eq!(answers[0]["result"], json!({"echo": {"q": 1}}));
 
     // A failing synchronous call is dead-lettered at once and the error is the answer.
-    let id = uuid_of(&mut caller, "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)", &[&app, &script, &inbox]);
-    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[]).unwrap();
-    let outcome: String = c.query_one("SELECT outcome FROM picloud_fail($1, $2, 'w', 'bad input')", &[&app, &id]).unwrap().get(0);
+    let id = uuid_of(
+        &mut caller,
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)",
+        &[&app, &script, &inbox],
+    );
+    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[])
+        .unwrap();
+    let outcome: String = c
+        .query_one(
+            "SELECT outcome FROM picloud_fail($1, $2, 'w', 'bad input')",
+            &[&app, &id],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(outcome, "dead_letter");
     let mut answers = Vec::new();
     {
@@ -601,13 +988,25 @@ fn synchronous_answers_and_abandoned_executions() {
     assert_eq!(answers[0]["error"], json!("bad input"));
 
     // A caller that disconnected before the answer yields an abandoned execution.
-    let id = uuid_of(&mut caller, "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)", &[&app, &script, &inbox]);
+    let id = uuid_of(
+        &mut caller,
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)",
+        &[&app, &script, &inbox],
+    );
     drop(caller);
     std::thread::sleep(Duration::from_millis(300));
-    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[]).unwrap();
-    c.execute("SELECT picloud_complete($1, $2, 'w', '{\"late\": true}')", &[&app, &id]).unwrap();
+    c.query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[])
+        .unwrap();
+    c.execute(
+        "SELECT picloud_complete($1, $2, 'w', '{\"late\": true}')",
+        &[&app, &id],
+    )
+    .unwrap();
     let row = c
-        .query_one("SELECT event_id, succeeded, reason, result FROM picloud_list_abandoned_executions($1)", &[&app])
+        .query_one(
+            "SELECT event_id, succeeded, reason, result FROM picloud_list_abandoned_executions($1)",
+            &[&app],
+        )
         .unwrap();
     assert_eq!(row.get::<_, Uuid>(0), id);
     assert!(row.get::<_, bool>(1));

@@ -8,20 +8,42 @@ use proptest::prelude::*;
 use uuid::Uuid;
 
 const TABLES: &[&str] = &[
-    "apps", "app_roles", "scripts", "triggers", "kv_trigger_details", "dead_letter_trigger_details",
-    "outbox", "idempotency_keys", "dead_letters", "inboxes", "abandoned_executions",
+    "apps",
+    "app_roles",
+    "scripts",
+    "triggers",
+    "kv_trigger_details",
+    "dead_letter_trigger_details",
+    "outbox",
+    "idempotency_keys",
+    "dead_letters",
+    "inboxes",
+    "abandoned_executions",
 ];
 
 fn snapshot(c: &mut Client) -> Vec<i64> {
-    TABLES.iter().map(|t| count(c, &format!("SELECT count(*) FROM picloud.{t}"))).collect()
+    TABLES
+        .iter()
+        .map(|t| count(c, &format!("SELECT count(*) FROM picloud.{t}")))
+        .collect()
 }
 
 #[test]
 fn every_bad_call_is_refused_and_changes_nothing() {
     let (_db, mut c) = fresh_db("badinput");
     let (app, script) = ledger_app(&mut c);
-    let trigger: Uuid = c.query_one("SELECT picloud_create_kv_trigger($1, '*', $2)", &[&app, &script]).unwrap().get(0);
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
+    let trigger: Uuid = c
+        .query_one(
+            "SELECT picloud_create_kv_trigger($1, '*', $2)",
+            &[&app, &script],
+        )
+        .unwrap()
+        .get(0);
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     let mb = "n".repeat(1024 * 1024);
     let unknown = Uuid::new_v4();
     let null_uuid: Option<Uuid> = None;
@@ -29,53 +51,193 @@ fn every_bad_call_is_refused_and_changes_nothing() {
     let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>, &str)> = vec![
         // NULLs
         ("SELECT picloud_create_app($1)", vec![&null_text], "22004"),
-        ("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", vec![&null_uuid, &script], "22004"),
-        ("SELECT picloud_enqueue($1, $2, 'x', '{}', $3)", vec![&app, &null_text, &script], "22004"),
-        ("SELECT picloud_emit_kv($1, $2, 'set', 'k', '{}')", vec![&app, &null_text], "22004"),
-        ("SELECT picloud_create_kv_trigger($1, $2, $3)", vec![&app, &null_text, &script], "22004"),
-        ("SELECT picloud_resolve_dead_letter($1, $2, 'ignored')", vec![&app, &null_uuid], "22004"),
-        ("SELECT picloud_drop_trigger($1, $2)", vec![&app, &null_uuid], "22004"),
-        ("SELECT * FROM picloud_claim($1, 10, 1000)", vec![&null_text], "22004"),
+        (
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            vec![&null_uuid, &script],
+            "22004",
+        ),
+        (
+            "SELECT picloud_enqueue($1, $2, 'x', '{}', $3)",
+            vec![&app, &null_text, &script],
+            "22004",
+        ),
+        (
+            "SELECT picloud_emit_kv($1, $2, 'set', 'k', '{}')",
+            vec![&app, &null_text],
+            "22004",
+        ),
+        (
+            "SELECT picloud_create_kv_trigger($1, $2, $3)",
+            vec![&app, &null_text, &script],
+            "22004",
+        ),
+        (
+            "SELECT picloud_resolve_dead_letter($1, $2, 'ignored')",
+            vec![&app, &null_uuid],
+            "22004",
+        ),
+        (
+            "SELECT picloud_drop_trigger($1, $2)",
+            vec![&app, &null_uuid],
+            "22004",
+        ),
+        (
+            "SELECT * FROM picloud_claim($1, 10, 1000)",
+            vec![&null_text],
+            "22004",
+        ),
         // Empty strings
         ("SELECT picloud_create_app('')", vec![], "22023"),
-        ("SELECT picloud_create_kv_trigger($1, '', $2)", vec![&app, &script], "22023"),
-        ("SELECT picloud_emit_kv($1, '', 'set', 'k', '{}')", vec![&app], "22023"),
-        ("SELECT picloud_enqueue($1, '', 'x', '{}', $2)", vec![&app, &script], "22023"),
-        ("SELECT picloud_enqueue($1, 'queue', '', '{}', $2)", vec![&app, &script], "22023"),
+        (
+            "SELECT picloud_create_kv_trigger($1, '', $2)",
+            vec![&app, &script],
+            "22023",
+        ),
+        (
+            "SELECT picloud_emit_kv($1, '', 'set', 'k', '{}')",
+            vec![&app],
+            "22023",
+        ),
+        (
+            "SELECT picloud_enqueue($1, '', 'x', '{}', $2)",
+            vec![&app, &script],
+            "22023",
+        ),
+        (
+            "SELECT picloud_enqueue($1, 'queue', '', '{}', $2)",
+            vec![&app, &script],
+            "22023",
+        ),
         ("SELECT * FROM picloud_claim('', 10, 1000)", vec![], "22023"),
         // 1 MB names
         ("SELECT picloud_create_app($1)", vec![&mb], "22023"),
-        ("SELECT picloud_create_kv_trigger($1, $2, $3)", vec![&app, &mb, &script], "22023"),
-        ("SELECT picloud_emit_kv($1, $2, 'set', 'k', '{}')", vec![&app, &mb], "22023"),
-        ("SELECT picloud_create_script($1, $2, 'sql', 'ledger_handler')", vec![&app, &mb], "22023"),
-        ("SELECT picloud_enqueue($1, 'queue', $2, '{}', $3)", vec![&app, &mb, &script], "22023"),
-        ("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_idempotency_key => $3)", vec![&app, &script, &mb], "22023"),
-        ("SELECT picloud_collection_matches($1, 'x')", vec![&mb], "22023"),
+        (
+            "SELECT picloud_create_kv_trigger($1, $2, $3)",
+            vec![&app, &mb, &script],
+            "22023",
+        ),
+        (
+            "SELECT picloud_emit_kv($1, $2, 'set', 'k', '{}')",
+            vec![&app, &mb],
+            "22023",
+        ),
+        (
+            "SELECT picloud_create_script($1, $2, 'sql', 'ledger_handler')",
+            vec![&app, &mb],
+            "22023",
+        ),
+        (
+            "SELECT picloud_enqueue($1, 'queue', $2, '{}', $3)",
+            vec![&app, &mb, &script],
+            "22023",
+        ),
+        (
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_idempotency_key => $3)",
+            vec![&app, &script, &mb],
+            "22023",
+        ),
+        (
+            "SELECT picloud_collection_matches($1, 'x')",
+            vec![&mb],
+            "22023",
+        ),
         // Invalid JSON where text is parsed
-        ("SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)", vec![&app, &"{\"a\":", &script], "22P02"),
+        (
+            "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+            vec![&app, &"{\"a\":", &script],
+            "22P02",
+        ),
         ("SELECT picloud.capture()", vec![], "0A000"),
         // Unknown ids
-        ("SELECT picloud_get_trigger($1, $2)", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_drop_trigger($1, $2)", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_get_dead_letter($1, $2)", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_replay_dead_letter($1, $2)", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_resolve_dead_letter($1, $2, 'ignored')", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", vec![&unknown, &script], "P0002"),
-        ("SELECT picloud_create_kv_trigger($1, 'x', $2)", vec![&app, &unknown], "P0002"),
-        ("SELECT picloud_complete($1, $2, 'w')", vec![&app, &unknown], "PC002"),
-        ("SELECT * FROM picloud_fail($1, $2, 'w', 'e')", vec![&app, &unknown], "PC002"),
+        (
+            "SELECT picloud_get_trigger($1, $2)",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_drop_trigger($1, $2)",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_get_dead_letter($1, $2)",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_replay_dead_letter($1, $2)",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_resolve_dead_letter($1, $2, 'ignored')",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            vec![&unknown, &script],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_create_kv_trigger($1, 'x', $2)",
+            vec![&app, &unknown],
+            "P0002",
+        ),
+        (
+            "SELECT picloud_complete($1, $2, 'w')",
+            vec![&app, &unknown],
+            "PC002",
+        ),
+        (
+            "SELECT * FROM picloud_fail($1, $2, 'w', 'e')",
+            vec![&app, &unknown],
+            "PC002",
+        ),
         ("SELECT picloud_drop_app($1)", vec![&unknown], "P0002"),
         // Negative and out-of-range limits
-        ("SELECT * FROM picloud_list_dead_letters($1, true, -1, 0)", vec![&app], "22023"),
-        ("SELECT * FROM picloud_list_dead_letters($1, true, 10, -1)", vec![&app], "22023"),
-        ("SELECT * FROM picloud_list_abandoned_executions($1, 100000, 0)", vec![&app], "22023"),
-        ("SELECT * FROM picloud_list_outbox($1, -5, 0)", vec![&app], "22023"),
+        (
+            "SELECT * FROM picloud_list_dead_letters($1, true, -1, 0)",
+            vec![&app],
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_list_dead_letters($1, true, 10, -1)",
+            vec![&app],
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_list_abandoned_executions($1, 100000, 0)",
+            vec![&app],
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_list_outbox($1, -5, 0)",
+            vec![&app],
+            "22023",
+        ),
         ("SELECT * FROM picloud_claim('w', 0, 1000)", vec![], "22023"),
-        ("SELECT * FROM picloud_claim('w', -3, 1000)", vec![], "22023"),
+        (
+            "SELECT * FROM picloud_claim('w', -3, 1000)",
+            vec![],
+            "22023",
+        ),
         ("SELECT * FROM picloud_claim('w', 10, -1)", vec![], "22023"),
-        ("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => -1)", vec![&app, &script], "22023"),
-        ("SELECT picloud_open_inbox($1, interval '-1 second')", vec![&app], "22023"),
-        ("SELECT picloud_create_script($1, 'neg', 'command', 'ok', -1)", vec![&app], "22023"),
+        (
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_depth => -1)",
+            vec![&app, &script],
+            "22023",
+        ),
+        (
+            "SELECT picloud_open_inbox($1, interval '-1 second')",
+            vec![&app],
+            "22023",
+        ),
+        (
+            "SELECT picloud_create_script($1, 'neg', 'command', 'ok', -1)",
+            vec![&app],
+            "22023",
+        ),
         // Out-of-range settings
         ("SET picloud.max_trigger_depth = -1", vec![], "22023"),
         ("SET picloud.retry_max_attempts = 0", vec![], "22023"),
@@ -91,8 +253,17 @@ fn every_bad_call_is_refused_and_changes_nothing() {
         assert_eq!(snapshot(&mut c), before, "{sql} changed data");
     }
     // The trigger and the event are still there and intact.
-    assert_eq!(count(&mut c, &format!("SELECT count(*) FROM picloud.triggers WHERE trigger_id = '{trigger}'")), 1);
-    println!("bad-input: {} refused calls, data unchanged after each", cases.len());
+    assert_eq!(
+        count(
+            &mut c,
+            &format!("SELECT count(*) FROM picloud.triggers WHERE trigger_id = '{trigger}'")
+        ),
+        1
+    );
+    println!(
+        "bad-input: {} refused calls, data unchanged after each",
+        cases.len()
+    );
 }
 
 #[test]
@@ -100,15 +271,34 @@ fn a_100_mb_payload_is_refused_not_swallowed() {
     let (_db, mut c) = fresh_db("bigpayload");
     let (app, script) = ledger_app(&mut c);
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(100 * 1024 * 1024));
-    let err = c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)", &[&app, &big, &script]);
-    let message = error_message(c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)", &[&app, &big, &script]));
+    let err = c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+        &[&app, &big, &script],
+    );
+    let message = error_message(c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+        &[&app, &big, &script],
+    ));
     assert_eq!(sqlstate(err), "PC004");
-    assert!(message.contains("exceeds picloud.max_payload_bytes"), "{message}");
+    assert!(
+        message.contains("exceeds picloud.max_payload_bytes"),
+        "{message}"
+    );
     let big_value: serde_json::Value = serde_json::json!({ "blob": "y".repeat(2 * 1024 * 1024) });
-    assert_eq!(sqlstate(c.query_one("SELECT picloud_emit_kv($1, 'c', 'set', 'k', $2)", &[&app, &big_value])), "PC004");
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT picloud_emit_kv($1, 'c', 'set', 'k', $2)",
+            &[&app, &big_value]
+        )),
+        "PC004"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
     // Still usable afterwards.
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
 }
 
@@ -131,25 +321,41 @@ fn model(pattern: &str, name: &str) -> Option<bool> {
 }
 
 fn fragment() -> impl Strategy<Value = String> {
-    prop::collection::vec(prop::sample::select(vec!["a", "b", ":", "*", "é", " ", "名", "ab:", "a:"]), 0..6)
-        .prop_map(|parts| parts.concat())
+    prop::collection::vec(
+        prop::sample::select(vec!["a", "b", ":", "*", "é", " ", "名", "ab:", "a:"]),
+        0..6,
+    )
+    .prop_map(|parts| parts.concat())
 }
 
 #[test]
 fn collection_matching_agrees_with_the_model() {
     let (db, _c) = fresh_db("proptest");
     let client = std::cell::RefCell::new(connect(&db));
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
     let strategy = (fragment(), fragment(), any::<bool>());
     runner
         .run(&strategy, |(pattern, suffix, derive_name)| {
             // Half the names are built from the pattern so that matches are common.
-            let name = if derive_name { format!("{}{}", pattern.replace('*', ""), suffix) } else { suffix.clone() };
+            let name = if derive_name {
+                format!("{}{}", pattern.replace('*', ""), suffix)
+            } else {
+                suffix.clone()
+            };
             let mut c = client.borrow_mut();
-            let result = c.query_one("SELECT picloud.picloud_collection_matches($1, $2)", &[&pattern, &name]);
+            let result = c.query_one(
+                "SELECT picloud.picloud_collection_matches($1, $2)",
+                &[&pattern, &name],
+            );
             match model(&pattern, &name) {
                 Some(expected) => {
-                    let got: bool = result.map_err(|e| TestCaseError::fail(format!("{pattern:?} {name:?}: {e}")))?.get(0);
+                    let got: bool = result
+                        .map_err(|e| TestCaseError::fail(format!("{pattern:?} {name:?}: {e}")))?
+                        .get(0);
                     prop_assert_eq!(got, expected, "pattern {:?} name {:?}", pattern, name);
                     // Registration accepts exactly the valid patterns, and the stored key finds it.
                     let keys: Vec<String> = c
@@ -160,11 +366,24 @@ fn collection_matching_agrees_with_the_model() {
                         .query_one("SELECT picloud._pattern_match_key($1)", &[&pattern])
                         .map_err(|e| TestCaseError::fail(e.to_string()))?
                         .get(0);
-                    prop_assert_eq!(keys.contains(&key), expected, "index keys disagree for {:?} {:?}", pattern, name);
+                    prop_assert_eq!(
+                        keys.contains(&key),
+                        expected,
+                        "index keys disagree for {:?} {:?}",
+                        pattern,
+                        name
+                    );
                 }
                 None => {
-                    let code = result.err().and_then(|e| e.code().map(|s| s.code().to_string()));
-                    prop_assert_eq!(code, Some("22023".to_string()), "pattern {:?} must be refused", pattern);
+                    let code = result
+                        .err()
+                        .and_then(|e| e.code().map(|s| s.code().to_string()));
+                    prop_assert_eq!(
+                        code,
+                        Some("22023".to_string()),
+                        "pattern {:?} must be refused",
+                        pattern
+                    );
                 }
             }
             Ok(())

@@ -17,11 +17,15 @@ use uuid::Uuid;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn soak() -> bool {
-    std::env::var("PICLOUD_SOAK").map(|v| v == "1").unwrap_or(false)
+    std::env::var("PICLOUD_SOAK")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }
 
 /// Small deterministic generator so a failing run can be replayed from its seed.
@@ -39,13 +43,17 @@ impl Rng {
 }
 
 fn seed() -> u64 {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
     eprintln!("seed {s}");
     s | 1
 }
 
 fn system_set(c: &mut Client, setting: &str, value: &str) {
-    c.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'")).unwrap();
+    c.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'"))
+        .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
@@ -59,7 +67,12 @@ fn fault_settings(c: &mut Client) {
 }
 
 fn reset_settings(c: &mut Client) {
-    for s in ["picloud.gc_interval", "picloud.retry_max_attempts", "picloud.retry_base_delay", "picloud.retry_max_delay"] {
+    for s in [
+        "picloud.gc_interval",
+        "picloud.retry_max_attempts",
+        "picloud.retry_base_delay",
+        "picloud.retry_max_delay",
+    ] {
         c.batch_execute(&format!("ALTER SYSTEM RESET {s}")).unwrap();
     }
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -75,7 +88,10 @@ fn ledger(c: &mut Client, tag: &str) -> (Uuid, Uuid, String) {
              INSERT INTO {table} VALUES ((e->>'event_id')::uuid, e->'payload'->>'marker') $$;"
     ))
     .unwrap();
-    let app: Uuid = c.query_one("SELECT picloud.picloud_create_app($1)", &[&tag]).unwrap().get(0);
+    let app: Uuid = c
+        .query_one("SELECT picloud.picloud_create_app($1)", &[&tag])
+        .unwrap()
+        .get(0);
     let script: Uuid = c
         .query_one(
             "SELECT picloud.picloud_create_script($1, 'ledger', 'sql', $2, 10000)",
@@ -87,34 +103,62 @@ fn ledger(c: &mut Client, tag: &str) -> (Uuid, Uuid, String) {
 }
 
 fn enqueue_committed(c: &mut Client, app: Uuid, script: Uuid, n: usize) -> Vec<Uuid> {
-    let payloads: Vec<serde_json::Value> = (0..n).map(|i| serde_json::json!({ "marker": "committed", "i": i })).collect();
-    c.query("SELECT * FROM picloud.picloud_enqueue_bulk($1, 'queue', 'x', $2, $3)", &[&app, &payloads, &script])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    let payloads: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({ "marker": "committed", "i": i }))
+        .collect();
+    c.query(
+        "SELECT * FROM picloud.picloud_enqueue_bulk($1, 'queue', 'x', $2, $3)",
+        &[&app, &payloads, &script],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 fn supervisor_args<'a>() -> Vec<&'a str> {
-    vec!["--poll-interval-ms", "300", "--lease-ms", "1000", "--concurrency", "4", "--shutdown-grace-ms", "2000"]
+    vec![
+        "--poll-interval-ms",
+        "300",
+        "--lease-ms",
+        "1000",
+        "--concurrency",
+        "4",
+        "--shutdown-grace-ms",
+        "2000",
+    ]
 }
 
 fn outbox_of(c: &mut Client, app: Uuid) -> i64 {
-    count(c, &format!("SELECT count(*) FROM picloud.outbox WHERE app_id = '{app}'"))
+    count(
+        c,
+        &format!("SELECT count(*) FROM picloud.outbox WHERE app_id = '{app}'"),
+    )
 }
 
 /// Waits for the app's outbox to drain, then checks the ledger holds each committed id once.
 /// Returns (lost, duplicates).
-fn settle_and_check(c: &mut Client, app: Uuid, table: &str, committed: &[Uuid], within: Duration) -> (usize, usize) {
+fn settle_and_check(
+    c: &mut Client,
+    app: Uuid,
+    table: &str,
+    committed: &[Uuid],
+    within: Duration,
+) -> (usize, usize) {
     let drained = eventually(within, || outbox_of(c, app) == 0);
-    let rows = c.query(&format!("SELECT event_id FROM {table}"), &[]).unwrap();
+    let rows = c
+        .query(&format!("SELECT event_id FROM {table}"), &[])
+        .unwrap();
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
     for r in rows {
         *seen.entry(r.get(0)).or_default() += 1;
     }
     let lost = committed.iter().filter(|id| !seen.contains_key(id)).count();
     let duplicates = seen.values().filter(|n| **n > 1).map(|n| n - 1).sum();
-    let dead = count(c, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{app}'"));
+    let dead = count(
+        c,
+        &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{app}'"),
+    );
     assert!(drained, "outbox did not drain: {} left", outbox_of(c, app));
     assert_eq!(dead, 0, "no event may end as a dead letter here");
     (lost, duplicates)
@@ -153,7 +197,8 @@ fn supervisor_killed_twenty_times_loses_and_duplicates_nothing() {
     }
     let committed = producer.join().unwrap();
     let start = Instant::now();
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
     println!(
         "supervisor-crash: events={} kills={kills} lost={lost} duplicates={duplicates} drain_after_last_kill={:.1}s",
         committed.len(),
@@ -165,9 +210,20 @@ fn supervisor_killed_twenty_times_loses_and_duplicates_nothing() {
 }
 
 fn pg_ctl(args: &[&str]) {
-    let data = std::env::var("PICLOUD_TEST_DATA").expect("PICLOUD_TEST_DATA names the test cluster's data directory");
+    let data = std::env::var("PICLOUD_TEST_DATA")
+        .expect("PICLOUD_TEST_DATA names the test cluster's data directory");
     let status = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", &data, "-w", "-t", "60"])
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+            &data,
+            "-w",
+            "-t",
+            "60",
+        ])
         .args(args)
         .stdout(std::process::Stdio::null())
         .status()
@@ -196,7 +252,10 @@ fn postgres_restarts_fast_and_immediate() {
     let mut restarts = 0;
     for mode in ["fast", "immediate"] {
         let mut probe = connect(&db);
-        assert!(eventually(Duration::from_secs(30), || count(&mut probe, &format!("SELECT count(*) FROM {table}")) > 0));
+        assert!(eventually(Duration::from_secs(30), || count(
+            &mut probe,
+            &format!("SELECT count(*) FROM {table}")
+        ) > 0));
         drop(probe);
         let port = port().to_string();
         pg_ctl(&["-m", mode, "-o", &format!("-p {port}"), "restart"]);
@@ -204,7 +263,8 @@ fn postgres_restarts_fast_and_immediate() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let mut c = connect(&db);
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(180));
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(180));
     println!("postgres-restart: events={} restarts={restarts} (fast, immediate) lost={lost} duplicates={duplicates}", committed.len());
     reset_settings(&mut c);
     assert_eq!((lost, duplicates), (0, 0));
@@ -237,7 +297,8 @@ fn connections_cut_while_handlers_run() {
         );
         cuts += 1;
     }
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
     println!("connection-cut: events={} cuts={cuts} connections_terminated={terminated} lost={lost} duplicates={duplicates}", committed.len());
     reset_settings(&mut c);
     assert!(terminated > 0, "the test must actually cut connections");
@@ -254,10 +315,19 @@ fn three_supervisors_share_the_work() {
     let (app, script, table) = ledger(&mut c, "three");
     let events = if soak() { 20_000 } else { 4_000 };
     let committed = enqueue_committed(&mut c, app, script, events);
-    let sups: Vec<Supervisor> = (0..3).map(|_| Supervisor::start(&db, &supervisor_args())).collect();
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
-    let workers = count(&mut c, "SELECT count(DISTINCT claimed_by) FROM picloud.outbox");
-    println!("three-supervisors-sql: events={} lost={lost} duplicates={duplicates}", committed.len());
+    let sups: Vec<Supervisor> = (0..3)
+        .map(|_| Supervisor::start(&db, &supervisor_args()))
+        .collect();
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
+    let workers = count(
+        &mut c,
+        "SELECT count(DISTINCT claimed_by) FROM picloud.outbox",
+    );
+    println!(
+        "three-supervisors-sql: events={} lost={lost} duplicates={duplicates}",
+        committed.len()
+    );
     assert_eq!((lost, duplicates), (0, 0));
     assert_eq!(workers, 0);
 
@@ -303,7 +373,9 @@ fn three_supervisors_share_the_work() {
                     if let Some(id) = id {
                         received.lock().unwrap().push(id);
                     }
-                    stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").ok();
+                    stream
+                        .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                        .ok();
                 });
             }
         });
@@ -311,7 +383,10 @@ fn three_supervisors_share_the_work() {
     drop(sups);
     let url = format!("http://127.0.0.1:{port}/");
     let hook: Uuid = c
-        .query_one("SELECT picloud.picloud_create_script($1, 'hook', 'http', $2, 5000)", &[&app, &url])
+        .query_one(
+            "SELECT picloud.picloud_create_script($1, 'hook', 'http', $2, 5000)",
+            &[&app, &url],
+        )
         .unwrap()
         .get(0);
     let http_events = if soak() { 5_000 } else { 1_000 };
@@ -322,10 +397,15 @@ fn three_supervisors_share_the_work() {
     let mut sups: Vec<Supervisor> = (0..3).map(|_| Supervisor::start(&db, &args)).collect();
     std::thread::sleep(Duration::from_millis(300));
     sups[0].kill();
-    assert!(eventually(Duration::from_secs(120), || outbox_of(&mut c, app) == 0));
+    assert!(eventually(Duration::from_secs(120), || outbox_of(
+        &mut c, app
+    ) == 0));
     let got = received.lock().unwrap().clone();
     let distinct: HashSet<&String> = got.iter().collect();
-    let lost = committed.iter().filter(|id| !distinct.contains(&id.to_string())).count();
+    let lost = committed
+        .iter()
+        .filter(|id| !distinct.contains(&id.to_string()))
+        .count();
     let duplicates = got.len() - distinct.len();
     println!("three-supervisors-http: events={} deliveries={} lost={lost} duplicates={duplicates} (at-least-once; one supervisor killed)", committed.len(), got.len());
     reset_settings(&mut c);
@@ -342,7 +422,11 @@ fn rolled_back_events_never_run() {
     let mut committed = Vec::new();
     for i in 0..400 {
         let mut tx = c.transaction().unwrap();
-        let marker = if i % 2 == 0 { "committed" } else { "rolled-back" };
+        let marker = if i % 2 == 0 {
+            "committed"
+        } else {
+            "rolled-back"
+        };
         let id: Uuid = tx
             .query_one(
                 "SELECT picloud.picloud_enqueue($1, 'queue', 'x', jsonb_build_object('marker', $2::text), $3)",
@@ -357,9 +441,13 @@ fn rolled_back_events_never_run() {
             tx.rollback().unwrap();
         }
     }
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(60));
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
-    let ran_rolled_back = count(&mut c, &format!("SELECT count(*) FROM {table} WHERE marker = 'rolled-back'"));
+    let ran_rolled_back = count(
+        &mut c,
+        &format!("SELECT count(*) FROM {table} WHERE marker = 'rolled-back'"),
+    );
     println!("rollback: committed={} rolled_back=200 ran_rolled_back={ran_rolled_back} lost={lost} duplicates={duplicates}", committed.len());
     assert_eq!((lost, duplicates, ran_rolled_back), (0, 0, 0));
 }
@@ -373,25 +461,49 @@ fn poison_handlers_do_not_stall_the_rest() {
     system_set(&mut c, "picloud.retry_base_delay", "20ms");
     let (app, script, table) = ledger(&mut c, "poison");
     let hang: Uuid = c
-        .query_one("SELECT picloud.picloud_create_script($1, 'hang', 'command', 'hang', 300)", &[&app])
+        .query_one(
+            "SELECT picloud.picloud_create_script($1, 'hang', 'command', 'hang', 300)",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     let crash: Uuid = c
-        .query_one("SELECT picloud.picloud_create_script($1, 'crash', 'command', 'crash', 5000)", &[&app])
+        .query_one(
+            "SELECT picloud.picloud_create_script($1, 'crash', 'command', 'crash', 5000)",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     let mut args = supervisor_args();
-    args.extend(["--command", "hang=/bin/sleep 30", "--command", "crash=/bin/false"]);
+    args.extend([
+        "--command",
+        "hang=/bin/sleep 30",
+        "--command",
+        "crash=/bin/false",
+    ]);
     let _sup = Supervisor::start(&db, &args);
     for _ in 0..8 {
-        c.query_one("SELECT picloud.picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &hang]).unwrap();
-        c.query_one("SELECT picloud.picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &crash]).unwrap();
+        c.query_one(
+            "SELECT picloud.picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            &[&app, &hang],
+        )
+        .unwrap();
+        c.query_one(
+            "SELECT picloud.picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            &[&app, &crash],
+        )
+        .unwrap();
     }
     let committed = enqueue_committed(&mut c, app, script, 500);
     let start = Instant::now();
-    assert!(eventually(Duration::from_secs(60), || count(&mut c, &format!("SELECT count(*) FROM {table}")) == 500));
+    assert!(eventually(Duration::from_secs(60), || count(
+        &mut c,
+        &format!("SELECT count(*) FROM {table}")
+    ) == 500));
     let normal_done = start.elapsed();
-    assert!(eventually(Duration::from_secs(60), || outbox_of(&mut c, app) == 0));
+    assert!(eventually(Duration::from_secs(60), || outbox_of(
+        &mut c, app
+    ) == 0));
     let timed_out = count(&mut c, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{app}' AND last_error LIKE '%timed out%'"));
     let crashed = count(&mut c, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{app}' AND last_error LIKE '%exited%'"));
     println!(
@@ -414,15 +526,28 @@ fn outbox_size_returns_to_a_small_bound_after_a_sustained_run() {
     // their pages for reuse, so they are reported but not bounded.
     let table_size = |c: &mut Client| count(c, "SELECT pg_table_size('picloud.outbox')");
     let index_size = |c: &mut Client| count(c, "SELECT pg_indexes_size('picloud.outbox')");
-    let dead = |c: &mut Client| count(c, "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'picloud.outbox'::regclass");
+    let dead = |c: &mut Client| {
+        count(c, "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'picloud.outbox'::regclass")
+    };
     let before = table_size(&mut c);
     let events = if soak() { 200_000 } else { 30_000 };
-    let _sup = Supervisor::start(&db, &["--poll-interval-ms", "300", "--concurrency", "8", "--batch-size", "8"]);
+    let _sup = Supervisor::start(
+        &db,
+        &[
+            "--poll-interval-ms",
+            "300",
+            "--concurrency",
+            "8",
+            "--batch-size",
+            "8",
+        ],
+    );
     let mut committed = Vec::new();
     for _ in 0..(events / 5000) {
         committed.extend(enqueue_committed(&mut c, app, script, 5000));
     }
-    let (lost, duplicates) = settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(600));
+    let (lost, duplicates) =
+        settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(600));
     let peak = table_size(&mut c);
     let dead_after_run = dead(&mut c);
     let start = Instant::now();
@@ -437,5 +562,9 @@ fn outbox_size_returns_to_a_small_bound_after_a_sustained_run() {
         start.elapsed().as_secs_f64()
     );
     assert_eq!((lost, duplicates), (0, 0));
-    assert!(shrank, "outbox heap stayed at {} bytes (bound {bound})", table_size(&mut c));
+    assert!(
+        shrank,
+        "outbox heap stayed at {} bytes (bound {bound})",
+        table_size(&mut c)
+    );
 }

@@ -5,11 +5,23 @@ use picloud_tests::*;
 #[test]
 fn preloaded_and_schema_complete() {
     let (_db, mut c) = fresh_db("schema");
-    let preload: String = c.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
+    let preload: String = c
+        .query_one("SHOW shared_preload_libraries", &[])
+        .unwrap()
+        .get(0);
     assert!(preload.contains("picloud"), "{preload}");
     for table in [
-        "apps", "app_roles", "scripts", "triggers", "kv_trigger_details", "dead_letter_trigger_details",
-        "outbox", "idempotency_keys", "dead_letters", "inboxes", "abandoned_executions",
+        "apps",
+        "app_roles",
+        "scripts",
+        "triggers",
+        "kv_trigger_details",
+        "dead_letter_trigger_details",
+        "outbox",
+        "idempotency_keys",
+        "dead_letters",
+        "inboxes",
+        "abandoned_executions",
     ] {
         let n = count(&mut c, &format!(
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'picloud' AND tablename = '{table}'"));
@@ -28,21 +40,38 @@ fn preloaded_and_schema_complete() {
     assert_eq!(default, "CURRENT_USER");
     // The partial index on unresolved dead letters and the claim index exist.
     let unresolved: String = c
-        .query_one("SELECT indexdef FROM pg_indexes WHERE indexname = 'dead_letters_unresolved_idx'", &[])
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'dead_letters_unresolved_idx'",
+            &[],
+        )
         .unwrap()
         .get(0);
-    assert!(unresolved.contains("WHERE (resolved_at IS NULL)"), "{unresolved}");
+    assert!(
+        unresolved.contains("WHERE (resolved_at IS NULL)"),
+        "{unresolved}"
+    );
     let claim: String = c
-        .query_one("SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_due_idx'", &[])
+        .query_one(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_due_idx'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(claim.contains("WHERE (claimed_by IS NULL)"), "{claim}");
     // Autovacuum tuned for a queue table.
     let options: Vec<String> = c
-        .query_one("SELECT reloptions FROM pg_class WHERE oid = 'picloud.outbox'::regclass", &[])
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE oid = 'picloud.outbox'::regclass",
+            &[],
+        )
         .unwrap()
         .get(0);
-    assert!(options.iter().any(|o| o == "autovacuum_vacuum_scale_factor=0.01"), "{options:?}");
+    assert!(
+        options
+            .iter()
+            .any(|o| o == "autovacuum_vacuum_scale_factor=0.01"),
+        "{options:?}"
+    );
     // Every setting is registered with its documented default.
     for (name, value) in [
         ("picloud.max_trigger_depth", "8"),
@@ -58,7 +87,10 @@ fn preloaded_and_schema_complete() {
         assert_eq!(got, value, "{name}");
     }
     let context: String = c
-        .query_one("SELECT context FROM pg_settings WHERE name = 'picloud.gc_interval'", &[])
+        .query_one(
+            "SELECT context FROM pg_settings WHERE name = 'picloud.gc_interval'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(context, "sighup");
@@ -67,24 +99,39 @@ fn preloaded_and_schema_complete() {
 #[test]
 fn invalid_resolution_is_rejected_by_the_check() {
     let (_db, mut c) = fresh_db("resolution");
-    let app: uuid::Uuid = c.query_one("SELECT picloud_create_app('a')", &[]).unwrap().get(0);
+    let app: uuid::Uuid = c
+        .query_one("SELECT picloud_create_app('a')", &[])
+        .unwrap()
+        .get(0);
     c.execute(
         "INSERT INTO picloud.dead_letters (app_id, original_event_id, source, op, payload, attempt_count)
          VALUES ($1, gen_random_uuid(), 'queue', 'x', '{}', 1)",
         &[&app],
     )
     .unwrap();
-    let err = c.execute("UPDATE picloud.dead_letters SET resolution = 'forgotten', resolved_at = now()", &[]);
+    let err = c.execute(
+        "UPDATE picloud.dead_letters SET resolution = 'forgotten', resolved_at = now()",
+        &[],
+    );
     assert_eq!(sqlstate(err), "23514");
     for ok in ["replayed", "ignored", "handled_by_script", "handler_failed"] {
         let mut tx = c.transaction().unwrap();
         let n = tx
-            .execute("UPDATE picloud.dead_letters SET resolution = $1, resolved_at = now()", &[&ok])
+            .execute(
+                "UPDATE picloud.dead_letters SET resolution = $1, resolved_at = now()",
+                &[&ok],
+            )
             .unwrap();
         assert_eq!(n, 1);
         tx.rollback().unwrap();
     }
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters WHERE resolution IS NULL"), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.dead_letters WHERE resolution IS NULL"
+        ),
+        1
+    );
 }
 
 #[test]
@@ -92,32 +139,73 @@ fn deleting_a_trigger_removes_its_details() {
     let (_db, mut c) = fresh_db("cascade");
     let (app, script) = ledger_app(&mut c);
     let kv: uuid::Uuid = c
-        .query_one("SELECT picloud_create_kv_trigger($1, 'orders:*', $2)", &[&app, &script])
+        .query_one(
+            "SELECT picloud_create_kv_trigger($1, 'orders:*', $2)",
+            &[&app, &script],
+        )
         .unwrap()
         .get(0);
     let dl: uuid::Uuid = c
-        .query_one("SELECT picloud_create_dead_letter_trigger($1, $2)", &[&app, &script])
+        .query_one(
+            "SELECT picloud_create_dead_letter_trigger($1, $2)",
+            &[&app, &script],
+        )
         .unwrap()
         .get(0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.kv_trigger_details"), 1);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letter_trigger_details"), 1);
-    c.execute("DELETE FROM picloud.triggers WHERE trigger_id = $1", &[&kv]).unwrap();
-    c.execute("SELECT picloud_drop_trigger($1, $2)", &[&app, &dl]).unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.kv_trigger_details"), 0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letter_trigger_details"), 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.kv_trigger_details"),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.dead_letter_trigger_details"
+        ),
+        1
+    );
+    c.execute("DELETE FROM picloud.triggers WHERE trigger_id = $1", &[&kv])
+        .unwrap();
+    c.execute("SELECT picloud_drop_trigger($1, $2)", &[&app, &dl])
+        .unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.kv_trigger_details"),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.dead_letter_trigger_details"
+        ),
+        0
+    );
     // A handler still used by a trigger cannot be dropped.
-    c.query_one("SELECT picloud_create_kv_trigger($1, '*', $2)", &[&app, &script]).unwrap();
-    assert_eq!(sqlstate(c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &script])), "23503");
+    c.query_one(
+        "SELECT picloud_create_kv_trigger($1, '*', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(c.execute("SELECT picloud_drop_script($1, $2)", &[&app, &script])),
+        "23503"
+    );
 }
 
 #[test]
 fn drop_and_create_extension_again() {
     let (_db, mut c) = fresh_db("recreate");
     let (app, script) = ledger_app(&mut c);
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
-    c.batch_execute("DROP EXTENSION picloud; CREATE EXTENSION picloud").unwrap();
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    c.batch_execute("DROP EXTENSION picloud; CREATE EXTENSION picloud")
+        .unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
-    let app: uuid::Uuid = c.query_one("SELECT picloud_create_app('again')", &[]).unwrap().get(0);
+    let app: uuid::Uuid = c
+        .query_one("SELECT picloud_create_app('again')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.apps"), 1);
     assert!(!app.is_nil());
 }

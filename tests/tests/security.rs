@@ -18,7 +18,11 @@ use uuid::Uuid;
 static NAMES: AtomicU32 = AtomicU32::new(0);
 
 fn unique(tag: &str) -> String {
-    format!("sec_{tag}_{}_{}", std::process::id(), NAMES.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "sec_{tag}_{}_{}",
+        std::process::id(),
+        NAMES.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// `fresh_db`, retried once: the cluster may be restarting under us.
@@ -36,7 +40,8 @@ fn database(tag: &str) -> (String, Client) {
 fn login(db: &str, user: &str) -> Client {
     match Client::connect(&url(db, user), NoTls) {
         Ok(mut c) => {
-            c.batch_execute("SET search_path = public, picloud").expect("set search_path");
+            c.batch_execute("SET search_path = public, picloud")
+                .expect("set search_path");
             c
         }
         Err(e) => {
@@ -57,7 +62,8 @@ struct Roles {
 impl Roles {
     fn create(&mut self, su: &mut Client, tag: &str) -> String {
         let name = unique(tag);
-        su.batch_execute(&format!("CREATE ROLE {name} LOGIN")).expect("create role");
+        su.batch_execute(&format!("CREATE ROLE {name} LOGIN"))
+            .expect("create role");
         self.names.push(name.clone());
         name
     }
@@ -68,7 +74,8 @@ impl Drop for Roles {
         // Best effort: leftover roles only cost names.
         if let Ok(mut c) = Client::connect(&url(&self.db, "postgres"), NoTls) {
             for name in &self.names {
-                c.batch_execute(&format!("DROP OWNED BY {name} CASCADE")).ok();
+                c.batch_execute(&format!("DROP OWNED BY {name} CASCADE"))
+                    .ok();
             }
             for name in &self.names {
                 c.batch_execute(&format!("DROP ROLE IF EXISTS {name}")).ok();
@@ -78,21 +85,33 @@ impl Drop for Roles {
 }
 
 fn code_and_message(e: &postgres::Error) -> (String, String) {
-    let code = e.code().map(|c| c.code().to_string()).unwrap_or_else(|| "none".to_string());
-    let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    let code = e
+        .code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| "none".to_string());
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string());
     (code, message)
 }
 
 fn text(c: &mut Client, sql: &str) -> Option<String> {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 fn flag(c: &mut Client, sql: &str) -> bool {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 fn id(c: &mut Client, sql: &str) -> Uuid {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 const TABLES: [&str; 11] = [
@@ -129,7 +148,10 @@ fn fingerprint(su: &mut Client, filter: &str) -> Vec<(String, i64, String)> {
         .collect()
 }
 
-fn changed_tables(before: &[(String, i64, String)], after: &[(String, i64, String)]) -> Vec<String> {
+fn changed_tables(
+    before: &[(String, i64, String)],
+    after: &[(String, i64, String)],
+) -> Vec<String> {
     before
         .iter()
         .zip(after)
@@ -173,7 +195,10 @@ struct Tenancy {
 impl Tenancy {
     fn new(tag: &str) -> Tenancy {
         let (db, mut su) = database(tag);
-        let mut roles = Roles { db: db.clone(), names: Vec::new() };
+        let mut roles = Roles {
+            db: db.clone(),
+            names: Vec::new(),
+        };
         let tenant_a = roles.create(&mut su, "ta");
         let tenant_b = roles.create(&mut su, "tb");
         let admin_role = roles.create(&mut su, "adm");
@@ -263,7 +288,10 @@ impl Tenancy {
 
     fn script(&mut self, app: Uuid) -> Uuid {
         let n = self.next();
-        id(&mut self.su, &format!("SELECT picloud_create_script('{app}', 'fx{n}', 'command', 'noop')"))
+        id(
+            &mut self.su,
+            &format!("SELECT picloud_create_script('{app}', 'fx{n}', 'command', 'noop')"),
+        )
     }
 
     /// A KV trigger on a collection of its own; returns (trigger, collection).
@@ -279,7 +307,10 @@ impl Tenancy {
 
     fn event(&mut self, app: Uuid) -> Uuid {
         let script = self.script(app);
-        id(&mut self.su, &format!("SELECT picloud_enqueue('{app}', 'queue', 'fx', '{{}}', '{script}')"))
+        id(
+            &mut self.su,
+            &format!("SELECT picloud_enqueue('{app}', 'queue', 'fx', '{{}}', '{script}')"),
+        )
     }
 
     /// An event the worker 'intruder' holds the lease on.
@@ -333,7 +364,10 @@ struct Call {
 }
 
 fn call(sql: impl Into<String>) -> Call {
-    Call { sql: sql.into(), ..Call::default() }
+    Call {
+        sql: sql.into(),
+        ..Call::default()
+    }
 }
 
 impl Call {
@@ -479,7 +513,9 @@ fn specs() -> Vec<Spec> {
             build: |t, _, _| {
                 let name = format!("new{}", t.next());
                 call(format!("SELECT picloud.picloud_create_app('{name}')::text"))
-                    .check(format!("SELECT EXISTS (SELECT 1 FROM picloud.apps WHERE name = '{name}')"))
+                    .check(format!(
+                        "SELECT EXISTS (SELECT 1 FROM picloud.apps WHERE name = '{name}')"
+                    ))
                     .cleanup(format!("DELETE FROM picloud.apps WHERE name = '{name}'"))
             },
         },
@@ -492,7 +528,8 @@ fn specs() -> Vec<Spec> {
                     Who::TenantB => "B",
                     _ => "A,B",
                 };
-                call("SELECT string_agg(name, ',' ORDER BY name) FROM picloud.picloud_list_apps()").value(expected)
+                call("SELECT string_agg(name, ',' ORDER BY name) FROM picloud.picloud_list_apps()")
+                    .value(expected)
             },
         },
         Spec {
@@ -509,7 +546,9 @@ fn specs() -> Vec<Spec> {
                 ))
                 .unwrap();
                 call(format!("SELECT picloud.picloud_drop_app('{app}')::text"))
-                    .check(format!("SELECT NOT EXISTS (SELECT 1 FROM picloud.apps WHERE app_id = '{app}')"))
+                    .check(format!(
+                        "SELECT NOT EXISTS (SELECT 1 FROM picloud.apps WHERE app_id = '{app}')"
+                    ))
                     .cleanup(format!("DELETE FROM picloud.apps WHERE app_id = '{app}'"))
             },
         },
@@ -530,7 +569,11 @@ fn specs() -> Vec<Spec> {
             func: "picloud_grant_app_role(self, other app)",
             kind: Kind::Owner,
             build: |t, who, _| {
-                let target = if who == Who::TenantB { t.app_a } else { t.app_b };
+                let target = if who == Who::TenantB {
+                    t.app_a
+                } else {
+                    t.app_b
+                };
                 let me = t.role(who);
                 let c = call(format!("SELECT picloud.picloud_grant_app_role('{target}', current_user, 'admin')::text")).check(
                     format!(
@@ -545,7 +588,10 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Owner,
             build: |t, _, app| {
                 let extra = t.extra_role.clone();
-                t.su.batch_execute(&format!("SELECT picloud_grant_app_role('{app}', '{extra}', 'producer')")).unwrap();
+                t.su.batch_execute(&format!(
+                    "SELECT picloud_grant_app_role('{app}', '{extra}', 'producer')"
+                ))
+                .unwrap();
                 call(format!("SELECT picloud.picloud_revoke_app_role('{app}', '{extra}', 'producer')::text"))
                     .value("true")
                     .check(format!("SELECT NOT EXISTS (SELECT 1 FROM picloud.app_roles WHERE role_name = '{extra}')"))
@@ -573,7 +619,10 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Visible,
             build: |t, who, app| {
                 let expected = matches!(who, Who::Admin) || (who == Who::TenantA && app == t.app_a);
-                call(format!("SELECT picloud.picloud_has_capability('{app}', 'manage_triggers')::text")).value(expected.to_string())
+                call(format!(
+                    "SELECT picloud.picloud_has_capability('{app}', 'manage_triggers')::text"
+                ))
+                .value(expected.to_string())
             },
         },
         Spec {
@@ -581,7 +630,10 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Visible,
             build: |t, who, app| {
                 let expected = t.may_enqueue(who, app);
-                call(format!("SELECT picloud.picloud_has_capability('{app}', 'enqueue')::text")).value(expected.to_string())
+                call(format!(
+                    "SELECT picloud.picloud_has_capability('{app}', 'enqueue')::text"
+                ))
+                .value(expected.to_string())
             },
         },
         // Handlers.
@@ -610,8 +662,12 @@ fn specs() -> Vec<Spec> {
             kind: TRIG,
             build: |t, _, app| {
                 let s = t.script(app);
-                call(format!("SELECT picloud.picloud_drop_script('{app}', '{s}')::text"))
-                    .check(format!("SELECT NOT EXISTS (SELECT 1 FROM picloud.scripts WHERE script_id = '{s}')"))
+                call(format!(
+                    "SELECT picloud.picloud_drop_script('{app}', '{s}')::text"
+                ))
+                .check(format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM picloud.scripts WHERE script_id = '{s}')"
+                ))
             },
         },
         // Triggers.
@@ -642,7 +698,10 @@ fn specs() -> Vec<Spec> {
             kind: TRIG,
             build: |t, _, app| {
                 let (tr, _) = t.trigger(app, true);
-                call(format!("SELECT (picloud.picloud_get_trigger('{app}', '{tr}')).trigger_id::text")).value(tr.to_string())
+                call(format!(
+                    "SELECT (picloud.picloud_get_trigger('{app}', '{tr}')).trigger_id::text"
+                ))
+                .value(tr.to_string())
             },
         },
         Spec {
@@ -658,8 +717,12 @@ fn specs() -> Vec<Spec> {
             kind: TRIG,
             build: |t, _, app| {
                 let (tr, _) = t.trigger(app, true);
-                call(format!("SELECT picloud.picloud_set_trigger_enabled('{app}', '{tr}', false)::text"))
-                    .check(format!("SELECT NOT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"))
+                call(format!(
+                    "SELECT picloud.picloud_set_trigger_enabled('{app}', '{tr}', false)::text"
+                ))
+                .check(format!(
+                    "SELECT NOT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"
+                ))
             },
         },
         Spec {
@@ -667,8 +730,12 @@ fn specs() -> Vec<Spec> {
             kind: TRIG,
             build: |t, _, app| {
                 let (tr, _) = t.trigger(app, false);
-                call(format!("SELECT picloud.picloud_enable_trigger('{app}', '{tr}')::text"))
-                    .check(format!("SELECT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"))
+                call(format!(
+                    "SELECT picloud.picloud_enable_trigger('{app}', '{tr}')::text"
+                ))
+                .check(format!(
+                    "SELECT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"
+                ))
             },
         },
         Spec {
@@ -676,8 +743,12 @@ fn specs() -> Vec<Spec> {
             kind: TRIG,
             build: |t, _, app| {
                 let (tr, _) = t.trigger(app, true);
-                call(format!("SELECT picloud.picloud_disable_trigger('{app}', '{tr}')::text"))
-                    .check(format!("SELECT NOT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"))
+                call(format!(
+                    "SELECT picloud.picloud_disable_trigger('{app}', '{tr}')::text"
+                ))
+                .check(format!(
+                    "SELECT NOT enabled FROM picloud.triggers WHERE trigger_id = '{tr}'"
+                ))
             },
         },
         Spec {
@@ -706,11 +777,18 @@ fn specs() -> Vec<Spec> {
             kind: Kind::VisibleInApp,
             build: |t, who, app| {
                 let s = t.script(app);
-                t.su.batch_execute(&format!("SELECT picloud_create_dead_letter_trigger('{app}', '{s}', NULL, '{s}')")).unwrap();
+                t.su.batch_execute(&format!(
+                    "SELECT picloud_create_dead_letter_trigger('{app}', '{s}', NULL, '{s}')"
+                ))
+                .unwrap();
                 let sql = format!("SELECT count(*)::text FROM picloud.picloud_match_dead_letter_triggers('{app}', 'queue', '{s}')");
                 let all = text(&mut t.su, &sql).unwrap();
                 assert_ne!(all, "0");
-                let expected = if t.may_enqueue(who, app) { all } else { "0".to_string() };
+                let expected = if t.may_enqueue(who, app) {
+                    all
+                } else {
+                    "0".to_string()
+                };
                 call(sql).value(expected)
             },
         },
@@ -782,10 +860,14 @@ fn specs() -> Vec<Spec> {
                      VALUES ('{app}', '{channel}', '{me}', 0, now(), now() + interval '1 hour')"
                 ))
                 .unwrap();
-                call(format!("SELECT picloud.picloud_close_inbox('{app}', '{channel}')::text"))
-                    .value("true")
-                    .check(format!("SELECT NOT EXISTS (SELECT 1 FROM picloud.inboxes WHERE channel = '{channel}')"))
-                    .cleanup("DELETE FROM picloud.inboxes")
+                call(format!(
+                    "SELECT picloud.picloud_close_inbox('{app}', '{channel}')::text"
+                ))
+                .value("true")
+                .check(format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM picloud.inboxes WHERE channel = '{channel}')"
+                ))
+                .cleanup("DELETE FROM picloud.inboxes")
             },
         },
         // Pending events and dead letters.
@@ -824,7 +906,10 @@ fn specs() -> Vec<Spec> {
                     &format!("SELECT count(*)::text FROM picloud.dead_letters WHERE app_id = '{app}' AND resolved_at IS NULL"),
                 )
                 .unwrap();
-                call(format!("SELECT picloud.picloud_dead_letter_count('{app}')::text")).value(n)
+                call(format!(
+                    "SELECT picloud.picloud_dead_letter_count('{app}')::text"
+                ))
+                .value(n)
             },
         },
         Spec {
@@ -900,7 +985,9 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Supervisor,
             build: |t, _, app| {
                 let e = t.claimed_event(app);
-                call(format!("SELECT picloud.picloud_complete('{app}', '{e}', 'intruder')::text"))
+                call(format!(
+                    "SELECT picloud.picloud_complete('{app}', '{e}', 'intruder')::text"
+                ))
             },
         },
         Spec {
@@ -908,7 +995,9 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Supervisor,
             build: |t, _, app| {
                 let e = t.claimed_event(app);
-                call(format!("SELECT outcome FROM picloud.picloud_fail('{app}', '{e}', 'intruder', 'x')"))
+                call(format!(
+                    "SELECT outcome FROM picloud.picloud_fail('{app}', '{e}', 'intruder', 'x')"
+                ))
             },
         },
         Spec {
@@ -916,7 +1005,9 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Supervisor,
             build: |t, _, app| {
                 let e = t.claimed_event(app);
-                call(format!("SELECT picloud.picloud_run_sql_handler('{app}', '{e}', 'intruder')::text"))
+                call(format!(
+                    "SELECT picloud.picloud_run_sql_handler('{app}', '{e}', 'intruder')::text"
+                ))
             },
         },
         Spec {
@@ -932,7 +1023,9 @@ fn specs() -> Vec<Spec> {
             kind: Kind::Supervisor,
             build: |t, _, app| {
                 let e = t.claimed_event(app);
-                call(format!("SELECT picloud.picloud_release('{app}', '{e}', 'intruder')::text"))
+                call(format!(
+                    "SELECT picloud.picloud_release('{app}', '{e}', 'intruder')::text"
+                ))
             },
         },
         Spec {
@@ -1014,7 +1107,12 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
     ))
     .expect("housekeeping fixture");
     // Retention 0 keeps dead letters and abandoned executions forever.
-    let keeps = |t: &mut Tenancy, setting: &str| flag(&mut t.su, &format!("SELECT current_setting('picloud.{setting}')::integer = 0"));
+    let keeps = |t: &mut Tenancy, setting: &str| {
+        flag(
+            &mut t.su,
+            &format!("SELECT current_setting('picloud.{setting}')::integer = 0"),
+        )
+    };
     let keep_dead_letters = keeps(t, "dead_letter_retention_days");
     let keep_abandoned = keeps(t, "abandoned_executions_retention_days");
     let not_if = |keep: bool| if keep { "" } else { "NOT" };
@@ -1051,14 +1149,27 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
         ("idempotency_keys", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.idempotency_keys WHERE idempotency_key = '{key}')")),
     ];
     let c = if step == "pass" {
-        let value = steps.iter().map(|(k, n, _)| format!("{k}={n}")).collect::<Vec<_>>().join(",");
-        let check = steps.iter().map(|(_, _, c)| format!("({c})")).collect::<Vec<_>>().join(" AND ");
+        let value = steps
+            .iter()
+            .map(|(k, n, _)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let check = steps
+            .iter()
+            .map(|(_, _, c)| format!("({c})"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         call("SELECT string_agg(kind || '=' || removed, ',' ORDER BY n) FROM picloud.picloud_gc_pass() WITH ORDINALITY AS g(kind, removed, n)")
             .value(value)
             .check(format!("SELECT {check}"))
     } else {
-        let (_, n, check) = steps.iter().find(|(k, _, _)| *k == step).expect("housekeeping step");
-        call(format!("SELECT picloud._gc_{step}(10000)::text")).value(n.to_string()).check(format!("SELECT {check}"))
+        let (_, n, check) = steps
+            .iter()
+            .find(|(k, _, _)| *k == step)
+            .expect("housekeeping step");
+        call(format!("SELECT picloud._gc_{step}(10000)::text"))
+            .value(n.to_string())
+            .check(format!("SELECT {check}"))
     };
     c.cleanup(format!(
         "DELETE FROM picloud.outbox WHERE event_id IN ('{retry}', '{exhausted}', '{sync}')
@@ -1072,17 +1183,40 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
 }
 
 /// What is wrong with a refusal, if anything.
-fn refusal_problem(expect: Expect, code: &str, message: &str, role: &str, app: Uuid, func: &str) -> Option<String> {
-    let bare = func.split('(').next().unwrap_or(func).trim_start_matches("picloud.");
+fn refusal_problem(
+    expect: Expect,
+    code: &str,
+    message: &str,
+    role: &str,
+    app: Uuid,
+    func: &str,
+) -> Option<String> {
+    let bare = func
+        .split('(')
+        .next()
+        .unwrap_or(func)
+        .trim_start_matches("picloud.");
     let (want_code, needles): (&str, Vec<String>) = match expect {
         Expect::Ok => unreachable!(),
-        Expect::Cap(cap) => ("42501", vec![cap.to_string(), app.to_string(), format!("\"{role}\"")]),
+        Expect::Cap(cap) => (
+            "42501",
+            vec![cap.to_string(), app.to_string(), format!("\"{role}\"")],
+        ),
         Expect::Owner => ("42501", vec!["requires the picloud_admin role".to_string()]),
-        Expect::NoSchema => ("42501", vec!["permission denied for schema picloud".to_string()]),
-        Expect::NoExecute => ("42501", vec![format!("permission denied for function {bare}")]),
+        Expect::NoSchema => (
+            "42501",
+            vec!["permission denied for schema picloud".to_string()],
+        ),
+        Expect::NoExecute => (
+            "42501",
+            vec![format!("permission denied for function {bare}")],
+        ),
         Expect::Code(c) => (c, vec![]),
     };
-    let missing: Vec<&String> = needles.iter().filter(|n| !message.contains(n.as_str())).collect();
+    let missing: Vec<&String> = needles
+        .iter()
+        .filter(|n| !message.contains(n.as_str()))
+        .collect();
     if code != want_code || !missing.is_empty() {
         Some(format!("expected {expect:?} (SQLSTATE {want_code}, message naming {needles:?}), got {code}: {message}"))
     } else {
@@ -1120,7 +1254,9 @@ fn function_matrix() {
                     }
                     if let Some(check) = &c.check {
                         if !flag(&mut t.su, check) {
-                            failures.push(format!("{label}: succeeded but did not have its effect ({check})"));
+                            failures.push(format!(
+                                "{label}: succeeded but did not have its effect ({check})"
+                            ));
                         }
                     }
                 }
@@ -1137,7 +1273,9 @@ fn function_matrix() {
                 }
                 (expect, Err(e)) => {
                     let (code, message) = code_and_message(&e);
-                    if let Some(problem) = refusal_problem(expect, &code, &message, &role, app, spec.func) {
+                    if let Some(problem) =
+                        refusal_problem(expect, &code, &message, &role, app, spec.func)
+                    {
                         failures.push(format!("{label}: {problem}"));
                     }
                     let changed = changed_tables(&before, &after);
@@ -1147,15 +1285,18 @@ fn function_matrix() {
                 }
             }
             if let Some(cleanup) = &c.cleanup {
-                t.su.batch_execute(cleanup).unwrap_or_else(|e| panic!("{label} cleanup: {e}"));
+                t.su.batch_execute(cleanup)
+                    .unwrap_or_else(|e| panic!("{label} cleanup: {e}"));
             }
         }
     }
     eprintln!("function matrix: {functions} functions, {asserted} (function, role, app) cases");
     // The fixture is intact: nobody gained or lost an app role along the way.
-    let roles: Vec<String> = t
-        .su
-        .query("SELECT role_name || ':' || capability FROM picloud.app_roles ORDER BY 1", &[])
+    let roles: Vec<String> =
+        t.su.query(
+            "SELECT role_name || ':' || capability FROM picloud.app_roles ORDER BY 1",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -1167,9 +1308,16 @@ fn function_matrix() {
     ];
     expected.sort();
     if roles != expected {
-        failures.push(format!("app roles after the matrix: {roles:?}, expected {expected:?}"));
+        failures.push(format!(
+            "app roles after the matrix: {roles:?}, expected {expected:?}"
+        ));
     }
-    assert!(failures.is_empty(), "{} of {asserted} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {asserted} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(asserted >= 250, "matrix shrank to {asserted} cases");
 }
 
@@ -1222,12 +1370,21 @@ fn affected(c: &mut Client, sql: &str) -> Result<u64, (String, String)> {
 fn tenant_may_insert(table: &str) -> bool {
     matches!(
         table,
-        "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes" | "outbox" | "idempotency_keys"
+        "scripts"
+            | "triggers"
+            | "kv_trigger_details"
+            | "dead_letter_trigger_details"
+            | "inboxes"
+            | "outbox"
+            | "idempotency_keys"
     )
 }
 
 fn tenant_may_delete(table: &str) -> bool {
-    matches!(table, "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes")
+    matches!(
+        table,
+        "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes"
+    )
 }
 
 /// The columns a tenant may UPDATE (comma-separated, sorted), if any.
@@ -1241,8 +1398,15 @@ fn tenant_update_columns(table: &str) -> Option<&'static str> {
 
 /// An UPDATE that sets every column a tenant may update to itself (so changes nothing).
 fn noop_update_of_tenant_columns(table: &str) -> Option<String> {
-    tenant_update_columns(table)
-        .map(|cols| format!("UPDATE picloud.{table} SET {}", cols.split(',').map(|c| format!("{c} = {c}")).collect::<Vec<_>>().join(", ")))
+    tenant_update_columns(table).map(|cols| {
+        format!(
+            "UPDATE picloud.{table} SET {}",
+            cols.split(',')
+                .map(|c| format!("{c} = {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }
 
 /// Refused for want of a table (or column) privilege.
@@ -1265,7 +1429,10 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     seed_tables(&mut t);
     let (a, b, ta, tb) = (t.app_a, t.app_b, t.tenant_a.clone(), t.tenant_b.clone());
     let b_before = fingerprint(&mut t.su, &format!("x.app_id = '{b}'"));
-    assert!(b_before.iter().all(|(_, n, _)| *n >= 1), "every table has rows of app B: {b_before:?}");
+    assert!(
+        b_before.iter().all(|(_, n, _)| *n >= 1),
+        "every table has rows of app B: {b_before:?}"
+    );
     let mut failures = Vec::new();
 
     // The catalog grants tenant_a (through picloud_user) exactly the writes listed above.
@@ -1300,7 +1467,9 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         }
         let want = want.join(" ");
         if got != want {
-            failures.push(format!("privileges of tenant_a on {table}: {got:?}, expected {want:?}"));
+            failures.push(format!(
+                "privileges of tenant_a on {table}: {got:?}, expected {want:?}"
+            ));
         }
     }
 
@@ -1311,15 +1480,24 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             "inboxes" => format!("app_id = '{a}' AND owner_role = '{ta}'"),
             _ => format!("app_id = '{a}'"),
         };
-        count(&mut t.su, &format!("SELECT count(*) FROM picloud.{table} WHERE {filter}"))
+        count(
+            &mut t.su,
+            &format!("SELECT count(*) FROM picloud.{table} WHERE {filter}"),
+        )
     };
 
     let a_before = fingerprint(&mut t.su, &format!("x.app_id = '{a}'"));
     for table in TABLES {
         let want = visible(&mut t, table);
         let all = count(&mut t.a, &format!("SELECT count(*) FROM picloud.{table}"));
-        let of_b = count(&mut t.a, &format!("SELECT count(*) FROM picloud.{table} WHERE app_id = '{b}'"));
-        let not_a = count(&mut t.a, &format!("SELECT count(*) FROM picloud.{table} WHERE app_id <> '{a}'"));
+        let of_b = count(
+            &mut t.a,
+            &format!("SELECT count(*) FROM picloud.{table} WHERE app_id = '{b}'"),
+        );
+        let not_a = count(
+            &mut t.a,
+            &format!("SELECT count(*) FROM picloud.{table} WHERE app_id <> '{a}'"),
+        );
         if all != want || of_b != 0 || not_a != 0 || want == 0 {
             failures.push(format!("SELECT {table}: sees {all} rows (expected {want}), {of_b} of app B, {not_a} not of app A"));
         }
@@ -1332,42 +1510,72 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         ] {
             let got = affected(&mut t.a, &sql);
             if !no_privilege(&got, table) {
-                failures.push(format!("{sql}: {got:?}, expected 42501 permission denied for table {table}"));
+                failures.push(format!(
+                    "{sql}: {got:?}, expected 42501 permission denied for table {table}"
+                ));
             }
         }
         // Where some columns may be updated: B's rows are out of reach, A's rows are updated.
         if let Some(update) = noop_update_of_tenant_columns(table) {
             match affected(&mut t.a, &format!("{update} WHERE app_id = '{b}'")) {
                 Ok(0) => {}
-                other => failures.push(format!("{update} of app B's rows: {other:?}, expected 0 rows")),
+                other => failures.push(format!(
+                    "{update} of app B's rows: {other:?}, expected 0 rows"
+                )),
             }
             match affected(&mut t.a, &update) {
                 Ok(n) if n == want as u64 => {}
-                other => failures.push(format!("{update} (all rows): {other:?}, expected {want} rows (app A's)")),
+                other => failures.push(format!(
+                    "{update} (all rows): {other:?}, expected {want} rows (app A's)"
+                )),
             }
         }
         // DELETE of B's rows reaches nothing where tenants may delete, and is refused elsewhere.
         let sql = format!("DELETE FROM picloud.{table} WHERE app_id = '{b}'");
         let got = affected(&mut t.a, &sql);
-        let ok = if tenant_may_delete(table) { got == Ok(0) } else { no_privilege(&got, table) };
+        let ok = if tenant_may_delete(table) {
+            got == Ok(0)
+        } else {
+            no_privilege(&got, table)
+        };
         if !ok {
             failures.push(format!(
                 "{sql}: {got:?}, expected {}",
-                if tenant_may_delete(table) { "0 rows".to_string() } else { format!("42501 permission denied for table {table}") }
+                if tenant_may_delete(table) {
+                    "0 rows".to_string()
+                } else {
+                    format!("42501 permission denied for table {table}")
+                }
             ));
         }
     }
-    let changed = changed_tables(&a_before, &fingerprint(&mut t.su, &format!("x.app_id = '{a}'")));
+    let changed = changed_tables(
+        &a_before,
+        &fingerprint(&mut t.su, &format!("x.app_id = '{a}'")),
+    );
     if !changed.is_empty() {
-        failures.push(format!("tenant_a's UPDATEs and refused writes changed app A's rows: {changed:?}"));
+        failures.push(format!(
+            "tenant_a's UPDATEs and refused writes changed app A's rows: {changed:?}"
+        ));
     }
 
     // INSERT: rows for app A where tenant_a may insert (refused for lack of privilege
     // elsewhere); anything for app B is refused (42501), by the policies where the privilege
     // exists.
-    let script_a = id(&mut t.su, &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{a}'"));
-    let script_b = id(&mut t.su, &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{b}'"));
-    let trig_b = id(&mut t.su, &format!("SELECT trigger_id FROM picloud.triggers WHERE app_id = '{b}' AND kind = 'dead_letter'"));
+    let script_a = id(
+        &mut t.su,
+        &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{a}'"),
+    );
+    let script_b = id(
+        &mut t.su,
+        &format!("SELECT script_id FROM picloud.scripts WHERE app_id = '{b}'"),
+    );
+    let trig_b = id(
+        &mut t.su,
+        &format!(
+            "SELECT trigger_id FROM picloud.triggers WHERE app_id = '{b}' AND kind = 'dead_letter'"
+        ),
+    );
     let (new_t1, new_t2) = (Uuid::new_v4(), Uuid::new_v4());
     let inserts: Vec<(&str, String, String)> = vec![
         (
@@ -1465,27 +1673,43 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             (got, false) if no_privilege(got, table) => {}
             _ => failures.push(format!(
                 "INSERT {table} for app A: {got:?}, expected {}",
-                if tenant_may_insert(table) { "success".to_string() } else { format!("42501 permission denied for table {table}") }
+                if tenant_may_insert(table) {
+                    "success".to_string()
+                } else {
+                    format!("42501 permission denied for table {table}")
+                }
             )),
         }
         if refused_a {
             let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
             if !changed.is_empty() {
-                failures.push(format!("refused INSERT {table} for app A changed {changed:?}"));
+                failures.push(format!(
+                    "refused INSERT {table} for app A changed {changed:?}"
+                ));
             }
         }
         let before = fingerprint(&mut t.su, "true");
         let got = affected(&mut t.a, into_b);
-        let ok = if tenant_may_insert(table) { rls_refused(&got, table) } else { no_privilege(&got, table) };
+        let ok = if tenant_may_insert(table) {
+            rls_refused(&got, table)
+        } else {
+            no_privilege(&got, table)
+        };
         if !ok {
             failures.push(format!(
                 "INSERT {table} for app B: {got:?}, expected 42501 ({})",
-                if tenant_may_insert(table) { "row-level security".to_string() } else { format!("permission denied for table {table}") }
+                if tenant_may_insert(table) {
+                    "row-level security".to_string()
+                } else {
+                    format!("permission denied for table {table}")
+                }
             ));
         }
         let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
         if !changed.is_empty() {
-            failures.push(format!("refused INSERT {table} for app B changed {changed:?}"));
+            failures.push(format!(
+                "refused INSERT {table} for app B changed {changed:?}"
+            ));
         }
     }
     // An inbox in tenant_a's own app, but in someone else's name.
@@ -1497,9 +1721,15 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         ),
     );
     if !rls_refused(&got, "inboxes") {
-        failures.push(format!("INSERT inboxes owned by tenant_b: {got:?}, expected 42501 (row-level security)"));
+        failures.push(format!(
+            "INSERT inboxes owned by tenant_b: {got:?}, expected 42501 (row-level security)"
+        ));
     }
-    if count(&mut t.su, "SELECT count(*) FROM picloud.inboxes WHERE channel = 'forged'") != 0 {
+    if count(
+        &mut t.su,
+        "SELECT count(*) FROM picloud.inboxes WHERE channel = 'forged'",
+    ) != 0
+    {
         failures.push("the forged inbox exists".to_string());
     }
 
@@ -1523,7 +1753,9 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         let got = affected(&mut t.a, &format!("DELETE FROM picloud.{table}"));
         if tenant_may_delete(table) {
             if got != Ok(own as u64) {
-                failures.push(format!("DELETE FROM {table}: {got:?}, expected {own} rows (app A's)"));
+                failures.push(format!(
+                    "DELETE FROM {table}: {got:?}, expected {own} rows (app A's)"
+                ));
             }
         } else {
             if !no_privilege(&got, table) {
@@ -1531,7 +1763,9 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             }
             let left = visible(&mut t, table);
             if left != own || own == 0 {
-                failures.push(format!("{table}: refused DELETE left {left} of app A's {own} rows"));
+                failures.push(format!(
+                    "{table}: refused DELETE left {left} of app A's {own} rows"
+                ));
             }
         }
     }
@@ -1546,7 +1780,11 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         }
     }
     // The other caller's inbox in app A was never tenant_a's to delete.
-    if count(&mut t.su, "SELECT count(*) FROM picloud.inboxes WHERE channel = 'producers'") != 1 {
+    if count(
+        &mut t.su,
+        "SELECT count(*) FROM picloud.inboxes WHERE channel = 'producers'",
+    ) != 1
+    {
         failures.push("tenant_a deleted the producer's inbox".to_string());
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1560,7 +1798,8 @@ fn outsiders_and_producers_reach_no_rows() {
     let mut t = Tenancy::new("secoutsiders");
     seed_tables(&mut t);
     let stranger = t.roles.create(&mut t.su, "stranger");
-    t.su.batch_execute(&format!("GRANT picloud_user TO {stranger}")).unwrap();
+    t.su.batch_execute(&format!("GRANT picloud_user TO {stranger}"))
+        .unwrap();
     let mut s = login(&t.db, &stranger);
     let everything = fingerprint(&mut t.su, "true");
     let mut failures = Vec::new();
@@ -1573,18 +1812,29 @@ fn outsiders_and_producers_reach_no_rows() {
         ];
         for sql in &statements {
             match affected(&mut t.nobody, sql) {
-                Err((code, message)) if code == "42501" && message.contains("permission denied for schema picloud") => {}
+                Err((code, message))
+                    if code == "42501"
+                        && message.contains("permission denied for schema picloud") => {}
                 other => failures.push(format!("nobody: {sql}: {other:?}")),
             }
         }
         let seen = count(&mut s, &format!("SELECT count(*) FROM picloud.{table}"));
         // No write reaches a row: refused outright where picloud_user holds no privilege,
         // 0 rows (row-level security) where it does.
-        let updated = affected(&mut s, &format!("UPDATE picloud.{table} SET app_id = app_id"));
+        let updated = affected(
+            &mut s,
+            &format!("UPDATE picloud.{table} SET app_id = app_id"),
+        );
         let deleted = affected(&mut s, &format!("DELETE FROM picloud.{table}"));
-        let deleted_ok = if tenant_may_delete(table) { deleted == Ok(0) } else { no_privilege(&deleted, table) };
+        let deleted_ok = if tenant_may_delete(table) {
+            deleted == Ok(0)
+        } else {
+            no_privilege(&deleted, table)
+        };
         if seen != 0 || !no_privilege(&updated, table) || !deleted_ok {
-            failures.push(format!("stranger on {table}: sees {seen}, UPDATE {updated:?}, DELETE {deleted:?}"));
+            failures.push(format!(
+                "stranger on {table}: sees {seen}, UPDATE {updated:?}, DELETE {deleted:?}"
+            ));
         }
         if let Some(update) = noop_update_of_tenant_columns(table) {
             let got = affected(&mut s, &update);
@@ -1610,10 +1860,18 @@ fn outsiders_and_producers_reach_no_rows() {
         ("abandoned_executions", 0),
     ];
     for (table, want) in producer_sees {
-        let all = count(&mut t.producer, &format!("SELECT count(*) FROM picloud.{table}"));
-        let of_a = count(&mut t.producer, &format!("SELECT count(*) FROM picloud.{table} WHERE app_id = '{a}'"));
+        let all = count(
+            &mut t.producer,
+            &format!("SELECT count(*) FROM picloud.{table}"),
+        );
+        let of_a = count(
+            &mut t.producer,
+            &format!("SELECT count(*) FROM picloud.{table} WHERE app_id = '{a}'"),
+        );
         if all != want || of_a != want {
-            failures.push(format!("producer on {table}: sees {all} rows ({of_a} of app A), expected {want}"));
+            failures.push(format!(
+                "producer on {table}: sees {all} rows ({of_a} of app A), expected {want}"
+            ));
         }
     }
     for table in [
@@ -1628,9 +1886,16 @@ fn outsiders_and_producers_reach_no_rows() {
         "dead_letters",
         "abandoned_executions",
     ] {
-        let updated = affected(&mut t.producer, &format!("UPDATE picloud.{table} SET app_id = app_id"));
+        let updated = affected(
+            &mut t.producer,
+            &format!("UPDATE picloud.{table} SET app_id = app_id"),
+        );
         let deleted = affected(&mut t.producer, &format!("DELETE FROM picloud.{table}"));
-        let deleted_ok = if tenant_may_delete(table) { deleted == Ok(0) } else { no_privilege(&deleted, table) };
+        let deleted_ok = if tenant_may_delete(table) {
+            deleted == Ok(0)
+        } else {
+            no_privilege(&deleted, table)
+        };
         if !no_privilege(&updated, table) || !deleted_ok {
             failures.push(format!(
                 "producer on {table}: UPDATE {updated:?}, DELETE {deleted:?}, expected 42501 permission denied for table {table} \
@@ -1677,7 +1942,10 @@ fn claim_and_run(su: &mut Client) -> Vec<Ran> {
     for row in claimed {
         let (app, event): (Uuid, Uuid) = (row.get(0), row.get(1));
         let mut tx = su.transaction().expect("begin");
-        let outcome = match tx.query_one("SELECT picloud.picloud_run_sql_handler($1, $2, 'sec-worker')", &[&app, &event]) {
+        let outcome = match tx.query_one(
+            "SELECT picloud.picloud_run_sql_handler($1, $2, 'sec-worker')",
+            &[&app, &event],
+        ) {
             Ok(r) => {
                 let result: Option<serde_json::Value> = r.get(0);
                 tx.commit().expect("commit");
@@ -1689,9 +1957,20 @@ fn claim_and_run(su: &mut Client) -> Vec<Ran> {
                 Err(failure)
             }
         };
-        let me: String = su.query_one("SELECT current_user::text", &[]).unwrap().get(0);
-        assert_eq!(me, "postgres", "the supervisor's session is back to its own user");
-        ran.push(Ran { event, principal: row.get(2), principal_error: row.get(3), outcome });
+        let me: String = su
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            me, "postgres",
+            "the supervisor's session is back to its own user"
+        );
+        ran.push(Ran {
+            event,
+            principal: row.get(2),
+            principal_error: row.get(3),
+            outcome,
+        });
     }
     ran
 }
@@ -1713,11 +1992,14 @@ fn tenant_a_handlers(t: &mut Tenancy) {
 }
 
 fn leaks(t: &mut Tenancy) -> Vec<String> {
-    t.su.query("SELECT who || ' read ' || secrets || ' row(s) of b_secret' FROM a_schema.leak", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    t.su.query(
+        "SELECT who || ' read ' || secrets || ' row(s) of b_secret' FROM a_schema.leak",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// A SQL handler runs with its principal's rights only: tenant_a's handler cannot read
@@ -1774,12 +2056,24 @@ fn sql_handlers_run_with_their_principals_rights_only() {
     ];
     let mut events = std::collections::HashMap::new();
     for (name, function, app) in handlers {
-        let script = id(&mut t.a, &format!("SELECT picloud_create_script('{app}', '{name}', 'sql', '{function}')"));
-        let event = id(&mut t.a, &format!("SELECT picloud_enqueue('{app}', 'queue', 'run', '{{}}', '{script}')"));
+        let script = id(
+            &mut t.a,
+            &format!("SELECT picloud_create_script('{app}', '{name}', 'sql', '{function}')"),
+        );
+        let event = id(
+            &mut t.a,
+            &format!("SELECT picloud_enqueue('{app}', 'queue', 'run', '{{}}', '{script}')"),
+        );
         events.insert(event, name);
     }
-    let script = id(&mut t.b, &format!("SELECT picloud_create_script('{b}', 'read_b', 'sql', 'b_schema.read_b')"));
-    let event = id(&mut t.b, &format!("SELECT picloud_enqueue('{b}', 'queue', 'run', '{{}}', '{script}')"));
+    let script = id(
+        &mut t.b,
+        &format!("SELECT picloud_create_script('{b}', 'read_b', 'sql', 'b_schema.read_b')"),
+    );
+    let event = id(
+        &mut t.b,
+        &format!("SELECT picloud_enqueue('{b}', 'queue', 'run', '{{}}', '{script}')"),
+    );
     events.insert(event, "tenant_b's read_b");
 
     let ran = claim_and_run(&mut t.su);
@@ -1788,16 +2082,28 @@ fn sql_handlers_run_with_their_principals_rights_only() {
     for r in &ran {
         let name = events[&r.event];
         if r.principal_error.is_some() {
-            failures.push(format!("{name}: unexpected principal_error {:?}", r.principal_error));
+            failures.push(format!(
+                "{name}: unexpected principal_error {:?}",
+                r.principal_error
+            ));
         }
-        let expected_principal = if name.starts_with("tenant_b") { &t.tenant_b } else { &t.tenant_a };
+        let expected_principal = if name.starts_with("tenant_b") {
+            &t.tenant_b
+        } else {
+            &t.tenant_a
+        };
         if r.principal.as_ref() != Some(expected_principal) {
-            failures.push(format!("{name}: principal {:?}, expected {expected_principal}", r.principal));
+            failures.push(format!(
+                "{name}: principal {:?}, expected {expected_principal}",
+                r.principal
+            ));
         }
         let (want_code, needle) = match name {
             "read_own" | "tenant_b's read_b" => ("", ""),
             "read_b" | "peek" => ("42501", "permission denied for table b_secret"),
-            "reset_role" | "set_role" | "set_config_role" => ("42501", "cannot set parameter \"role\""),
+            "reset_role" | "set_role" | "set_config_role" => {
+                ("42501", "cannot set parameter \"role\"")
+            }
             "session_auth" => ("42501", "cannot set parameter \"session_authorization\""),
             "unbecome" => ("22023", "token"),
             "become" => ("42501", "permission denied for function _become"),
@@ -1806,21 +2112,28 @@ fn sql_handlers_run_with_their_principals_rights_only() {
         match (&r.outcome, want_code) {
             (Ok(_), "") => {}
             (Err((code, message)), want) if code == want && message.contains(needle) => {}
-            (outcome, _) => failures.push(format!("{name}: {outcome:?}, expected {want_code} {needle:?}")),
+            (outcome, _) => failures.push(format!(
+                "{name}: {outcome:?}, expected {want_code} {needle:?}"
+            )),
         }
     }
     // The one handler that ran did so as tenant_a, seeing only app A.
-    let seen = t
-        .su
-        .query("SELECT who, session_who, own_rows, visible_apps, visible_b_scripts FROM a_schema.seen", &[])
+    let seen =
+        t.su.query(
+            "SELECT who, session_who, own_rows, visible_apps, visible_b_scripts FROM a_schema.seen",
+            &[],
+        )
         .unwrap();
     if seen.len() != 1 {
         failures.push(format!("read_own ran {} times", seen.len()));
     } else {
         let row = &seen[0];
-        let got: (String, String, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let got: (String, String, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         if got != (t.tenant_a.clone(), "postgres".to_string(), 3, 1, 0) {
-            failures.push(format!("read_own saw (user, session user, own rows, apps, B's handlers) = {got:?}"));
+            failures.push(format!(
+                "read_own saw (user, session user, own rows, apps, B's handlers) = {got:?}"
+            ));
         }
     }
     let leaked = leaks(&mut t);
@@ -1830,7 +2143,10 @@ fn sql_handlers_run_with_their_principals_rights_only() {
     // Failed events were rolled back and stay in the outbox; the two that ran are gone.
     let left = count(&mut t.su, "SELECT count(*) FROM picloud.outbox");
     if left != events.len() as i64 - 2 {
-        failures.push(format!("{left} events left in the outbox, expected {}", events.len() - 2));
+        failures.push(format!(
+            "{left} events left in the outbox, expected {}",
+            events.len() - 2
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1844,8 +2160,14 @@ fn nobody_registers_a_handler_that_runs_as_someone_else() {
     tenant_a_handlers(&mut t);
     let a = t.app_a;
     let (tb, adm) = (t.tenant_b.clone(), t.admin_role.clone());
-    let own_script = id(&mut t.a, &format!("SELECT picloud_create_script('{a}', 'peek', 'sql', 'a_schema.peek')"));
-    let own_trigger = id(&mut t.a, &format!("SELECT picloud_create_kv_trigger('{a}', 'mine', '{own_script}')"));
+    let own_script = id(
+        &mut t.a,
+        &format!("SELECT picloud_create_script('{a}', 'peek', 'sql', 'a_schema.peek')"),
+    );
+    let own_trigger = id(
+        &mut t.a,
+        &format!("SELECT picloud_create_kv_trigger('{a}', 'mine', '{own_script}')"),
+    );
     let before = fingerprint(&mut t.su, "true");
     let mut failures = Vec::new();
     for other in ["postgres", tb.as_str(), adm.as_str()] {
@@ -1874,9 +2196,17 @@ fn nobody_registers_a_handler_that_runs_as_someone_else() {
         ];
         for (sql, table, by_policy) in &attempts {
             let outcome = affected(&mut t.a, sql);
-            let ok = if *by_policy { rls_refused(&outcome, table) } else { no_privilege(&outcome, table) };
+            let ok = if *by_policy {
+                rls_refused(&outcome, table)
+            } else {
+                no_privilege(&outcome, table)
+            };
             if !ok {
-                let want = if *by_policy { "row-level security".to_string() } else { format!("permission denied for table {table}") };
+                let want = if *by_policy {
+                    "row-level security".to_string()
+                } else {
+                    format!("permission denied for table {table}")
+                };
                 failures.push(format!("{sql}: {outcome:?}, expected 42501 ({want})"));
             }
         }
@@ -1898,7 +2228,9 @@ fn nobody_registers_a_handler_that_runs_as_someone_else() {
         let sql = format!("UPDATE picloud.triggers SET registered_by_principal = '{other}' WHERE trigger_id = '{own_trigger}'");
         let outcome = affected(&mut t.a, &sql);
         if !no_privilege(&outcome, "triggers") {
-            failures.push(format!("{sql}: {outcome:?}, expected 42501 permission denied for table triggers"));
+            failures.push(format!(
+                "{sql}: {outcome:?}, expected 42501 permission denied for table triggers"
+            ));
         }
     }
     let principal = text(&mut t.su, &format!("SELECT registered_by_principal::text FROM picloud.triggers WHERE trigger_id = '{own_trigger}'"));
@@ -1918,19 +2250,40 @@ fn operator_and_peek(t: &mut Tenancy) -> (Uuid, Uuid, Uuid) {
          REVOKE ALL ON FUNCTION public.operator_handler(jsonb) FROM PUBLIC;",
     )
     .unwrap();
-    let op_script = id(&mut t.su, &format!("SELECT picloud_create_script('{a}', 'operator', 'sql', 'public.operator_handler')"));
-    let op_trigger = id(&mut t.su, &format!("SELECT picloud_create_kv_trigger('{a}', 'ops', '{op_script}')"));
-    let peek = id(&mut t.a, &format!("SELECT picloud_create_script('{a}', 'peek', 'sql', 'a_schema.peek')"));
+    let op_script = id(
+        &mut t.su,
+        &format!(
+            "SELECT picloud_create_script('{a}', 'operator', 'sql', 'public.operator_handler')"
+        ),
+    );
+    let op_trigger = id(
+        &mut t.su,
+        &format!("SELECT picloud_create_kv_trigger('{a}', 'ops', '{op_script}')"),
+    );
+    let peek = id(
+        &mut t.a,
+        &format!("SELECT picloud_create_script('{a}', 'peek', 'sql', 'a_schema.peek')"),
+    );
     (op_script, op_trigger, peek)
 }
 
 /// After an attempt to borrow someone else's rights: whatever ran, nothing ran with more than
 /// tenant_a's rights (a_schema.leak stays empty).
-fn assert_no_escalation(t: &mut Tenancy, attempt: &str, outcome: Result<u64, (String, String)>, ran: &[Ran]) {
+fn assert_no_escalation(
+    t: &mut Tenancy,
+    attempt: &str,
+    outcome: Result<u64, (String, String)>,
+    ran: &[Ran],
+) {
     let leaked = leaks(t);
     let ran_as: Vec<String> = ran
         .iter()
-        .map(|r| format!("principal {:?} (error {:?}) -> {:?}", r.principal, r.principal_error, r.outcome))
+        .map(|r| {
+            format!(
+                "principal {:?} (error {:?}) -> {:?}",
+                r.principal, r.principal_error, r.outcome
+            )
+        })
         .collect();
     assert!(
         leaked.is_empty(),
@@ -1944,21 +2297,40 @@ fn repointing_a_triggers_principal_gains_no_rights() {
     let mut t = Tenancy::new("secrepoint");
     let (_, _, peek) = operator_and_peek(&mut t);
     let a = t.app_a;
-    let mine = id(&mut t.a, &format!("SELECT picloud_create_kv_trigger('{a}', 'mine', '{peek}')"));
+    let mine = id(
+        &mut t.a,
+        &format!("SELECT picloud_create_kv_trigger('{a}', 'mine', '{peek}')"),
+    );
     let attempt = format!("UPDATE picloud.triggers SET registered_by_principal = 'postgres' WHERE trigger_id = '{mine}'");
     let outcome = affected(&mut t.a, &attempt);
-    t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'mine', 'set', 'k', '{{}}')"), &[]).unwrap();
+    t.a.query_one(
+        &format!("SELECT picloud_emit_kv('{a}', 'mine', 'set', 'k', '{{}}')"),
+        &[],
+    )
+    .unwrap();
     let ran = claim_and_run(&mut t.su);
     assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
-    assert!(no_privilege(&outcome, "triggers"), "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers");
+    assert!(
+        no_privilege(&outcome, "triggers"),
+        "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers"
+    );
     let principal = text(&mut t.su, &format!("SELECT registered_by_principal::text FROM picloud.triggers WHERE trigger_id = '{mine}'"));
-    assert_eq!(principal.as_deref(), Some(t.tenant_a.as_str()), "tenant_a's trigger changed principal");
+    assert_eq!(
+        principal.as_deref(),
+        Some(t.tenant_a.as_str()),
+        "tenant_a's trigger changed principal"
+    );
     // Its event still ran, as tenant_a (and so could not read b_secret).
     assert!(
-        ran.len() == 1 && ran[0].principal.as_deref() == Some(t.tenant_a.as_str()) && ran[0].principal_error.is_none(),
+        ran.len() == 1
+            && ran[0].principal.as_deref() == Some(t.tenant_a.as_str())
+            && ran[0].principal_error.is_none(),
         "{ran:?}"
     );
-    assert!(matches!(&ran[0].outcome, Err((code, m)) if code == "42501" && m.contains("b_secret")), "{ran:?}");
+    assert!(
+        matches!(&ran[0].outcome, Err((code, m)) if code == "42501" && m.contains("b_secret")),
+        "{ran:?}"
+    );
 }
 
 /// An admin of app A points the operator's trigger at its own handler.
@@ -1967,15 +2339,27 @@ fn swapping_the_handler_of_someone_elses_trigger_gains_no_rights() {
     let mut t = Tenancy::new("secswap");
     let (_, op_trigger, peek) = operator_and_peek(&mut t);
     let a = t.app_a;
-    let attempt = format!("UPDATE picloud.triggers SET script_id = '{peek}' WHERE trigger_id = '{op_trigger}'");
+    let attempt = format!(
+        "UPDATE picloud.triggers SET script_id = '{peek}' WHERE trigger_id = '{op_trigger}'"
+    );
     let before = fingerprint(&mut t.su, "true");
     let outcome = affected(&mut t.a, &attempt);
     let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
-    t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"), &[]).unwrap();
+    t.a.query_one(
+        &format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"),
+        &[],
+    )
+    .unwrap();
     let ran = claim_and_run(&mut t.su);
     assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
-    assert!(no_privilege(&outcome, "triggers"), "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers");
-    assert!(changed.is_empty(), "{attempt} was refused, yet changed {changed:?}");
+    assert!(
+        no_privilege(&outcome, "triggers"),
+        "{attempt}: {outcome:?}, expected 42501 permission denied for table triggers"
+    );
+    assert!(
+        changed.is_empty(),
+        "{attempt} was refused, yet changed {changed:?}"
+    );
     // The operator's trigger still runs the operator's handler, as the operator.
     assert!(
         ran.len() == 1
@@ -2000,11 +2384,21 @@ fn rewriting_a_handler_used_by_someone_elses_trigger_gains_no_rights() {
     let before = fingerprint(&mut t.su, "true");
     let outcome = affected(&mut t.a, &attempt);
     let changed = changed_tables(&before, &fingerprint(&mut t.su, "true"));
-    t.a.query_one(&format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"), &[]).unwrap();
+    t.a.query_one(
+        &format!("SELECT picloud_emit_kv('{a}', 'ops', 'set', 'k', '{{}}')"),
+        &[],
+    )
+    .unwrap();
     let ran = claim_and_run(&mut t.su);
     assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
-    assert!(no_privilege(&outcome, "scripts"), "{attempt}: {outcome:?}, expected 42501 permission denied for table scripts");
-    assert!(changed.is_empty(), "{attempt} was refused, yet changed {changed:?}");
+    assert!(
+        no_privilege(&outcome, "scripts"),
+        "{attempt}: {outcome:?}, expected 42501 permission denied for table scripts"
+    );
+    assert!(
+        changed.is_empty(),
+        "{attempt} was refused, yet changed {changed:?}"
+    );
     // The operator's trigger still runs the operator's own handler, as the operator.
     assert!(
         ran.len() == 1
@@ -2029,21 +2423,39 @@ fn a_hand_made_outbox_row_cannot_borrow_a_triggers_principal() {
     let by_admin = affected(&mut t.a, &attempt);
     let by_producer = affected(&mut t.producer, &attempt);
     let ran = claim_and_run(&mut t.su);
-    assert_no_escalation(&mut t, &attempt, by_admin.clone().and(by_producer.clone()), &ran);
+    assert_no_escalation(
+        &mut t,
+        &attempt,
+        by_admin.clone().and(by_producer.clone()),
+        &ran,
+    );
     // Producers may insert outbox rows (the enqueue functions do so with their rights), so
     // both rows exist; the pairing is caught when they are claimed: no principal, PC005.
     assert_eq!((by_admin, by_producer), (Ok(1), Ok(1)), "{attempt}");
     assert_eq!(ran.len(), 2, "{ran:?}");
     let needle = format!("handler {peek} is not the handler of trigger {op_trigger}");
     for r in &ran {
-        assert!(r.principal.is_none(), "a hand-made row got principal {:?}: {r:?}", r.principal);
-        assert!(r.principal_error.as_deref().is_some_and(|e| e.contains(&needle)), "principal_error: {r:?}");
+        assert!(
+            r.principal.is_none(),
+            "a hand-made row got principal {:?}: {r:?}",
+            r.principal
+        );
+        assert!(
+            r.principal_error
+                .as_deref()
+                .is_some_and(|e| e.contains(&needle)),
+            "principal_error: {r:?}"
+        );
         assert!(
             matches!(&r.outcome, Err((code, message)) if code == "PC005" && message.contains(&needle)),
             "run of a hand-made row: {r:?}, expected PC005"
         );
     }
-    assert_eq!(count(&mut t.su, "SELECT count(*) FROM picloud.outbox"), 2, "refused events stay in the outbox");
+    assert_eq!(
+        count(&mut t.su, "SELECT count(*) FROM picloud.outbox"),
+        2,
+        "refused events stay in the outbox"
+    );
 }
 
 /// An admin of app A writes a dead letter by hand naming the operator's trigger but its own
@@ -2060,15 +2472,24 @@ fn a_hand_made_dead_letter_cannot_borrow_a_triggers_principal() {
     let outcome = match t.a.query_one(attempt.as_str(), &[]) {
         Ok(row) => {
             let dl: Uuid = row.get(0);
-            affected(&mut t.a, &format!("SELECT picloud_replay_dead_letter('{a}', '{dl}')"))
+            affected(
+                &mut t.a,
+                &format!("SELECT picloud_replay_dead_letter('{a}', '{dl}')"),
+            )
         }
         Err(e) => Err(code_and_message(&e)),
     };
     let ran = claim_and_run(&mut t.su);
     assert_no_escalation(&mut t, &attempt, outcome.clone(), &ran);
     // Tenants hold no INSERT on dead_letters: nothing was written, nothing replayed or ran.
-    assert!(no_privilege(&outcome, "dead_letters"), "{attempt}: {outcome:?}, expected 42501 permission denied for table dead_letters");
-    assert_eq!(count(&mut t.su, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    assert!(
+        no_privilege(&outcome, "dead_letters"),
+        "{attempt}: {outcome:?}, expected 42501 permission denied for table dead_letters"
+    );
+    assert_eq!(
+        count(&mut t.su, "SELECT count(*) FROM picloud.dead_letters"),
+        0
+    );
     assert!(ran.is_empty(), "{ran:?}");
 }
 
@@ -2096,9 +2517,18 @@ fn dropped_or_demoted_principals_run_nothing() {
             "CREATE FUNCTION {schema}.h(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ INSERT INTO public.ran VALUES (current_user) RETURNING NULL::jsonb $$;"
         ))
         .unwrap();
-        let script = id(c, &format!("SELECT picloud_create_script('{a}', '{collection}', 'sql', '{schema}.h')"));
-        let trigger = id(c, &format!("SELECT picloud_create_kv_trigger('{a}', '{collection}', '{script}')"));
-        id(c, &format!("SELECT picloud_enqueue('{a}', 'queue', 'direct', '{{}}', '{script}')"));
+        let script = id(
+            c,
+            &format!("SELECT picloud_create_script('{a}', '{collection}', 'sql', '{schema}.h')"),
+        );
+        let trigger = id(
+            c,
+            &format!("SELECT picloud_create_kv_trigger('{a}', '{collection}', '{script}')"),
+        );
+        id(
+            c,
+            &format!("SELECT picloud_enqueue('{a}', 'queue', 'direct', '{{}}', '{script}')"),
+        );
         (script, trigger)
     };
     let mut c_demoted = login(&t.db, &demoted);
@@ -2111,16 +2541,25 @@ fn dropped_or_demoted_principals_run_nothing() {
     for collection in ["by_a", "by_demoted", "by_dropped"] {
         let n: i32 = t
             .producer
-            .query_one(&format!("SELECT picloud_emit_kv('{a}', '{collection}', 'set', 'k', '{{}}')"), &[])
+            .query_one(
+                &format!("SELECT picloud_emit_kv('{a}', '{collection}', 'set', 'k', '{{}}')"),
+                &[],
+            )
             .unwrap()
             .get(0);
         assert_eq!(n, 1, "{collection}");
     }
     // demoted keeps a producer role, but is no longer an admin of app A.
-    t.su.batch_execute(&format!("SELECT picloud_grant_app_role('{a}', '{demoted}', 'producer')")).unwrap();
+    t.su.batch_execute(&format!(
+        "SELECT picloud_grant_app_role('{a}', '{demoted}', 'producer')"
+    ))
+    .unwrap();
     let revoked: bool = t
         .admin
-        .query_one(&format!("SELECT picloud_revoke_app_role('{a}', '{demoted}', 'admin')"), &[])
+        .query_one(
+            &format!("SELECT picloud_revoke_app_role('{a}', '{demoted}', 'admin')"),
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(revoked);
@@ -2150,16 +2589,28 @@ fn dropped_or_demoted_principals_run_nothing() {
         };
         let error = r.principal_error.clone().unwrap_or_default();
         if !(error.contains(needle) && error.contains(&principal)) {
-            failures.push(format!("claim of {principal}'s event: principal_error {:?}, expected {needle:?}", r.principal_error));
+            failures.push(format!(
+                "claim of {principal}'s event: principal_error {:?}, expected {needle:?}",
+                r.principal_error
+            ));
         }
         match &r.outcome {
             Err((code, message)) if code == "PC005" && message.contains(needle) => {}
-            other => failures.push(format!("run of {principal}'s event: {other:?}, expected PC005")),
+            other => failures.push(format!(
+                "run of {principal}'s event: {other:?}, expected PC005"
+            )),
         }
     }
-    let ran_as: Vec<String> = t.su.query("SELECT who FROM public.ran", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let ran_as: Vec<String> =
+        t.su.query("SELECT who FROM public.ran", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
     if ran_as != vec![t.tenant_a.clone(), t.tenant_a.clone()] {
-        failures.push(format!("handlers ran as {ran_as:?}, expected tenant_a's two only"));
+        failures.push(format!(
+            "handlers ran as {ran_as:?}, expected tenant_a's two only"
+        ));
     }
     // Refused events stay claimed in the outbox (their transactions rolled back).
     let left = count(&mut t.su, "SELECT count(*) FROM picloud.outbox");

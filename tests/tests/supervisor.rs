@@ -28,21 +28,33 @@ fn sql_handler_runs_once_and_the_row_is_gone() {
     let mut ids = Vec::new();
     for i in 0..200 {
         let id: Uuid = c
-            .query_one("SELECT picloud_enqueue($1, 'queue', 'x', jsonb_build_object('i', $2::int), $3)", &[&app, &i, &script])
+            .query_one(
+                "SELECT picloud_enqueue($1, 'queue', 'x', jsonb_build_object('i', $2::int), $3)",
+                &[&app, &i, &script],
+            )
             .unwrap()
             .get(0);
         ids.push(id);
     }
     assert!(
-        eventually(Duration::from_secs(30), || count(&mut c, "SELECT count(*) FROM ledger") >= 200),
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM ledger"
+        ) >= 200),
         "log: {}",
         sup.log()
     );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(count(&mut c, "SELECT count(*) FROM ledger"), 200);
-    assert_eq!(count(&mut c, "SELECT count(DISTINCT event_id) FROM ledger"), 200);
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM ledger"),
+        200
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
-    let first: Uuid = c.query_one("SELECT event_id FROM ledger WHERE payload->>'i' = '0'", &[]).unwrap().get(0);
+    let first: Uuid = c
+        .query_one("SELECT event_id FROM ledger WHERE payload->>'i' = '0'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(first, ids[0]);
 }
 
@@ -53,16 +65,26 @@ fn failing_handler_retries_then_dead_letters_and_replay_runs_again() {
     retry_quickly(&mut c, &db, 3);
     let _sup = Supervisor::start(&db, FAST);
     let id: Uuid = c
-        .query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{\"fail\": \"always\"}', $2)", &[&app, &script])
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{\"fail\": \"always\"}', $2)",
+            &[&app, &script],
+        )
         .unwrap()
         .get(0);
-    assert!(eventually(Duration::from_secs(30), || count(&mut c, "SELECT count(*) FROM picloud.dead_letters") == 1));
+    assert!(eventually(Duration::from_secs(30), || count(
+        &mut c,
+        "SELECT count(*) FROM picloud.dead_letters"
+    ) == 1));
     let dl = c
         .query_one("SELECT dead_letter_id, original_event_id, attempt_count, last_error FROM picloud.dead_letters", &[])
         .unwrap();
     assert_eq!(dl.get::<_, Uuid>(1), id);
     assert_eq!(dl.get::<_, i32>(2), 3);
-    assert!(dl.get::<_, String>(3).contains("handler failed on purpose"), "{}", dl.get::<_, String>(3));
+    assert!(
+        dl.get::<_, String>(3).contains("handler failed on purpose"),
+        "{}",
+        dl.get::<_, String>(3)
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM ledger"), 0);
     // Fix the handler, replay: it runs again.
@@ -72,8 +94,15 @@ fn failing_handler_retries_then_dead_letters_and_replay_runs_again() {
     )
     .unwrap();
     let dead_letter_id: Uuid = dl.get(0);
-    c.query_one("SELECT picloud_replay_dead_letter($1, $2)", &[&app, &dead_letter_id]).unwrap();
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM ledger") == 1));
+    c.query_one(
+        "SELECT picloud_replay_dead_letter($1, $2)",
+        &[&app, &dead_letter_id],
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM ledger"
+    ) == 1));
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
 }
 
@@ -85,7 +114,9 @@ fn http_handler_receives_the_event_and_its_id() {
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut request_line = String::new();
         reader.read_line(&mut request_line).unwrap();
@@ -105,33 +136,52 @@ fn http_handler_receives_the_event_and_its_id() {
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body).unwrap();
-        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"ok\":true}").unwrap();
+        stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"ok\":true}",
+            )
+            .unwrap();
         (request_line, headers, body)
     });
     let url = format!("http://127.0.0.1:{port}/hook");
     let script: Uuid = c
-        .query_one("SELECT picloud_create_script($1, 'hook', 'http', $2, 5000)", &[&app, &url])
+        .query_one(
+            "SELECT picloud_create_script($1, 'hook', 'http', $2, 5000)",
+            &[&app, &url],
+        )
         .unwrap()
         .get(0);
     let allow = format!("127.0.0.1:{port}");
     let _sup = Supervisor::start(&db, &["--poll-interval-ms", "500", "--http-allow", &allow]);
     let id: Uuid = c
-        .query_one("SELECT picloud_enqueue($1, 'queue', 'notify', '{\"to\": \"ops\"}', $2)", &[&app, &script])
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'notify', '{\"to\": \"ops\"}', $2)",
+            &[&app, &script],
+        )
         .unwrap()
         .get(0);
     let (request_line, headers, body) = server.join().unwrap();
     assert!(request_line.starts_with("POST /hook "), "{request_line}");
     let header = headers
         .iter()
-        .find_map(|h| h.strip_prefix("Picloud-Event-Id: ").or_else(|| h.strip_prefix("picloud-event-id: ")))
+        .find_map(|h| {
+            h.strip_prefix("Picloud-Event-Id: ")
+                .or_else(|| h.strip_prefix("picloud-event-id: "))
+        })
         .map(str::to_string);
     assert_eq!(header, Some(id.to_string()), "{headers:?}");
     let event: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(event["event_id"], json!(id.to_string()));
     assert_eq!(event["payload"], json!({"to": "ops"}));
     assert_eq!(event["op"], json!("notify"));
-    assert!(eventually(Duration::from_secs(10), || count(&mut c, "SELECT count(*) FROM picloud.outbox") == 0));
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    assert!(eventually(Duration::from_secs(10), || count(
+        &mut c,
+        "SELECT count(*) FROM picloud.outbox"
+    ) == 0));
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        0
+    );
 }
 
 #[test]
@@ -139,16 +189,29 @@ fn http_to_loopback_is_refused_unless_allowed() {
     let (db, mut c) = fresh_db("e2e_ssrf");
     let (app, _) = ledger_app(&mut c);
     retry_quickly(&mut c, &db, 1);
-    for (name, url) in [("loop", "http://127.0.0.1:9/x"), ("meta", "http://169.254.169.254/latest/meta-data")] {
-        c.query_one("SELECT picloud_create_script($1, $2, 'http', $3, 2000)", &[&app, &name, &url]).unwrap();
+    for (name, url) in [
+        ("loop", "http://127.0.0.1:9/x"),
+        ("meta", "http://169.254.169.254/latest/meta-data"),
+    ] {
+        c.query_one(
+            "SELECT picloud_create_script($1, $2, 'http', $3, 2000)",
+            &[&app, &name, &url],
+        )
+        .unwrap();
     }
     // Even the name being listed does not open the address it resolves to.
-    let _sup = Supervisor::start(&db, &["--poll-interval-ms", "500", "--http-allow", "localhost:9"]);
+    let _sup = Supervisor::start(
+        &db,
+        &["--poll-interval-ms", "500", "--http-allow", "localhost:9"],
+    );
     c.batch_execute(&format!(
         "SELECT picloud_enqueue('{app}', 'queue', 'x', '{{}}', script_id) FROM picloud.scripts WHERE kind = 'http'"
     ))
     .unwrap();
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM picloud.dead_letters") == 2));
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM picloud.dead_letters"
+    ) == 2));
     let errors: Vec<String> = c
         .query("SELECT last_error FROM picloud.dead_letters", &[])
         .unwrap()
@@ -165,38 +228,78 @@ fn command_handler_gets_stdin_and_unknown_commands_never_run() {
     let (db, mut c) = fresh_db("e2e_cmd");
     let (app, _) = ledger_app(&mut c);
     retry_quickly(&mut c, &db, 1);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/it-cmd-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../target/it-cmd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("event.json");
     let marker = dir.join("ran");
     std::fs::remove_file(&out).ok();
     std::fs::remove_file(&marker).ok();
     let script = dir.join("capture.sh");
-    std::fs::write(&script, "#!/bin/sh\ncat > \"$1\"\necho '{\"stored\": true}'\n").unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat > \"$1\"\necho '{\"stored\": true}'\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
     let configured = format!("capture={} {}", script.display(), out.display());
     let forbidden = format!("touch-marker=/usr/bin/touch {}", marker.display());
     let capture: Uuid = c
-        .query_one("SELECT picloud_create_script($1, 'capture', 'command', 'capture', 5000)", &[&app])
+        .query_one(
+            "SELECT picloud_create_script($1, 'capture', 'command', 'capture', 5000)",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     let unknown: Uuid = c
-        .query_one("SELECT picloud_create_script($1, 'unknown', 'command', 'not-configured', 5000)", &[&app])
+        .query_one(
+            "SELECT picloud_create_script($1, 'unknown', 'command', 'not-configured', 5000)",
+            &[&app],
+        )
         .unwrap()
         .get(0);
-    let _sup = Supervisor::start(&db, &["--poll-interval-ms", "500", "--command", &configured, "--command", &forbidden]);
+    let _sup = Supervisor::start(
+        &db,
+        &[
+            "--poll-interval-ms",
+            "500",
+            "--command",
+            &configured,
+            "--command",
+            &forbidden,
+        ],
+    );
     let id: Uuid = c
-        .query_one("SELECT picloud_enqueue($1, 'queue', 'resize', '{\"w\": 64}', $2)", &[&app, &capture])
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'resize', '{\"w\": 64}', $2)",
+            &[&app, &capture],
+        )
         .unwrap()
         .get(0);
-    c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &unknown]).unwrap();
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &unknown],
+    )
+    .unwrap();
     assert!(eventually(Duration::from_secs(15), || out.exists()
-        && std::fs::read_to_string(&out).map(|s| s.ends_with('}')).unwrap_or(false)));
+        && std::fs::read_to_string(&out)
+            .map(|s| s.ends_with('}'))
+            .unwrap_or(false)));
     let event: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(event["event_id"], json!(id.to_string()));
     assert_eq!(event["payload"], json!({"w": 64}));
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM picloud.dead_letters") == 1));
-    let error: String = c.query_one("SELECT last_error FROM picloud.dead_letters", &[]).unwrap().get(0);
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM picloud.dead_letters"
+    ) == 1));
+    let error: String = c
+        .query_one("SELECT last_error FROM picloud.dead_letters", &[])
+        .unwrap()
+        .get(0);
     assert!(error.contains("not configured"), "{error}");
     assert!(!marker.exists(), "no other configured command ran");
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
@@ -222,15 +325,45 @@ fn sql_handler_has_exactly_the_principals_rights() {
          CREATE FUNCTION t.write_secret(e jsonb) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.secret VALUES (1) $$;",
     )
     .unwrap();
-    let ok: Uuid = t.query_one("SELECT picloud_create_script($1, 'mine', 'sql', 't.write_mine')", &[&app]).unwrap().get(0);
-    let bad: Uuid = t.query_one("SELECT picloud_create_script($1, 'secret', 'sql', 't.write_secret')", &[&app]).unwrap().get(0);
+    let ok: Uuid = t
+        .query_one(
+            "SELECT picloud_create_script($1, 'mine', 'sql', 't.write_mine')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let bad: Uuid = t
+        .query_one(
+            "SELECT picloud_create_script($1, 'secret', 'sql', 't.write_secret')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
     let _sup = Supervisor::start(&db, FAST);
-    t.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &ok]).unwrap();
-    t.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &bad]).unwrap();
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM t.mine") == 1
-        && count(&mut c, "SELECT count(*) FROM picloud.dead_letters") == 1));
-    let error: String = c.query_one("SELECT last_error FROM picloud.dead_letters", &[]).unwrap().get(0);
-    assert!(error.contains("permission denied for table secret"), "{error}");
+    t.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &ok],
+    )
+    .unwrap();
+    t.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &bad],
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM t.mine"
+    ) == 1
+        && count(&mut c, "SELECT count(*) FROM picloud.dead_letters")
+            == 1));
+    let error: String = c
+        .query_one("SELECT last_error FROM picloud.dead_letters", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("permission denied for table secret"),
+        "{error}"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM secret"), 0);
     drop(t);
 }
@@ -241,16 +374,26 @@ fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
     let (app, script) = ledger_app(&mut c);
     let _sup = Supervisor::start(&db, FAST);
     let mut caller = connect(&db);
-    let inbox: String = caller.query_one("SELECT picloud_open_inbox($1)", &[&app]).unwrap().get(0);
-    caller.batch_execute(&format!("LISTEN \"{inbox}\"")).unwrap();
+    let inbox: String = caller
+        .query_one("SELECT picloud_open_inbox($1)", &[&app])
+        .unwrap()
+        .get(0);
+    caller
+        .batch_execute(&format!("LISTEN \"{inbox}\""))
+        .unwrap();
     let id: Uuid = caller
-        .query_one("SELECT picloud_enqueue($1, 'queue', 'ask', '{\"q\": 42}', $2, p_reply_to => $3)", &[&app, &script, &inbox])
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'ask', '{\"q\": 42}', $2, p_reply_to => $3)",
+            &[&app, &script, &inbox],
+        )
         .unwrap()
         .get(0);
     let answer = {
         let mut notes = caller.notifications();
         let mut it = notes.timeout_iter(Duration::from_secs(15));
-        it.next().unwrap().map(|n| serde_json::from_str::<Value>(n.payload()).unwrap())
+        it.next()
+            .unwrap()
+            .map(|n| serde_json::from_str::<Value>(n.payload()).unwrap())
     };
     let answer = answer.expect("an answer within 15 s");
     assert_eq!(answer["event_id"], json!(id.to_string()));
@@ -262,14 +405,31 @@ fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
         "CREATE OR REPLACE FUNCTION slow_handler(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT pg_sleep(1.5); SELECT '{\"late\": true}'::jsonb $$",
     )
     .unwrap();
-    let slow: Uuid = c.query_one("SELECT picloud_create_script($1, 'slow', 'sql', 'slow_handler')", &[&app]).unwrap().get(0);
+    let slow: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'slow', 'sql', 'slow_handler')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
     let id: Uuid = caller
-        .query_one("SELECT picloud_enqueue($1, 'queue', 'ask', '{}', $2, p_reply_to => $3)", &[&app, &slow, &inbox])
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'ask', '{}', $2, p_reply_to => $3)",
+            &[&app, &slow, &inbox],
+        )
         .unwrap()
         .get(0);
     drop(caller);
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM picloud.abandoned_executions") == 1));
-    let row = c.query_one("SELECT event_id, reason FROM picloud.abandoned_executions", &[]).unwrap();
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM picloud.abandoned_executions"
+    ) == 1));
+    let row = c
+        .query_one(
+            "SELECT event_id, reason FROM picloud.abandoned_executions",
+            &[],
+        )
+        .unwrap();
     assert_eq!(row.get::<_, Uuid>(0), id);
     assert_eq!(row.get::<_, String>(1), "caller disconnected");
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
@@ -281,11 +441,24 @@ fn sigterm_stops_cleanly_and_releases_nothing_twice() {
     let (app, script) = ledger_app(&mut c);
     let mut sup = Supervisor::start(&db, FAST);
     for _ in 0..50 {
-        c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &script]).unwrap();
+        c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            &[&app, &script],
+        )
+        .unwrap();
     }
-    assert!(eventually(Duration::from_secs(20), || count(&mut c, "SELECT count(*) FROM ledger") == 50));
-    let status = sup.terminate(Duration::from_secs(15)).expect("exits within the grace period");
-    assert!(status.success(), "exit status {status:?}; log: {}", sup.log());
+    assert!(eventually(Duration::from_secs(20), || count(
+        &mut c,
+        "SELECT count(*) FROM ledger"
+    ) == 50));
+    let status = sup
+        .terminate(Duration::from_secs(15))
+        .expect("exits within the grace period");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log: {}",
+        sup.log()
+    );
     assert!(sup.log().contains("\"level\""), "structured log lines");
 }
 
@@ -305,16 +478,30 @@ fn supervisor_needs_no_superuser() {
     .unwrap();
     let mut t = connect_as(&db, &tenant);
     let own: Uuid = t
-        .query_one("SELECT picloud_create_script($1, 'own', 'sql', 'ledger_handler')", &[&app])
+        .query_one(
+            "SELECT picloud_create_script($1, 'own', 'sql', 'ledger_handler')",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     let _sup = Supervisor::start_as(&db, "picloud_supervisor", FAST);
     for s in [script, own] {
-        c.query_one("SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)", &[&app, &s]).unwrap();
+        c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+            &[&app, &s],
+        )
+        .unwrap();
     }
-    assert!(eventually(Duration::from_secs(15), || count(&mut c, "SELECT count(*) FROM ledger") == 2));
+    assert!(eventually(Duration::from_secs(15), || count(
+        &mut c,
+        "SELECT count(*) FROM ledger"
+    ) == 2));
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        0
+    );
     drop(t);
-    c.batch_execute(&format!("DROP OWNED BY {tenant}; DROP ROLE {tenant}")).ok();
+    c.batch_execute(&format!("DROP OWNED BY {tenant}; DROP ROLE {tenant}"))
+        .ok();
 }

@@ -12,12 +12,17 @@ use uuid::Uuid;
 static WORKER: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    WORKER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    WORKER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn set_interval(c: &mut Client, interval: &str) {
     // ALTER SYSTEM cannot share an implicit transaction with other statements.
-    c.batch_execute(&format!("ALTER SYSTEM SET picloud.gc_interval = '{interval}'")).unwrap();
+    c.batch_execute(&format!(
+        "ALTER SYSTEM SET picloud.gc_interval = '{interval}'"
+    ))
+    .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
@@ -32,11 +37,19 @@ fn worker_pid(c: &mut Client) -> Option<i32> {
 }
 
 fn new_app(c: &mut Client) -> (Uuid, Uuid) {
-    c.batch_execute("CREATE OR REPLACE FUNCTION public.noop(e jsonb) RETURNS void LANGUAGE sql AS ''")
-        .unwrap();
-    let app: Uuid = c.query_one("SELECT picloud.picloud_create_app('worker-test')", &[]).unwrap().get(0);
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION public.noop(e jsonb) RETURNS void LANGUAGE sql AS ''",
+    )
+    .unwrap();
+    let app: Uuid = c
+        .query_one("SELECT picloud.picloud_create_app('worker-test')", &[])
+        .unwrap()
+        .get(0);
     let script: Uuid = c
-        .query_one("SELECT picloud.picloud_create_script($1, 'noop', 'sql', 'public.noop')", &[&app])
+        .query_one(
+            "SELECT picloud.picloud_create_script($1, 'noop', 'sql', 'public.noop')",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     (app, script)
@@ -66,14 +79,21 @@ fn abandoned(c: &mut Client, app: Uuid, age_days: i32) -> Uuid {
 }
 
 fn exists(c: &mut Client, table: &str, column: &str, id: Uuid) -> bool {
-    count(c, &format!("SELECT count(*) FROM picloud.{table} WHERE {column} = '{id}'")) == 1
+    count(
+        c,
+        &format!("SELECT count(*) FROM picloud.{table} WHERE {column} = '{id}'"),
+    ) == 1
 }
 
 #[test]
 fn worker_runs_and_collects_by_retention() {
     let _serial = serial();
     let mut c = connect(&worker_db());
-    assert!(worker_pid(&mut c).is_some(), "the housekeeper is running in {}", worker_db());
+    assert!(
+        worker_pid(&mut c).is_some(),
+        "the housekeeper is running in {}",
+        worker_db()
+    );
     set_interval(&mut c, "300ms");
     let (app, _) = new_app(&mut c);
     let old_resolved = dead_letter(&mut c, app, 40, true);
@@ -84,20 +104,43 @@ fn worker_runs_and_collects_by_retention() {
     // Two intervals, with room for a slow machine.
     assert!(eventually(Duration::from_secs(5), || {
         !exists(&mut c, "dead_letters", "dead_letter_id", old_resolved)
-            && !exists(&mut c, "abandoned_executions", "abandoned_id", old_abandoned)
+            && !exists(
+                &mut c,
+                "abandoned_executions",
+                "abandoned_id",
+                old_abandoned,
+            )
     }));
-    assert!(exists(&mut c, "dead_letters", "dead_letter_id", old_unresolved), "unresolved dead letters are kept");
-    assert!(exists(&mut c, "dead_letters", "dead_letter_id", fresh_resolved));
-    assert!(exists(&mut c, "abandoned_executions", "abandoned_id", fresh_abandoned));
+    assert!(
+        exists(&mut c, "dead_letters", "dead_letter_id", old_unresolved),
+        "unresolved dead letters are kept"
+    );
+    assert!(exists(
+        &mut c,
+        "dead_letters",
+        "dead_letter_id",
+        fresh_resolved
+    ));
+    assert!(exists(
+        &mut c,
+        "abandoned_executions",
+        "abandoned_id",
+        fresh_abandoned
+    ));
 
     // Retention 0 keeps everything.
-    c.batch_execute("ALTER SYSTEM SET picloud.dead_letter_retention_days = 0").unwrap();
+    c.batch_execute("ALTER SYSTEM SET picloud.dead_letter_retention_days = 0")
+        .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let kept = dead_letter(&mut c, app, 4000, true);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(exists(&mut c, "dead_letters", "dead_letter_id", kept), "retention 0 keeps dead letters forever");
-    c.batch_execute("ALTER SYSTEM RESET picloud.dead_letter_retention_days").unwrap();
+    assert!(
+        exists(&mut c, "dead_letters", "dead_letter_id", kept),
+        "retention 0 keeps dead letters forever"
+    );
+    c.batch_execute("ALTER SYSTEM RESET picloud.dead_letter_retention_days")
+        .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
     set_interval(&mut c, "1min");
 }
@@ -109,7 +152,10 @@ fn expired_lease_returns_to_the_queue() {
     set_interval(&mut c, "300ms");
     let (app, script) = new_app(&mut c);
     let id: Uuid = c
-        .query_one("SELECT picloud.picloud_enqueue($1, 'queue', 'lease', '{}', $2)", &[&app, &script])
+        .query_one(
+            "SELECT picloud.picloud_enqueue($1, 'queue', 'lease', '{}', $2)",
+            &[&app, &script],
+        )
         .unwrap()
         .get(0);
     // Claim it under a short lease and "crash": never report back.
@@ -121,7 +167,10 @@ fn expired_lease_returns_to_the_queue() {
         count(&mut c, &format!("SELECT count(*) FROM picloud.outbox WHERE event_id = '{id}' AND claimed_by IS NULL")) == 1
     }));
     let row = c
-        .query_one("SELECT attempt_count, last_error FROM picloud.outbox WHERE event_id = $1", &[&id])
+        .query_one(
+            "SELECT attempt_count, last_error FROM picloud.outbox WHERE event_id = $1",
+            &[&id],
+        )
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 1, "the lost attempt counts");
     assert!(row.get::<_, String>(1).contains("crashed-worker"));
@@ -131,7 +180,11 @@ fn expired_lease_returns_to_the_queue() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].get::<_, Uuid>(0), id);
     assert_eq!(again[0].get::<_, i32>(1), 2);
-    c.execute("SELECT picloud.picloud_complete($1, $2, 'next-worker')", &[&app, &id]).unwrap();
+    c.execute(
+        "SELECT picloud.picloud_complete($1, $2, 'next-worker')",
+        &[&app, &id],
+    )
+    .unwrap();
     set_interval(&mut c, "1min");
 }
 
@@ -145,13 +198,26 @@ fn reload_changes_the_interval_without_restart() {
     let (app, _) = new_app(&mut c);
     let first = dead_letter(&mut c, app, 40, true);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(exists(&mut c, "dead_letters", "dead_letter_id", first), "with a 1h interval nothing runs yet");
+    assert!(
+        exists(&mut c, "dead_letters", "dead_letter_id", first),
+        "with a 1h interval nothing runs yet"
+    );
     set_interval(&mut c, "300ms");
-    assert!(eventually(Duration::from_secs(5), || !exists(&mut c, "dead_letters", "dead_letter_id", first)));
+    assert!(eventually(Duration::from_secs(5), || !exists(
+        &mut c,
+        "dead_letters",
+        "dead_letter_id",
+        first
+    )));
     // The short interval is now in force: a later row goes within a few intervals too.
     std::thread::sleep(Duration::from_secs(1));
     let second = dead_letter(&mut c, app, 40, true);
-    assert!(eventually(Duration::from_secs(3), || !exists(&mut c, "dead_letters", "dead_letter_id", second)));
+    assert!(eventually(Duration::from_secs(3), || !exists(
+        &mut c,
+        "dead_letters",
+        "dead_letter_id",
+        second
+    )));
     assert_eq!(worker_pid(&mut c), pid, "same worker process, no restart");
     set_interval(&mut c, "1min");
 }
@@ -162,7 +228,10 @@ fn killed_worker_is_restarted() {
     let mut c = connect(&worker_db());
     set_interval(&mut c, "300ms");
     let pid = worker_pid(&mut c).expect("worker running");
-    let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     drop(c);
     // SIGKILL of a backend makes the postmaster reinitialise; connections come back after it.
@@ -179,6 +248,11 @@ fn killed_worker_is_restarted() {
     let mut c = connect(&worker_db());
     let (app, _) = new_app(&mut c);
     let old = dead_letter(&mut c, app, 40, true);
-    assert!(eventually(Duration::from_secs(10), || !exists(&mut c, "dead_letters", "dead_letter_id", old)));
+    assert!(eventually(Duration::from_secs(10), || !exists(
+        &mut c,
+        "dead_letters",
+        "dead_letter_id",
+        old
+    )));
     set_interval(&mut c, "1min");
 }

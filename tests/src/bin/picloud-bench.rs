@@ -55,20 +55,33 @@ struct Cfg {
 impl Cfg {
     fn from_env() -> Cfg {
         fn pick<T>(quick: bool, quick_value: T, full_value: T) -> T {
-            if quick { quick_value } else { full_value }
+            if quick {
+                quick_value
+            } else {
+                full_value
+            }
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let quick = env("BENCH_QUICK").map(|v| v != "0").unwrap_or(false);
         Cfg {
             quick,
-            runs: env("BENCH_RUNS").and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
-            port: env("PICLOUD_BENCH_PORT").and_then(|v| v.parse().ok()).unwrap_or(55450),
+            runs: env("BENCH_RUNS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3)
+                .max(1),
+            port: env("PICLOUD_BENCH_PORT")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(55450),
             db: env("PICLOUD_BENCH_DB").unwrap_or_else(|| "picloud_bench".into()),
             supervisor: env("PICLOUD_BENCH_SUPERVISOR").unwrap_or_else(|| {
-                root.join("target/release/picloud-supervisor").to_string_lossy().into_owned()
+                root.join("target/release/picloud-supervisor")
+                    .to_string_lossy()
+                    .into_owned()
             }),
-            out: env("BENCH_OUT").map(PathBuf::from).unwrap_or_else(|| root.join("target/bench")),
+            out: env("BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target/bench")),
             e1_secs: pick(quick, 3, 20),
             e2_events: pick(quick, 20_000, 100_000),
             p1_events: pick(quick, 5_000, 50_000),
@@ -77,12 +90,24 @@ impl Cfg {
             m1_secs: pick(quick, 3, 10),
             g1_rows: pick(quick, 100_000, 1_000_000),
             b1_events: pick(quick, 20_000, 200_000),
-            b1_wait: Duration::from_secs(env("BENCH_B1_WAIT_S").and_then(|v| v.parse().ok()).unwrap_or(pick(quick, 20, 60))),
+            b1_wait: Duration::from_secs(
+                env("BENCH_B1_WAIT_S")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(pick(quick, 20, 60)),
+            ),
             drain_timeout: Duration::from_secs(pick(quick, 180, 900)),
             only: env("BENCH_ONLY")
-                .map(|v| v.split(',').map(|s| s.trim().to_ascii_uppercase()).filter(|s| !s.is_empty()).collect())
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_ascii_uppercase())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
-            l1_gap_ms: env("BENCH_L1_GAP_MS").and_then(|v| v.parse().ok()).unwrap_or(20).max(1),
+            l1_gap_ms: env("BENCH_L1_GAP_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20)
+                .max(1),
         }
     }
 
@@ -91,7 +116,10 @@ impl Cfg {
     }
 
     fn url(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db} application_name=picloud-bench", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} application_name=picloud-bench",
+            self.port
+        )
     }
 }
 
@@ -183,7 +211,12 @@ fn fmt_stat(s: &Option<Stat>, unit: &str) -> String {
     match s {
         None => "—".into(),
         Some(s) if s.values.len() == 1 => format!("{} {unit}", fmt_num(s.median)),
-        Some(s) => format!("{} {unit} ({}–{})", fmt_num(s.median), fmt_num(s.min), fmt_num(s.max)),
+        Some(s) => format!(
+            "{} {unit} ({}–{})",
+            fmt_num(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        ),
     }
 }
 
@@ -272,7 +305,11 @@ impl Row {
     fn cells(&self) -> Vec<String> {
         let baseline = match &self.baseline {
             None => "—".into(),
-            Some(_) => format!("{}: {}", self.baseline_label, fmt_stat(&self.baseline, &self.baseline_unit)),
+            Some(_) => format!(
+                "{}: {}",
+                self.baseline_label,
+                fmt_stat(&self.baseline, &self.baseline_unit)
+            ),
         };
         let picloud = match &self.error {
             Some(e) => format!("ERROR: {}", e.chars().take(100).collect::<String>()),
@@ -312,7 +349,15 @@ fn num(x: f64) -> Value {
     }
 }
 
-const HEADERS: [&str; 7] = ["ID", "Measure", "picloud (median, min–max)", "baseline", "ratio", "target", "result"];
+const HEADERS: [&str; 7] = [
+    "ID",
+    "Measure",
+    "picloud (median, min–max)",
+    "baseline",
+    "ratio",
+    "target",
+    "result",
+];
 
 fn text_table(rows: &[Row]) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
@@ -330,7 +375,14 @@ fn text_table(rows: &[Row]) -> String {
             .collect();
         format!("| {} |", parts.join(" | "))
     };
-    let sep = format!("|{}|", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("|"));
+    let sep = format!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
     let mut out = vec![sep.clone(), line(&HEADERS.map(String::from)), sep.clone()];
     let mut last_group = String::new();
     for (row, r) in rows.iter().zip(&cells) {
@@ -348,7 +400,10 @@ fn text_table(rows: &[Row]) -> String {
 fn markdown_table(rows: &[Row]) -> String {
     let mut out = vec![
         format!("| {} |", HEADERS.join(" | ")),
-        format!("|{}|", HEADERS.iter().map(|_| "---").collect::<Vec<_>>().join("|")),
+        format!(
+            "|{}|",
+            HEADERS.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        ),
     ];
     for r in rows {
         let cells: Vec<String> = r.cells().iter().map(|c| c.replace('|', "\\|")).collect();
@@ -360,13 +415,16 @@ fn markdown_table(rows: &[Row]) -> String {
 // Database helpers --------------------------------------------------------------------------------
 
 fn connect(cfg: &Cfg, db: &str) -> Res<Client> {
-    let mut c = Client::connect(&cfg.url(db), NoTls).map_err(pg_err(&format!("connect to {db}")))?;
-    c.batch_execute("SET search_path = public, picloud").map_err(pg_err("set search_path"))?;
+    let mut c =
+        Client::connect(&cfg.url(db), NoTls).map_err(pg_err(&format!("connect to {db}")))?;
+    c.batch_execute("SET search_path = public, picloud")
+        .map_err(pg_err("set search_path"))?;
     Ok(c)
 }
 
 fn exec(c: &mut Client, sql: &str) -> Res<()> {
-    c.batch_execute(sql).map_err(pg_err(sql.lines().next().unwrap_or(sql)))
+    c.batch_execute(sql)
+        .map_err(pg_err(sql.lines().next().unwrap_or(sql)))
 }
 
 fn count(c: &mut Client, sql: &str) -> Res<i64> {
@@ -406,14 +464,37 @@ struct Pgbench {
     failed: i64,
 }
 
-fn pgbench(cfg: &Cfg, db: &str, name: &str, script: &str, clients: u32, jobs: u32, secs: u32) -> Res<Pgbench> {
+fn pgbench(
+    cfg: &Cfg,
+    db: &str,
+    name: &str,
+    script: &str,
+    clients: u32,
+    jobs: u32,
+    secs: u32,
+) -> Res<Pgbench> {
     let dir = cfg.out.join("tmp");
     std::fs::create_dir_all(&dir).map_err(err("create tmp dir"))?;
     let path = dir.join(format!("{name}.sql"));
     std::fs::write(&path, script).map_err(err("write pgbench script"))?;
     let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &cfg.port.to_string(), "-U", "postgres", "-n"])
-        .args(["-c", &clients.to_string(), "-j", &jobs.to_string(), "-T", &secs.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cfg.port.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &jobs.to_string(),
+            "-T",
+            &secs.to_string(),
+        ])
         .arg("-f")
         .arg(&path)
         .arg(db)
@@ -423,14 +504,22 @@ fn pgbench(cfg: &Cfg, db: &str, name: &str, script: &str, clients: u32, jobs: u3
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        return Err(format!("pgbench {name} failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" / ")));
+        return Err(format!(
+            "pgbench {name} failed ({}): {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
     }
     let field = |prefix: &str| -> Option<f64> {
         stdout.lines().find_map(|l| {
-            l.trim().strip_prefix(prefix).and_then(|rest| rest.split_whitespace().next()).and_then(|v| v.parse().ok())
+            l.trim()
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
         })
     };
-    let tps = field("tps = ").ok_or_else(|| format!("pgbench {name}: no tps in output: {stdout}"))?;
+    let tps =
+        field("tps = ").ok_or_else(|| format!("pgbench {name}: no tps in output: {stdout}"))?;
     Ok(Pgbench {
         tps,
         txns: field("number of transactions actually processed:").unwrap_or(f64::NAN) as i64,
@@ -469,7 +558,11 @@ impl Supervisor {
 
     fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("supervisor exited early ({status}); log {}: {}", self.log.display(), self.tail())),
+            Ok(Some(status)) => Some(format!(
+                "supervisor exited early ({status}); log {}: {}",
+                self.log.display(),
+                self.tail()
+            )),
             _ => None,
         }
     }
@@ -479,7 +572,9 @@ impl Supervisor {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -534,8 +629,12 @@ fn wait_empty(c: &mut Client, table: &str, sup: &mut Supervisor, timeout: Durati
             return Err(e);
         }
         if last_change.elapsed() > Duration::from_secs(60) || start.elapsed() > timeout {
-            return Err(format!("{table} still holds {n} rows after {:.0} s; supervisor log {}: {}",
-                start.elapsed().as_secs_f64(), sup.log.display(), sup.tail()));
+            return Err(format!(
+                "{table} still holds {n} rows after {:.0} s; supervisor log {}: {}",
+                start.elapsed().as_secs_f64(),
+                sup.log.display(),
+                sup.tail()
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -589,7 +688,10 @@ fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
     let length: usize = head
         .lines()
-        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0);
     let mut have = buf.len() - header_end;
     while have < length {
@@ -638,16 +740,34 @@ fn setup_main(cfg: &Cfg) -> Res<Main> {
          DELETE FROM picloud.outbox;
          DELETE FROM picloud.apps WHERE name = 'bench';",
     )?;
-    let app: Uuid = c.query_one("SELECT picloud.picloud_create_app('bench')", &[]).map_err(pg_err("create app"))?.get(0);
+    let app: Uuid = c
+        .query_one("SELECT picloud.picloud_create_app('bench')", &[])
+        .map_err(pg_err("create app"))?
+        .get(0);
     let script = |c: &mut Client, name: &str, kind: &str, target: &str| -> Res<Uuid> {
-        Ok(c.query_one("SELECT picloud.picloud_create_script($1, $2, $3, $4)", &[&app, &name, &kind, &target])
-            .map_err(pg_err(&format!("create script {name}")))?
-            .get(0))
+        Ok(c.query_one(
+            "SELECT picloud.picloud_create_script($1, $2, $3, $4)",
+            &[&app, &name, &kind, &target],
+        )
+        .map_err(pg_err(&format!("create script {name}")))?
+        .get(0))
     };
     let noop = script(&mut c, "noop", "sql", "noop")?;
     let stamp = script(&mut c, "stamp", "sql", "stamp")?;
-    let http = script(&mut c, "http-noop", "http", &format!("http://127.0.0.1:{http_port}/hook"))?;
-    Ok(Main { app, noop, stamp, http, http_hits, http_port })
+    let http = script(
+        &mut c,
+        "http-noop",
+        "http",
+        &format!("http://127.0.0.1:{http_port}/hook"),
+    )?;
+    Ok(Main {
+        app,
+        noop,
+        stamp,
+        http,
+        http_hits,
+        http_port,
+    })
 }
 
 fn reset_queues(c: &mut Client) -> Res<()> {
@@ -701,13 +821,30 @@ fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         for side in order(run) {
             reset_queues(&mut c)?;
             settle(&mut c)?;
-            let (name, script) = if side == 0 { ("e1_picloud", &picloud_script) } else { ("e1_plain", &plain_script) };
+            let (name, script) = if side == 0 {
+                ("e1_picloud", &picloud_script)
+            } else {
+                ("e1_plain", &plain_script)
+            };
             let r = pgbench(cfg, &cfg.db, name, script, 4, 2, cfg.e1_secs)?;
             if r.failed > 0 {
-                notes.push(format!("E1 run {}: {name}: {} failed transactions", run + 1, r.failed));
+                notes.push(format!(
+                    "E1 run {}: {name}: {} failed transactions",
+                    run + 1,
+                    r.failed
+                ));
             }
-            progress(&format!("E1 run {} {name}: {:.0} tps ({} txns)", run + 1, r.tps, r.txns));
-            if side == 0 { p.push(r.tps) } else { b.push(r.tps) }
+            progress(&format!(
+                "E1 run {} {name}: {:.0} tps ({} txns)",
+                run + 1,
+                r.tps,
+                r.txns
+            ));
+            if side == 0 {
+                p.push(r.tps)
+            } else {
+                b.push(r.tps)
+            }
         }
     }
     reset_queues(&mut c)?;
@@ -715,12 +852,19 @@ fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         .value(&p)
         .baseline("plain INSERT", &b, "tx/s")
         .ratio_of(&p, &b)
-        .target("≥ 0.90× plain", stat(&p).median >= 0.9 * stat(&b).median)])
+        .target(
+            "≥ 0.90× plain",
+            stat(&p).median >= 0.9 * stat(&b).median,
+        )])
 }
 
 /// Which side goes first in a run: picloud (0) first in odd runs, the baseline (1) in even.
 fn order(run: usize) -> [usize; 2] {
-    if run % 2 == 0 { [0, 1] } else { [1, 0] }
+    if run % 2 == 0 {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
 }
 
 // E2 -------------------------------------------------------------------------------------------------
@@ -754,22 +898,45 @@ fn bench_e2(cfg: &Cfg, m: &Main) -> Res<Vec<Row>> {
             if inserted != n {
                 return Err(format!("E2: inserted {inserted} of {n}"));
             }
-            progress(&format!("E2 run {} {}: {:.0} events/s", run + 1, if side == 0 { "picloud" } else { "plain" }, rate));
-            if side == 0 { p.push(rate) } else { b.push(rate) }
+            progress(&format!(
+                "E2 run {} {}: {:.0} events/s",
+                run + 1,
+                if side == 0 { "picloud" } else { "plain" },
+                rate
+            ));
+            if side == 0 {
+                p.push(rate)
+            } else {
+                b.push(rate)
+            }
         }
     }
     reset_queues(&mut c)?;
-    Ok(vec![Row::new("E2", &format!("bulk enqueue, {} events in 1 call", fmt_num(n as f64)), "ev/s")
-        .value(&p)
-        .baseline("INSERT…SELECT", &b, "ev/s")
-        .ratio_of(&p, &b)
-        .target("≥ 0.80× plain", stat(&p).median >= 0.8 * stat(&b).median)])
+    Ok(vec![Row::new(
+        "E2",
+        &format!("bulk enqueue, {} events in 1 call", fmt_num(n as f64)),
+        "ev/s",
+    )
+    .value(&p)
+    .baseline("INSERT…SELECT", &b, "ev/s")
+    .ratio_of(&p, &b)
+    .target(
+        "≥ 0.80× plain",
+        stat(&p).median >= 0.8 * stat(&b).median,
+    )])
 }
 
 // P1 -------------------------------------------------------------------------------------------------
 
 /// Drains `n` pre-enqueued events through a fresh supervisor; returns events/s.
-fn drain_with_supervisor(cfg: &Cfg, c: &mut Client, tag: &str, n: i64, extra: &[String], notes: &mut Vec<String>) -> Res<f64> {
+fn drain_with_supervisor(
+    cfg: &Cfg,
+    c: &mut Client,
+    tag: &str,
+    n: i64,
+    extra: &[String],
+    notes: &mut Vec<String>,
+) -> Res<f64> {
     let start = Instant::now();
     let mut sup = Supervisor::start(cfg, &cfg.db, tag, extra)?;
     wait_empty(c, "picloud.outbox", &mut sup, cfg.drain_timeout)?;
@@ -777,7 +944,11 @@ fn drain_with_supervisor(cfg: &Cfg, c: &mut Client, tag: &str, n: i64, extra: &[
     sup.stop();
     let problems = sup.problems();
     if !problems.is_empty() {
-        notes.push(format!("{tag}: supervisor logged {} warning/error lines, e.g. {}", problems.len(), problems[0]));
+        notes.push(format!(
+            "{tag}: supervisor logged {} warning/error lines, e.g. {}",
+            problems.len(),
+            problems[0]
+        ));
     }
     Ok(n as f64 / elapsed)
 }
@@ -796,9 +967,7 @@ fn plain_drain(cfg: &Cfg, clients: usize, batch: i64) -> Res<()> {
             );
             barrier.wait();
             loop {
-                let n = c
-                    .execute(&sql, &[])
-                    .map_err(pg_err("plain delete"))?;
+                let n = c.execute(&sql, &[]).map_err(pg_err("plain delete"))?;
                 if n == 0 && count(&mut c, "SELECT count(*) FROM bench_plain_outbox")? == 0 {
                     return Ok(());
                 }
@@ -806,14 +975,18 @@ fn plain_drain(cfg: &Cfg, clients: usize, batch: i64) -> Res<()> {
         }));
     }
     for h in handles {
-        h.join().map_err(|_| "plain drain thread panicked".to_string())??;
+        h.join()
+            .map_err(|_| "plain drain thread panicked".to_string())??;
     }
     Ok(())
 }
 
 fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> Res<Vec<Row>> {
     let mut c = connect(cfg, &cfg.db)?;
-    let http_allow = vec!["--http-allow".to_string(), format!("127.0.0.1:{}", m.http_port)];
+    let http_allow = vec![
+        "--http-allow".to_string(),
+        format!("127.0.0.1:{}", m.http_port),
+    ];
     let (mut sql, mut http, mut plain, mut plain_single) = (vec![], vec![], vec![], vec![]);
     for run in 0..cfg.runs {
         // picloud SQL, picloud HTTP and plain, rotating which goes first.
@@ -825,8 +998,12 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
                     bulk_enqueue(&mut c, m.app, m.noop, cfg.p1_events)?;
                     exec(&mut c, "ANALYZE picloud.outbox")?;
                     settle(&mut c)?;
-                    let rate = drain_with_supervisor(cfg, &mut c, "p1-sql", cfg.p1_events, &[], notes)?;
-                    progress(&format!("P1 run {} picloud sql: {rate:.0} events/s", run + 1));
+                    let rate =
+                        drain_with_supervisor(cfg, &mut c, "p1-sql", cfg.p1_events, &[], notes)?;
+                    progress(&format!(
+                        "P1 run {} picloud sql: {rate:.0} events/s",
+                        run + 1
+                    ));
                     sql.push(rate);
                 }
                 1 => {
@@ -834,14 +1011,30 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
                     exec(&mut c, "ANALYZE picloud.outbox")?;
                     settle(&mut c)?;
                     let before = m.http_hits.load(Ordering::Relaxed);
-                    let rate = drain_with_supervisor(cfg, &mut c, "p1-http", cfg.p1_http_events, &http_allow, notes)?;
+                    let rate = drain_with_supervisor(
+                        cfg,
+                        &mut c,
+                        "p1-http",
+                        cfg.p1_http_events,
+                        &http_allow,
+                        notes,
+                    )?;
                     let hits = m.http_hits.load(Ordering::Relaxed) - before;
-                    let dead = count(&mut c, &format!("SELECT count(*) FROM picloud.dead_letters WHERE script_id = '{}'", m.http))?;
+                    let dead = count(
+                        &mut c,
+                        &format!(
+                            "SELECT count(*) FROM picloud.dead_letters WHERE script_id = '{}'",
+                            m.http
+                        ),
+                    )?;
                     if hits as i64 != cfg.p1_http_events || dead > 0 {
                         notes.push(format!("P1 http run {}: server saw {hits} requests for {} events; {dead} dead letters",
                             run + 1, cfg.p1_http_events));
                     }
-                    progress(&format!("P1 run {} picloud http: {rate:.0} events/s", run + 1));
+                    progress(&format!(
+                        "P1 run {} picloud http: {rate:.0} events/s",
+                        run + 1
+                    ));
                     http.push(rate);
                 }
                 _ => {
@@ -861,7 +1054,10 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
                     let start = Instant::now();
                     plain_drain(cfg, 8, 1)?;
                     let rate = cfg.p1_events as f64 / start.elapsed().as_secs_f64();
-                    progress(&format!("P1 run {} plain, 1 row per tx, 8 clients: {rate:.0} events/s", run + 1));
+                    progress(&format!(
+                        "P1 run {} plain, 1 row per tx, 8 clients: {rate:.0} events/s",
+                        run + 1
+                    ));
                     plain_single.push(rate);
                 }
             }
@@ -879,15 +1075,32 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
     ));
     chart["p1"] = json!({"picloud_sql": stat_json(&sql), "picloud_http": stat_json(&http), "plain": stat_json(&plain)});
     Ok(vec![
-        Row::new("P1", &format!("process {} ev, sql no-op handler, conc. 8", fmt_num(cfg.p1_events as f64)), "ev/s")
-            .value(&sql)
-            .baseline("plain DELETE×100, 4 cl.", &plain, "ev/s")
-            .ratio_of(&sql, &plain)
-            .target("≥ 0.50× plain", stat(&sql).median >= 0.5 * stat(&plain).median),
-        Row::new("P1", &format!("process {} ev, http no-op handler, conc. 8", fmt_num(cfg.p1_http_events as f64)), "ev/s")
-            .value(&http)
-            .baseline("plain DELETE×100, 4 cl.", &plain, "ev/s")
-            .ratio_of(&http, &plain),
+        Row::new(
+            "P1",
+            &format!(
+                "process {} ev, sql no-op handler, conc. 8",
+                fmt_num(cfg.p1_events as f64)
+            ),
+            "ev/s",
+        )
+        .value(&sql)
+        .baseline("plain DELETE×100, 4 cl.", &plain, "ev/s")
+        .ratio_of(&sql, &plain)
+        .target(
+            "≥ 0.50× plain",
+            stat(&sql).median >= 0.5 * stat(&plain).median,
+        ),
+        Row::new(
+            "P1",
+            &format!(
+                "process {} ev, http no-op handler, conc. 8",
+                fmt_num(cfg.p1_http_events as f64)
+            ),
+            "ev/s",
+        )
+        .value(&http)
+        .baseline("plain DELETE×100, 4 cl.", &plain, "ev/s")
+        .ratio_of(&http, &plain),
     ])
 }
 
@@ -899,12 +1112,15 @@ fn stat_json(v: &[f64]) -> Value {
 // L1 -------------------------------------------------------------------------------------------------
 
 fn epoch_ms(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(f64::NAN)
 }
 
 fn bench_l1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> Res<Vec<Row>> {
     let mut c = connect(cfg, &cfg.db)?;
-    let (mut p50, mut p99, mut post50, mut post99, mut over20) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut p50, mut p99, mut post50, mut post99, mut over20) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..cfg.runs {
         reset_queues(&mut c)?;
         exec(&mut c, "TRUNCATE lat, lat_sent")?;
@@ -928,17 +1144,25 @@ fn bench_l1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
             }
             let mut tx = c.transaction().map_err(pg_err("begin"))?;
             let id: Uuid = tx
-                .query_one("SELECT picloud.picloud_enqueue($1, 'queue', 'lat', '{}'::jsonb, $2)", &[&m.app, &m.stamp])
+                .query_one(
+                    "SELECT picloud.picloud_enqueue($1, 'queue', 'lat', '{}'::jsonb, $2)",
+                    &[&m.app, &m.stamp],
+                )
                 .map_err(pg_err("enqueue"))?
                 .get(0);
-            tx.execute("INSERT INTO lat_sent (event_id, sent) VALUES ($1, clock_timestamp())", &[&id])
-                .map_err(pg_err("record send time"))?;
+            tx.execute(
+                "INSERT INTO lat_sent (event_id, sent) VALUES ($1, clock_timestamp())",
+                &[&id],
+            )
+            .map_err(pg_err("record send time"))?;
             tx.commit().map_err(pg_err("commit"))?;
             client_commit.push((id, epoch_ms(SystemTime::now())));
         }
         let done = Instant::now();
         let n = cfg.l1_samples as i64;
-        while count(&mut c, "SELECT count(*) FROM lat")? < n && done.elapsed() < Duration::from_secs(30) {
+        while count(&mut c, "SELECT count(*) FROM lat")? < n
+            && done.elapsed() < Duration::from_secs(30)
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
         sup.stop();
@@ -951,18 +1175,31 @@ fn bench_l1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
             )
             .map_err(pg_err("read latencies"))?;
         if (rows.len() as i64) < n {
-            notes.push(format!("L1 run {}: only {} of {n} events were handled within 30 s", run + 1, rows.len()));
+            notes.push(format!(
+                "L1 run {}: only {} of {n} events were handled within 30 s",
+                run + 1,
+                rows.len()
+            ));
         }
-        let commit_by_id: std::collections::HashMap<Uuid, f64> = client_commit.into_iter().collect();
+        let commit_by_id: std::collections::HashMap<Uuid, f64> =
+            client_commit.into_iter().collect();
         let pre: Vec<f64> = rows.iter().map(|r| r.get::<_, f64>(1)).collect();
         let post: Vec<f64> = rows
             .iter()
-            .filter_map(|r| commit_by_id.get(&r.get::<_, Uuid>(0)).map(|t| r.get::<_, f64>(2) - t))
+            .filter_map(|r| {
+                commit_by_id
+                    .get(&r.get::<_, Uuid>(0))
+                    .map(|t| r.get::<_, f64>(2) - t)
+            })
             .collect();
-        let slow = pre.iter().filter(|x| **x > 20.0).count() as f64 * 100.0 / pre.len().max(1) as f64;
+        let slow =
+            pre.iter().filter(|x| **x > 20.0).count() as f64 * 100.0 / pre.len().max(1) as f64;
         progress(&format!(
             "L1 run {}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({slow:.0}% over 20 ms)",
-            run + 1, percentile(&pre, 50.0), percentile(&pre, 99.0), percentile(&pre, 100.0)
+            run + 1,
+            percentile(&pre, 50.0),
+            percentile(&pre, 99.0),
+            percentile(&pre, 100.0)
         ));
         p50.push(percentile(&pre, 50.0));
         p99.push(percentile(&pre, 99.0));
@@ -1046,12 +1283,21 @@ fn bench_m1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let mut clients = vec![];
     for (db, app) in cases {
         let mut c = connect(cfg, db)?;
-        let matched = count(&mut c, &format!("SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'c10', 'set')"))?;
+        let matched = count(
+            &mut c,
+            &format!(
+                "SELECT count(*) FROM picloud.picloud_match_kv_triggers('{app}', 'c10', 'set')"
+            ),
+        )?;
         let total = count(&mut c, "SELECT count(*) FROM picloud.triggers")?;
         if matched != 1 {
-            return Err(format!("M1: {db}: 'c10' matches {matched} triggers, expected 1"));
+            return Err(format!(
+                "M1: {db}: 'c10' matches {matched} triggers, expected 1"
+            ));
         }
-        progress(&format!("M1: {db}: {total} triggers, 'c10' matches {matched}"));
+        progress(&format!(
+            "M1: {db}: {total} triggers, 'c10' matches {matched}"
+        ));
         clients.push(c);
     }
     notes.push(format!(
@@ -1069,20 +1315,45 @@ fn bench_m1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
             let r = pgbench(cfg, db, &format!("m1_{side}"), &script, 4, 2, cfg.m1_secs)?;
             let rows = count(c, "SELECT count(*) FROM picloud.outbox")?;
             if rows != r.txns || r.failed > 0 {
-                notes.push(format!("M1 run {} {db}: {} transactions enqueued {rows} events, {} failed", run + 1, r.txns, r.failed));
+                notes.push(format!(
+                    "M1 run {} {db}: {} transactions enqueued {rows} events, {} failed",
+                    run + 1,
+                    r.txns,
+                    r.failed
+                ));
             }
-            progress(&format!("M1 run {} {}: {:.0} tps", run + 1, if side == 0 { "10 triggers" } else { "100k triggers" }, r.tps));
-            if side == 0 { ten.push(r.tps) } else { hundred_k.push(r.tps) }
+            progress(&format!(
+                "M1 run {} {}: {:.0} tps",
+                run + 1,
+                if side == 0 {
+                    "10 triggers"
+                } else {
+                    "100k triggers"
+                },
+                r.tps
+            ));
+            if side == 0 {
+                ten.push(r.tps)
+            } else {
+                hundred_k.push(r.tps)
+            }
         }
     }
     for c in clients.iter_mut() {
         exec(c, "TRUNCATE picloud.outbox")?;
     }
-    Ok(vec![Row::new("M1", "emit_kv matching 1 trigger, 100k triggers/1k apps", "tx/s")
-        .value(&hundred_k)
-        .baseline("10 triggers", &ten, "tx/s")
-        .ratio_of(&hundred_k, &ten)
-        .target("≥ 0.80× 10 trig.", stat(&hundred_k).median >= 0.8 * stat(&ten).median)])
+    Ok(vec![Row::new(
+        "M1",
+        "emit_kv matching 1 trigger, 100k triggers/1k apps",
+        "tx/s",
+    )
+    .value(&hundred_k)
+    .baseline("10 triggers", &ten, "tx/s")
+    .ratio_of(&hundred_k, &ten)
+    .target(
+        "≥ 0.80× 10 trig.",
+        stat(&hundred_k).median >= 0.8 * stat(&ten).median,
+    )])
 }
 
 // G1 -------------------------------------------------------------------------------------------------
@@ -1094,12 +1365,21 @@ struct ClaimSample {
 
 /// Loops picloud_claim(10) on its own connection until `stop`, completing what it claims and
 /// enqueueing as many new events so the outbox never runs dry.
-fn claimer(mut c: Client, app: Uuid, script: Uuid, t0: Instant, stop: Arc<AtomicBool>) -> Res<Vec<ClaimSample>> {
+fn claimer(
+    mut c: Client,
+    app: Uuid,
+    script: Uuid,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> Res<Vec<ClaimSample>> {
     let mut samples = vec![];
     while !stop.load(Ordering::Relaxed) {
         let start = Instant::now();
         let rows = c
-            .query("SELECT app_id, event_id FROM picloud.picloud_claim('bench-claimer', 10, 30000)", &[])
+            .query(
+                "SELECT app_id, event_id FROM picloud.picloud_claim('bench-claimer', 10, 30000)",
+                &[],
+            )
             .map_err(pg_err("claim"))?;
         let took = start.elapsed();
         samples.push(ClaimSample {
@@ -1109,8 +1389,11 @@ fn claimer(mut c: Client, app: Uuid, script: Uuid, t0: Instant, stop: Arc<Atomic
         let mut tx = c.transaction().map_err(pg_err("begin"))?;
         for r in &rows {
             let (a, e): (Uuid, Uuid) = (r.get(0), r.get(1));
-            tx.execute("SELECT picloud.picloud_complete($1, $2, 'bench-claimer')", &[&a, &e])
-                .map_err(pg_err("complete"))?;
+            tx.execute(
+                "SELECT picloud.picloud_complete($1, $2, 'bench-claimer')",
+                &[&a, &e],
+            )
+            .map_err(pg_err("complete"))?;
         }
         let k = rows.len().max(1) as i64;
         tx.execute(
@@ -1128,9 +1411,15 @@ fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let db = format!("{}_gc", cfg.db);
     let mut c = ensure_db(cfg, &db)?;
     exec(&mut c, "CREATE OR REPLACE FUNCTION noop(e jsonb) RETURNS void LANGUAGE sql AS ''; DELETE FROM picloud.apps")?;
-    let app: Uuid = c.query_one("SELECT picloud.picloud_create_app('gc')", &[]).map_err(pg_err("create app"))?.get(0);
+    let app: Uuid = c
+        .query_one("SELECT picloud.picloud_create_app('gc')", &[])
+        .map_err(pg_err("create app"))?
+        .get(0);
     let script: Uuid = c
-        .query_one("SELECT picloud.picloud_create_script($1, 'noop', 'sql', 'noop')", &[&app])
+        .query_one(
+            "SELECT picloud.picloud_create_script($1, 'noop', 'sql', 'noop')",
+            &[&app],
+        )
         .map_err(pg_err("create script"))?
         .get(0);
     let batch: i64 = 10_000;
@@ -1181,12 +1470,25 @@ fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         let gc_end = t0.elapsed().as_secs_f64() * 1000.0;
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
-        let samples = handle.join().map_err(|_| "claimer panicked".to_string())??;
+        let samples = handle
+            .join()
+            .map_err(|_| "claimer panicked".to_string())??;
         if total != n {
-            notes.push(format!("G1 run {}: GC removed {total} of {n} dead letters", run + 1));
+            notes.push(format!(
+                "G1 run {}: GC removed {total} of {n} dead letters",
+                run + 1
+            ));
         }
-        let during: Vec<f64> = samples.iter().filter(|s| s.at_ms + s.took_ms >= gc_start && s.at_ms <= gc_end).map(|s| s.took_ms).collect();
-        let before: Vec<f64> = samples.iter().filter(|s| s.at_ms + s.took_ms < gc_start).map(|s| s.took_ms).collect();
+        let during: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.at_ms + s.took_ms >= gc_start && s.at_ms <= gc_end)
+            .map(|s| s.took_ms)
+            .collect();
+        let before: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.at_ms + s.took_ms < gc_start)
+            .map(|s| s.took_ms)
+            .collect();
         let w = during.iter().cloned().fold(0.0, f64::max);
         let med = stat(&batches).median;
         progress(&format!(
@@ -1209,14 +1511,24 @@ fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     exec(&mut c, "TRUNCATE picloud.dead_letters, picloud.outbox")?;
     let rate = stat(&rates).median;
     Ok(vec![
-        Row::new("G1", &format!("GC of {} resolved dead letters, batches of 10k", fmt_num(n as f64)), "rows/s")
-            .value(&rates)
-            .target("≥ 100,000 rows/s", rate >= 100_000.0),
+        Row::new(
+            "G1",
+            &format!(
+                "GC of {} resolved dead letters, batches of 10k",
+                fmt_num(n as f64)
+            ),
+            "rows/s",
+        )
+        .value(&rates)
+        .target("≥ 100,000 rows/s", rate >= 100_000.0),
         Row::new("G1", "worst picloud_claim(10) wait during GC", "ms")
             .value(&worst)
             .baseline("GC batch (median)", &batch_med, "ms")
             .ratio_of(&worst, &batch_med)
-            .target("≤ 1 GC batch", stat(&worst).median <= stat(&batch_med).median && pass_runs * 2 > cfg.runs),
+            .target(
+                "≤ 1 GC batch",
+                stat(&worst).median <= stat(&batch_med).median && pass_runs * 2 > cfg.runs,
+            ),
     ])
 }
 
@@ -1239,13 +1551,19 @@ fn outbox_size(c: &mut Client) -> Res<OutboxSize> {
             &[],
         )
         .map_err(pg_err("outbox size"))?;
-    Ok(OutboxSize { total_kb: r.get(0), heap_kb: r.get(1), dead: r.get(2), autovacuums: r.get(3) })
+    Ok(OutboxSize {
+        total_kb: r.get(0),
+        heap_kb: r.get(1),
+        dead: r.get(2),
+        autovacuums: r.get(3),
+    })
 }
 
 fn bench_b1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let mut c = connect(cfg, &cfg.db)?;
     let (mut before, mut after, mut settled, mut waited) = (vec![], vec![], vec![], vec![]);
-    let (mut dead_before, mut dead_after, mut dead_settled, mut heap_settled) = (vec![], vec![], vec![], vec![]);
+    let (mut dead_before, mut dead_after, mut dead_settled, mut heap_settled) =
+        (vec![], vec![], vec![], vec![]);
     let mut ratios = vec![];
     let mut pass_runs = 0;
     for run in 0..cfg.runs {
@@ -1302,11 +1620,22 @@ fn bench_b1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let mut settled_row = Row::new("B1", "outbox size after autovacuum", "kB")
         .value(&settled)
         .baseline("before", &before, "kB")
-        .target(&format!("≤ 2× before (waited ≤ {} s)", cfg.b1_wait.as_secs()), pass_runs * 2 > cfg.runs);
+        .target(
+            &format!("≤ 2× before (waited ≤ {} s)", cfg.b1_wait.as_secs()),
+            pass_runs * 2 > cfg.runs,
+        );
     settled_row.ratio = Some(stat(&ratios));
     Ok(vec![
-        Row::new("B1", &format!("outbox size right after {ev} events"), "kB").value(&after).baseline("before", &before, "kB"),
-        Row::new("B1", &format!("outbox n_dead_tup right after {ev} events"), "").value(&dead_after).baseline("before", &dead_before, ""),
+        Row::new("B1", &format!("outbox size right after {ev} events"), "kB")
+            .value(&after)
+            .baseline("before", &before, "kB"),
+        Row::new(
+            "B1",
+            &format!("outbox n_dead_tup right after {ev} events"),
+            "",
+        )
+        .value(&dead_after)
+        .baseline("before", &dead_before, ""),
         settled_row,
         Row::new("B1", "  of which heap, after autovacuum", "kB").value(&heap_settled),
         Row::new("B1", "outbox n_dead_tup after autovacuum", "").value(&dead_settled),
@@ -1382,7 +1711,10 @@ fn main() {
     let settings = settings(&cfg).unwrap_or(Value::Null);
     progress(&format!(
         "{} mode, {} runs per case, cluster port {}, database {}",
-        if cfg.quick { "QUICK" } else { "full" }, cfg.runs, cfg.port, cfg.db
+        if cfg.quick { "QUICK" } else { "full" },
+        cfg.runs,
+        cfg.port,
+        cfg.db
     ));
 
     let mut rows: Vec<Row> = vec![];
@@ -1398,7 +1730,12 @@ fn main() {
     // Cases without a supervisor run first, while no supervisor has ever marked itself idle
     // (an idle supervisor makes every enqueue send a NOTIFY at commit).
     if cfg.wants("E1") {
-        record("E1", "enqueue", bench_e1(&cfg, &main_db, &mut notes), &mut rows);
+        record(
+            "E1",
+            "enqueue",
+            bench_e1(&cfg, &main_db, &mut notes),
+            &mut rows,
+        );
     }
     if cfg.wants("E2") {
         record("E2", "bulk enqueue", bench_e2(&cfg, &main_db), &mut rows);
@@ -1410,23 +1747,50 @@ fn main() {
         record("G1", "gc", bench_g1(&cfg, &mut notes), &mut rows);
     }
     if cfg.wants("P1") {
-        record("P1", "processing", bench_p1(&cfg, &main_db, &mut notes, &mut chart), &mut rows);
+        record(
+            "P1",
+            "processing",
+            bench_p1(&cfg, &main_db, &mut notes, &mut chart),
+            &mut rows,
+        );
     }
     if cfg.wants("L1") {
-        record("L1", "latency", bench_l1(&cfg, &main_db, &mut notes, &mut chart), &mut rows);
+        record(
+            "L1",
+            "latency",
+            bench_l1(&cfg, &main_db, &mut notes, &mut chart),
+            &mut rows,
+        );
     }
     if cfg.wants("B1") {
-        record("B1", "bloat", bench_b1(&cfg, &main_db, &mut notes), &mut rows);
+        record(
+            "B1",
+            "bloat",
+            bench_b1(&cfg, &main_db, &mut notes),
+            &mut rows,
+        );
     }
 
     // The table in the order of the cases' ids as documented: E1 E2 P1 L1 M1 G1 B1.
-    let rank = |id: &str| ["E1", "E2", "P1", "L1", "M1", "G1", "B1"].iter().position(|x| *x == id).unwrap_or(99);
+    let rank = |id: &str| {
+        ["E1", "E2", "P1", "L1", "M1", "G1", "B1"]
+            .iter()
+            .position(|x| *x == id)
+            .unwrap_or(99)
+    };
     rows.sort_by_key(|r| rank(&r.id));
-    notes.insert(0, format!(
-        "Every figure: median of {} runs (min–max); ratio = picloud / baseline per run. {}",
-        cfg.runs,
-        if cfg.quick { "QUICK smoke run: short durations and fewer events; figures are indicative only." } else { "" }
-    ));
+    notes.insert(
+        0,
+        format!(
+            "Every figure: median of {} runs (min–max); ratio = picloud / baseline per run. {}",
+            cfg.runs,
+            if cfg.quick {
+                "QUICK smoke run: short durations and fewer events; figures are indicative only."
+            } else {
+                ""
+            }
+        ),
+    );
     notes.push("P1 baseline adds WHERE due_at <= now() to the DELETE's sub-select so the partial index on due rows (predicate due_at IS NOT NULL) can serve it, as picloud's claim does.".into());
 
     let table = text_table(&rows);
@@ -1456,14 +1820,24 @@ fn main() {
     let json_path = cfg.out.join("results.json");
     let md_path = cfg.out.join("results.md");
     let mut md = String::new();
-    md.push_str(&format!("# picloud benchmark{}\n\n", if cfg.quick { " (quick run)" } else { "" }));
+    md.push_str(&format!(
+        "# picloud benchmark{}\n\n",
+        if cfg.quick { " (quick run)" } else { "" }
+    ));
     let m = &meta["machine"];
     md.push_str(&format!(
         "Machine: {} CPUs, {}, {} GiB RAM, load at start {}. Duration {} s.\n\n",
-        m["nproc"], m["cpu_model"].as_str().unwrap_or("?"), m["memory_gib"], m["loadavg_at_start"].as_str().unwrap_or("?"), elapsed
+        m["nproc"],
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["memory_gib"],
+        m["loadavg_at_start"].as_str().unwrap_or("?"),
+        elapsed
     ));
     if let Value::Object(s) = &meta["settings"] {
-        let list: Vec<String> = s.iter().map(|(k, v)| format!("`{k}={}`", v.as_str().unwrap_or(""))).collect();
+        let list: Vec<String> = s
+            .iter()
+            .map(|(k, v)| format!("`{k}={}`", v.as_str().unwrap_or("")))
+            .collect();
         md.push_str(&format!("Settings: {}\n\n", list.join(", ")));
     }
     md.push_str(&markdown_table(&rows));
@@ -1471,10 +1845,17 @@ fn main() {
     for n in &notes {
         md.push_str(&format!("- {n}\n"));
     }
-    let wrote = std::fs::write(&json_path, serde_json::to_string_pretty(&doc).unwrap_or_default())
-        .and_then(|_| std::fs::write(&md_path, md));
+    let wrote = std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+    .and_then(|_| std::fs::write(&md_path, md));
     match wrote {
-        Ok(()) => progress(&format!("wrote {} and {}", md_path.display(), json_path.display())),
+        Ok(()) => progress(&format!(
+            "wrote {} and {}",
+            md_path.display(),
+            json_path.display()
+        )),
         Err(e) => {
             eprintln!("cannot write results: {e}");
             std::process::exit(1);
