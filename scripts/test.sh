@@ -36,4 +36,4 @@ bash scripts/cluster.sh start "$cluster" "$port" picloud_it
 trap 'bash scripts/cluster.sh stop "$cluster"' EXIT
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud_it -qc "CREATE EXTENSION IF NOT EXISTS picloud"
 PICLOUD_TEST_PORT=$port PICLOUD_TEST_DATA="$cluster" PICLOUD_TEST_WORKER_DB=picloud_it \
-  cargo test -p picloud-tests -- --test-threads="${PICLOUD_TEST_THREADS:-2}"
+  cargo test -p picloud-tests -- --test-threads="${PICLOUD_TEST_THREADS:-2}" --nocapture

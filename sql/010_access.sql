@@ -40,12 +40,8 @@ BEGIN
 END
 $$;
 
--- True for superusers and members of picloud_admin: they act on every app.
-CREATE FUNCTION picloud._is_owner() RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = current_user AND rolsuper)
-        OR pg_catalog.pg_has_role(current_user, 'picloud_admin', 'MEMBER')
-$$;
+-- picloud._is_owner() (Rust, api/access.rs): superusers and members of picloud_admin, who act
+-- on every app.
 
 -- Does the current role hold a capability in an app?
 --   manage_triggers     (AppManageTriggers)    - admin
@@ -94,21 +90,27 @@ END
 $$;
 
 -- What, if anything, stops a principal from running a handler in an app now: the role was
--- dropped, or it no longer administers the app.
+-- dropped, or it no longer administers the app. picloud._role_standing (Rust) answers the
+-- role questions from backend caches; only ordinary roles need a look at app_roles.
 CREATE FUNCTION picloud._principal_problem(p_app_id uuid, p_principal name) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT CASE
-        WHEN p_principal IS NULL THEN 'the handler no longer exists'
-        WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = p_principal)
-            THEN format('principal role "%s" no longer exists', p_principal)
-        WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = p_principal AND rolsuper)
-            THEN NULL
-        WHEN pg_catalog.pg_has_role(p_principal, 'picloud_admin', 'MEMBER') THEN NULL
-        WHEN EXISTS (SELECT 1 FROM picloud.app_roles r
-                     WHERE r.app_id = p_app_id AND r.role_name = p_principal AND r.capability = 'admin')
-            THEN NULL
-        ELSE format('principal role "%s" is no longer an administrator of app %s', p_principal, p_app_id)
-    END
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_standing integer;
+BEGIN
+    IF p_principal IS NULL THEN
+        RETURN 'the handler no longer exists';
+    END IF;
+    v_standing := picloud._role_standing(p_principal);
+    IF v_standing = 0 THEN
+        RETURN format('principal role "%s" no longer exists', p_principal);
+    ELSIF v_standing = 1 THEN
+        RETURN NULL;
+    ELSIF EXISTS (SELECT 1 FROM picloud.app_roles r
+                  WHERE r.app_id = p_app_id AND r.role_name = p_principal AND r.capability = 'admin') THEN
+        RETURN NULL;
+    END IF;
+    RETURN format('principal role "%s" is no longer an administrator of app %s', p_principal, p_app_id);
+END
 $$;
 
 -- Apps ------------------------------------------------------------------------------------

@@ -98,18 +98,40 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_event_id uuid := gen_random_uuid();
     v_existing uuid;
-    v_script_id uuid;
+    v_script_id uuid := p_script_id;
     v_depth integer;
+    v_wake_pending boolean;
 BEGIN
+    -- This is the hottest path: each check below is a plain expression that PL/pgSQL
+    -- evaluates without running a query, and the helper that raises the precise error is
+    -- called only when a check fails.
     IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payload IS NULL THEN
         PERFORM picloud._null_argument('{app_id,source,op,payload}',
             ARRAY[p_app_id IS NULL, p_source IS NULL, p_op IS NULL, p_payload IS NULL]);
     END IF;
-    PERFORM picloud._require(p_app_id, 'enqueue');
-    PERFORM picloud._check_event_shape(p_source, p_op);
-    PERFORM picloud._check_payload(p_payload);
-    v_depth := picloud._event_depth(p_depth);
-    v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
+    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')
+       OR length(p_op) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._check_event_shape(p_source, p_op);
+    END IF;
+    IF pg_catalog.pg_column_size(p_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+        PERFORM picloud._check_payload(p_payload);
+    END IF;
+    v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
+    IF p_depth < 0 OR v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
+        v_depth := picloud._event_depth(p_depth);
+    END IF;
+    IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
+        PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+        IF NOT FOUND THEN
+            PERFORM picloud._require_app(p_app_id);
+            PERFORM picloud._require_script(p_app_id, p_script_id);
+        END IF;
+    ELSE
+        v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    END IF;
     IF p_reply_to IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM picloud.inboxes i WHERE i.app_id = p_app_id AND i.channel = p_reply_to) THEN
         PERFORM picloud._invalid(format('reply_to %L is not an open inbox of app %s', left(p_reply_to, 200), p_app_id),
@@ -131,7 +153,7 @@ BEGIN
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
     VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
             coalesce(p_run_at, now()), p_reply_to);
-    PERFORM picloud._wake_at_commit();
+    v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
 $$;
@@ -196,17 +218,25 @@ CREATE FUNCTION picloud.picloud_emit_kv(
     p_value jsonb,
     p_depth integer DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- The matching statement's best plan is the same for every call (an index probe on
+-- (app_id, match_key)); without this, an app with many triggers makes PL/pgSQL re-plan it on
+-- every call.
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_enqueued integer;
     v_depth integer;
     v_payload jsonb;
+    v_wake_pending boolean;
 BEGIN
     IF p_app_id IS NULL OR p_collection IS NULL OR p_op IS NULL THEN
         PERFORM picloud._null_argument('{app_id,collection,op}',
             ARRAY[p_app_id IS NULL, p_collection IS NULL, p_op IS NULL]);
     END IF;
-    PERFORM picloud._require(p_app_id, 'enqueue');
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
     IF length(p_collection) NOT BETWEEN 1 AND 1024 THEN
         PERFORM picloud._invalid(format('collection name must be 1 to 1024 characters long, got %s', length(p_collection)));
     END IF;
@@ -217,17 +247,24 @@ BEGIN
         PERFORM picloud._invalid(format('key must be at most 1024 characters long, got %s', length(p_key)));
     END IF;
     v_payload := jsonb_build_object('collection', p_collection, 'op', p_op, 'key', p_key, 'value', p_value);
-    PERFORM picloud._check_payload(v_payload);
+    IF pg_catalog.pg_column_size(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+        PERFORM picloud._check_payload(v_payload);
+    END IF;
     -- The depth check only matters when something would be enqueued: writing a captured table
     -- that no trigger listens to is never an error.
+    IF p_depth < 0 THEN
+        PERFORM picloud._event_depth(p_depth);
+    END IF;
     v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
     SELECT p_app_id, gen_random_uuid(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
     FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;
     IF v_enqueued > 0 THEN
-        PERFORM picloud._event_depth(p_depth);
-        PERFORM picloud._wake_at_commit();
+        IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
+            PERFORM picloud._event_depth(p_depth);
+        END IF;
+        v_wake_pending := picloud._wake_at_commit();
     END IF;
     RETURN v_enqueued;
 END

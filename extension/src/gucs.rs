@@ -157,3 +157,55 @@ pub fn database() -> String {
         .and_then(|name| name.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn settings_are_registered_with_their_contexts() {
+        let context = |name: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT context FROM pg_settings WHERE name = '{name}'"
+            ))
+        };
+        assert_eq!(
+            context("picloud.max_trigger_depth"),
+            Ok(Some("superuser".to_string()))
+        );
+        assert_eq!(
+            context("picloud.retry_max_attempts"),
+            Ok(Some("superuser".to_string()))
+        );
+        assert_eq!(
+            context("picloud.gc_interval"),
+            Ok(Some("sighup".to_string()))
+        );
+        assert_eq!(
+            context("picloud.gc_batch_size"),
+            Ok(Some("sighup".to_string()))
+        );
+        assert_eq!(
+            context("picloud.dead_letter_retention_days"),
+            Ok(Some("sighup".to_string()))
+        );
+        assert_eq!(
+            context("picloud.database"),
+            Ok(Some("postmaster".to_string()))
+        );
+        // The test configuration set the interval to one second.
+        assert_eq!(
+            Spi::get_one::<String>("SHOW picloud.gc_interval"),
+            Ok(Some("1s".to_string()))
+        );
+    }
+
+    #[pg_test]
+    fn housekeeper_is_registered() {
+        let workers = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'picloud housekeeper'",
+        );
+        assert_eq!(workers, Ok(Some(1)));
+    }
+}

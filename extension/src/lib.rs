@@ -17,7 +17,12 @@ extension_sql_file!("../../sql/001_schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
     "../../sql/010_access.sql",
     name = "access",
-    requires = ["schema", api::matching::picloud_collection_matches]
+    requires = [
+        "schema",
+        api::matching::picloud_collection_matches,
+        api::access::picloud_is_owner,
+        api::access::picloud_role_standing
+    ]
 );
 extension_sql_file!(
     "../../sql/020_triggers.sql",

@@ -135,8 +135,12 @@ async fn claim_loop(
         }
         if !rechecked {
             rechecked = true;
-            if sleep_unless_stopping(RECHECK_DELAY, phase).await {
-                return Ok(());
+            // A wake-up during the recheck delay ends it at once: an event enqueued right
+            // after the supervisor went idle must not wait out the delay.
+            tokio::select! {
+                _ = connection.wake.notified() => {}
+                _ = tokio::time::sleep(RECHECK_DELAY) => {}
+                _ = stopping(phase) => return Ok(()),
             }
             continue;
         }

@@ -140,3 +140,55 @@ pub fn picloud_unbecome(token: i64) {
         pg_sys::SetUserIdAndSecContext(invocation.saved_user, invocation.saved_context);
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn depth_is_zero_outside_a_handler() {
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT picloud.picloud_current_depth()"),
+            Ok(Some(0))
+        );
+    }
+
+    #[pg_test(error = "invalid token: no handler is running")]
+    fn unbecome_without_become_is_refused() {
+        let result = Spi::run("SELECT picloud._unbecome(42)");
+        panic!("expected an error, got {result:?}");
+    }
+
+    #[pg_test(error = "principal role \"no_such_role_xyz\" does not exist")]
+    fn become_an_unknown_role_is_refused() {
+        let result = Spi::run("SELECT picloud._become('no_such_role_xyz', 0)");
+        panic!("expected an error, got {result:?}");
+    }
+
+    #[pg_test]
+    fn become_switches_user_and_depth_until_unbecome() {
+        Spi::run("CREATE ROLE picloud_pg_test_principal; GRANT picloud_user TO picloud_pg_test_principal")
+            .expect("create role");
+        let token = Spi::get_one::<i64>("SELECT picloud._become('picloud_pg_test_principal', 3)")
+            .expect("become")
+            .expect("a token");
+        assert_eq!(
+            Spi::get_one::<String>("SELECT current_user::text"),
+            Ok(Some("picloud_pg_test_principal".to_string()))
+        );
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT picloud.picloud_current_depth()"),
+            Ok(Some(4))
+        );
+        Spi::run(&format!("SELECT picloud._unbecome({token})")).expect("unbecome");
+        assert_ne!(
+            Spi::get_one::<String>("SELECT current_user::text"),
+            Ok(Some("picloud_pg_test_principal".to_string()))
+        );
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT picloud.picloud_current_depth()"),
+            Ok(Some(0))
+        );
+    }
+}

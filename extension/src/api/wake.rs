@@ -1,26 +1,81 @@
 //! Waking supervisors without paying for NOTIFY on every enqueue.
 //!
 //! A NOTIFY takes a cluster-wide lock at commit that serialises committing writers. A
-//! supervisor that is busy claiming does not need it: it will claim again anyway. So a flag
-//! in shared memory records whether the last claim came back empty (some supervisor is about
-//! to sleep), and an enqueueing transaction sends the generic `picloud_wake` notification at
-//! commit only while that flag is up. The flag is read in the pre-commit callback, as late as
-//! possible, so that a supervisor that went idle while the transaction ran still gets woken.
-//! The small remaining window (flag raised between our pre-commit and our commit becoming
-//! visible) is closed by the supervisor re-claiming once shortly after going idle, and in the
-//! worst case by its poll interval.
+//! supervisor that is busy claiming does not need it: it will claim again anyway. So shared
+//! memory records, per database, since when the last claim there came back empty (some
+//! supervisor is about to sleep), and an enqueueing transaction sends the generic
+//! `picloud_wake` notification at commit only while that mark is up and fresh. The mark is
+//! read in the pre-commit callback, as late as possible, so that a supervisor that went idle
+//! while the transaction ran still gets woken. The small remaining window (mark raised between
+//! our pre-commit and our commit becoming visible) is closed by the supervisor re-claiming once
+//! shortly after going idle, and in the worst case by its poll interval.
+//!
+//! An idle supervisor claims again at every poll interval, which refreshes the mark; a mark
+//! older than `IDLE_MARK_TTL_MS` belongs to a supervisor that has gone away, and is ignored, so
+//! a stopped supervisor does not leave every enqueue paying for a notification nobody hears.
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
+use pgrx::{
+    pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgAtomic, PgXactCallbackEvent,
+};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 /// The channel supervisors LISTEN on. The payload is always empty so Postgres coalesces
 /// duplicate notifications within a transaction.
 pub const WAKE_CHANNEL: &str = "picloud_wake";
 
+/// Databases tracked at once; beyond this, enqueues in further databases always notify.
+const DATABASE_SLOTS: usize = 64;
+
+/// How long an idle mark stays valid without being refreshed by another empty claim. Longer
+/// than any sensible poll interval.
+const IDLE_MARK_TTL_MS: i64 = 60_000;
+
+/// Per database: its oid (0 = free slot) and since when its supervisors are idle, in ms on
+/// Postgres' clock (0 = busy).
+pub struct IdleBoard {
+    database: [AtomicU32; DATABASE_SLOTS],
+    idle_since_ms: [AtomicI64; DATABASE_SLOTS],
+}
+
+// SAFETY: only atomics, no pointers: valid in shared memory and across processes.
+unsafe impl PGRXSharedMemory for IdleBoard {}
+
+impl IdleBoard {
+    const fn new() -> IdleBoard {
+        IdleBoard {
+            database: [const { AtomicU32::new(0) }; DATABASE_SLOTS],
+            idle_since_ms: [const { AtomicI64::new(0) }; DATABASE_SLOTS],
+        }
+    }
+
+    /// The slot of a database; with `create`, takes a free slot for it if it has none.
+    fn slot(&self, database: u32, create: bool) -> Option<usize> {
+        if let Some(slot) = self
+            .database
+            .iter()
+            .position(|d| d.load(Ordering::Acquire) == database)
+        {
+            return Some(slot);
+        }
+        if !create {
+            return None;
+        }
+        for (slot, d) in self.database.iter().enumerate() {
+            match d.compare_exchange(0, database, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(slot),
+                // Another backend took this slot for the same database meanwhile.
+                Err(current) if current == database => return Some(slot),
+                Err(_) => {}
+            }
+        }
+        None
+    }
+}
+
 // SAFETY: the name is unique to picloud within this cluster's shared memory.
-static SUPERVISOR_IDLE: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"picloud_supervisor_idle") };
+static IDLE_BOARD: PgAtomic<IdleBoard> = unsafe { PgAtomic::new(c"picloud_idle_board") };
 
 thread_local! {
     /// Local transaction id for which the pre-commit check is already registered, so that a
@@ -29,12 +84,39 @@ thread_local! {
 }
 
 pub fn init_shared_memory() {
-    pg_shmem_init!(SUPERVISOR_IDLE = AtomicBool::new(false));
+    pg_shmem_init!(IDLE_BOARD = IdleBoard::new());
 }
 
 fn current_local_xid() -> u32 {
     // SAFETY: MyProc is set for every backend before any SQL function can run.
     unsafe { (*pg_sys::MyProc).lxid }
+}
+
+fn current_database() -> u32 {
+    // SAFETY: MyDatabaseId is set once the backend has connected to a database.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+fn now_ms() -> i64 {
+    // SAFETY: reads the system clock as a Postgres timestamp (microseconds).
+    let micros = unsafe { pg_sys::GetCurrentTimestamp() };
+    micros / 1000
+}
+
+/// Is some supervisor of the current database idle, by a mark fresh enough to trust?
+fn supervisor_idle_here() -> bool {
+    let board = IDLE_BOARD.get();
+    match board.slot(current_database(), false) {
+        Some(slot) => {
+            let since = board.idle_since_ms[slot].load(Ordering::Acquire);
+            since != 0 && now_ms() - since < IDLE_MARK_TTL_MS
+        }
+        // Untracked because every slot is taken: notify, correctness first.
+        None => board
+            .database
+            .iter()
+            .all(|d| d.load(Ordering::Acquire) != 0),
+    }
 }
 
 fn notify_supervisors() {
@@ -50,29 +132,66 @@ fn notify_supervisors() {
 }
 
 /// Arranges for supervisors to be woken when the current transaction commits, if any of them
-/// is idle at that moment (internal; called by every enqueue path).
+/// is idle at that moment (internal; called by every enqueue path). Returns true: it returns a
+/// value only so that PL/pgSQL can call it as a cheap expression instead of a query.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
-pub fn picloud_wake_at_commit() {
+pub fn picloud_wake_at_commit() -> bool {
     let lxid = current_local_xid();
     if REGISTERED_FOR.with(|registered| registered.replace(lxid)) == lxid {
-        return;
+        return true;
     }
     register_xact_callback(PgXactCallbackEvent::PreCommit, || {
-        if SUPERVISOR_IDLE.get().load(Ordering::Acquire) {
+        if supervisor_idle_here() {
             notify_supervisors();
         }
     });
+    true
 }
 
-/// Records the outcome of a claim: an empty claim means its supervisor is about to wait for
-/// a notification (internal; called by `picloud_claim`).
+/// Records the outcome of a claim in the current database: an empty claim means its
+/// supervisor is about to wait for a notification (internal; called by `picloud_claim`).
 #[pg_extern(volatile, parallel_unsafe, name = "_note_claim")]
 pub fn picloud_note_claim(claimed: i32) {
-    SUPERVISOR_IDLE.get().store(claimed == 0, Ordering::Release);
+    let board = IDLE_BOARD.get();
+    if let Some(slot) = board.slot(current_database(), true) {
+        let since = if claimed == 0 { now_ms().max(1) } else { 0 };
+        board.idle_since_ms[slot].store(since, Ordering::Release);
+    }
 }
 
-/// Whether enqueues currently send a wake-up notification (some supervisor is idle).
+/// Whether enqueues in this database currently send a wake-up notification (some
+/// supervisor here is idle).
 #[pg_extern(volatile, parallel_safe)]
 pub fn picloud_supervisor_idle() -> bool {
-    SUPERVISOR_IDLE.get().load(Ordering::Acquire)
+    supervisor_idle_here()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn claims_raise_and_lower_the_idle_flag() {
+        Spi::run("SELECT picloud._note_claim(0)").expect("empty claim");
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
+            Ok(Some(true))
+        );
+        Spi::run("SELECT picloud._note_claim(5)").expect("busy claim");
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
+            Ok(Some(false))
+        );
+    }
+
+    #[pg_test]
+    fn wake_at_commit_can_be_called_many_times_in_one_transaction() {
+        Spi::run("SELECT picloud._note_claim(0)").expect("empty claim");
+        Spi::run("SELECT picloud._wake_at_commit() FROM generate_series(1, 1000)").expect("wake");
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
+            Ok(Some(true))
+        );
+    }
 }

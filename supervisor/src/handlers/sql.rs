@@ -36,41 +36,38 @@ pub async fn run(client: &mut Client, claim: &Claim, worker: &str, timeout_ms: u
     }
 }
 
+/// Runs the whole transaction as one simple-query round trip: on the success path the
+/// handler, the completion and the commit cost the supervisor a single exchange with the
+/// database. On an error Postgres skips the rest of the batch and leaves the transaction
+/// aborted, so it is rolled back explicitly.
 async fn run_transaction(
     client: &mut Client,
     claim: &Claim,
     worker: &str,
     timeout_ms: u32,
 ) -> SqlOutcome {
-    let transaction = match client.transaction().await {
-        Ok(transaction) => transaction,
-        Err(e) => return classify(&e, true),
-    };
-    let work = async {
-        // timeout_ms is a number, never user text, so formatting it in is safe;
-        // SET does not take bind parameters.
-        transaction
-            .batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
-            .await?;
-        transaction
-            .execute(
-                "SELECT picloud.picloud_run_sql_handler($1::uuid, $2::uuid, $3::text)",
-                &[&claim.app_id, &claim.event_id, &worker],
-            )
-            .await
-    }
-    .await;
-    match work {
-        // A failed COMMIT ends the transaction too, so it is handled like any failure.
-        Ok(_) => match transaction.commit().await {
-            Ok(()) => SqlOutcome::Completed,
-            Err(e) => classify(&e, true),
-        },
+    // The uuids and the number print as plain literals; the worker name is operator text and
+    // is quoted as a string literal (standard_conforming_strings is on in every supported
+    // Postgres, so doubling quotes is the whole escape).
+    let batch = format!(
+        "BEGIN; SET LOCAL statement_timeout = {timeout_ms}; \
+         SELECT picloud.picloud_run_sql_handler('{}'::uuid, '{}'::uuid, {}); COMMIT;",
+        claim.app_id,
+        claim.event_id,
+        quote_literal(worker)
+    );
+    match client.batch_execute(&batch).await {
+        Ok(()) => SqlOutcome::Completed,
         Err(e) => {
-            let rolled_back = transaction.rollback().await.is_ok();
+            let rolled_back =
+                e.as_db_error().is_some() && client.batch_execute("ROLLBACK").await.is_ok();
             classify(&e, rolled_back)
         }
     }
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn classify(e: &tokio_postgres::Error, rolled_back: bool) -> SqlOutcome {
@@ -81,5 +78,20 @@ fn classify(e: &tokio_postgres::Error, rolled_back: bool) -> SqlOutcome {
         SqlOutcome::LeaseLost(text)
     } else {
         SqlOutcome::Failed(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_literal;
+
+    #[test]
+    fn worker_names_are_quoted_as_literals() {
+        assert_eq!(quote_literal("host-1"), "'host-1'");
+        assert_eq!(quote_literal("o'brien"), "'o''brien'");
+        assert_eq!(
+            quote_literal("x'); DROP TABLE t; --"),
+            "'x''); DROP TABLE t; --'"
+        );
     }
 }
