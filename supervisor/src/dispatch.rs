@@ -18,8 +18,9 @@ use crate::wake::{self, WakeConnection};
 
 /// After an empty claim the extension starts sending wake-ups for this worker;
 /// an event enqueued just before that would get none, so claim once more
-/// shortly after to close that window.
-const RECHECK_DELAY: Duration = Duration::from_millis(50);
+/// shortly after to close that window. The window is one commit's WAL flush, so a few
+/// milliseconds cover it.
+const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.

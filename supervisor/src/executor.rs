@@ -49,6 +49,24 @@ impl Pool {
         Ok(client)
     }
 
+    /// Opens up to `count` connections ahead of the first events, so that the first handlers
+    /// after start-up do not pay for connecting. A failure only logs: `get` connects on demand.
+    pub async fn warm(&self, count: usize) {
+        for _ in 0..count {
+            match db::connect(&self.config).await {
+                Ok(client) => self.put(client),
+                Err(e) => {
+                    log::warn(
+                        "could not open an executor connection ahead of time",
+                        &[("error", db::error_text(&e).into())],
+                    );
+                    return;
+                }
+            }
+        }
+        log::info("executor connections opened", &[("count", count.into())]);
+    }
+
     fn pop_idle(&self) -> Option<Client> {
         // A panic elsewhere while holding the lock leaves a plain Vec behind,
         // which is still perfectly usable.

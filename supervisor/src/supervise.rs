@@ -103,6 +103,10 @@ pub async fn run(config: Config) -> u8 {
         stats: Arc::new(Stats::default()),
         config,
     });
+    {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move { shared.pool.warm(shared.config.concurrency).await });
+    }
     let (phase_sender, phase) = watch::channel(Phase::Running);
     let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase));
     let summary = tokio::spawn(stats::report_periodically(Arc::clone(&shared.stats)));

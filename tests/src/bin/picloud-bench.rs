@@ -1635,14 +1635,21 @@ fn bench_b1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         .value(&settled)
         .baseline("before", &before, "kB")
         .target(
-            &format!("≤ 2× before, floor 64 kB (waited ≤ {} s)", cfg.b1_wait.as_secs()),
+            &format!(
+                "≤ 2× before, floor 64 kB (waited ≤ {} s)",
+                cfg.b1_wait.as_secs()
+            ),
             pass_runs * 2 > cfg.runs,
         );
     settled_row.ratio = Some(stat(&ratios));
     Ok(vec![
-        Row::new("B1", &format!("outbox table size right after {ev} events"), "kB")
-            .value(&after)
-            .baseline("before", &before, "kB"),
+        Row::new(
+            "B1",
+            &format!("outbox table size right after {ev} events"),
+            "kB",
+        )
+        .value(&after)
+        .baseline("before", &before, "kB"),
         Row::new(
             "B1",
             &format!("outbox n_dead_tup right after {ev} events"),
@@ -1652,7 +1659,12 @@ fn bench_b1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         .baseline("before", &dead_before, ""),
         settled_row,
         Row::new("B1", "  of which heap, after autovacuum", "kB").value(&heap_settled),
-        Row::new("B1", "  with indexes (pages kept for reuse), after autovacuum", "kB").value(&total_settled),
+        Row::new(
+            "B1",
+            "  with indexes (pages kept for reuse), after autovacuum",
+            "kB",
+        )
+        .value(&total_settled),
         Row::new("B1", "outbox n_dead_tup after autovacuum", "").value(&dead_settled),
         Row::new("B1", "waited (size back, or autovacuum done)", "s").value(&waited),
     ])
