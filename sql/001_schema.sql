@@ -104,7 +104,8 @@ CREATE INDEX dead_letter_trigger_details_match_idx
 -- lease, and either completed (deleted), rescheduled, or moved to dead_letters.
 CREATE TABLE picloud.outbox (
     app_id            uuid        NOT NULL,
-    event_id          uuid        NOT NULL DEFAULT gen_random_uuid(),
+    -- Time-ordered (see extension/src/api/admission.rs): new rows append to the index.
+    event_id          uuid        NOT NULL DEFAULT picloud._new_event_id(),
     source            text        NOT NULL,
     op                text        NOT NULL,
     trigger_id        uuid,

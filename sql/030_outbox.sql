@@ -96,7 +96,7 @@ CREATE FUNCTION picloud.picloud_enqueue(
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_event_id uuid := gen_random_uuid();
+    v_event_id uuid := picloud._new_event_id();
     v_existing uuid;
     v_script_id uuid := p_script_id;
     v_depth integer;
@@ -116,11 +116,9 @@ BEGIN
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
-    IF pg_catalog.pg_column_size(p_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
-    END IF;
-    v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
-    IF p_depth < 0 OR v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
         v_depth := picloud._event_depth(p_depth);
     END IF;
     IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
@@ -196,7 +194,7 @@ BEGIN
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
-    v_ids := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, cardinality(p_payloads)));
+    v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
     SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
            coalesce(p_run_at, now())
@@ -257,7 +255,7 @@ BEGIN
     END IF;
     v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
-    SELECT p_app_id, gen_random_uuid(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
+    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
     FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;
     IF v_enqueued > 0 THEN
@@ -430,6 +428,25 @@ BEGIN
 END
 $$;
 
+-- Locks a claimed outbox row for its worker; PC002 if the worker no longer holds it.
+CREATE FUNCTION picloud._lock_claimed(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS picloud.outbox
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
+    END IF;
+    SELECT * INTO r FROM picloud.outbox o
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id FOR UPDATE;
+    IF NOT FOUND OR r.claimed_by IS DISTINCT FROM p_worker THEN
+        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
+    END IF;
+    RETURN r;
+END
+$$;
+
 -- Runs a claimed event's SQL handler as its principal and completes the event, all in the
 -- caller's transaction: the handler's writes and the completion commit or roll back together.
 -- Returns the handler's result as jsonb for a synchronous event (NULL otherwise).
@@ -447,15 +464,7 @@ DECLARE
     v_text text;
     v_result jsonb;
 BEGIN
-    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
-        PERFORM picloud._null_argument('{app_id,event_id,worker}',
-            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
-    END IF;
-    SELECT * INTO r FROM picloud.outbox o
-    WHERE o.app_id = p_app_id AND o.event_id = p_event_id FOR UPDATE;
-    IF NOT FOUND OR r.claimed_by IS DISTINCT FROM p_worker THEN
-        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
-    END IF;
+    r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
     SELECT s.sql_function, s.kind INTO v_function, v_kind
     FROM picloud.scripts s WHERE s.app_id = r.app_id AND s.script_id = r.script_id;
     SELECT h.principal, h.problem INTO v_principal, v_problem
@@ -548,15 +557,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r picloud.outbox;
 BEGIN
-    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
-        PERFORM picloud._null_argument('{app_id,event_id,worker}',
-            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
-    END IF;
-    SELECT * INTO r FROM picloud.outbox o
-    WHERE o.app_id = p_app_id AND o.event_id = p_event_id FOR UPDATE;
-    IF NOT FOUND OR r.claimed_by IS DISTINCT FROM p_worker THEN
-        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
-    END IF;
+    r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
     RETURN QUERY SELECT * FROM picloud._settle_failure(r, p_error, picloud.picloud_retry_delay(r.attempt_count));
 END
 $$;

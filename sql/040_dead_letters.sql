@@ -27,7 +27,7 @@ BEGIN
         RETURN v_dead_letter_id;
     END IF;
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
-    SELECT r.app_id, gen_random_uuid(), 'dead_letter', r.op, m.trigger_id, m.script_id,
+    SELECT r.app_id, picloud._new_event_id(), 'dead_letter', r.op, m.trigger_id, m.script_id,
            jsonb_build_object(
                'dead_letter_id', v_dead_letter_id, 'original_event_id', r.event_id,
                'source', r.source, 'op', r.op, 'trigger_id', r.trigger_id, 'script_id', r.script_id,
@@ -132,7 +132,7 @@ $$;
 CREATE FUNCTION picloud._replay(d picloud.dead_letters) RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_event_id uuid := gen_random_uuid();
+    v_event_id uuid := picloud._new_event_id();
 BEGIN
     IF d.script_id IS NULL THEN
         PERFORM picloud._invalid(format('dead letter %s has no handler to replay', d.dead_letter_id));

@@ -80,6 +80,8 @@ GRANT EXECUTE ON FUNCTION
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_page(integer, integer),
     picloud._wake_at_commit(),
+    picloud._new_event_id(),
+    picloud._admit(integer, integer),
     picloud._lock_unresolved(uuid, uuid),
     picloud._replay(picloud.dead_letters),
     -- Runs as the handler's principal; useless without the token _become returned.

@@ -13,7 +13,11 @@ mod worker;
 
 pgrx::pg_module_magic!();
 
-extension_sql_file!("../../sql/001_schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../../sql/001_schema.sql",
+    name = "schema",
+    requires = [api::admission::picloud_new_event_id]
+);
 extension_sql_file!(
     "../../sql/010_access.sql",
     name = "access",
@@ -41,6 +45,7 @@ extension_sql_file!(
         api::wake::picloud_wake_at_commit,
         api::wake::picloud_note_claim,
         api::principal::picloud_current_depth,
+        api::admission::picloud_admit,
         api::principal::picloud_become,
         api::principal::picloud_unbecome
     ]

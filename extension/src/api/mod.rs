@@ -1,6 +1,7 @@
 //! SQL-facing functions implemented in Rust. The rest of the SQL API is in `sql/`.
 
 pub mod access;
+pub mod admission;
 pub mod matching;
 pub mod principal;
 pub mod wake;
