@@ -130,8 +130,8 @@ CREATE TABLE picloud.outbox (
     CONSTRAINT outbox_claim_has_lease CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL))
 ) WITH (
     -- A queue table churns: every row is inserted, updated once or twice and deleted.
-    -- Vacuum it early and often, and leave room on each page for HOT updates.
-    fillfactor = 85,
+    -- Vacuum it early and often. (No fillfactor reserve: claim and retry updates change
+    -- indexed columns, so they are never HOT updates and free space would only be wasted.)
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_threshold = 1000,
     autovacuum_vacuum_insert_scale_factor = 0.05,
