@@ -377,6 +377,11 @@ BEGIN
     IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
         PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
     END IF;
+    -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
+    -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
+    -- takes a disk flush off the path from enqueue to handler. (It applies to the rest of the
+    -- caller's transaction, which for the supervisor is this statement alone.)
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
     RETURN QUERY
     WITH due AS (
         SELECT o.app_id, o.event_id

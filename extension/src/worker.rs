@@ -34,6 +34,8 @@ pub fn register() {
 }
 
 fn extension_installed() -> bool {
+    // A failing query raises a Postgres ERROR (the worker exits and the postmaster restarts
+    // it); the Result only carries conversion errors, which mean "not installed" here.
     BackgroundWorker::transaction(|| {
         Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'picloud')",
@@ -49,6 +51,7 @@ fn run_step(step: &str, batch_size: i32) -> i64 {
     let query = format!("SELECT {step}($1)");
     let mut total = 0i64;
     loop {
+        // As above: SQL errors raise; a NULL or unconvertible count ends the step.
         let done = BackgroundWorker::transaction(|| {
             Spi::get_one_with_args::<i64>(&query, &[batch_size.into()])
                 .ok()
