@@ -35,5 +35,9 @@ rm -rf "$cluster"
 bash scripts/cluster.sh start "$cluster" "$port" picloud_it
 trap 'bash scripts/cluster.sh stop "$cluster"' EXIT
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud_it -qc "CREATE EXTENSION IF NOT EXISTS picloud"
+# The tests create many databases; a short naptime lets autovacuum visit the outbox within
+# the bloat scenario's wait (the default visits each database once a minute).
+psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qc "ALTER SYSTEM SET autovacuum_naptime = '10s'"
+psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qAtc "SELECT pg_reload_conf()" >/dev/null
 PICLOUD_TEST_PORT=$port PICLOUD_TEST_DATA="$cluster" PICLOUD_TEST_WORKER_DB=picloud_it \
   cargo test -p picloud-tests -- --test-threads="${PICLOUD_TEST_THREADS:-2}" --nocapture
