@@ -42,6 +42,21 @@ pub fn connect_as(db: &str, user: &str) -> Client {
     client
 }
 
+/// Every table the extension creates in schema picloud.
+pub const TABLES: [&str; 11] = [
+    "apps",
+    "app_roles",
+    "scripts",
+    "triggers",
+    "kv_trigger_details",
+    "dead_letter_trigger_details",
+    "outbox",
+    "idempotency_keys",
+    "dead_letters",
+    "inboxes",
+    "abandoned_executions",
+];
+
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Creates a new database with the extension and returns its name and a superuser client.

@@ -7,20 +7,6 @@ use postgres::Client;
 use proptest::prelude::*;
 use uuid::Uuid;
 
-const TABLES: &[&str] = &[
-    "apps",
-    "app_roles",
-    "scripts",
-    "triggers",
-    "kv_trigger_details",
-    "dead_letter_trigger_details",
-    "outbox",
-    "idempotency_keys",
-    "dead_letters",
-    "inboxes",
-    "abandoned_executions",
-];
-
 fn snapshot(c: &mut Client) -> Vec<i64> {
     TABLES
         .iter()

@@ -10,19 +10,7 @@ fn preloaded_and_schema_complete() {
         .unwrap()
         .get(0);
     assert!(preload.contains("picloud"), "{preload}");
-    for table in [
-        "apps",
-        "app_roles",
-        "scripts",
-        "triggers",
-        "kv_trigger_details",
-        "dead_letter_trigger_details",
-        "outbox",
-        "idempotency_keys",
-        "dead_letters",
-        "inboxes",
-        "abandoned_executions",
-    ] {
+    for table in TABLES {
         let n = count(&mut c, &format!(
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'picloud' AND tablename = '{table}'"));
         assert_eq!(n, 1, "table picloud.{table}");

@@ -114,20 +114,6 @@ fn id(c: &mut Client, sql: &str) -> Uuid {
         .get(0)
 }
 
-const TABLES: [&str; 11] = [
-    "apps",
-    "app_roles",
-    "scripts",
-    "triggers",
-    "kv_trigger_details",
-    "dead_letter_trigger_details",
-    "outbox",
-    "idempotency_keys",
-    "dead_letters",
-    "inboxes",
-    "abandoned_executions",
-];
-
 /// (table, row count, md5 of all rows) for every picloud table, as the superuser sees them;
 /// `filter` narrows every table (e.g. to one app).
 fn fingerprint(su: &mut Client, filter: &str) -> Vec<(String, i64, String)> {
