@@ -4,4 +4,5 @@ pub mod access;
 pub mod admission;
 pub mod matching;
 pub mod principal;
+mod sql_api_tests;
 pub mod wake;

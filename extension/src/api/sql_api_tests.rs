@@ -1,0 +1,225 @@
+//! #[pg_test]s for the SQL API in `sql/`: every public function called once on its success
+//! path and on each of its error paths, asserted by SQLSTATE. Errors are caught inside the
+//! database by a PL/pgSQL helper, so project SQLSTATEs (class PC) arrive unchanged.
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Creates the helper and a small fixture: app, SQL handler, KV trigger, one claimed event
+    /// and one dead letter. Fixture ids are kept in a temp table `fx`.
+    fn fixture() {
+        Spi::run(
+            "CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE q; RETURN '00000';
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
+             CREATE FUNCTION public.fx_handler(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT e $$;
+             CREATE TEMP TABLE fx AS
+               SELECT a AS app FROM picloud.picloud_create_app('fixture') a;
+             ALTER TABLE fx ADD COLUMN script uuid, ADD COLUMN trig uuid, ADD COLUMN dl uuid, ADD COLUMN ev uuid;
+             UPDATE fx SET script = picloud.picloud_create_script(app, 'h', 'sql', 'public.fx_handler');
+             UPDATE fx SET trig = picloud.picloud_create_kv_trigger(app, 'orders:*', script);
+             SET picloud.retry_max_attempts = 1;
+             UPDATE fx SET ev = picloud.picloud_enqueue(app, 'queue', 'x', '{}', script);
+             SELECT count(*) FROM picloud.picloud_claim('w', 10, 60000);
+             UPDATE fx SET dl = (SELECT f.dead_letter_id FROM picloud.picloud_fail(fx.app, fx.ev, 'w', 'boom') f);
+             RESET picloud.retry_max_attempts;
+             UPDATE fx SET ev = picloud.picloud_enqueue(app, 'queue', 'x', '{}', script);
+             SELECT count(*) FROM picloud.picloud_claim('w', 10, 60000);",
+        )
+        .expect("fixture");
+    }
+
+    /// Runs each call (with {app}, {script}, {trig}, {dl}, {ev} substituted) and asserts its
+    /// SQLSTATE ('00000' for success).
+    fn expect(cases: &[(&str, &str)]) {
+        let ids = Spi::get_three::<pgrx::Uuid, pgrx::Uuid, pgrx::Uuid>(
+            "SELECT app, script, trig FROM fx",
+        )
+        .expect("fixture ids");
+        let more =
+            Spi::get_two::<pgrx::Uuid, pgrx::Uuid>("SELECT dl, ev FROM fx").expect("fixture ids");
+        let text = |u: Option<pgrx::Uuid>| u.map(|u| u.to_string()).unwrap_or_default();
+        let (app, script, trig) = (text(ids.0), text(ids.1), text(ids.2));
+        let (dl, ev) = (text(more.0), text(more.1));
+        for (call, expected) in cases {
+            let sql = call
+                .replace("{app}", &format!("'{app}'::uuid"))
+                .replace("{script}", &format!("'{script}'::uuid"))
+                .replace("{trig}", &format!("'{trig}'::uuid"))
+                .replace("{dl}", &format!("'{dl}'::uuid"))
+                .replace("{ev}", &format!("'{ev}'::uuid"))
+                .replace("{none}", "'00000000-0000-0000-0000-000000000000'::uuid");
+            let got = Spi::get_one_with_args::<String>(
+                "SELECT pg_temp.sqlstate_of($1)",
+                &[sql.clone().into()],
+            );
+            assert_eq!(got, Ok(Some(expected.to_string())), "{sql}");
+        }
+    }
+
+    #[pg_test]
+    fn apps_and_roles() {
+        fixture();
+        expect(&[
+            ("SELECT picloud.picloud_create_app('x')", "00000"),
+            ("SELECT picloud.picloud_create_app(NULL)", "22004"),
+            ("SELECT picloud.picloud_create_app('')", "22023"),
+            ("SELECT * FROM picloud.picloud_list_apps()", "00000"),
+            (
+                "SELECT picloud.picloud_has_capability({app}, 'enqueue')",
+                "00000",
+            ),
+            (
+                "SELECT picloud.picloud_grant_app_role({app}, 'no_such_role_zz', 'admin')",
+                "42704",
+            ),
+            (
+                "SELECT picloud.picloud_grant_app_role({app}, current_user, 'root')",
+                "22023",
+            ),
+            (
+                "SELECT picloud.picloud_grant_app_role({none}, current_user, 'admin')",
+                "P0002",
+            ),
+            (
+                "SELECT picloud.picloud_revoke_app_role({app}, current_user, 'admin')",
+                "00000",
+            ),
+            ("SELECT picloud.picloud_drop_app({none})", "P0002"),
+            ("SELECT picloud.picloud_gc_pass()", "00000"),
+        ]);
+    }
+
+    #[pg_test]
+    fn handlers_and_triggers() {
+        fixture();
+        expect(&[
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'sql', 'no_such_fn')", "42883"),
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'ftp', 'x')", "22023"),
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'http', 'gopher://x')", "22023"),
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'command', 'a b')", "22023"),
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'command', 'ok', 0)", "22023"),
+            ("SELECT picloud.picloud_create_script({app}, 'h', 'command', 'ok')", "23505"),
+            ("SELECT picloud.picloud_create_script({app}, 'h2', 'command', 'ok')", "00000"),
+            ("SELECT * FROM picloud.picloud_list_scripts({app})", "00000"),
+            ("SELECT picloud.picloud_drop_script({app}, {script})", "23503"),
+            ("SELECT picloud.picloud_drop_script({app}, {none})", "P0002"),
+            ("SELECT picloud.picloud_create_kv_trigger({app}, 'a*b', {script})", "22023"),
+            ("SELECT picloud.picloud_create_kv_trigger({app}, 'x', {none})", "P0002"),
+            ("SELECT picloud.picloud_create_kv_trigger({app}, 'x', {script}, ARRAY['boom'])", "22023"),
+            ("SELECT picloud.picloud_create_kv_trigger({app}, NULL, {script})", "22004"),
+            ("SELECT picloud.picloud_create_dead_letter_trigger({app}, {script}, 'nowhere')", "22023"),
+            ("SELECT picloud.picloud_create_dead_letter_trigger({app}, {script}, 'queue')", "00000"),
+            ("SELECT picloud.picloud_get_trigger({app}, {trig})", "00000"),
+            ("SELECT picloud.picloud_get_trigger({app}, {none})", "P0002"),
+            ("SELECT * FROM picloud.picloud_list_triggers({app})", "00000"),
+            ("SELECT picloud.picloud_disable_trigger({app}, {trig})", "00000"),
+            ("SELECT picloud.picloud_enable_trigger({app}, {trig})", "00000"),
+            ("SELECT picloud.picloud_set_trigger_enabled({app}, {none}, true)", "P0002"),
+            ("SELECT * FROM picloud.picloud_match_kv_triggers({app}, 'orders:eu', 'set')", "00000"),
+            ("SELECT * FROM picloud.picloud_match_dead_letter_triggers({app}, 'queue', {script})", "00000"),
+            ("SELECT picloud.picloud_drop_trigger({app}, {trig})", "00000"),
+            ("SELECT picloud.picloud_drop_trigger({app}, {trig})", "P0002"),
+        ]);
+    }
+
+    #[pg_test]
+    fn enqueue_paths() {
+        fixture();
+        expect(&[
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script})", "00000"),
+            ("SELECT picloud.picloud_enqueue({app}, 'nope', 'x', '{}', {script})", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', NULL, {script})", "22004"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}')", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {none})", "P0002"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script}, p_depth => 99)", "PC001"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script}, p_reply_to => 'x')", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', jsonb_build_object('b', repeat('x', 2000000)), {script})", "PC004"),
+            ("SELECT picloud.picloud_enqueue_bulk({app}, 'queue', 'x', ARRAY['{}'::jsonb, '{}'], {script})", "00000"),
+            ("SELECT picloud.picloud_enqueue_bulk({app}, 'queue', 'x', ARRAY['{}'::jsonb, NULL], {script})", "22004"),
+            ("SELECT picloud.picloud_emit_kv({app}, 'orders:eu', 'set', 'k', '{}')", "00000"),
+            ("SELECT picloud.picloud_emit_kv({app}, 'orders:eu', 'upsert', 'k', '{}')", "22023"),
+            ("SELECT picloud.picloud_emit_kv({app}, 'orders:eu', 'set', 'k', '{}', 99)", "PC001"),
+            ("SELECT picloud.picloud_emit_kv({app}, 'unwatched', 'set', 'k', '{}', 99)", "00000"),
+            ("SELECT picloud.picloud_open_inbox({app})", "00000"),
+            ("SELECT picloud.picloud_open_inbox({app}, interval '0')", "22023"),
+            ("SELECT picloud.picloud_close_inbox({app}, 'nothing')", "00000"),
+            ("SELECT * FROM picloud.picloud_list_outbox({app}, -1)", "22023"),
+            ("SELECT * FROM picloud.picloud_list_outbox({app})", "00000"),
+            ("SELECT picloud.picloud_retry_delay(3)", "00000"),
+            ("SELECT picloud.capture()", "0A000"),
+        ]);
+    }
+
+    #[pg_test]
+    fn claim_complete_fail() {
+        fixture();
+        expect(&[
+            ("SELECT * FROM picloud.picloud_claim('w', 0, 1000)", "22023"),
+            ("SELECT * FROM picloud.picloud_claim(NULL, 1, 1000)", "22004"),
+            ("SELECT * FROM picloud.picloud_claim('w', 1, 50)", "22023"),
+            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 30000)", "00000"),
+            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 1)", "22023"),
+            ("SELECT picloud.picloud_complete({app}, {ev}, 'intruder')", "PC002"),
+            ("SELECT * FROM picloud.picloud_fail({app}, {ev}, 'intruder', 'x')", "PC002"),
+            ("SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'intruder')", "PC002"),
+            ("SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'w')", "00000"),
+            ("SELECT picloud.picloud_complete({app}, {ev}, 'w')", "PC002"),
+            ("SELECT picloud.picloud_release({app}, {none}, 'w')", "00000"),
+            ("SELECT picloud.picloud_record_abandoned_execution({app}, {ev}, 'gone', true, NULL, NULL, 'test')", "00000"),
+            ("SELECT picloud.picloud_record_abandoned_execution({app}, {ev}, NULL, true, NULL, NULL, 'test')", "22004"),
+            ("SELECT * FROM picloud.picloud_list_abandoned_executions({app})", "00000"),
+        ]);
+    }
+
+    #[pg_test]
+    fn dead_letter_operations() {
+        fixture();
+        expect(&[
+            (
+                "SELECT * FROM picloud.picloud_list_dead_letters({app})",
+                "00000",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_list_dead_letters({app}, true, 10, -1)",
+                "22023",
+            ),
+            (
+                "SELECT picloud.picloud_get_dead_letter({app}, {dl})",
+                "00000",
+            ),
+            (
+                "SELECT picloud.picloud_get_dead_letter({app}, {none})",
+                "P0002",
+            ),
+            ("SELECT picloud.picloud_dead_letter_count({app})", "00000"),
+            (
+                "SELECT picloud.picloud_resolve_dead_letter({app}, {dl}, 'forgotten')",
+                "23514",
+            ),
+            (
+                "SELECT picloud.picloud_resolve_dead_letter({app}, {none}, 'ignored')",
+                "P0002",
+            ),
+            (
+                "SELECT picloud.picloud_replay_dead_letter({app}, {dl})",
+                "00000",
+            ),
+            (
+                "SELECT picloud.picloud_replay_dead_letter({app}, {dl})",
+                "PC003",
+            ),
+            (
+                "SELECT picloud.picloud_resolve_dead_letter({app}, {dl}, 'ignored')",
+                "PC003",
+            ),
+            (
+                "SELECT picloud.picloud_replay_dead_letters({app}, 'queue')",
+                "00000",
+            ),
+            ("SELECT picloud.picloud_ignore_dead_letters({app})", "00000"),
+        ]);
+    }
+}
