@@ -20,6 +20,7 @@ pub struct Config {
     pub worker_name: String,
     pub concurrency: usize,
     pub batch_size: usize,
+    pub sql_batch: usize,
     pub poll_interval: Duration,
     pub lease_ms: i32,
     pub shutdown_grace: Duration,
@@ -86,7 +87,7 @@ const OPTIONS: &[Opt] = &[
         flag: "concurrency",
         env: "PICLOUD_CONCURRENCY",
         value: "N",
-        default: "8",
+        default: "16",
         repeatable: false,
         help: "Handlers running at the same time (1-1024); also the number of executor \
                database connections.",
@@ -117,6 +118,17 @@ const OPTIONS: &[Opt] = &[
         repeatable: false,
         help: "Lease taken on claimed rows (100 to 86400000); renewed every lease/3 while an \
                http or command handler runs.",
+    },
+    Opt {
+        flag: "sql-batch",
+        env: "PICLOUD_SQL_BATCH",
+        value: "N",
+        default: "8",
+        repeatable: false,
+        help: "Most sql-handler events run in one transaction (1-1000), each in its own \
+               savepoint, so that they share one commit; 1 runs every event in a transaction \
+               of its own. If a batch fails as a whole (statement timeout), its events run \
+               again one by one.",
     },
     Opt {
         flag: "shutdown-grace-ms",
@@ -231,11 +243,15 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
     };
     let concurrency: usize = match single("concurrency") {
         Some(v) => number(&v, 1, MAX_CONCURRENCY)?,
-        None => 8,
+        None => 16,
     };
     let batch_size: usize = match single("batch-size") {
         Some(v) => number(&v, 1, concurrency)?,
         None => concurrency,
+    };
+    let sql_batch: usize = match single("sql-batch") {
+        Some(v) => number(&v, 1, 1000)?,
+        None => 8,
     };
     let poll_interval_ms: u64 = match single("poll-interval-ms") {
         Some(v) => number(&v, MIN_POLL_INTERVAL_MS, u64::from(u32::MAX))?,
@@ -274,6 +290,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
         worker_name,
         concurrency,
         batch_size,
+        sql_batch,
         poll_interval: Duration::from_millis(poll_interval_ms),
         lease_ms,
         shutdown_grace: Duration::from_millis(shutdown_grace_ms),
@@ -488,8 +505,9 @@ mod tests {
     #[test]
     fn defaults() {
         let c = config(&["--database-url", URL], &[]);
-        assert_eq!(c.concurrency, 8);
-        assert_eq!(c.batch_size, 8);
+        assert_eq!(c.concurrency, 16);
+        assert_eq!(c.batch_size, 16);
+        assert_eq!(c.sql_batch, 8);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));
         assert_eq!(c.lease_ms, 30_000);
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::Backoff;
-use crate::db;
+use crate::db::{self, Claim};
 use crate::executor;
 use crate::log;
 use crate::stats::Stats;
@@ -97,28 +97,58 @@ async fn claim_loop(
         backoff.reset();
         let claimed = rows.len();
         Stats::add(&shared.stats.claimed, claimed as u64);
+        let mut claims = Vec::with_capacity(rows.len());
         for row in rows {
-            let claim = match row {
-                Ok(claim) => claim,
-                Err(e) => {
-                    log::error(
-                        "claimed row could not be read; its lease will expire",
-                        &[("error", e.into())],
-                    );
-                    continue;
+            match row {
+                Ok(claim) => claims.push(claim),
+                Err(e) => log::error(
+                    "claimed row could not be read; its lease will expire",
+                    &[("error", e.into())],
+                ),
+            }
+        }
+        // Runnable sql events share transactions in groups of up to --sql-batch; the rest
+        // (and a group of one) run one per task.
+        let (batchable, single): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| {
+            config.sql_batch > 1
+                && c.handler_kind.as_deref() == Some("sql")
+                && c.principal_error.is_none()
+        });
+        let mut groups: Vec<Vec<Claim>> = Vec::new();
+        let mut batchable = batchable.into_iter().peekable();
+        while batchable.peek().is_some() {
+            groups.push(batchable.by_ref().take(config.sql_batch).collect());
+        }
+        for group in groups {
+            let mut group_permits = Vec::with_capacity(group.len());
+            for _ in 0..group.len() {
+                match take_permit(shared, &mut permits).await {
+                    Some(permit) => group_permits.push(permit),
+                    None => return Ok(()),
                 }
-            };
-            let permit = match permits.pop() {
-                Some(permit) => permit,
-                None => {
-                    // The database returned more rows than asked for; run them
-                    // anyway, each as soon as a slot frees up.
-                    log::warn("claim returned more rows than requested", &[]);
-                    match Arc::clone(&shared.slots).acquire_owned().await {
-                        Ok(permit) => permit,
-                        Err(_) => return Ok(()),
-                    }
+            }
+            if group.len() == 1 {
+                if let (Some(claim), Some(permit)) = (group.into_iter().next(), group_permits.pop())
+                {
+                    tokio::spawn(executor::run_event(
+                        Arc::clone(shared),
+                        claim,
+                        permit,
+                        phase.clone(),
+                    ));
                 }
+            } else {
+                tokio::spawn(executor::run_sql_batch(
+                    Arc::clone(shared),
+                    group,
+                    group_permits,
+                    phase.clone(),
+                ));
+            }
+        }
+        for claim in single {
+            let Some(permit) = take_permit(shared, &mut permits).await else {
+                return Ok(());
             };
             tokio::spawn(executor::run_event(
                 Arc::clone(shared),
@@ -152,4 +182,18 @@ async fn claim_loop(
             _ = stopping(phase) => return Ok(()),
         }
     }
+}
+
+/// One of the permits taken for this claim or, if the database returned more rows than were
+/// asked for, a permit waited for now: those rows then run as slots free up. None only if the
+/// semaphore was closed, which never happens while the supervisor runs.
+async fn take_permit(
+    shared: &Arc<Shared>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Some(permit) = permits.pop() {
+        return Some(permit);
+    }
+    log::warn("claim returned more rows than requested", &[]);
+    Arc::clone(&shared.slots).acquire_owned().await.ok()
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim, ReportError};
-use crate::handlers::sql::SqlOutcome;
+use crate::handlers::sql::{BatchOutcome, SqlOutcome};
 use crate::handlers::{self, bounded_error, HandlerResult};
 use crate::log::{self, Level};
 use crate::stats::Stats;
@@ -128,6 +128,71 @@ pub async fn run_event(
     count(&shared.stats, &outcome);
     log_outcome(&claim, &outcome, started.elapsed());
     drop(permit);
+}
+
+/// Runs several claimed sql events in one transaction (see `--sql-batch`). Holds one permit
+/// per event, like `run_event`. If the batch fails as a whole, each event runs again by
+/// itself; if the connection breaks, the rows are left to their leases. Shutdown does not
+/// interrupt a batch: it is short, and whatever it leaves unfinished comes back with the lease.
+pub async fn run_sql_batch(
+    shared: Arc<Shared>,
+    claims: Vec<Claim>,
+    permits: Vec<OwnedSemaphorePermit>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let started = Instant::now();
+    let worker = shared.config.worker_name.clone();
+    let Some(mut client) = connection(&shared, &mut phase).await else {
+        for claim in &claims {
+            let outcome = Outcome::Unreported("no executor connection".to_owned());
+            count(&shared.stats, &outcome);
+            log_outcome(claim, &outcome, started.elapsed());
+        }
+        return;
+    };
+    let refs: Vec<&Claim> = claims.iter().collect();
+    match handlers::sql::run_batch(&mut client, &refs, &worker).await {
+        BatchOutcome::Done(results) => {
+            shared.pool.put(client);
+            for claim in &claims {
+                let result = results.iter().find(|r| r.event_id == claim.event_id);
+                let outcome = match result {
+                    Some(r) if r.outcome == "completed" => Outcome::Completed,
+                    Some(r) if r.outcome == "lease_lost" => {
+                        Outcome::LeaseLost(r.error.clone().unwrap_or_default())
+                    }
+                    Some(r) => Outcome::Failed {
+                        outcome: r.outcome.clone(),
+                        error: r.error.clone().unwrap_or_default(),
+                        next_due_at: None,
+                        dead_letter_id: None,
+                    },
+                    None => Outcome::Unreported("missing from the batch's answer".to_owned()),
+                };
+                count(&shared.stats, &outcome);
+                log_outcome(claim, &outcome, started.elapsed());
+            }
+            drop(permits);
+        }
+        BatchOutcome::Failed(error) => {
+            shared.pool.put(client);
+            log::warn(
+                "sql batch rolled back; running its events one by one",
+                &[("events", claims.len().into()), ("error", error.into())],
+            );
+            for (claim, permit) in claims.into_iter().zip(permits) {
+                tokio::spawn(run_event(Arc::clone(&shared), claim, permit, phase.clone()));
+            }
+        }
+        BatchOutcome::Broken(error) => {
+            for claim in &claims {
+                let outcome = Outcome::Unreported(error.clone());
+                count(&shared.stats, &outcome);
+                log_outcome(claim, &outcome, started.elapsed());
+            }
+            drop(permits);
+        }
+    }
 }
 
 /// Gets an executor connection, retrying with backoff for up to half the

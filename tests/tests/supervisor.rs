@@ -505,3 +505,99 @@ fn supervisor_needs_no_superuser() {
     c.batch_execute(&format!("DROP OWNED BY {tenant}; DROP ROLE {tenant}"))
         .ok();
 }
+
+#[test]
+fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
+    let (db, mut c) = fresh_db("e2e_batch");
+    let (app, script) = ledger_app(&mut c);
+    retry_quickly(&mut c, &db, 1);
+    c.batch_execute(
+        "CREATE FUNCTION slow_or_not(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF e->'payload'->>'slow' = 'yes' THEN PERFORM pg_sleep(3); END IF;
+             INSERT INTO ledger (event_id, payload) VALUES ((e->>'event_id')::uuid, e->'payload');
+         END $$;",
+    )
+    .unwrap();
+    let slow: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'slow', 'sql', 'slow_or_not', 300)",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    // Enqueued before the supervisor starts, so its first claims take them in batches; the
+    // eight slow-handler events come first and form the first batch of eight (their timeouts
+    // sum to 2.4 s, less than the one slow handler's 3 s).
+    for i in 0..8 {
+        let payload = if i == 3 {
+            json!({"slow": "yes"})
+        } else {
+            json!({"slow": "no"})
+        };
+        c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', $2, $3)",
+            &[&app, &payload, &slow],
+        )
+        .unwrap();
+    }
+    for i in 0..40 {
+        let payload = if i % 5 == 0 {
+            json!({"fail": "always", "i": i})
+        } else {
+            json!({"i": i})
+        };
+        c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', $2, $3)",
+            &[&app, &payload, &script],
+        )
+        .unwrap();
+    }
+    let sup = Supervisor::start(
+        &db,
+        &[
+            "--poll-interval-ms",
+            "500",
+            "--sql-batch",
+            "8",
+            "--log-level",
+            "debug",
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox"
+        ) == 0),
+        "log: {}",
+        sup.log()
+    );
+    // 32 of the 40 succeeded exactly once; the 8 failing ones each left one dead letter.
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM ledger WHERE payload ? 'i'"),
+        32
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM ledger"),
+        count(&mut c, "SELECT count(*) FROM ledger")
+    );
+    let failed = count(&mut c, "SELECT count(*) FROM picloud.dead_letters WHERE last_error LIKE '%handler failed on purpose%'");
+    assert_eq!(failed, 8);
+    // The slow one timed out alone; its seven batch mates ran.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM ledger WHERE payload->>'slow' = 'no'"
+        ),
+        7
+    );
+    let timed_out = count(
+        &mut c,
+        "SELECT count(*) FROM picloud.dead_letters WHERE last_error LIKE '%statement timeout%'",
+    );
+    assert_eq!(timed_out, 1, "log: {}", sup.log());
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        9
+    );
+}

@@ -550,7 +550,8 @@ impl Supervisor {
         let file = std::fs::File::create(&log).map_err(err("create supervisor log"))?;
         let child = Command::new(&cfg.supervisor)
             .args(["--database-url", &cfg.url(db)])
-            .args(["--concurrency", "8", "--poll-interval-ms", "5000"])
+            // Supervisor defaults (--concurrency 16, --sql-batch 8) but for the poll interval.
+            .args(["--poll-interval-ms", "5000"])
             .args(["--worker-name", &format!("bench-{tag}-{n}")])
             .args(extra)
             .stdin(Stdio::null())
@@ -1083,7 +1084,7 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
         Row::new(
             "P1",
             &format!(
-                "process {} ev, sql no-op handler, conc. 8",
+                "process {} ev, sql no-op handler, defaults",
                 fmt_num(cfg.p1_events as f64)
             ),
             "ev/s",
@@ -1098,7 +1099,7 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
         Row::new(
             "P1",
             &format!(
-                "process {} ev, http no-op handler, conc. 8",
+                "process {} ev, http no-op handler, defaults",
                 fmt_num(cfg.p1_http_events as f64)
             ),
             "ev/s",
