@@ -176,13 +176,13 @@ fn supervisor_killed_twenty_times_loses_and_duplicates_nothing() {
     let producer = {
         let db = db.clone();
         std::thread::spawn(move || {
+            // Small commits spread over the whole kill period (about 7 s), so that kills
+            // land while events are being enqueued, claimed and handled.
             let mut p = connect(&db);
             let mut ids = Vec::new();
-            for chunk in 0..(events / 100) {
-                ids.extend(enqueue_committed(&mut p, app, script, 100));
-                if chunk % 5 == 0 {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+            for _ in 0..(events / 20) {
+                ids.extend(enqueue_committed(&mut p, app, script, 20));
+                std::thread::sleep(Duration::from_millis(45));
             }
             ids
         })
@@ -195,12 +195,13 @@ fn supervisor_killed_twenty_times_loses_and_duplicates_nothing() {
         sup.kill();
         sup = Supervisor::start(&db, &supervisor_args());
     }
+    let backlog_at_last_kill = outbox_of(&mut c, app);
     let committed = producer.join().unwrap();
     let start = Instant::now();
     let (lost, duplicates) =
         settle_and_check(&mut c, app, &table, &committed, Duration::from_secs(120));
     println!(
-        "supervisor-crash: events={} kills={kills} lost={lost} duplicates={duplicates} drain_after_last_kill={:.1}s",
+        "supervisor-crash: events={} kills={kills} lost={lost} duplicates={duplicates} backlog_at_last_kill={backlog_at_last_kill} drain_after_last_kill={:.1}s",
         committed.len(),
         start.elapsed().as_secs_f64()
     );

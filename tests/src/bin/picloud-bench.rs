@@ -1123,8 +1123,27 @@ fn epoch_ms(t: SystemTime) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Waits (up to a minute) until no autovacuum worker runs anywhere in the cluster, so that a
+/// latency measurement sees an idle machine rather than the clean-up after earlier cases.
+fn wait_for_quiet(c: &mut Client) -> Res<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let busy = count(
+            c,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+        )?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}
+
 fn bench_l1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> Res<Vec<Row>> {
     let mut c = connect(cfg, &cfg.db)?;
+    exec(&mut c, "VACUUM")?;
+    wait_for_quiet(&mut c)?;
     let (mut p50, mut p99, mut post50, mut post99, mut over20) =
         (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..cfg.runs {
