@@ -19,8 +19,7 @@ cluster="$root/target/bench-cluster"
 out="$root/target/bench"
 mkdir -p "$root/target" "$out"
 # The postgres OS user must reach the data directory under the repository.
-d=$root; while [ "$d" != "/" ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
-chmod o+x "$root/target"
+bash scripts/cluster.sh reach "$root/target"
 
 echo "== building (release)"
 cargo pgrx install -p picloud --release --pg-config /usr/bin/pg_config >/dev/null

@@ -17,14 +17,13 @@ fi
 
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-d=$root; while [ "$d" != "/" ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 
 echo "building picloud (release)..."
 cargo pgrx install -p picloud --release --pg-config /usr/bin/pg_config >/dev/null
 cargo build -q --release -p picloud-supervisor
 
 mkdir -p "$root/.picloud"
-chmod o+x "$root/.picloud"
+bash scripts/cluster.sh reach "$root/.picloud"
 # Restart so the cluster loads the library just installed.
 bash scripts/cluster.sh stop "$data"
 bash scripts/cluster.sh start "$data" "$port" picloud

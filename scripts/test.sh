@@ -14,8 +14,7 @@ port=${PICLOUD_TEST_PORT:-55439}
 cluster="$root/target/it-cluster"
 mkdir -p "$root/target"
 # The postgres OS user must reach the data directories under the repository.
-chmod o+x "$root" "$root/target"
-d=$root; while [ "$d" != "/" ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+bash scripts/cluster.sh reach "$root/target"
 
 echo "== supervisor unit tests"
 cargo test -q -p picloud-supervisor

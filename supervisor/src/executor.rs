@@ -125,8 +125,7 @@ pub async fn run_event(
         }
         None => Outcome::Unreported("no executor connection".to_owned()),
     };
-    count(&shared.stats, &outcome);
-    log_outcome(&claim, &outcome, started.elapsed());
+    record(&shared, &claim, &outcome, started);
     drop(permit);
 }
 
@@ -145,8 +144,7 @@ pub async fn run_sql_batch(
     let Some(mut client) = connection(&shared, &mut phase).await else {
         for claim in &claims {
             let outcome = Outcome::Unreported("no executor connection".to_owned());
-            count(&shared.stats, &outcome);
-            log_outcome(claim, &outcome, started.elapsed());
+            record(&shared, claim, &outcome, started);
         }
         return;
     };
@@ -169,8 +167,7 @@ pub async fn run_sql_batch(
                     },
                     None => Outcome::Unreported("missing from the batch's answer".to_owned()),
                 };
-                count(&shared.stats, &outcome);
-                log_outcome(claim, &outcome, started.elapsed());
+                record(&shared, claim, &outcome, started);
             }
             drop(permits);
         }
@@ -187,12 +184,17 @@ pub async fn run_sql_batch(
         BatchOutcome::Broken(error) => {
             for claim in &claims {
                 let outcome = Outcome::Unreported(error.clone());
-                count(&shared.stats, &outcome);
-                log_outcome(claim, &outcome, started.elapsed());
+                record(&shared, claim, &outcome, started);
             }
             drop(permits);
         }
     }
+}
+
+/// Counts an event's outcome in the summary and logs it.
+fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
+    count(&shared.stats, outcome);
+    log_outcome(claim, outcome, started.elapsed());
 }
 
 /// Gets an executor connection, retrying with backoff for up to half the

@@ -616,39 +616,27 @@ mod tests {
         assert!(request.ends_with("\r\n\r\n{\"op\":\"insert\"}"));
     }
 
-    #[test]
-    fn non_2xx_and_timeouts_are_failures() {
+    /// Posts BODY to a local server that answers `response` once, allowing 127.0.0.1.
+    fn post_to_server_answering(response: &'static [u8], timeout: Duration) -> HandlerResult {
         let allow = match AllowList::parse(&["127.0.0.1".to_owned()]) {
             Ok(allow) => allow,
             Err(e) => panic!("{e}"),
         };
-        let failed = block_on(async {
-            let (port, _server) = serve_once(b"HTTP/1.1 418 Teapot\r\n\r\nno coffee").await;
+        block_on(async {
+            let (port, _server) = serve_once(response).await;
             let url = format!("http://127.0.0.1:{port}/");
-            run(
-                &allow,
-                1024,
-                &url,
-                Uuid::nil(),
-                BODY,
-                Duration::from_secs(5),
-            )
-            .await
-        });
+            run(&allow, 1024, &url, Uuid::nil(), BODY, timeout).await
+        })
+    }
+
+    #[test]
+    fn non_2xx_and_timeouts_are_failures() {
+        let failed = post_to_server_answering(
+            b"HTTP/1.1 418 Teapot\r\n\r\nno coffee",
+            Duration::from_secs(5),
+        );
         assert_eq!(failed, Err("http 418: no coffee".to_owned()));
-        let timed_out = block_on(async {
-            let (port, _server) = serve_once(b"").await;
-            let url = format!("http://127.0.0.1:{port}/");
-            run(
-                &allow,
-                1024,
-                &url,
-                Uuid::nil(),
-                BODY,
-                Duration::from_millis(200),
-            )
-            .await
-        });
+        let timed_out = post_to_server_answering(b"", Duration::from_millis(200));
         assert_eq!(timed_out, Err("http timeout after 200 ms".to_owned()));
     }
 

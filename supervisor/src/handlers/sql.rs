@@ -59,8 +59,7 @@ async fn run_transaction(
     match client.batch_execute(&batch).await {
         Ok(()) => SqlOutcome::Completed,
         Err(e) => {
-            let rolled_back =
-                e.as_db_error().is_some() && client.batch_execute("ROLLBACK").await.is_ok();
+            let rolled_back = roll_back_after(client, &e).await;
             classify(&e, rolled_back)
         }
     }
@@ -136,13 +135,20 @@ pub async fn run_batch(client: &mut Client, claims: &[&Claim], worker: &str) -> 
         }
         Err(e) => {
             let text = db::error_text(&e);
-            if e.as_db_error().is_some() && client.batch_execute("ROLLBACK").await.is_ok() {
+            if roll_back_after(client, &e).await {
                 BatchOutcome::Failed(text)
             } else {
                 BatchOutcome::Broken(text)
             }
         }
     }
+}
+
+/// After a failed batch: Postgres skipped the rest of it and left the transaction aborted.
+/// Rolls it back when the server answered with an error; true if the connection is now back
+/// in a known state (false for a broken connection).
+async fn roll_back_after(client: &Client, e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some() && client.batch_execute("ROLLBACK").await.is_ok()
 }
 
 fn quote_literal(text: &str) -> String {
