@@ -22,7 +22,7 @@ mkdir -p "$root/target" "$out"
 bash scripts/cluster.sh reach "$root/target"
 
 echo "== building (release)"
-cargo pgrx install -p picloud --release --pg-config /usr/bin/pg_config >/dev/null
+bash scripts/install-extension.sh --release
 cargo build -q --release -p picloud-supervisor
 cargo build -q --release -p picloud-tests --bin picloud-bench
 

@@ -19,7 +19,7 @@ bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "building picloud (release)..."
-cargo pgrx install -p picloud --release --pg-config /usr/bin/pg_config >/dev/null
+bash scripts/install-extension.sh --release
 cargo build -q --release -p picloud-supervisor
 
 mkdir -p "$root/.picloud"

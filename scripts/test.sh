@@ -25,7 +25,7 @@ chown postgres:postgres "$root/target/pgrx-test-data"
 cargo pgrx test pg15 -p picloud --runas postgres --pgdata "$root/target/pgrx-test-data"
 
 echo "== integration tests"
-cargo pgrx install -p picloud --pg-config /usr/bin/pg_config >/dev/null
+bash scripts/install-extension.sh
 cargo build -q -p picloud-supervisor
 # A cluster left over from an interrupted run is stopped and started afresh so it loads the
 # library just installed.

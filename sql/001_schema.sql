@@ -228,3 +228,20 @@ CREATE TABLE picloud.abandoned_executions (
 );
 CREATE INDEX abandoned_executions_app_idx ON picloud.abandoned_executions (app_id, created_at);
 CREATE INDEX abandoned_executions_gc_idx ON picloud.abandoned_executions (created_at);
+
+-- Outcome counts for picloud.stats: how many events completed, failed an attempt or were
+-- dead-lettered, per app, source and minute. One row per writing backend (backend_pid), so
+-- concurrent supervisor connections never wait on each other's counter rows. Unlogged: the
+-- counts are for watching a running system, cost no WAL, and are empty after a crash.
+-- The housekeeper drops minutes older than a day.
+CREATE UNLOGGED TABLE picloud.event_counts (
+    app_id         uuid        NOT NULL,
+    source         text        NOT NULL,
+    minute         timestamptz NOT NULL,
+    backend_pid    integer     NOT NULL,
+    completed      bigint      NOT NULL DEFAULT 0,
+    failed         bigint      NOT NULL DEFAULT 0,
+    dead_lettered  bigint      NOT NULL DEFAULT 0,
+    CONSTRAINT event_counts_pkey PRIMARY KEY (app_id, source, minute, backend_pid)
+);
+CREATE INDEX event_counts_minute_idx ON picloud.event_counts (minute);

@@ -497,6 +497,7 @@ BEGIN
         END;
     END IF;
     DELETE FROM picloud.outbox o WHERE o.app_id = p_app_id AND o.event_id = p_event_id;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
     IF r.reply_to IS NOT NULL THEN
         PERFORM picloud._reply(r, true, v_result, NULL);
     END IF;
@@ -568,6 +569,7 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
     END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
     IF r.reply_to IS NOT NULL THEN
         PERFORM picloud._reply(r, true, p_result, NULL);
     END IF;
@@ -587,12 +589,14 @@ BEGIN
     IF r.reply_to IS NOT NULL
        OR r.attempt_count >= current_setting('picloud.retry_max_attempts')::integer THEN
         v_dead_letter_id := picloud._dead_letter(r, v_error);
+        PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 1);
         IF r.reply_to IS NOT NULL THEN
             PERFORM picloud._reply(r, false, NULL, v_error);
         END IF;
         RETURN QUERY SELECT 'dead_letter'::text, NULL::timestamptz, v_dead_letter_id;
         RETURN;
     END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 0);
     v_due := now() + p_delay;
     UPDATE picloud.outbox o
     SET claimed_by = NULL, lease_expires_at = NULL, due_at = v_due, last_error = v_error

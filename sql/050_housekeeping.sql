@@ -115,6 +115,24 @@ END
 $$;
 
 -- One full housekeeping pass on demand, in the caller's transaction. Returns what it did.
+-- Outcome counts older than a day (picloud_stats looks back at most one day).
+CREATE FUNCTION picloud._gc_event_counts(p_batch integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    WITH old AS (
+        SELECT c.ctid FROM picloud.event_counts c
+        WHERE c.minute < now() - interval '1 day'
+        LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM picloud.event_counts c USING old WHERE c.ctid = old.ctid;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
 CREATE FUNCTION picloud.picloud_gc_pass()
 RETURNS TABLE (kind text, removed bigint)
 LANGUAGE plpgsql AS $$
@@ -125,7 +143,7 @@ DECLARE
     v_total bigint;
 BEGIN
     PERFORM picloud._require_owner('picloud_gc_pass');
-    FOREACH v_step IN ARRAY ARRAY['rescue_leases', 'dead_letters', 'abandoned_executions', 'inboxes', 'idempotency_keys'] LOOP
+    FOREACH v_step IN ARRAY ARRAY['rescue_leases', 'dead_letters', 'abandoned_executions', 'inboxes', 'idempotency_keys', 'event_counts'] LOOP
         v_total := 0;
         LOOP
             EXECUTE format('SELECT picloud._gc_%s($1)', v_step) INTO v_done USING v_batch;

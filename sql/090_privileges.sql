@@ -84,6 +84,9 @@ GRANT EXECUTE ON FUNCTION
     picloud._admit(integer, integer),
     picloud._lock_unresolved(uuid, uuid),
     picloud._replay(picloud.dead_letters),
+    picloud.picloud_stats(interval),
+    picloud.picloud_error_class(text),
+    picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     -- Runs as the handler's principal; useless without the token _become returned.
     picloud._unbecome(bigint)
 TO picloud_user, picloud_supervisor;
@@ -97,6 +100,8 @@ GRANT EXECUTE ON FUNCTION
     picloud._gc_abandoned_executions(integer),
     picloud._gc_inboxes(integer),
     picloud._gc_idempotency_keys(integer),
+    picloud._gc_event_counts(integer),
+    picloud._count_outcome(uuid, text, integer, integer, integer),
     picloud._settle_failure(picloud.outbox, text, interval),
     picloud._dead_letter(picloud.outbox, text),
     picloud._reply(picloud.outbox, boolean, jsonb, text),
@@ -178,6 +183,13 @@ CREATE POLICY dead_letters_admin ON picloud.dead_letters FOR ALL
 
 ALTER TABLE picloud.abandoned_executions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY abandoned_executions_admin ON picloud.abandoned_executions FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+
+-- Outcome counts: written by the supervisor's and housekeeper's paths, read through
+-- picloud.stats by those who manage the app.
+ALTER TABLE picloud.event_counts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY event_counts_admin ON picloud.event_counts FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
 

@@ -61,6 +61,11 @@ extension_sql_file!(
     requires = ["dead_letters"]
 );
 extension_sql_file!(
+    "../../sql/060_operations.sql",
+    name = "operations",
+    requires = ["housekeeping"]
+);
+extension_sql_file!(
     "../../sql/090_privileges.sql",
     name = "privileges",
     finalize

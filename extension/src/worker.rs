@@ -20,6 +20,7 @@ const STEPS: &[&str] = &[
     "picloud._gc_abandoned_executions",
     "picloud._gc_inboxes",
     "picloud._gc_idempotency_keys",
+    "picloud._gc_event_counts",
 ];
 
 pub fn register() {
@@ -46,8 +47,26 @@ fn extension_installed() -> bool {
     })
 }
 
+/// Whether the installed schema has this step. The library serves every schema version it
+/// can be installed with: a database not yet moved on with ALTER EXTENSION picloud UPDATE lacks
+/// the steps later versions added, and those are skipped rather than failing every pass.
+fn step_present(step: &str) -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.to_regprocedure($1 || '(integer)') IS NOT NULL",
+            &[step.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
 /// Runs one step in batches until a batch comes back short. Returns the rows it handled.
 fn run_step(step: &str, batch_size: i32) -> i64 {
+    if !step_present(step) {
+        return 0;
+    }
     let query = format!("SELECT {step}($1)");
     let mut total = 0i64;
     loop {

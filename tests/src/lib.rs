@@ -43,7 +43,7 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 }
 
 /// Every table the extension creates in schema picloud.
-pub const TABLES: [&str; 11] = [
+pub const TABLES: [&str; 12] = [
     "apps",
     "app_roles",
     "scripts",
@@ -55,12 +55,22 @@ pub const TABLES: [&str; 11] = [
     "dead_letters",
     "inboxes",
     "abandoned_executions",
+    "event_counts",
 ];
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Creates a new database with the extension and returns its name and a superuser client.
 pub fn fresh_db(tag: &str) -> (String, Client) {
+    fresh_db_with("CREATE EXTENSION picloud", tag)
+}
+
+/// Like fresh_db, but with the extension created at an earlier released version.
+pub fn fresh_db_at_version(tag: &str, version: &str) -> (String, Client) {
+    fresh_db_with(&format!("CREATE EXTENSION picloud VERSION '{version}'"), tag)
+}
+
+fn fresh_db_with(create_extension: &str, tag: &str) -> (String, Client) {
     let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
     let name = format!("t_{tag}_{}_{n}", std::process::id());
     let mut admin = connect("postgres");
@@ -72,7 +82,7 @@ pub fn fresh_db(tag: &str) -> (String, Client) {
         .expect("create test database");
     let mut client = connect(&name);
     client
-        .batch_execute("CREATE EXTENSION picloud")
+        .batch_execute(create_extension)
         .expect("create extension");
     (name, client)
 }

@@ -942,6 +942,34 @@ fn specs() -> Vec<Spec> {
             },
         },
         Spec {
+            func: "picloud_resolve_dead_letters",
+            kind: DEAD,
+            build: |t, _, app| {
+                let (dl, s) = t.dead_letter(app);
+                call(format!(
+                    "SELECT string_agg(resolution || applied::text, ',') FROM picloud.picloud_resolve_dead_letters('{app}', 'handler_failed', p_script_id => '{s}')"
+                ))
+                .value("handler_failedtrue")
+                .check(format!("SELECT resolution = 'handler_failed' FROM picloud.dead_letters WHERE dead_letter_id = '{dl}'"))
+            },
+        },
+        Spec {
+            func: "picloud_stats",
+            kind: Kind::Visible,
+            build: |t, who, app| {
+                // Rows appear only for the apps the caller manages.
+                t.event(app);
+                let expected = match who {
+                    Who::TenantB | Who::Producer => "false",
+                    _ => "true",
+                };
+                call(format!(
+                    "SELECT (count(*) > 0)::text FROM picloud.picloud_stats() WHERE app_id = '{app}' AND due > 0"
+                ))
+                .value(expected)
+            },
+        },
+        Spec {
             func: "picloud_list_abandoned_executions",
             kind: DEAD,
             build: |t, _, app| {
@@ -1055,6 +1083,23 @@ fn specs() -> Vec<Spec> {
             build: |t, _, app| gc_case(t, app, "idempotency_keys"),
         },
         Spec {
+            func: "picloud._gc_event_counts",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| gc_case(t, app, "event_counts"),
+        },
+        Spec {
+            func: "picloud._count_outcome",
+            kind: Kind::Housekeeping,
+            build: |t, _, app| {
+                let source = format!("s{}", t.next());
+                call(format!("SELECT coalesce(picloud._count_outcome('{app}', '{source}', 1, 2, 3)::text, 'counted')"))
+                    .value("counted")
+                    .check(format!(
+                        "SELECT sum(completed) = 1 AND sum(failed) = 2 AND sum(dead_lettered) = 3 FROM picloud.event_counts WHERE app_id = '{app}' AND source = '{source}'"
+                    ))
+            },
+        },
+        Spec {
             func: "picloud._unbecome",
             kind: Kind::Unbecome,
             build: |_, _, _| call("SELECT picloud._unbecome(12345)::text"),
@@ -1089,7 +1134,9 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
          INSERT INTO picloud.inboxes (app_id, channel, owner_role, owner_pid, owner_started, expires_at)
          VALUES ('{app}', '{channel}', 'postgres', 0, now(), now() - interval '1 minute');
          INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id, created_at)
-         VALUES ('{app}', '{key}', gen_random_uuid(), now() - interval '200 years');"
+         VALUES ('{app}', '{key}', gen_random_uuid(), now() - interval '200 years');
+         INSERT INTO picloud.event_counts (app_id, source, minute, backend_pid, completed)
+         VALUES ('{app}', 'gc{n}', date_trunc('minute', now() - interval '2 days'), 0, 1);"
     ))
     .expect("housekeeping fixture");
     // Retention 0 keeps dead letters and abandoned executions forever.
@@ -1102,7 +1149,7 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
     let keep_dead_letters = keeps(t, "dead_letter_retention_days");
     let keep_abandoned = keeps(t, "abandoned_executions_retention_days");
     let not_if = |keep: bool| if keep { "" } else { "NOT" };
-    let steps: [(&str, i64, String); 5] = [
+    let steps: [(&str, i64, String); 6] = [
         (
             "rescue_leases",
             3,
@@ -1133,6 +1180,7 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
         ),
         ("inboxes", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.inboxes WHERE channel = '{channel}')")),
         ("idempotency_keys", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.idempotency_keys WHERE idempotency_key = '{key}')")),
+        ("event_counts", 1, format!("NOT EXISTS (SELECT 1 FROM picloud.event_counts WHERE source = 'gc{n}')")),
     ];
     let c = if step == "pass" {
         let value = steps
@@ -1163,6 +1211,7 @@ fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
          DELETE FROM picloud.dead_letters WHERE dead_letter_id IN ('{resolved}', '{unresolved}')
             OR original_event_id IN ('{exhausted}', '{sync}');
          DELETE FROM picloud.abandoned_executions WHERE abandoned_id = '{abandoned}' OR event_id = '{sync}';
+         DELETE FROM picloud.event_counts WHERE source = 'gc{n}';
          DELETE FROM picloud.inboxes WHERE channel = '{channel}';
          DELETE FROM picloud.idempotency_keys WHERE idempotency_key = '{key}';"
     ))
@@ -1331,7 +1380,9 @@ fn seed_tables(t: &mut Tenancy) {
              INSERT INTO picloud.inboxes (app_id, channel, owner_role, owner_pid, owner_started, expires_at)
                VALUES ('{app}', 'seed', '{owner}', 0, now(), now() + interval '1 hour');
              INSERT INTO picloud.abandoned_executions (app_id, event_id, reply_to, succeeded, reason)
-               VALUES ('{app}', gen_random_uuid(), 'seed', true, 'seed');"
+               VALUES ('{app}', gen_random_uuid(), 'seed', true, 'seed');
+             INSERT INTO picloud.event_counts (app_id, source, minute, backend_pid, completed)
+               VALUES ('{app}', 'queue', date_trunc('minute', now()), 0, 1);"
         ))
         .expect("seed");
     }

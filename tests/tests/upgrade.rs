@@ -1,0 +1,257 @@
+//! Upgrades: a database created at the previous released version, with data in every table,
+//! moved on with ALTER EXTENSION picloud UPDATE, keeps every row, ends with exactly the schema
+//! of a fresh install, and works: a real supervisor runs what was pending before the upgrade.
+
+use picloud_tests::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The release before this one; its install script is sql/upgrades/picloud--0.1.0.sql.
+const PREVIOUS: &str = "0.1.0";
+const CURRENT: &str = env!("CARGO_PKG_VERSION");
+
+/// The tables that exist in PREVIOUS.
+const PREVIOUS_TABLES: [&str; 11] = [
+    "apps",
+    "app_roles",
+    "scripts",
+    "triggers",
+    "kv_trigger_details",
+    "dead_letter_trigger_details",
+    "outbox",
+    "idempotency_keys",
+    "dead_letters",
+    "inboxes",
+    "abandoned_executions",
+];
+
+fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
+    let sql = include_str!("../sql/catalog_fingerprint.sql");
+    c.query(sql, &[])
+        .expect("catalog fingerprint")
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
+        .collect()
+}
+
+/// Every row of every table, as text, per table.
+fn contents(c: &mut postgres::Client) -> Vec<(String, i64, String)> {
+    PREVIOUS_TABLES
+        .iter()
+        .map(|t| {
+            let r = c
+                .query_one(
+                    &format!(
+                        "SELECT count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM picloud.{t} x"
+                    ),
+                    &[],
+                )
+                .expect("table contents");
+            (t.to_string(), r.get(0), r.get(1))
+        })
+        .collect()
+}
+
+fn version(c: &mut postgres::Client) -> String {
+    c.query_one(
+        "SELECT extversion FROM pg_extension WHERE extname = 'picloud'",
+        &[],
+    )
+    .expect("extversion")
+    .get(0)
+}
+
+fn difference(a: &BTreeSet<String>, b: &BTreeSet<String>) -> String {
+    let mut out = String::new();
+    for line in a.difference(b).take(20) {
+        out.push_str(&format!("\n  only upgraded: {}", &line[..line.len().min(300)]));
+    }
+    for line in b.difference(a).take(20) {
+        out.push_str(&format!("\n  only fresh:    {}", &line[..line.len().min(300)]));
+    }
+    out
+}
+
+#[test]
+fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
+    assert_ne!(PREVIOUS, CURRENT, "bump the previous version when releasing");
+    let (db, mut c) = fresh_db_at_version("upgrade", PREVIOUS);
+    assert_eq!(version(&mut c), PREVIOUS);
+    let previous_catalog = catalog(&mut c);
+
+    // Data in every table, made through the previous version's API.
+    let (app, script) = ledger_app(&mut c);
+    let role = format!("upgrade_producer_{}", std::process::id());
+    c.batch_execute(&format!("DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"))
+        .expect("role");
+    c.execute("SELECT picloud_grant_app_role($1, $2, 'producer')", &[&app, &role])
+        .expect("grant");
+    c.execute(
+        "SELECT picloud_create_kv_trigger($1, 'orders:*', $2, ARRAY['insert', 'update'])",
+        &[&app, &script],
+    )
+    .expect("kv trigger");
+    c.execute(
+        "SELECT picloud_create_dead_letter_trigger($1, $2, 'queue')",
+        &[&app, &script],
+    )
+    .expect("dead letter trigger");
+    let emitted: i32 = c
+        .query_one(
+            "SELECT picloud_emit_kv($1, 'orders:eu', 'insert', '1', '{\"id\": 1}')",
+            &[&app],
+        )
+        .expect("emit")
+        .get(0);
+    assert_eq!(emitted, 1);
+    for i in 0..5 {
+        c.execute(
+            "SELECT picloud_enqueue($1, 'queue', 'op', jsonb_build_object('i', $2::int), $3, p_idempotency_key => 'k' || $2::text)",
+            &[&app, &i, &script],
+        )
+        .expect("enqueue");
+    }
+    c.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'later', '{}', $2, p_run_at => now() + interval '1 day')",
+        &[&app, &script],
+    )
+    .expect("delayed");
+    // Two events dead-lettered (one resolved), one held under a lease.
+    c.batch_execute("SET picloud.retry_max_attempts = 1").expect("one attempt");
+    let claimed: Vec<(Uuid, Uuid)> = c
+        .query("SELECT app_id, event_id FROM picloud_claim('before-upgrade', 3, 600000)", &[])
+        .expect("claim")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(claimed.len(), 3);
+    let mut dead = Vec::new();
+    for (a, e) in &claimed[..2] {
+        let id: Uuid = c
+            .query_one(
+                "SELECT dead_letter_id FROM picloud_fail($1, $2, 'before-upgrade', 'failed before the upgrade')",
+                &[a, e],
+            )
+            .expect("fail")
+            .get(0);
+        dead.push(id);
+    }
+    c.execute("SELECT picloud_resolve_dead_letter($1, $2, 'ignored')", &[&app, &dead[0]])
+        .expect("resolve");
+    c.execute("SELECT picloud_open_inbox($1, '1 hour')", &[&app]).expect("inbox");
+    c.execute(
+        "SELECT picloud_record_abandoned_execution($1, $2, 'gone', true, '{}', NULL, 'caller gone')",
+        &[&app, &Uuid::new_v4()],
+    )
+    .expect("abandoned");
+    c.batch_execute("RESET picloud.retry_max_attempts").expect("reset");
+    let before = contents(&mut c);
+    for (table, rows, _) in &before {
+        assert!(*rows > 0, "table {table} has data before the upgrade");
+    }
+
+    c.batch_execute("ALTER EXTENSION picloud UPDATE").expect("ALTER EXTENSION picloud UPDATE");
+    assert_eq!(version(&mut c), CURRENT);
+    assert_eq!(contents(&mut c), before, "no row lost or changed by the upgrade");
+
+    // The upgraded schema is the fresh install's, object for object (definitions, columns,
+    // constraints, indexes, views, policies, privileges, extension membership).
+    let (_fresh, mut f) = fresh_db("upgrade_reference");
+    let fresh_catalog = catalog(&mut f);
+    let upgraded_catalog = catalog(&mut c);
+    assert!(
+        upgraded_catalog == fresh_catalog,
+        "upgraded schema differs from a fresh install:{}",
+        difference(&upgraded_catalog, &fresh_catalog)
+    );
+    // ... and the comparison can tell the versions apart.
+    assert_ne!(previous_catalog, fresh_catalog);
+
+    // Everything still works. The held event comes back; a real supervisor runs everything
+    // that was due before the upgrade, and the new runbook replays the unresolved dead letter.
+    let (held_app, held_event) = claimed[2];
+    c.execute("SELECT picloud_release($1, $2, 'before-upgrade')", &[&held_app, &held_event])
+        .expect("release");
+    let due: BTreeSet<Uuid> = c
+        .query("SELECT event_id FROM picloud.outbox WHERE due_at <= now()", &[])
+        .expect("due")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // emit_kv 1 + enqueue 5 - 2 dead-lettered + 1 dead-letter fan-out (source 'queue').
+    assert_eq!(due.len(), 5);
+    let replay: Uuid = c
+        .query_one(
+            "SELECT replay_event_id FROM picloud_resolve_dead_letters($1, 'replayed', p_error_contains => 'before the upgrade')",
+            &[&app],
+        )
+        .expect("replay")
+        .get::<_, Option<Uuid>>(0)
+        .expect("replay id");
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "200"]);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE due_at <= now()"
+        ) == 0),
+        "pending events did not run; log: {}",
+        sup.log()
+    );
+    let ran: BTreeSet<Uuid> = c
+        .query("SELECT event_id FROM ledger", &[])
+        .expect("ledger")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = due.clone();
+    expected.insert(replay);
+    assert_eq!(ran, expected);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1, "the delayed event waits");
+    let completed = count(
+        &mut c,
+        "SELECT coalesce(sum(completed), 0)::bigint FROM picloud.stats",
+    );
+    assert_eq!(completed, 6);
+    assert_eq!(
+        count(&mut c, "SELECT coalesce(sum(unresolved), 0)::bigint FROM picloud.dead_letter_summary"),
+        0
+    );
+    drop(sup);
+    c.batch_execute(&format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role}"))
+        .expect("drop role");
+}
+
+#[test]
+fn every_upgrade_script_is_installed_beside_the_release_scripts() {
+    // CREATE EXTENSION ... VERSION and ALTER EXTENSION ... UPDATE find their scripts only if
+    // scripts/install-extension.sh copied them; the available versions show it.
+    let mut c = connect("postgres");
+    let versions: Vec<String> = c
+        .query(
+            "SELECT version FROM pg_available_extension_versions WHERE name = 'picloud' ORDER BY version",
+            &[],
+        )
+        .expect("versions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![PREVIOUS.to_string(), CURRENT.to_string()]);
+    let path: Vec<String> = c
+        .query(
+            "SELECT path FROM pg_extension_update_paths('picloud') WHERE source = $1 AND target = $2",
+            &[&PREVIOUS, &CURRENT],
+        )
+        .expect("update paths")
+        .iter()
+        .filter_map(|r| r.get::<_, Option<String>>(0))
+        .collect();
+    assert_eq!(path, vec![format!("{PREVIOUS}--{CURRENT}")]);
+}
