@@ -7,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use crate::allow::AllowList;
 use crate::handlers::command::{self, Commands};
-use crate::log::Level;
+use crate::log::{Format, Level};
 use crate::random;
 
 pub struct Config {
@@ -27,7 +28,10 @@ pub struct Config {
     pub http_allow: AllowList,
     pub commands: Commands,
     pub log_level: Level,
+    pub log_format: Format,
     pub max_reply_bytes: usize,
+    /// Where to serve /metrics and /health; None serves nothing.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub enum Parsed {
@@ -167,7 +171,17 @@ const OPTIONS: &[Opt] = &[
         value: "LEVEL",
         default: "info",
         repeatable: false,
-        help: "error, warn, info or debug. Logs are JSON lines on stderr.",
+        help: "error, warn, info or debug. Logs go to stderr, one line per entry \
+               (see --log-format).",
+    },
+    Opt {
+        flag: "log-format",
+        env: "PICLOUD_LOG_FORMAT",
+        value: "FORMAT",
+        default: "json",
+        repeatable: false,
+        help: "json: one JSON object per line (ts, level, msg, then the fields); \
+               text: 'ts level msg key=value ...' for reading by eye.",
     },
     Opt {
         flag: "max-reply-bytes",
@@ -177,6 +191,17 @@ const OPTIONS: &[Opt] = &[
         repeatable: false,
         help: "Largest http response body or command stdout accepted as a result; more \
                fails the event. Error texts are always cut to 4096 bytes.",
+    },
+    Opt {
+        flag: "metrics-listen",
+        env: "PICLOUD_METRICS_LISTEN",
+        value: "IP:PORT",
+        default: "off",
+        repeatable: false,
+        help: "Serve Prometheus metrics (GET /metrics) and a health check (GET /health) over \
+               plain HTTP on this address, e.g. 127.0.0.1:9187 or [::]:9187. No \
+               authentication: choose an address only trusted clients reach. If it cannot be \
+               bound the supervisor exits with status 2.",
     },
 ];
 
@@ -197,7 +222,11 @@ pub fn help_text() -> String {
     }
     text.push_str("    -h, --help       Print this help and exit.\n");
     text.push_str("    -V, --version    Print the version and exit.\n\n");
-    text.push_str("Exit status: 0 after a clean shutdown, 2 for invalid configuration.\n");
+    text.push_str(
+        "Exit status: 0 after a clean shutdown, 1 when the supervisor failed while running, \
+         2 for invalid configuration (including a --metrics-listen address that cannot be \
+         bound).\n",
+    );
     text
 }
 
@@ -280,9 +309,22 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
         })?,
         None => Level::Info,
     };
+    let log_format = match single("log-format") {
+        Some(v) => Format::parse(&v.text).ok_or_else(|| {
+            ConfigError(format!(
+                "invalid {}: '{}' (expected json or text)",
+                v.origin, v.text
+            ))
+        })?,
+        None => Format::Json,
+    };
     let max_reply_bytes: usize = match single("max-reply-bytes") {
         Some(v) => number(&v, 1, MAX_REPLY_BYTES_LIMIT)?,
         None => 1024 * 1024,
+    };
+    let metrics_listen = match single("metrics-listen") {
+        Some(v) => Some(listen_address(&v)?),
+        None => None,
     };
 
     Ok(Parsed::Run(Box::new(Config {
@@ -297,7 +339,9 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
         http_allow,
         commands,
         log_level,
+        log_format,
         max_reply_bytes,
+        metrics_listen,
     })))
 }
 
@@ -437,6 +481,25 @@ fn parse_database_url(value: &Value) -> Result<tokio_postgres::Config, ConfigErr
     Ok(db)
 }
 
+/// An IP address and a port. Host names are refused rather than resolved: which
+/// interface the endpoint is exposed on should be plain from the configuration.
+fn listen_address(value: &Value) -> Result<SocketAddr, ConfigError> {
+    let text = value.text.trim();
+    let address: SocketAddr = text.parse().map_err(|_| {
+        ConfigError(format!(
+            "invalid {}: '{text}' (expected IP:PORT, e.g. 127.0.0.1:9187 or [::1]:9187)",
+            value.origin
+        ))
+    })?;
+    if address.port() == 0 {
+        return Err(ConfigError(format!(
+            "invalid {}: '{text}' (the port must be from 1 to 65535)",
+            value.origin
+        )));
+    }
+    Ok(address)
+}
+
 fn check_worker_name(value: &Value) -> Result<String, ConfigError> {
     let name = value.text.trim();
     if name.is_empty()
@@ -512,7 +575,9 @@ mod tests {
         assert_eq!(c.lease_ms, 30_000);
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
         assert_eq!(c.log_level, Level::Info);
+        assert_eq!(c.log_format, Format::Json);
         assert_eq!(c.max_reply_bytes, 1024 * 1024);
+        assert_eq!(c.metrics_listen, None);
         assert!(c.http_allow.entries.is_empty());
         assert!(c.commands.is_empty());
         assert_eq!(c.db.get_application_name(), Some("picloud-supervisor"));
@@ -695,6 +760,62 @@ mod tests {
         assert!(
             error(&["--database-url", URL, "--max-reply-bytes", "0"], &[])
                 .contains("--max-reply-bytes")
+        );
+    }
+
+    #[test]
+    fn metrics_listen_and_log_format() {
+        let c = config(
+            &[
+                "--database-url",
+                URL,
+                "--metrics-listen",
+                "127.0.0.1:9187",
+                "--log-format",
+                "text",
+            ],
+            &[
+                ("PICLOUD_METRICS_LISTEN", "0.0.0.0:1"),
+                ("PICLOUD_LOG_FORMAT", "json"),
+            ],
+        );
+        assert_eq!(c.metrics_listen, "127.0.0.1:9187".parse().ok());
+        assert_eq!(c.log_format, Format::Text);
+        let c = config(
+            &["--database-url", URL],
+            &[
+                ("PICLOUD_METRICS_LISTEN", " [::1]:9187 "),
+                ("PICLOUD_LOG_FORMAT", "TEXT"),
+            ],
+        );
+        assert_eq!(c.metrics_listen, "[::1]:9187".parse().ok());
+        assert_eq!(c.log_format, Format::Text);
+        let c = config(&["--database-url", URL], &[("PICLOUD_METRICS_LISTEN", "")]);
+        assert_eq!(c.metrics_listen, None);
+
+        for bad in [
+            "9187",
+            ":9187",
+            "localhost:9187",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "::1:9187",
+            "http://127.0.0.1:9187",
+        ] {
+            let message = error(&["--database-url", URL, "--metrics-listen", bad], &[]);
+            assert!(
+                message.starts_with("invalid --metrics-listen:") && message.contains(bad),
+                "{bad}: {message}"
+            );
+        }
+        assert!(
+            error(&["--database-url", URL], &[("PICLOUD_METRICS_LISTEN", "x")])
+                .contains("PICLOUD_METRICS_LISTEN")
+        );
+        assert!(
+            error(&["--database-url", URL, "--log-format", "logfmt"], &[])
+                .contains("invalid --log-format: 'logfmt' (expected json or text)")
         );
     }
 

@@ -12,7 +12,7 @@ use crate::backoff::Backoff;
 use crate::db::{self, Claim};
 use crate::executor;
 use crate::log;
-use crate::stats::Stats;
+use crate::metrics::{Connection, Kind};
 use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
 
@@ -26,12 +26,14 @@ const RECHECK_DELAY: Duration = Duration::from_millis(3);
 /// connection or a claim fails.
 pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     let mut backoff = Backoff::new();
+    let state = &shared.metrics.dispatcher;
     loop {
         if *phase.borrow() != Phase::Running {
             return;
         }
         let failure = match wake::connect(&shared.config.db).await {
             Ok(connection) => {
+                state.set_connected(true);
                 log::info(
                     "dispatcher connected",
                     &[("channel", wake::WAKE_CHANNEL.into())],
@@ -43,6 +45,8 @@ pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
             }
             Err(e) => format!("dispatcher could not connect: {}", db::error_text(&e)),
         };
+        state.set_connected(false);
+        shared.metrics.reconnect(Connection::Dispatcher);
         let delay = backoff.next_delay();
         log::warn(
             "dispatcher reconnecting",
@@ -65,9 +69,15 @@ async fn claim_loop(
     backoff: &mut Backoff,
 ) -> Result<(), tokio_postgres::Error> {
     let config = &shared.config;
+    let metrics = &shared.metrics;
     let mut rechecked = false;
     loop {
-        // Wait for a free executor slot before claiming anything.
+        // Wait for a free executor slot before claiming anything. Not claiming then is
+        // by design, which /health must know.
+        let saturated = shared.slots.available_permits() == 0;
+        if saturated {
+            metrics.dispatcher.set_waiting_for_slot(true);
+        }
         let first = tokio::select! {
             permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -76,6 +86,9 @@ async fn claim_loop(
             },
             _ = stopping(phase) => return Ok(()),
         };
+        if saturated {
+            metrics.dispatcher.set_waiting_for_slot(false);
+        }
         if *phase.borrow() != Phase::Running {
             return Ok(());
         }
@@ -95,16 +108,27 @@ async fn claim_loop(
         )
         .await?;
         backoff.reset();
+        metrics.dispatcher.claimed();
         let claimed = rows.len();
-        Stats::add(&shared.stats.claimed, claimed as u64);
+        metrics.claim_batch_size.observe(claimed as u64);
         let mut claims = Vec::with_capacity(rows.len());
         for row in rows {
             match row {
-                Ok(claim) => claims.push(claim),
-                Err(e) => log::error(
-                    "claimed row could not be read; its lease will expire",
-                    &[("error", e.into())],
-                ),
+                Ok(claim) => {
+                    metrics
+                        .claimed
+                        .add(Kind::of(claim.handler_kind.as_deref()), 1);
+                    claims.push(claim);
+                }
+                Err(e) => {
+                    // Counted as unreported too: no outcome will ever be reported for it.
+                    metrics.claimed.add(Kind::Unknown, 1);
+                    metrics.unreported.add(Kind::Unknown, 1);
+                    log::error(
+                        "claimed row could not be read; its lease will expire",
+                        &[("error", e.into())],
+                    );
+                }
             }
         }
         // Runnable sql events share transactions in groups of up to --sql-batch; the rest

@@ -17,7 +17,7 @@ use crate::db::{self, Claim, ReportError};
 use crate::handlers::sql::{BatchOutcome, SqlOutcome};
 use crate::handlers::{self, bounded_error, HandlerResult};
 use crate::log::{self, Level};
-use crate::stats::Stats;
+use crate::metrics::{Connection, Kind, Metrics};
 use crate::supervise::{aborted, Phase, Shared};
 
 /// Idle executor connections. At most `concurrency` are ever in use, because
@@ -25,13 +25,15 @@ use crate::supervise::{aborted, Phase, Shared};
 pub struct Pool {
     config: tokio_postgres::Config,
     idle: Mutex<Vec<Client>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pool {
-    pub fn new(config: tokio_postgres::Config) -> Pool {
+    pub fn new(config: tokio_postgres::Config, metrics: Arc<Metrics>) -> Pool {
         Pool {
             config,
             idle: Mutex::new(Vec::new()),
+            metrics,
         }
     }
 
@@ -42,6 +44,7 @@ impl Pool {
             if !client.is_closed() {
                 return Ok(client);
             }
+            self.metrics.reconnect(Connection::Executor);
             log::warn("executor connection lost; replacing it", &[]);
         }
         let client = db::connect(&self.config).await?;
@@ -56,6 +59,7 @@ impl Pool {
             match db::connect(&self.config).await {
                 Ok(client) => self.put(client),
                 Err(e) => {
+                    self.metrics.reconnect(Connection::Executor);
                     log::warn(
                         "could not open an executor connection ahead of time",
                         &[("error", db::error_text(&e).into())],
@@ -115,17 +119,22 @@ pub async fn run_event(
     mut phase: watch::Receiver<Phase>,
 ) {
     let started = Instant::now();
+    let busy = shared.metrics.busy(1);
     let outcome = match connection(&shared, &mut phase).await {
         Some(mut client) => {
             let (outcome, reusable) = process(&shared, &mut client, &claim, &mut phase).await;
             if reusable {
                 shared.pool.put(client);
+            } else {
+                // Dropped; the pool opens a new one when next needed.
+                shared.metrics.reconnect(Connection::Executor);
             }
             outcome
         }
         None => Outcome::Unreported("no executor connection".to_owned()),
     };
     record(&shared, &claim, &outcome, started);
+    drop(busy);
     drop(permit);
 }
 
@@ -140,6 +149,7 @@ pub async fn run_sql_batch(
     mut phase: watch::Receiver<Phase>,
 ) {
     let started = Instant::now();
+    let busy = shared.metrics.busy(claims.len());
     let worker = shared.config.worker_name.clone();
     let Some(mut client) = connection(&shared, &mut phase).await else {
         for claim in &claims {
@@ -177,11 +187,14 @@ pub async fn run_sql_batch(
                 "sql batch rolled back; running its events one by one",
                 &[("events", claims.len().into()), ("error", error.into())],
             );
+            // Each event counts itself as busy again in run_event.
+            drop(busy);
             for (claim, permit) in claims.into_iter().zip(permits) {
                 tokio::spawn(run_event(Arc::clone(&shared), claim, permit, phase.clone()));
             }
         }
         BatchOutcome::Broken(error) => {
+            shared.metrics.reconnect(Connection::Executor);
             for claim in &claims {
                 let outcome = Outcome::Unreported(error.clone());
                 record(&shared, claim, &outcome, started);
@@ -191,10 +204,11 @@ pub async fn run_sql_batch(
     }
 }
 
-/// Counts an event's outcome in the summary and logs it.
+/// Counts an event's outcome in the metrics and logs it.
 fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
-    count(&shared.stats, outcome);
-    log_outcome(claim, outcome, started.elapsed());
+    let elapsed = started.elapsed();
+    count(&shared.metrics, claim, outcome, elapsed);
+    log_outcome(claim, outcome, elapsed);
 }
 
 /// Gets an executor connection, retrying with backoff for up to half the
@@ -206,6 +220,7 @@ async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Opti
         match shared.pool.get().await {
             Ok(client) => return Some(client),
             Err(e) => {
+                shared.metrics.reconnect(Connection::Executor);
                 let delay = backoff.next_delay();
                 log::warn(
                     "executor could not connect",
@@ -358,7 +373,7 @@ async fn run_external(
     // Dropping the handler future (lease lost, abort) drops its connection or
     // kills its process.
     let ended = tokio::select! {
-        ended = with_lease(client, claim, worker, config.lease_ms, handler) => ended,
+        ended = with_lease(&shared.metrics, client, claim, worker, config.lease_ms, handler) => ended,
         _ = aborted(phase) => External::Aborted,
     };
     match ended {
@@ -377,6 +392,7 @@ async fn run_external(
 /// says the lease is gone, the handler is abandoned: another worker may
 /// already run the row, and completing it would be refused anyway.
 async fn with_lease<F>(
+    metrics: &Metrics,
     client: &Client,
     claim: &Claim,
     worker: &str,
@@ -394,7 +410,7 @@ where
         tokio::select! {
             result = &mut handler => return External::Finished(result),
             _ = ticker.tick() => match db::extend_lease(client, claim, worker, lease_ms).await {
-                Ok(true) => {}
+                Ok(true) => metrics.lease_renewals.add(1),
                 Ok(false) => return External::LeaseLost,
                 // Keep going: the handler may still finish, and if the
                 // connection is gone the report will say so.
@@ -448,18 +464,25 @@ fn report_error_outcome(e: ReportError) -> Outcome {
     }
 }
 
-fn count(stats: &Stats, outcome: &Outcome) {
+/// Only completions and failures are timed: a released, abandoned or unreported event did
+/// not run to an end, and its time would say nothing about the handler.
+fn count(metrics: &Metrics, claim: &Claim, outcome: &Outcome, elapsed: Duration) {
+    let kind = Kind::of(claim.handler_kind.as_deref());
     match outcome {
-        Outcome::Completed => Stats::add(&stats.completed, 1),
-        Outcome::Failed { outcome, .. } => {
-            Stats::add(&stats.failed, 1);
-            if outcome == "dead_letter" {
-                Stats::add(&stats.dead_lettered, 1);
-            }
+        Outcome::Completed => {
+            metrics.completed.add(kind, 1);
+            metrics.handler_duration(kind).observe_duration(elapsed);
         }
-        Outcome::Released => Stats::add(&stats.released, 1),
-        Outcome::LeaseLost(_) => Stats::add(&stats.lease_lost, 1),
-        Outcome::Unreported(_) | Outcome::ReportRejected(_) => Stats::add(&stats.unreported, 1),
+        Outcome::Failed { outcome, .. } => {
+            metrics.failed.add(kind, 1);
+            if outcome == "dead_letter" {
+                metrics.dead_lettered.add(kind, 1);
+            }
+            metrics.handler_duration(kind).observe_duration(elapsed);
+        }
+        Outcome::Released => metrics.released.add(kind, 1),
+        Outcome::LeaseLost(_) => metrics.lease_lost.add(1),
+        Outcome::Unreported(_) | Outcome::ReportRejected(_) => metrics.unreported.add(kind, 1),
     }
 }
 

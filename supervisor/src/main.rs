@@ -9,9 +9,12 @@ mod db;
 mod dispatch;
 mod executor;
 mod handlers;
+mod health;
 mod log;
+mod metrics;
+mod metrics_server;
 mod random;
-mod stats;
+mod summary;
 mod supervise;
 mod wake;
 
@@ -21,8 +24,9 @@ use std::time::Duration;
 
 use config::{ConfigError, Parsed};
 
-/// Exit status for invalid configuration.
-const EXIT_CONFIG: u8 = 2;
+/// Exit status for invalid configuration (also used by `supervise::run` when the
+/// --metrics-listen address cannot be bound).
+pub const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let config = match read_config() {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         }
     };
     log::set_level(config.log_level);
+    log::set_format(config.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

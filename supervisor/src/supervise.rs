@@ -1,6 +1,6 @@
-//! Wiring and lifecycle: start the dispatcher and the summary, wait for
-//! SIGTERM/SIGINT, then shut down in order: stop claiming, let running
-//! handlers finish within the grace period, release what is still unfinished.
+//! Wiring and lifecycle: start the metrics endpoint (if configured), the dispatcher and
+//! the summary, wait for SIGTERM/SIGINT, then shut down in order: stop claiming, let
+//! running handlers finish within the grace period, release what is still unfinished.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +14,15 @@ use crate::config::Config;
 use crate::dispatch;
 use crate::executor::Pool;
 use crate::log;
-use crate::stats::{self, Stats};
+use crate::metrics::Metrics;
+use crate::metrics_server;
+use crate::summary::{self, Summary};
+use crate::EXIT_CONFIG;
 
 /// Time allowed, after the grace period, to cancel handlers and release their rows.
 const RELEASE_BUDGET: Duration = Duration::from_secs(5);
+/// /health reports unhealthy after max(this, 3 × the poll interval) without a claim.
+const MIN_HEALTH_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// Lifecycle phase, broadcast to the dispatcher and every executor task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +40,7 @@ pub struct Shared {
     pub pool: Pool,
     /// One permit per executor slot (`concurrency` in total).
     pub slots: Arc<Semaphore>,
-    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Resolves once shutdown has been requested.
@@ -96,12 +101,42 @@ pub async fn run(config: Config) -> u8 {
     };
     log_start(&config);
 
+    let listener = match config.metrics_listen {
+        Some(address) => match metrics_server::bind(address).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                log::error(
+                    "could not listen on the --metrics-listen address",
+                    &[
+                        ("address", address.to_string().into()),
+                        ("error", e.to_string().into()),
+                    ],
+                );
+                return EXIT_CONFIG;
+            }
+        },
+        None => None,
+    };
+
     let concurrency = config.concurrency;
+    let metrics = Arc::new(Metrics::new(concurrency));
     let shared = Arc::new(Shared {
-        pool: Pool::new(config.db.clone()),
+        pool: Pool::new(config.db.clone(), Arc::clone(&metrics)),
         slots: Arc::new(Semaphore::new(concurrency)),
-        stats: Arc::new(Stats::default()),
+        metrics,
         config,
+    });
+    let metrics_endpoint = listener.map(|listener| {
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        log::info("serving metrics", &[("address", address.into())]);
+        let stale_after = MIN_HEALTH_STALE_AFTER.max(shared.config.poll_interval * 3);
+        tokio::spawn(metrics_server::serve(
+            listener,
+            Arc::clone(&shared.metrics),
+            stale_after,
+        ))
     });
     {
         let shared = Arc::clone(&shared);
@@ -109,7 +144,8 @@ pub async fn run(config: Config) -> u8 {
     }
     let (phase_sender, phase) = watch::channel(Phase::Running);
     let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase));
-    let summary = tokio::spawn(stats::report_periodically(Arc::clone(&shared.stats)));
+    let summary = Arc::new(Summary::new(Arc::clone(&shared.metrics)));
+    let summary_task = tokio::spawn(summary::report_periodically(Arc::clone(&summary)));
 
     let mut exit_code = 0;
     tokio::select! {
@@ -127,6 +163,7 @@ pub async fn run(config: Config) -> u8 {
         }
     }
     phase_sender.send_replace(Phase::Draining);
+    shared.metrics.dispatcher.set_stopping();
     let deadline = Instant::now() + shared.config.shutdown_grace;
 
     // A claim already in flight completes, so the rows it returns are
@@ -168,8 +205,11 @@ pub async fn run(config: Config) -> u8 {
         }
     }
 
-    summary.abort();
-    shared.stats.log_summary();
+    summary_task.abort();
+    summary.log();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     log::info(
         "stopped",
         &[("worker", shared.config.worker_name.as_str().into())],
@@ -204,6 +244,10 @@ fn log_start(config: &Config) {
             ("http_allow", json!(allow)),
             ("commands", json!(commands)),
             ("max_reply_bytes", json!(config.max_reply_bytes)),
+            (
+                "metrics_listen",
+                json!(config.metrics_listen.map(|a| a.to_string())),
+            ),
         ],
     );
 }
