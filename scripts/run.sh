@@ -28,8 +28,9 @@ bash scripts/cluster.sh reach "$root/.picloud"
 bash scripts/cluster.sh stop "$data"
 bash scripts/cluster.sh start "$data" "$port" picloud
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc "CREATE EXTENSION IF NOT EXISTS picloud" >/dev/null
-psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc \
-  "ALTER DATABASE picloud SET search_path = \"\$user\", public, picloud" >/dev/null
+# A cluster kept from an earlier run may hold an older version of the extension.
+psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc "ALTER EXTENSION picloud UPDATE" >/dev/null
+psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -q -v ON_ERROR_STOP=1 -f scripts/dev-database.sql >/dev/null
 
 cleanup() {
   bash scripts/cluster.sh stop "$data"

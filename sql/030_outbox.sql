@@ -416,6 +416,14 @@ END
 $$;
 
 -- The event as a handler sees it.
+-- When the next unclaimed event becomes due (NULL when none is waiting). An idle supervisor
+-- sleeps until then rather than a whole poll interval, so retries and events scheduled with
+-- run_at start on time: no notification announces them. One probe of outbox_due_idx.
+CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL
+$$;
+
 CREATE FUNCTION picloud._event_json(r picloud.outbox) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(

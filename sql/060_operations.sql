@@ -246,3 +246,34 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Waits until the app has no event running and none due before the deadline (now +
+-- p_timeout); true when that happened, false on timeout. For scripts, tests and the README
+-- tour: "enqueue, wait, look". Each check sees the latest commits (a new snapshot per
+-- statement), but the call holds one transaction open while it waits, so keep it short.
+CREATE FUNCTION picloud.picloud_wait_idle(p_app_id uuid, p_timeout interval DEFAULT interval '30 seconds')
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_deadline timestamptz;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_dead_letters');
+    IF p_timeout IS NULL THEN PERFORM picloud._null_argument('{timeout}', '{t}'); END IF;
+    IF p_timeout < interval '0' OR p_timeout > interval '1 hour' THEN
+        PERFORM picloud._invalid(format('timeout %s is out of range', p_timeout), 'The timeout is between 0 and 1 hour.');
+    END IF;
+    v_deadline := clock_timestamp() + p_timeout;
+    LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM picloud.outbox o
+            WHERE o.app_id = p_app_id AND (o.claimed_by IS NOT NULL OR o.due_at <= v_deadline)
+        ) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.02);
+    END LOOP;
+END
+$$;

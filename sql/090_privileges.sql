@@ -87,6 +87,7 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_stats(interval),
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
+    picloud.picloud_wait_idle(uuid, interval),
     -- Runs as the handler's principal; useless without the token _become returned.
     picloud._unbecome(bigint)
 TO picloud_user, picloud_supervisor;

@@ -269,6 +269,37 @@ BEGIN
 END
 $$;
 
+-- Waits until the app has no event running and none due before the deadline (now +
+-- p_timeout); true when that happened, false on timeout. For scripts, tests and the README
+-- tour: "enqueue, wait, look". Each check sees the latest commits (a new snapshot per
+-- statement), but the call holds one transaction open while it waits, so keep it short.
+CREATE FUNCTION picloud.picloud_wait_idle(p_app_id uuid, p_timeout interval DEFAULT interval '30 seconds')
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_deadline timestamptz;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_dead_letters');
+    IF p_timeout IS NULL THEN PERFORM picloud._null_argument('{timeout}', '{t}'); END IF;
+    IF p_timeout < interval '0' OR p_timeout > interval '1 hour' THEN
+        PERFORM picloud._invalid(format('timeout %s is out of range', p_timeout), 'The timeout is between 0 and 1 hour.');
+    END IF;
+    v_deadline := clock_timestamp() + p_timeout;
+    LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM picloud.outbox o
+            WHERE o.app_id = p_app_id AND (o.claimed_by IS NOT NULL OR o.due_at <= v_deadline)
+        ) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.02);
+    END LOOP;
+END
+$$;
+
 -- Completions, failed attempts and dead-lettering now count their outcome.
 CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_handler(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -370,6 +401,12 @@ BEGIN
 END
 $$;
 
+-- An idle supervisor sleeps until the next event is due.
+CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL
+$$;
+
 -- Housekeeping drops outcome counts older than a day.
 CREATE FUNCTION picloud._gc_event_counts(p_batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -421,6 +458,8 @@ REVOKE ALL ON FUNCTION
     picloud.picloud_stats(interval),
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
+    picloud.picloud_wait_idle(uuid, interval),
+    picloud.picloud_next_due_at(),
     picloud._gc_event_counts(integer)
 FROM PUBLIC;
 GRANT SELECT ON picloud.event_counts, picloud.stats, picloud.dead_letter_summary,
@@ -430,12 +469,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON picloud.event_counts, picloud.stats, pic
 GRANT EXECUTE ON FUNCTION
     picloud.picloud_stats(interval),
     picloud.picloud_error_class(text),
-    picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean)
+    picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
+    picloud.picloud_wait_idle(uuid, interval)
 TO picloud_user, picloud_supervisor;
 GRANT EXECUTE ON FUNCTION
     picloud._count_outcome(uuid, text, integer, integer, integer),
     picloud._gc_event_counts(integer)
 TO picloud_admin, picloud_supervisor;
+GRANT EXECUTE ON FUNCTION picloud.picloud_next_due_at() TO picloud_supervisor;
 
 ALTER TABLE picloud.event_counts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY event_counts_admin ON picloud.event_counts FOR ALL

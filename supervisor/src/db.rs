@@ -93,6 +93,25 @@ pub async fn claim(
     Ok(rows.iter().map(Claim::from_row).collect())
 }
 
+/// Milliseconds until the next unclaimed event is due (negative if one is due already), or
+/// None when the outbox holds nothing unclaimed. Computed on the database's clock, so the
+/// supervisor's clock does not matter.
+pub async fn next_due_in_ms(client: &Client) -> Result<Option<f64>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT (extract(epoch FROM picloud.picloud_next_due_at() - clock_timestamp()) * 1000)::float8",
+            &[],
+        )
+        .await?;
+    row.try_get(0)
+}
+
+/// The function does not exist: the database runs an older picloud schema.
+pub fn is_undefined_function(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|code| *code == tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
+}
+
 /// Why a report (complete, fail, release) did not go through.
 #[derive(Debug)]
 pub enum ReportError {

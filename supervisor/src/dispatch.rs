@@ -22,6 +22,10 @@ use crate::wake::{self, WakeConnection};
 /// milliseconds cover it.
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
+/// Shortest idle wait when an unclaimed event is already due but the claim found none (another
+/// claimer holds its row lock for a moment): short, but not a busy loop.
+const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
+
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.
 pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
@@ -71,6 +75,8 @@ async fn claim_loop(
     let config = &shared.config;
     let metrics = &shared.metrics;
     let mut rechecked = false;
+    // Cleared for good if the database's picloud schema predates picloud_next_due_at.
+    let mut next_due_known = true;
     loop {
         // Wait for a free executor slot before claiming anything. Not claiming then is
         // by design, which /health must know.
@@ -200,11 +206,66 @@ async fn claim_loop(
             continue;
         }
         rechecked = false;
+        let wait = idle_wait(&connection.client, config.poll_interval, &mut next_due_known).await?;
         tokio::select! {
             _ = connection.wake.notified() => {}
-            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
+    }
+}
+
+/// How long an idle dispatcher sleeps (a wake-up ends it sooner): until the next retry or
+/// scheduled event is due - no notification announces those - and at most the poll interval.
+async fn idle_wait(
+    client: &tokio_postgres::Client,
+    poll_interval: Duration,
+    next_due_known: &mut bool,
+) -> Result<Duration, tokio_postgres::Error> {
+    if !*next_due_known {
+        return Ok(poll_interval);
+    }
+    match db::next_due_in_ms(client).await {
+        Ok(next_due) => Ok(wait_for(next_due, poll_interval)),
+        Err(e) if db::is_undefined_function(&e) => {
+            *next_due_known = false;
+            log::warn(
+                "picloud_next_due_at is missing (run ALTER EXTENSION picloud UPDATE); \
+                 retries and scheduled events may start up to one poll interval late",
+                &[],
+            );
+            Ok(poll_interval)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn wait_for(next_due_in_ms: Option<f64>, poll_interval: Duration) -> Duration {
+    match next_due_in_ms {
+        None => poll_interval,
+        Some(ms) if ms <= 0.0 || !ms.is_finite() => DUE_BUT_LOCKED_WAIT.min(poll_interval),
+        // Rounded up: waking a little early would find nothing due yet.
+        Some(ms) => Duration::from_millis(ms.ceil() as u64).min(poll_interval),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_wait_follows_the_next_due_event_within_the_poll_interval() {
+        let poll = Duration::from_millis(5000);
+        assert_eq!(wait_for(None, poll), poll);
+        assert_eq!(wait_for(Some(120.2), poll), Duration::from_millis(121));
+        assert_eq!(wait_for(Some(60_000.0), poll), poll);
+        assert_eq!(wait_for(Some(-3.0), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(wait_for(Some(0.0), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(wait_for(Some(f64::NAN), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(
+            wait_for(Some(-1.0), Duration::from_millis(2)),
+            Duration::from_millis(2)
+        );
     }
 }
 

@@ -970,6 +970,17 @@ fn specs() -> Vec<Spec> {
             },
         },
         Spec {
+            func: "picloud_wait_idle",
+            kind: DEAD,
+            // Whether the app is idle depends on the cases before; who may ask is the point.
+            build: |_, _, app| call(format!("SELECT picloud.picloud_wait_idle('{app}', '0 seconds')::text")),
+        },
+        Spec {
+            func: "picloud_next_due_at",
+            kind: Kind::Supervisor,
+            build: |_, _, _| call("SELECT picloud.picloud_next_due_at()::text"),
+        },
+        Spec {
             func: "picloud_list_abandoned_executions",
             kind: DEAD,
             build: |t, _, app| {

@@ -601,3 +601,52 @@ fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
         9
     );
 }
+
+/// No notification announces a retry or a run_at event coming due: the idle supervisor sleeps
+/// until the next due time instead of a whole poll interval (10 s here).
+#[test]
+fn scheduled_events_and_retries_start_on_time_without_polling() {
+    let (db, mut c) = fresh_db("e2e_on_time");
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET picloud.retry_max_attempts = 3;
+         ALTER DATABASE {db} SET picloud.retry_base_delay = '300ms';
+         ALTER DATABASE {db} SET picloud.retry_max_delay = '300ms';"
+    ))
+    .unwrap();
+    let (app, script) = ledger_app(&mut c);
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "10000"]);
+    // Let the supervisor go idle (its first claims come back empty).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let scheduled: Uuid = c
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'later', '{}', $2, p_run_at => clock_timestamp() + interval '1.5 seconds')",
+            &[&app, &script],
+        )
+        .unwrap()
+        .get(0);
+    let failing: Uuid = c
+        .query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', '{\"fail\": \"always\"}', $2)",
+            &[&app, &script],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        eventually(Duration::from_secs(8), || count(
+            &mut c,
+            &format!("SELECT count(*) FROM ledger WHERE event_id = '{scheduled}'")
+        ) == 1),
+        "scheduled event (due after 1.5 s) did not run within 8 s; log: {}",
+        sup.log()
+    );
+    // Three attempts 300 ms apart end in a dead letter well before one poll interval.
+    assert!(
+        eventually(Duration::from_secs(5), || count(
+            &mut c,
+            &format!("SELECT count(*) FROM picloud.dead_letters WHERE original_event_id = '{failing}' AND attempt_count = 3")
+        ) == 1),
+        "retries waited for the poll; log: {}",
+        sup.log()
+    );
+}
