@@ -698,8 +698,7 @@ BEGIN
         PERFORM picloud._invalid(format('ttl must be positive and at most 1 day, got %s', p_ttl));
     END IF;
     INSERT INTO picloud.inboxes (app_id, channel, owner_pid, owner_started, expires_at)
-    SELECT p_app_id, v_channel, a.pid, a.backend_start, now() + p_ttl
-    FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid();
+    VALUES (p_app_id, v_channel, pg_catalog.pg_backend_pid(), picloud._my_backend_start(), now() + p_ttl);
     RETURN v_channel;
 END
 $$;
@@ -727,8 +726,8 @@ BEGIN
         v_reason := 'inbox does not exist';
     ELSIF v_inbox.expires_at <= now() THEN
         v_reason := 'inbox expired';
-    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                      WHERE a.pid = v_inbox.owner_pid AND a.backend_start = v_inbox.owner_started) THEN
+    -- Not pg_stat_activity: it hides other roles' sessions from the supervisor's role.
+    ELSIF picloud._backend_started(v_inbox.owner_pid) IS DISTINCT FROM v_inbox.owner_started THEN
         v_reason := 'caller disconnected';
     END IF;
     IF v_reason IS NOT NULL THEN

@@ -88,6 +88,8 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     picloud.picloud_wait_idle(uuid, interval),
+    -- The caller's own backend start, recorded when it opens an inbox.
+    picloud._my_backend_start(),
     -- Runs as the handler's principal; useless without the token _become returned.
     picloud._unbecome(bigint)
 TO picloud_user, picloud_supervisor;
@@ -102,6 +104,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._gc_inboxes(integer),
     picloud._gc_idempotency_keys(integer),
     picloud._gc_event_counts(integer),
+    picloud._backend_started(integer),
     picloud._count_outcome(uuid, text, integer, integer, integer),
     picloud._settle_failure(picloud.outbox, text, interval),
     picloud._dead_letter(picloud.outbox, text),

@@ -47,7 +47,9 @@ extension_sql_file!(
         api::principal::picloud_current_depth,
         api::admission::picloud_admit,
         api::principal::picloud_become,
-        api::principal::picloud_unbecome
+        api::principal::picloud_unbecome,
+        api::backends::picloud_my_backend_start,
+        api::backends::picloud_backend_started
     ]
 );
 extension_sql_file!(

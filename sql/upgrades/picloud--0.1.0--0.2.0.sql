@@ -401,6 +401,63 @@ BEGIN
 END
 $$;
 
+-- Whether an inbox's caller is still connected is read from the backend status table, not
+-- pg_stat_activity, which hides other roles' sessions from the supervisor's role.
+CREATE FUNCTION picloud._backend_started(
+	"pid" INT /* i32 */
+) RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_backend_started_wrapper';
+CREATE FUNCTION picloud._my_backend_start() RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_my_backend_start_wrapper';
+CREATE OR REPLACE FUNCTION picloud.picloud_open_inbox(p_app_id uuid, p_ttl interval DEFAULT '60 seconds') RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_channel text := 'picloud_inbox_' || replace(gen_random_uuid()::text, '-', '');
+BEGIN
+    PERFORM picloud._require(p_app_id, 'enqueue');
+    IF p_ttl IS NULL OR p_ttl <= interval '0' OR p_ttl > interval '1 day' THEN
+        PERFORM picloud._invalid(format('ttl must be positive and at most 1 day, got %s', p_ttl));
+    END IF;
+    INSERT INTO picloud.inboxes (app_id, channel, owner_pid, owner_started, expires_at)
+    VALUES (p_app_id, v_channel, pg_catalog.pg_backend_pid(), picloud._my_backend_start(), now() + p_ttl);
+    RETURN v_channel;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._reply(r picloud.outbox, p_ok boolean, p_result jsonb, p_error text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_inbox picloud.inboxes;
+    v_reason text;
+    v_message text;
+BEGIN
+    SELECT * INTO v_inbox FROM picloud.inboxes i WHERE i.app_id = r.app_id AND i.channel = r.reply_to;
+    IF NOT FOUND THEN
+        v_reason := 'inbox does not exist';
+    ELSIF v_inbox.expires_at <= now() THEN
+        v_reason := 'inbox expired';
+    -- Not pg_stat_activity: it hides other roles' sessions from the supervisor's role.
+    ELSIF picloud._backend_started(v_inbox.owner_pid) IS DISTINCT FROM v_inbox.owner_started THEN
+        v_reason := 'caller disconnected';
+    END IF;
+    IF v_reason IS NOT NULL THEN
+        PERFORM picloud._record_abandoned(r, p_ok, p_result, p_error, v_reason);
+        RETURN;
+    END IF;
+    v_message := jsonb_build_object('event_id', r.event_id, 'ok', p_ok, 'result', p_result, 'error', p_error)::text;
+    -- A notification payload holds at most 8000 bytes.
+    IF octet_length(v_message) > 7900 THEN
+        v_message := jsonb_build_object('event_id', r.event_id, 'ok', false, 'result', NULL,
+            'error', format('answer of %s bytes is too large for a notification', octet_length(v_message)))::text;
+    END IF;
+    PERFORM pg_catalog.pg_notify(r.reply_to, v_message);
+END
+$$;
+
 -- An idle supervisor sleeps until the next event is due.
 CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
@@ -460,7 +517,9 @@ REVOKE ALL ON FUNCTION
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     picloud.picloud_wait_idle(uuid, interval),
     picloud.picloud_next_due_at(),
-    picloud._gc_event_counts(integer)
+    picloud._gc_event_counts(integer),
+    picloud._backend_started(integer),
+    picloud._my_backend_start()
 FROM PUBLIC;
 GRANT SELECT ON picloud.event_counts, picloud.stats, picloud.dead_letter_summary,
     picloud.dead_letter_errors, picloud.dead_letters_by_trigger TO picloud_user;
@@ -470,11 +529,13 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_stats(interval),
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
-    picloud.picloud_wait_idle(uuid, interval)
+    picloud.picloud_wait_idle(uuid, interval),
+    picloud._my_backend_start()
 TO picloud_user, picloud_supervisor;
 GRANT EXECUTE ON FUNCTION
     picloud._count_outcome(uuid, text, integer, integer, integer),
-    picloud._gc_event_counts(integer)
+    picloud._gc_event_counts(integer),
+    picloud._backend_started(integer)
 TO picloud_admin, picloud_supervisor;
 GRANT EXECUTE ON FUNCTION picloud.picloud_next_due_at() TO picloud_supervisor;
 
