@@ -354,7 +354,13 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION picloud.picloud_claim(p_worker text, p_batch integer, p_lease_ms integer)
+-- Claims up to p_batch due events for p_worker under a lease of p_lease_ms, oldest first, and
+-- returns each with its handler and the principal it runs as. With p_leave_sql_lane a
+-- supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the lanes their events - first
+-- attempts of asynchronous events with a sql handler - and looks at no more than the oldest
+-- p_batch * 4 + 100 due rows, so a backlog of lane events costs it a bounded scan.
+CREATE FUNCTION picloud.picloud_claim(
+    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false)
 RETURNS TABLE (
     app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
     payload jsonb, depth integer, attempt_count integer, reply_to text,
@@ -364,9 +370,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_claimed integer;
 BEGIN
-    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL THEN
-        PERFORM picloud._null_argument('{worker,batch,lease_ms}',
-            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL]);
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
     END IF;
     IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
@@ -383,13 +389,33 @@ BEGIN
     -- caller's transaction, which for the supervisor is this statement alone.)
     PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
     RETURN QUERY
-    WITH due AS (
+    WITH head AS (
+        -- Read only with p_leave_sql_lane: the oldest due rows, the window to choose from.
+        SELECT o.app_id, o.event_id, o.attempt_count, o.reply_to, o.script_id
+        FROM picloud.outbox o
+        WHERE p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
+        ORDER BY o.due_at
+        LIMIT p_batch * 4 + 100
+    ), due AS (
         SELECT o.app_id, o.event_id
         FROM picloud.outbox o
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE NOT p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
         ORDER BY o.due_at
         LIMIT p_batch
         FOR UPDATE SKIP LOCKED
+    ), due_outside_lane AS (
+        -- Each row of the window is locked by its own index lookup (a subquery with FOR UPDATE
+        -- is never flattened into a join).
+        SELECT l.app_id, l.event_id
+        FROM head h
+        CROSS JOIN LATERAL (
+            SELECT o.app_id, o.event_id FROM picloud.outbox o
+            WHERE o.app_id = h.app_id AND o.event_id = h.event_id AND o.claimed_by IS NULL
+            FOR UPDATE SKIP LOCKED) l
+        WHERE NOT (h.attempt_count = 0 AND h.reply_to IS NULL
+                   AND (SELECT s.kind FROM picloud.scripts s
+                        WHERE s.app_id = h.app_id AND s.script_id = h.script_id) = 'sql')
+        LIMIT p_batch
     ), claimed AS (
         UPDATE picloud.outbox o
         SET claimed_by = p_worker,
@@ -397,7 +423,7 @@ BEGIN
             attempt_count = o.attempt_count + 1,
             first_attempt_at = coalesce(o.first_attempt_at, now()),
             last_attempt_at = now()
-        FROM due
+        FROM (SELECT * FROM due UNION ALL SELECT * FROM due_outside_lane) AS due
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
         RETURNING o.*
     )
@@ -631,7 +657,11 @@ CREATE FUNCTION picloud.picloud_extend_lease(p_app_id uuid, p_event_id uuid, p_w
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_lease_ms IS NULL OR p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL OR p_lease_ms IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker,lease_ms}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL, p_lease_ms IS NULL]);
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
         PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
     END IF;
     UPDATE picloud.outbox o

@@ -116,7 +116,8 @@ CREATE VIEW picloud.dead_letter_summary WITH (security_invoker = true) AS
     WHERE d.resolved_at IS NULL
     GROUP BY a.app_id, a.name;
 
--- The most frequent failures: dead letters grouped by app and error class, unresolved first.
+-- The most frequent failures: dead letters grouped by app and error class (order by
+-- unresolved DESC to see the worst first).
 -- SELECT * FROM picloud.dead_letter_errors ORDER BY unresolved DESC LIMIT 10;
 CREATE VIEW picloud.dead_letter_errors WITH (security_invoker = true) AS
     SELECT a.app_id,

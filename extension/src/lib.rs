@@ -53,9 +53,14 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../../sql/035_sql_lane.sql",
+    name = "sql_lane",
+    requires = ["outbox"]
+);
+extension_sql_file!(
     "../../sql/040_dead_letters.sql",
     name = "dead_letters",
-    requires = ["outbox"]
+    requires = ["sql_lane"]
 );
 extension_sql_file!(
     "../../sql/050_housekeeping.sql",

@@ -22,6 +22,8 @@ pub struct Config {
     pub concurrency: usize,
     pub batch_size: usize,
     pub sql_batch: usize,
+    pub sql_lanes: usize,
+    pub sql_lane_batch: usize,
     pub poll_interval: Duration,
     pub lease_ms: i32,
     pub shutdown_grace: Duration,
@@ -59,6 +61,7 @@ struct Opt {
 }
 
 const MAX_CONCURRENCY: usize = 1024;
+const MAX_SQL_LANES: usize = 64;
 const MIN_POLL_INTERVAL_MS: u64 = 50;
 /// The range picloud_claim accepts.
 const MIN_LEASE_MS: i32 = 100;
@@ -133,6 +136,24 @@ const OPTIONS: &[Opt] = &[
                savepoint, so that they share one commit; 1 runs every event in a transaction \
                of its own. If a batch fails as a whole (statement timeout), its events run \
                again one by one.",
+    },
+    Opt {
+        flag: "sql-lanes",
+        env: "PICLOUD_SQL_LANES",
+        value: "N",
+        default: "2",
+        repeatable: false,
+        help: "Connections (0-64) that run first attempts of sql-handler events set-based, \
+               a batch per transaction without claiming them; 0 runs every event through \
+               claims. A batch that fails is rolled back and its events run the ordinary way.",
+    },
+    Opt {
+        flag: "sql-lane-batch",
+        env: "PICLOUD_SQL_LANE_BATCH",
+        value: "N",
+        default: "500",
+        repeatable: false,
+        help: "Most events a sql lane runs in one transaction (1-10000).",
     },
     Opt {
         flag: "shutdown-grace-ms",
@@ -282,6 +303,14 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
         Some(v) => number(&v, 1, 1000)?,
         None => 8,
     };
+    let sql_lanes: usize = match single("sql-lanes") {
+        Some(v) => number(&v, 0, MAX_SQL_LANES)?,
+        None => 2,
+    };
+    let sql_lane_batch: usize = match single("sql-lane-batch") {
+        Some(v) => number(&v, 1, 10_000)?,
+        None => 500,
+    };
     let poll_interval_ms: u64 = match single("poll-interval-ms") {
         Some(v) => number(&v, MIN_POLL_INTERVAL_MS, u64::from(u32::MAX))?,
         None => 5000,
@@ -333,6 +362,8 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, C
         concurrency,
         batch_size,
         sql_batch,
+        sql_lanes,
+        sql_lane_batch,
         poll_interval: Duration::from_millis(poll_interval_ms),
         lease_ms,
         shutdown_grace: Duration::from_millis(shutdown_grace_ms),
@@ -571,6 +602,8 @@ mod tests {
         assert_eq!(c.concurrency, 16);
         assert_eq!(c.batch_size, 16);
         assert_eq!(c.sql_batch, 8);
+        assert_eq!(c.sql_lanes, 2);
+        assert_eq!(c.sql_lane_batch, 500);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));
         assert_eq!(c.lease_ms, 30_000);
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));

@@ -37,7 +37,7 @@ pub struct Claim {
 }
 
 impl Claim {
-    fn from_row(row: &Row) -> Result<Claim, String> {
+    pub fn from_row(row: &Row) -> Result<Claim, String> {
         Ok(Claim {
             app_id: column(row, "app_id")?,
             event_id: column(row, "event_id")?,
@@ -83,13 +83,25 @@ pub async fn claim(
     worker: &str,
     batch: i32,
     lease_ms: i32,
+    leave_sql_lane: bool,
 ) -> Result<Vec<Result<Claim, String>>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)",
-            &[&worker, &batch, &lease_ms],
-        )
-        .await?;
+    // The three-argument form works with every schema version; the fourth argument is only
+    // passed when sql lanes run, which they do only on a schema that has them.
+    let rows = if leave_sql_lane {
+        client
+            .query(
+                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, true)",
+                &[&worker, &batch, &lease_ms],
+            )
+            .await?
+    } else {
+        client
+            .query(
+                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)",
+                &[&worker, &batch, &lease_ms],
+            )
+            .await?
+    };
     Ok(rows.iter().map(Claim::from_row).collect())
 }
 

@@ -2,6 +2,7 @@
 //! there are free executor slots, and hands each to an executor task at once.
 //! Claimed rows never wait in a local queue.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,11 +107,14 @@ async fn claim_loop(
             }
         }
 
+        // While a sql lane is connected, it runs the first attempts of sql events.
+        let leave_sql_lane = metrics.lanes_connected.load(Ordering::Relaxed) > 0;
         let rows = db::claim(
             &connection.client,
             &config.worker_name,
             permits.len() as i32,
             config.lease_ms,
+            leave_sql_lane,
         )
         .await?;
         backoff.reset();
@@ -206,9 +210,15 @@ async fn claim_loop(
             continue;
         }
         rechecked = false;
-        let wait = idle_wait(&connection.client, config.poll_interval, &mut next_due_known).await?;
+        let wait = idle_wait(
+            &connection.client,
+            config.poll_interval,
+            &mut next_due_known,
+        )
+        .await?;
         tokio::select! {
             _ = connection.wake.notified() => {}
+            _ = shared.rescheduled.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
@@ -217,7 +227,7 @@ async fn claim_loop(
 
 /// How long an idle dispatcher sleeps (a wake-up ends it sooner): until the next retry or
 /// scheduled event is due - no notification announces those - and at most the poll interval.
-async fn idle_wait(
+pub(crate) async fn idle_wait(
     client: &tokio_postgres::Client,
     poll_interval: Duration,
     next_due_known: &mut bool,

@@ -209,6 +209,11 @@ fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
     let elapsed = started.elapsed();
     count(&shared.metrics, claim, outcome, elapsed);
     log_outcome(claim, outcome, elapsed);
+    if matches!(outcome, Outcome::Failed { outcome, .. } if outcome == "retry") {
+        // The retry comes due soon and nothing announces it: let the dispatcher, which may
+        // have gone idle before the event failed, recompute when to claim next.
+        shared.rescheduled.notify_one();
+    }
 }
 
 /// Gets an executor connection, retrying with backoff for up to half the

@@ -10,6 +10,7 @@ mod dispatch;
 mod executor;
 mod handlers;
 mod health;
+mod lane;
 mod log;
 mod metrics;
 mod metrics_server;

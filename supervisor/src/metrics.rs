@@ -55,15 +55,22 @@ pub enum Connection {
     Dispatcher,
     /// One of the executor pool's connections.
     Executor,
+    /// A sql lane's connection.
+    Lane,
 }
 
 impl Connection {
-    const ALL: [Connection; 2] = [Connection::Dispatcher, Connection::Executor];
+    const ALL: [Connection; 3] = [
+        Connection::Dispatcher,
+        Connection::Executor,
+        Connection::Lane,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Connection::Dispatcher => "dispatcher",
             Connection::Executor => "executor",
+            Connection::Lane => "lane",
         }
     }
 }
@@ -180,6 +187,13 @@ pub struct Metrics {
     pub lease_lost: Counter,
     dispatcher_reconnects: Counter,
     executor_reconnects: Counter,
+    lane_reconnects: Counter,
+    /// sql lane transactions that committed.
+    pub lane_batches: Counter,
+    /// Events of rolled-back sql lane batches, sent back to the ordinary claim path.
+    pub lane_fallbacks: Counter,
+    /// sql lane connections up now (the dispatcher leaves lane events to them while > 0).
+    pub lanes_connected: AtomicU64,
     /// Events running now (each holds one executor slot).
     busy: AtomicU64,
     executor_slots: u64,
@@ -214,6 +228,10 @@ impl Metrics {
             lease_lost: Counter::default(),
             dispatcher_reconnects: Counter::default(),
             executor_reconnects: Counter::default(),
+            lane_reconnects: Counter::default(),
+            lane_batches: Counter::default(),
+            lane_fallbacks: Counter::default(),
+            lanes_connected: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             executor_slots: executor_slots as u64,
             handler_duration: [duration(), duration(), duration(), duration()],
@@ -226,6 +244,7 @@ impl Metrics {
         match connection {
             Connection::Dispatcher => self.dispatcher_reconnects.add(1),
             Connection::Executor => self.executor_reconnects.add(1),
+            Connection::Lane => self.lane_reconnects.add(1),
         }
     }
 
@@ -233,6 +252,7 @@ impl Metrics {
         match connection {
             Connection::Dispatcher => self.dispatcher_reconnects.get(),
             Connection::Executor => self.executor_reconnects.get(),
+            Connection::Lane => self.lane_reconnects.get(),
         }
     }
 
@@ -314,6 +334,22 @@ impl Metrics {
         for (name, help, values) in per_kind {
             family(&mut out, name, "counter", help);
             kinds(&mut out, name, values);
+        }
+
+        for (name, help, value) in [
+            (
+                "picloud_sql_lane_batches_total",
+                "sql lane transactions that committed (their events count as claimed and completed).",
+                self.lane_batches.get(),
+            ),
+            (
+                "picloud_sql_lane_fallbacks_total",
+                "Events of rolled-back sql lane batches, run again through ordinary claims.",
+                self.lane_fallbacks.get(),
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            sample(&mut out, name, &[], value);
         }
 
         family(

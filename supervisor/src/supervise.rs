@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::dispatch;
 use crate::executor::Pool;
+use crate::lane;
 use crate::log;
 use crate::metrics::Metrics;
 use crate::metrics_server;
@@ -41,6 +42,8 @@ pub struct Shared {
     /// One permit per executor slot (`concurrency` in total).
     pub slots: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
+    /// Signalled when an event this supervisor ran was rescheduled for a retry.
+    pub rescheduled: Notify,
 }
 
 /// Resolves once shutdown has been requested.
@@ -125,6 +128,7 @@ pub async fn run(config: Config) -> u8 {
         slots: Arc::new(Semaphore::new(concurrency)),
         metrics,
         config,
+        rescheduled: Notify::new(),
     });
     let metrics_endpoint = listener.map(|listener| {
         let address = listener
@@ -143,6 +147,9 @@ pub async fn run(config: Config) -> u8 {
         tokio::spawn(async move { shared.pool.warm(shared.config.concurrency).await });
     }
     let (phase_sender, phase) = watch::channel(Phase::Running);
+    let lanes: Vec<_> = (0..shared.config.sql_lanes)
+        .map(|index| tokio::spawn(lane::run(Arc::clone(&shared), index, phase.clone())))
+        .collect();
     let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase));
     let summary = Arc::new(Summary::new(Arc::clone(&shared.metrics)));
     let summary_task = tokio::spawn(summary::report_periodically(Arc::clone(&summary)));
@@ -175,6 +182,14 @@ pub async fn run(config: Config) -> u8 {
     {
         dispatcher.abort();
         log::warn("dispatcher did not stop within the grace period", &[]);
+    }
+    // A lane finishes the batch it is running (one transaction); one still running at the
+    // deadline is cut off, and its rolled-back events simply stay in the queue.
+    for mut lane in lanes {
+        if !lane.is_finished() && tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
+            lane.abort();
+            log::warn("a sql lane did not stop within the grace period", &[]);
+        }
     }
 
     let all_slots = concurrency as u32;

@@ -976,6 +976,29 @@ fn specs() -> Vec<Spec> {
             build: |_, _, app| call(format!("SELECT picloud.picloud_wait_idle('{app}', '0 seconds')::text")),
         },
         Spec {
+            func: "picloud_lock_sql_lane",
+            kind: Kind::Supervisor,
+            build: |t, _, app| {
+                t.event(app);
+                call("SELECT count(*)::text FROM picloud.picloud_lock_sql_lane(100)")
+            },
+        },
+        Spec {
+            func: "picloud_run_sql_lane",
+            kind: Kind::Supervisor,
+            build: |_, _, _| call("SELECT picloud.picloud_run_sql_lane('{}'::uuid[], '{}'::tid[])::text"),
+        },
+        Spec {
+            func: "picloud_claim_events",
+            kind: Kind::Supervisor,
+            build: |t, _, app| {
+                let event = t.event(app);
+                call(format!(
+                    "SELECT count(*)::text FROM picloud.picloud_claim_events('intruder', ARRAY['{app}'::uuid], ARRAY['{event}'::uuid], 60000)"
+                ))
+            },
+        },
+        Spec {
             func: "picloud_next_due_at",
             kind: Kind::Supervisor,
             build: |_, _, _| call("SELECT picloud.picloud_next_due_at()::text"),

@@ -557,7 +557,19 @@ fn supervisor_needs_no_superuser() {
 
 #[test]
 fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
-    let (db, mut c) = fresh_db("e2e_batch");
+    failures_and_timeouts_stay_with_their_events("0");
+}
+
+/// The same load through sql lanes: the batch with the slow handler exceeds that handler's
+/// timeout as a whole and is rolled back; the failing handlers are found event by event. Each
+/// of those events then runs the ordinary way, so the outcome is the same as without lanes.
+#[test]
+fn sql_lanes_keep_failures_and_timeouts_to_themselves() {
+    failures_and_timeouts_stay_with_their_events("2");
+}
+
+fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
+    let (db, mut c) = fresh_db(&format!("e2e_batch_lanes{lanes}"));
     let (app, script) = ledger_app(&mut c);
     retry_quickly(&mut c, &db, 1);
     c.batch_execute(
@@ -609,6 +621,8 @@ fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
             "500",
             "--sql-batch",
             "8",
+            "--sql-lanes",
+            lanes,
             "--log-level",
             "debug",
         ],
@@ -649,6 +663,13 @@ fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
         count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
         9
     );
+    if lanes != "0" {
+        assert!(
+            sup.log().contains("sql lane batch rolled back"),
+            "the lane batch should have hit the slow handler's timeout; log: {}",
+            sup.log()
+        );
+    }
 }
 
 /// No notification announces a retry or a run_at event coming due: the idle supervisor sleeps

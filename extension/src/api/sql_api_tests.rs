@@ -162,6 +162,8 @@ mod tests {
             ("SELECT * FROM picloud.picloud_claim('w', 1, 50)", "22023"),
             ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 30000)", "00000"),
             ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 1)", "22023"),
+            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', NULL)", "22004"),
+            ("SELECT picloud.picloud_extend_lease({app}, NULL, 'w', 30000)", "22004"),
             ("SELECT picloud.picloud_complete({app}, {ev}, 'intruder')", "PC002"),
             ("SELECT * FROM picloud.picloud_fail({app}, {ev}, 'intruder', 'x')", "PC002"),
             ("SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'intruder')", "PC002"),
@@ -196,6 +198,40 @@ mod tests {
             "SELECT count(*) FROM picloud.outbox o, fx WHERE o.event_id = fx.ev",
         );
         assert_eq!(outcomes, Ok(Some(0)));
+    }
+
+    #[pg_test]
+    fn operator_views_and_tools() {
+        fixture();
+        expect(&[
+            ("SELECT * FROM picloud.stats", "00000"),
+            ("SELECT * FROM picloud.picloud_stats('1 hour')", "00000"),
+            ("SELECT * FROM picloud.picloud_stats('0 seconds')", "22023"),
+            ("SELECT * FROM picloud.picloud_stats('25 hours')", "22023"),
+            ("SELECT * FROM picloud.picloud_stats(NULL)", "22004"),
+            ("SELECT * FROM picloud.dead_letter_summary", "00000"),
+            ("SELECT * FROM picloud.dead_letter_errors", "00000"),
+            ("SELECT * FROM picloud.dead_letters_by_trigger", "00000"),
+            ("SELECT picloud.picloud_error_class(NULL)", "00000"),
+            ("SELECT picloud.picloud_next_due_at()", "00000"),
+            ("SELECT picloud.picloud_wait_idle({app}, '0 seconds')", "00000"),
+            ("SELECT picloud.picloud_wait_idle({app}, '2 hours')", "22023"),
+            ("SELECT picloud.picloud_wait_idle({app}, NULL)", "22004"),
+            ("SELECT picloud.picloud_wait_idle(NULL)", "22004"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, 'ignored', p_dry_run => true)", "00000"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, 'lost')", "23514"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, NULL)", "22004"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, 'ignored', p_limit => 0)", "22023"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, 'ignored', p_error_contains => '')", "22023"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({none}, 'ignored')", "P0002"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters(NULL, 'ignored')", "22004"),
+            ("SELECT * FROM picloud.picloud_resolve_dead_letters({app}, 'replayed')", "00000"),
+        ]);
+        // The real run above replayed the fixture's dead letter: a new event waits for it.
+        let replayed = Spi::get_one::<i64>(
+            "SELECT count(*) FROM picloud.dead_letters WHERE resolution = 'replayed'",
+        );
+        assert_eq!(replayed, Ok(Some(1)));
     }
 
     #[pg_test]

@@ -1,0 +1,230 @@
+-- The SQL lane: first attempts of SQL-handler events run set-based, without a claim.
+--
+-- A claim writes every row twice (the claim, then the completion). For an event whose handler
+-- runs inside this database none of that is needed on the happy path: the supervisor locks a
+-- batch of ready rows in a transaction (FOR UPDATE SKIP LOCKED: other supervisors and the
+-- housekeeper pass them by), runs their handlers, grouped by handler and principal, with one
+-- statement per group, deletes the rows, and commits. Handler writes and completions commit
+-- together, so SQL handlers still take effect exactly once.
+--
+-- Anything unusual leaves the lane. A group whose statement fails is run again event by event,
+-- each in a savepoint, and the events that fail by themselves are left out: the rest commit,
+-- and the supervisor claims the left-out ones with picloud_claim_events and runs them the
+-- ordinary way - attempts counted, retries and dead letters as usual. A batch that fails as a
+-- whole (its statement timeout, a lost connection) is rolled back and all its events go that
+-- way. Only first attempts of asynchronous events with a sql handler enter the lane; retries
+-- and synchronous calls never do.
+
+-- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
+-- transaction, and returns them with their row address (valid while the lock is held: the
+-- lane never updates a locked row) and their handler's timeout.
+CREATE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+-- A backlog makes the planner's estimates large enough to JIT-compile this small query,
+-- which costs more than running it.
+SET jit = off
+AS $$
+BEGIN
+    IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    -- The same index-ordered scan as picloud_claim (outbox_due_idx); the handler is looked up
+    -- per row so the plan cannot turn into a join that sorts the whole backlog.
+    RETURN QUERY
+    SELECT o.app_id, o.event_id, o.ctid,
+           (SELECT s.timeout_ms FROM picloud.scripts s
+            WHERE s.app_id = o.app_id AND s.script_id = o.script_id)
+    FROM picloud.outbox o
+    WHERE o.claimed_by IS NULL AND o.due_at <= now()
+      AND o.attempt_count = 0 AND o.reply_to IS NULL
+      AND (SELECT s.kind FROM picloud.scripts s
+           WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql'
+    ORDER BY o.due_at
+    LIMIT p_batch
+    FOR UPDATE SKIP LOCKED;
+END
+$$;
+
+-- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
+-- their handlers receive. A TID scan finds them; the event id filter makes sure each address
+-- still holds the event the lane locked. (The planner's cost model would rather read the whole
+-- table than fetch a few hundred rows by address; the setting is local to this function, and
+-- no handler runs in it.)
+CREATE FUNCTION picloud._sql_lane_groups(p_event_ids uuid[], p_row_tids tid[])
+RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer, event_ids uuid[], events jsonb[])
+LANGUAGE sql STABLE
+SET enable_seqscan = off
+SET jit = off
+AS $$
+    SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
+           array_agg(o.event_id),
+           array_agg(jsonb_build_object(
+               'event_id', o.event_id, 'app_id', o.app_id, 'source', o.source, 'op', o.op,
+               'payload', o.payload, 'depth', o.depth, 'attempt', 1,
+               'trigger_id', o.trigger_id, 'script_id', o.script_id))
+    FROM picloud.outbox o
+    WHERE o.ctid = ANY(p_row_tids) AND o.event_id = ANY(p_event_ids)
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
+$$;
+
+-- Deletes the lane's events once their handlers ran and counts them as completed; returns how
+-- many. Same TID scan as above.
+CREATE FUNCTION picloud._sql_lane_complete(p_event_ids uuid[], p_row_tids tid[]) RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET jit = off
+AS $$
+DECLARE
+    v_apps uuid[];
+    v_sources text[];
+    v_counts integer[];
+    v_deleted integer := 0;
+BEGIN
+    WITH done AS (
+        DELETE FROM picloud.outbox o
+        WHERE o.ctid = ANY(p_row_tids) AND o.event_id = ANY(p_event_ids)
+          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+        RETURNING o.app_id, o.source
+    ), counted AS (
+        SELECT d.app_id, d.source, count(*)::integer AS n FROM done d GROUP BY d.app_id, d.source
+    )
+    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n)
+    INTO v_apps, v_sources, v_counts FROM counted c;
+    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
+        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
+        v_deleted := v_deleted + v_counts[i];
+    END LOOP;
+    RETURN v_deleted;
+END
+$$;
+
+-- Runs the handlers of events locked by picloud_lock_sql_lane in this transaction and deletes
+-- the events that ran. Each group of events with the same handler, principal and depth runs in
+-- one statement as that principal; a group whose statement fails runs again event by event,
+-- each in a savepoint. Returns how many ran, and the events left for the ordinary path: those
+-- that failed by themselves, and every event of a group whose principal may not run it.
+CREATE FUNCTION picloud.picloud_run_sql_lane(p_event_ids uuid[], p_row_tids tid[])
+RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    g record;
+    v_event jsonb;
+    v_function regprocedure;
+    v_kind text;
+    v_principal name;
+    v_problem text;
+    v_token bigint;
+    v_done uuid[] := '{}';
+    v_left_apps uuid[] := '{}';
+    v_left uuid[] := '{}';
+    v_completed integer;
+BEGIN
+    IF p_event_ids IS NULL OR p_row_tids IS NULL THEN
+        PERFORM picloud._null_argument('{event_ids,row_tids}', ARRAY[p_event_ids IS NULL, p_row_tids IS NULL]);
+    END IF;
+    IF cardinality(p_event_ids) <> cardinality(p_row_tids) THEN
+        PERFORM picloud._invalid('event_ids and row_tids must have the same length');
+    END IF;
+    FOR g IN SELECT * FROM picloud._sql_lane_groups(p_event_ids, p_row_tids) LOOP
+        SELECT s.sql_function, s.kind INTO v_function, v_kind
+        FROM picloud.scripts s WHERE s.app_id = g.app_id AND s.script_id = g.script_id;
+        SELECT h.principal, h.problem INTO v_principal, v_problem
+        FROM picloud._handler_principal(g.app_id, g.trigger_id, g.script_id) h;
+        IF v_problem IS NOT NULL OR v_kind IS DISTINCT FROM 'sql'
+           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = v_function) THEN
+            -- The ordinary path reports exactly why, as each event's error.
+            v_left_apps := v_left_apps || array_fill(g.app_id, ARRAY[cardinality(g.event_ids)]);
+            v_left := v_left || g.event_ids;
+            CONTINUE;
+        END IF;
+        -- From here until _unbecome this code runs with the principal's rights only. count(r)
+        -- uses each result, so no handler call is optimised away whatever its volatility.
+        v_token := picloud._become(v_principal, g.depth);
+        BEGIN
+            EXECUTE format('SELECT count(r) FROM (SELECT %s(e) AS r FROM unnest($1) AS e) AS calls',
+                           v_function::oid::regproc)
+            USING g.events;
+            v_done := v_done || g.event_ids;
+        EXCEPTION WHEN OTHERS THEN
+            -- Some handler call failed; find which, one savepoint per event.
+            FOREACH v_event IN ARRAY g.events LOOP
+                BEGIN
+                    EXECUTE format('SELECT count(r) FROM (SELECT %s($1) AS r) AS call',
+                                   v_function::oid::regproc)
+                    USING v_event;
+                    v_done := v_done || (v_event->>'event_id')::uuid;
+                EXCEPTION WHEN OTHERS THEN
+                    v_left_apps := v_left_apps || g.app_id;
+                    v_left := v_left || (v_event->>'event_id')::uuid;
+                END;
+            END LOOP;
+        END;
+        PERFORM picloud._unbecome(v_token);
+    END LOOP;
+    v_completed := picloud._sql_lane_complete(v_done, p_row_tids);
+    IF v_completed <> cardinality(v_done) THEN
+        -- Cannot happen while the rows stay locked; refuse rather than half-complete.
+        RAISE EXCEPTION 'sql lane ran % handlers but completed % events', cardinality(v_done), v_completed
+            USING ERRCODE = 'XX000';
+    END IF;
+    RETURN QUERY SELECT cardinality(v_done), v_left_apps, v_left;
+END
+$$;
+
+-- Claims exactly the given events (those still unclaimed) for p_worker, as picloud_claim does
+-- for due rows: the way out of the lane for a batch that failed. Returns the claimed rows in
+-- picloud_claim's shape.
+CREATE FUNCTION picloud.picloud_claim_events(
+    p_worker text, p_app_ids uuid[], p_event_ids uuid[], p_lease_ms integer)
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL OR p_lease_ms IS NULL THEN
+        PERFORM picloud._null_argument('{worker,app_ids,event_ids,lease_ms}',
+            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL, p_lease_ms IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    RETURN QUERY
+    WITH wanted AS (
+        SELECT o.app_id, o.event_id
+        FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+        JOIN picloud.outbox o ON o.app_id = k.app_id AND o.event_id = k.event_id
+        WHERE o.claimed_by IS NULL
+        FOR UPDATE OF o SKIP LOCKED
+    ), claimed AS (
+        UPDATE picloud.outbox o
+        SET claimed_by = p_worker,
+            lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0),
+            attempt_count = o.attempt_count + 1,
+            first_attempt_at = coalesce(o.first_attempt_at, now()),
+            last_attempt_at = now()
+        FROM wanted
+        WHERE o.app_id = wanted.app_id AND o.event_id = wanted.event_id
+        RETURNING o.*
+    )
+    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
+           c.attempt_count, c.reply_to, s.kind,
+           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
+           coalesce(s.timeout_ms, 30000),
+           h.principal,
+           h.problem
+    FROM claimed c
+    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
+END
+$$;

@@ -1,0 +1,417 @@
+//! The sql lanes (see sql/035_sql_lane.sql): first attempts of sql-handler events run
+//! set-based, a batch per transaction, without claims. Each lane owns one connection that
+//! LISTENs for wake-ups like the dispatcher's. A batch that fails in any way - a handler
+//! error, its statement timeout, a broken connection - is rolled back, and its events are then
+//! claimed by id and handed to the executors, which run each the ordinary way (attempt
+//! counted, retried or dead-lettered). So a handler that fails, hangs or even crashes its
+//! backend cannot keep a batch failing: its event leaves the lane after one try.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::db::{self, Claim};
+use crate::dispatch::idle_wait;
+use crate::executor;
+use crate::log;
+use crate::metrics::{Connection, Kind};
+use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::wake::{self, WakeConnection};
+
+/// As for the dispatcher: claim once more shortly after coming back empty, to close the window
+/// in which an enqueue saw no idle claimer and sent no wake-up.
+const RECHECK_DELAY: Duration = Duration::from_millis(3);
+
+/// Events locked by a batch that did not commit: they must leave the lane.
+struct Locked {
+    app_ids: Vec<Uuid>,
+    event_ids: Vec<Uuid>,
+}
+
+enum BatchError {
+    /// The database refused the batch (handler error, timeout): the connection is usable.
+    Refused(String),
+    /// The connection broke.
+    Broken(String),
+}
+
+/// Runs lane `index` until shutdown, reconnecting with backoff.
+pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<Phase>) {
+    let mut backoff = Backoff::new();
+    // Events of a batch whose connection broke; sent to the claim path once connected again.
+    let mut stranded: Option<Locked> = None;
+    loop {
+        if *phase.borrow() != Phase::Running {
+            return;
+        }
+        let failure = match wake::connect(&shared.config.db).await {
+            Ok(connection) => match lane_available(&connection.client).await {
+                Ok(true) => {
+                    shared
+                        .metrics
+                        .lanes_connected
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::info("sql lane connected", &[("lane", index.into())]);
+                    let result = lane_loop(
+                        &shared,
+                        &connection,
+                        &mut phase,
+                        &mut backoff,
+                        &mut stranded,
+                    )
+                    .await;
+                    shared
+                        .metrics
+                        .lanes_connected
+                        .fetch_sub(1, Ordering::Relaxed);
+                    match result {
+                        Ok(()) => return,
+                        Err(e) => format!("sql lane connection failed: {e}"),
+                    }
+                }
+                Ok(false) => {
+                    log::warn(
+                        "the database's picloud schema has no sql lanes (run ALTER EXTENSION \
+                         picloud UPDATE); every event runs through claims",
+                        &[("lane", index.into())],
+                    );
+                    return;
+                }
+                Err(e) => format!(
+                    "sql lane could not check the schema: {}",
+                    db::error_text(&e)
+                ),
+            },
+            Err(e) => format!("sql lane could not connect: {}", db::error_text(&e)),
+        };
+        shared.metrics.reconnect(Connection::Lane);
+        let delay = backoff.next_delay();
+        log::warn(
+            "sql lane reconnecting",
+            &[
+                ("lane", index.into()),
+                ("error", failure.into()),
+                ("retry_in_ms", json!(delay.as_millis() as u64)),
+            ],
+        );
+        if sleep_unless_stopping(delay, &mut phase).await {
+            return;
+        }
+    }
+}
+
+async fn lane_available(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regprocedure('picloud.picloud_lock_sql_lane(integer)') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    row.try_get(0)
+}
+
+async fn lane_loop(
+    shared: &Arc<Shared>,
+    connection: &WakeConnection,
+    phase: &mut watch::Receiver<Phase>,
+    backoff: &mut Backoff,
+    stranded: &mut Option<Locked>,
+) -> Result<(), String> {
+    let client = &connection.client;
+    let batch = shared.config.sql_lane_batch;
+    let mut rechecked = false;
+    let mut next_due_known = true;
+    loop {
+        if let Some(locked) = stranded.take() {
+            leave_lane(shared, client, locked, phase)
+                .await
+                .map_err(|e| db::error_text(&e))?;
+        }
+        if *phase.borrow() != Phase::Running {
+            return Ok(());
+        }
+        let locked = match run_batch(shared, client, batch).await {
+            Ok(Ran { locked, left }) => {
+                if !left.event_ids.is_empty() {
+                    log::debug(
+                        "sql lane left events to the ordinary path",
+                        &[("events", left.event_ids.len().into())],
+                    );
+                    leave_lane(shared, client, left, phase)
+                        .await
+                        .map_err(|e| db::error_text(&e))?;
+                }
+                locked
+            }
+            Err((locked, BatchError::Refused(error))) => {
+                log::warn(
+                    "sql lane batch rolled back; its events run the ordinary way",
+                    &[
+                        ("events", locked.event_ids.len().into()),
+                        ("error", error.into()),
+                    ],
+                );
+                leave_lane(shared, client, locked, phase)
+                    .await
+                    .map_err(|e| db::error_text(&e))?;
+                continue;
+            }
+            Err((locked, BatchError::Broken(e))) => {
+                if !locked.event_ids.is_empty() {
+                    *stranded = Some(locked);
+                }
+                return Err(e);
+            }
+        };
+        backoff.reset();
+        if locked > 0 {
+            // Full or not, look again at once: an empty batch is what ends a busy spell.
+            rechecked = false;
+            continue;
+        }
+        if !rechecked {
+            rechecked = true;
+            tokio::select! {
+                _ = connection.wake.notified() => {}
+                _ = tokio::time::sleep(RECHECK_DELAY) => {}
+                _ = stopping(phase) => return Ok(()),
+            }
+            continue;
+        }
+        rechecked = false;
+        let wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
+            .await
+            .map_err(|e| db::error_text(&e))?;
+        tokio::select! {
+            _ = connection.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopping(phase) => return Ok(()),
+        }
+    }
+}
+
+/// Locks, runs and commits one batch; returns how many events ran. On failure returns the
+/// events it had locked (rolled back, so unlocked again) with what went wrong.
+async fn run_batch(
+    shared: &Arc<Shared>,
+    client: &Client,
+    batch: usize,
+) -> Result<Ran, (Locked, BatchError)> {
+    let nothing = || Locked {
+        app_ids: Vec::new(),
+        event_ids: Vec::new(),
+    };
+    let started = Instant::now();
+    if let Err(e) = client.batch_execute("BEGIN").await {
+        return Err((nothing(), classify(client, &e)));
+    }
+    let rows = match client
+        .query(
+            "SELECT app_id, event_id, row_tid::text, timeout_ms FROM picloud.picloud_lock_sql_lane($1)",
+            &[&(batch as i32)],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => return Err((nothing(), rollback(client, &e).await)),
+    };
+    let mut locked = Locked {
+        app_ids: Vec::with_capacity(rows.len()),
+        event_ids: Vec::with_capacity(rows.len()),
+    };
+    let mut tids: Vec<String> = Vec::with_capacity(rows.len());
+    let mut timeout_ms: i32 = i32::MAX;
+    for row in &rows {
+        let parsed = (
+            row.try_get::<_, Uuid>(0),
+            row.try_get::<_, Uuid>(1),
+            row.try_get::<_, String>(2),
+            row.try_get::<_, Option<i32>>(3),
+        );
+        match parsed {
+            (Ok(app), Ok(event), Ok(tid), Ok(timeout)) => {
+                locked.app_ids.push(app);
+                locked.event_ids.push(event);
+                tids.push(tid);
+                timeout_ms = timeout_ms.min(timeout.unwrap_or(30_000));
+            }
+            _ => {
+                let e = "a locked row could not be read".to_owned();
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err((locked, BatchError::Refused(e)));
+            }
+        }
+    }
+    if locked.event_ids.is_empty() {
+        if let Err(e) = client.batch_execute("COMMIT").await {
+            return Err((nothing(), classify(client, &e)));
+        }
+        return Ok(Ran {
+            locked: 0,
+            left: nothing(),
+        });
+    }
+    // The whole batch must finish within the shortest timeout among its handlers, so no
+    // handler runs longer than its own timeout allows; a batch that needs more is rolled back
+    // and its events run one by one, each under its own timeout.
+    let run = async {
+        client
+            .batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                timeout_ms.max(1)
+            ))
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT ran, left_app_ids, left_event_ids FROM picloud.picloud_run_sql_lane($1, $2::text[]::tid[])",
+                &[&locked.event_ids, &tids],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(row)
+    };
+    let row = match run.await {
+        Ok(row) => row,
+        Err(e) => {
+            let error = rollback(client, &e).await;
+            return Err((locked, error));
+        }
+    };
+    let (ran, left) = match (
+        row.try_get::<_, i32>(0),
+        row.try_get::<_, Vec<Uuid>>(1),
+        row.try_get::<_, Vec<Uuid>>(2),
+    ) {
+        (Ok(ran), Ok(app_ids), Ok(event_ids)) => {
+            (ran.max(0) as usize, Locked { app_ids, event_ids })
+        }
+        // Committed, but the answer is unreadable: whatever did not run is still in the
+        // queue, unclaimed, and the next batch or claim takes it.
+        _ => (
+            0,
+            Locked {
+                app_ids: Vec::new(),
+                event_ids: Vec::new(),
+            },
+        ),
+    };
+    let metrics = &shared.metrics;
+    metrics.lane_batches.add(1);
+    metrics.claimed.add(Kind::Sql, ran as u64);
+    metrics.completed.add(Kind::Sql, ran as u64);
+    let elapsed = started.elapsed();
+    for _ in 0..ran {
+        metrics
+            .handler_duration(Kind::Sql)
+            .observe_duration(elapsed);
+    }
+    Ok(Ran {
+        locked: locked.event_ids.len(),
+        left,
+    })
+}
+
+/// What a committed batch did.
+struct Ran {
+    /// Events the batch locked (those that ran were completed and counted).
+    locked: usize,
+    /// Events whose handlers failed by themselves (or may not run): for the ordinary path.
+    left: Locked,
+}
+
+/// Rolls back after `e` and says whether the connection is still usable.
+async fn rollback(client: &Client, e: &tokio_postgres::Error) -> BatchError {
+    if client.is_closed() {
+        return classify(client, e);
+    }
+    match client.batch_execute("ROLLBACK").await {
+        Ok(()) => BatchError::Refused(db::error_text(e)),
+        Err(broken) => BatchError::Broken(db::error_text(&broken)),
+    }
+}
+
+fn classify(client: &Client, e: &tokio_postgres::Error) -> BatchError {
+    if client.is_closed() {
+        BatchError::Broken(db::error_text(e))
+    } else {
+        BatchError::Refused(db::error_text(e))
+    }
+}
+
+/// Claims the events of a failed batch (those still unclaimed) and hands each to an executor,
+/// which runs it the ordinary way. Waits for executor slots like the dispatcher does.
+async fn leave_lane(
+    shared: &Arc<Shared>,
+    client: &Client,
+    locked: Locked,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT * FROM picloud.picloud_claim_events($1, $2, $3, $4)",
+            &[
+                &shared.config.worker_name,
+                &locked.app_ids,
+                &locked.event_ids,
+                &shared.config.lease_ms,
+            ],
+        )
+        .await?;
+    shared.metrics.lane_fallbacks.add(rows.len() as u64);
+    for row in rows {
+        let claim = match Claim::from_row(&row) {
+            Ok(claim) => claim,
+            Err(e) => {
+                shared.metrics.claimed.add(Kind::Unknown, 1);
+                shared.metrics.unreported.add(Kind::Unknown, 1);
+                log::error(
+                    "claimed row could not be read; its lease will expire",
+                    &[("error", e.into())],
+                );
+                continue;
+            }
+        };
+        shared
+            .metrics
+            .claimed
+            .add(Kind::of(claim.handler_kind.as_deref()), 1);
+        let permit = tokio::select! {
+            permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+            _ = stopping(phase) => {
+                // Not started: give it back at once rather than let its lease run out.
+                release(shared, client, &claim).await;
+                continue;
+            }
+        };
+        tokio::spawn(executor::run_event(
+            Arc::clone(shared),
+            claim,
+            permit,
+            phase.clone(),
+        ));
+    }
+    Ok(())
+}
+
+async fn release(shared: &Arc<Shared>, client: &Client, claim: &Claim) {
+    match db::release(client, claim, &shared.config.worker_name).await {
+        Ok(_) => shared
+            .metrics
+            .released
+            .add(Kind::of(claim.handler_kind.as_deref()), 1),
+        Err(_) => shared
+            .metrics
+            .unreported
+            .add(Kind::of(claim.handler_kind.as_deref()), 1),
+    }
+}
