@@ -600,25 +600,42 @@ LANGUAGE plpgsql
 -- which costs more than running it.
 SET jit = off
 AS $$
+DECLARE
+    v_locked integer;
 BEGIN
     IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
         PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
     END IF;
-    -- The same index-ordered scan as picloud_claim (outbox_due_idx); the handler is looked up
-    -- per row so the plan cannot turn into a join that sorts the whole backlog.
+    -- Like picloud_claim with p_leave_sql_lane: choose among the oldest p_batch * 4 + 100 due
+    -- rows only (an index-ordered scan of outbox_due_idx), so that a backlog of other events
+    -- costs a bounded scan; each chosen row is locked by its own index lookup.
     RETURN QUERY
-    SELECT o.app_id, o.event_id, o.ctid,
-           (SELECT s.timeout_ms FROM picloud.scripts s
-            WHERE s.app_id = o.app_id AND s.script_id = o.script_id)
-    FROM picloud.outbox o
-    WHERE o.claimed_by IS NULL AND o.due_at <= now()
-      AND o.attempt_count = 0 AND o.reply_to IS NULL
-      AND (SELECT s.kind FROM picloud.scripts s
-           WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql'
-    ORDER BY o.due_at
-    LIMIT p_batch
-    FOR UPDATE SKIP LOCKED;
+    WITH head AS (
+        SELECT o.app_id, o.event_id, o.attempt_count, o.reply_to, o.script_id
+        FROM picloud.outbox o
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        ORDER BY o.due_at
+        LIMIT p_batch * 4 + 100
+    ), locked AS (
+        SELECT l.app_id, l.event_id, l.ctid AS row_address,
+               (SELECT s.timeout_ms FROM picloud.scripts s
+                WHERE s.app_id = h.app_id AND s.script_id = h.script_id) AS timeout_ms
+        FROM head h
+        CROSS JOIN LATERAL (
+            SELECT o.app_id, o.event_id, o.ctid FROM picloud.outbox o
+            WHERE o.app_id = h.app_id AND o.event_id = h.event_id
+              AND o.claimed_by IS NULL AND o.attempt_count = 0
+            FOR UPDATE SKIP LOCKED) l
+        WHERE h.attempt_count = 0 AND h.reply_to IS NULL
+          AND (SELECT s.kind FROM picloud.scripts s
+               WHERE s.app_id = h.app_id AND s.script_id = h.script_id) = 'sql'
+        LIMIT p_batch
+    )
+    SELECT k.app_id, k.event_id, k.row_address, k.timeout_ms FROM locked k;
+    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
+    PERFORM picloud._note_claim(v_locked);
 END
 $$;
 

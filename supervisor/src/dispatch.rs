@@ -25,7 +25,7 @@ const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// Shortest idle wait when an unclaimed event is already due but the claim found none (another
 /// claimer holds its row lock for a moment): short, but not a busy loop.
-const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
+pub(crate) const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
 
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.

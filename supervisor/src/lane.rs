@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim};
-use crate::dispatch::idle_wait;
+use crate::dispatch::{idle_wait, DUE_BUT_LOCKED_WAIT};
 use crate::executor;
 use crate::log;
 use crate::metrics::{Connection, Kind};
@@ -28,6 +28,11 @@ use crate::wake::{self, WakeConnection};
 /// As for the dispatcher: claim once more shortly after coming back empty, to close the window
 /// in which an enqueue saw no idle claimer and sent no wake-up.
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
+
+/// Shortest idle wait while events are due but none is for a lane (other events fill the
+/// window a lane looks at): the dispatcher is working through them, and each look costs a
+/// scan of that window.
+const OTHERS_DUE_WAIT: Duration = Duration::from_millis(20);
 
 /// Events locked by a batch that did not commit: they must leave the lane.
 struct Locked {
@@ -186,9 +191,12 @@ async fn lane_loop(
             continue;
         }
         rechecked = false;
-        let wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
+        let mut wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
             .await
             .map_err(|e| db::error_text(&e))?;
+        if wait <= DUE_BUT_LOCKED_WAIT {
+            wait = OTHERS_DUE_WAIT.min(shared.config.poll_interval);
+        }
         tokio::select! {
             _ = connection.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
