@@ -389,14 +389,7 @@ BEGIN
     -- caller's transaction, which for the supervisor is this statement alone.)
     PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
     RETURN QUERY
-    WITH head AS (
-        -- Read only with p_leave_sql_lane: the oldest due rows, the window to choose from.
-        SELECT o.app_id, o.event_id, o.attempt_count, o.reply_to, o.script_id
-        FROM picloud.outbox o
-        WHERE p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
-        ORDER BY o.due_at
-        LIMIT p_batch * 4 + 100
-    ), due AS (
+    WITH due AS (
         SELECT o.app_id, o.event_id
         FROM picloud.outbox o
         WHERE NOT p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
@@ -404,18 +397,21 @@ BEGIN
         LIMIT p_batch
         FOR UPDATE SKIP LOCKED
     ), due_outside_lane AS (
-        -- Each row of the window is locked by its own index lookup (a subquery with FOR UPDATE
-        -- is never flattened into a join).
-        SELECT l.app_id, l.event_id
-        FROM head h
-        CROSS JOIN LATERAL (
-            SELECT o.app_id, o.event_id FROM picloud.outbox o
-            WHERE o.app_id = h.app_id AND o.event_id = h.event_id AND o.claimed_by IS NULL
-            FOR UPDATE SKIP LOCKED) l
-        WHERE NOT (h.attempt_count = 0 AND h.reply_to IS NULL
+        -- The window ends at the due time of its last row (one short index scan).
+        SELECT o.app_id, o.event_id
+        FROM picloud.outbox o
+        WHERE p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.due_at <= coalesce(
+                (SELECT w.due_at FROM picloud.outbox w
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+                'infinity')
+          AND NOT (o.attempt_count = 0 AND o.reply_to IS NULL
                    AND (SELECT s.kind FROM picloud.scripts s
-                        WHERE s.app_id = h.app_id AND s.script_id = h.script_id) = 'sql')
+                        WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql')
+        ORDER BY o.due_at
         LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE picloud.outbox o
         SET claimed_by = p_worker,

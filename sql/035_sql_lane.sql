@@ -32,32 +32,22 @@ BEGIN
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
         PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
     END IF;
-    -- Like picloud_claim with p_leave_sql_lane: choose among the oldest p_batch * 4 + 100 due
-    -- rows only (an index-ordered scan of outbox_due_idx), so that a backlog of other events
-    -- costs a bounded scan; each chosen row is locked by its own index lookup.
+    -- The same index-ordered scan as picloud_claim (outbox_due_idx); the handler is looked up
+    -- per row so the plan cannot turn into a join that sorts the whole backlog. The scan passes
+    -- over other events to find lane events wherever they are in the queue; a lane that finds
+    -- none waits longer and longer before looking again (see supervisor/src/lane.rs).
     RETURN QUERY
-    WITH head AS (
-        SELECT o.app_id, o.event_id, o.attempt_count, o.reply_to, o.script_id
-        FROM picloud.outbox o
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-        ORDER BY o.due_at
-        LIMIT p_batch * 4 + 100
-    ), locked AS (
-        SELECT l.app_id, l.event_id, l.ctid AS row_address,
-               (SELECT s.timeout_ms FROM picloud.scripts s
-                WHERE s.app_id = h.app_id AND s.script_id = h.script_id) AS timeout_ms
-        FROM head h
-        CROSS JOIN LATERAL (
-            SELECT o.app_id, o.event_id, o.ctid FROM picloud.outbox o
-            WHERE o.app_id = h.app_id AND o.event_id = h.event_id
-              AND o.claimed_by IS NULL AND o.attempt_count = 0
-            FOR UPDATE SKIP LOCKED) l
-        WHERE h.attempt_count = 0 AND h.reply_to IS NULL
-          AND (SELECT s.kind FROM picloud.scripts s
-               WHERE s.app_id = h.app_id AND s.script_id = h.script_id) = 'sql'
-        LIMIT p_batch
-    )
-    SELECT k.app_id, k.event_id, k.row_address, k.timeout_ms FROM locked k;
+    SELECT o.app_id, o.event_id, o.ctid,
+           (SELECT s.timeout_ms FROM picloud.scripts s
+            WHERE s.app_id = o.app_id AND s.script_id = o.script_id)
+    FROM picloud.outbox o
+    WHERE o.claimed_by IS NULL AND o.due_at <= now()
+      AND o.attempt_count = 0 AND o.reply_to IS NULL
+      AND (SELECT s.kind FROM picloud.scripts s
+           WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql'
+    ORDER BY o.due_at
+    LIMIT p_batch
+    FOR UPDATE SKIP LOCKED;
     GET DIAGNOSTICS v_locked = ROW_COUNT;
     -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
     PERFORM picloud._note_claim(v_locked);
@@ -65,31 +55,34 @@ END
 $$;
 
 -- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
--- their handlers receive. A TID scan finds them; the event id filter makes sure each address
--- still holds the event the lane locked. (The planner's cost model would rather read the whole
--- table than fetch a few hundred rows by address; the setting is local to this function, and
--- no handler runs in it.)
-CREATE FUNCTION picloud._sql_lane_groups(p_event_ids uuid[], p_row_tids tid[])
-RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer, event_ids uuid[], events jsonb[])
+-- their handlers receive, with their ids and addresses in the same order. A TID scan finds
+-- them. An address still holds the event the lane locked: the lock keeps the row from being
+-- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
+-- (The planner's cost model would rather read the whole table than fetch a few hundred rows
+-- by address; the setting is local to this function, and no handler runs in it.)
+CREATE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
+RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
+               event_ids uuid[], row_tids tid[], events jsonb[])
 LANGUAGE sql STABLE
 SET enable_seqscan = off
 SET jit = off
 AS $$
     SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
            array_agg(o.event_id),
+           array_agg(o.ctid),
            array_agg(jsonb_build_object(
                'event_id', o.event_id, 'app_id', o.app_id, 'source', o.source, 'op', o.op,
                'payload', o.payload, 'depth', o.depth, 'attempt', 1,
                'trigger_id', o.trigger_id, 'script_id', o.script_id))
     FROM picloud.outbox o
-    WHERE o.ctid = ANY(p_row_tids) AND o.event_id = ANY(p_event_ids)
+    WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
     GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
 $$;
 
--- Deletes the lane's events once their handlers ran and counts them as completed; returns how
--- many. Same TID scan as above.
-CREATE FUNCTION picloud._sql_lane_complete(p_event_ids uuid[], p_row_tids tid[]) RETURNS integer
+-- Deletes the lane's events at the given addresses once their handlers ran and counts them as
+-- completed; returns how many. Same TID scan as above.
+CREATE FUNCTION picloud._sql_lane_complete(p_row_tids tid[]) RETURNS integer
 LANGUAGE plpgsql
 SET enable_seqscan = off
 SET jit = off
@@ -102,7 +95,7 @@ DECLARE
 BEGIN
     WITH done AS (
         DELETE FROM picloud.outbox o
-        WHERE o.ctid = ANY(p_row_tids) AND o.event_id = ANY(p_event_ids)
+        WHERE o.ctid = ANY(p_row_tids)
           AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
         RETURNING o.app_id, o.source
     ), counted AS (
@@ -128,13 +121,12 @@ RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
 LANGUAGE plpgsql AS $$
 DECLARE
     g record;
-    v_event jsonb;
     v_function regprocedure;
     v_kind text;
     v_principal name;
     v_problem text;
     v_token bigint;
-    v_done uuid[] := '{}';
+    v_done tid[] := '{}';
     v_left_apps uuid[] := '{}';
     v_left uuid[] := '{}';
     v_completed integer;
@@ -145,7 +137,7 @@ BEGIN
     IF cardinality(p_event_ids) <> cardinality(p_row_tids) THEN
         PERFORM picloud._invalid('event_ids and row_tids must have the same length');
     END IF;
-    FOR g IN SELECT * FROM picloud._sql_lane_groups(p_event_ids, p_row_tids) LOOP
+    FOR g IN SELECT * FROM picloud._sql_lane_groups(p_row_tids) LOOP
         SELECT s.sql_function, s.kind INTO v_function, v_kind
         FROM picloud.scripts s WHERE s.app_id = g.app_id AND s.script_id = g.script_id;
         SELECT h.principal, h.problem INTO v_principal, v_problem
@@ -164,24 +156,24 @@ BEGIN
             EXECUTE format('SELECT count(r) FROM (SELECT %s(e) AS r FROM unnest($1) AS e) AS calls',
                            v_function::oid::regproc)
             USING g.events;
-            v_done := v_done || g.event_ids;
+            v_done := v_done || g.row_tids;
         EXCEPTION WHEN OTHERS THEN
             -- Some handler call failed; find which, one savepoint per event.
-            FOREACH v_event IN ARRAY g.events LOOP
+            FOR i IN 1 .. cardinality(g.events) LOOP
                 BEGIN
                     EXECUTE format('SELECT count(r) FROM (SELECT %s($1) AS r) AS call',
                                    v_function::oid::regproc)
-                    USING v_event;
-                    v_done := v_done || (v_event->>'event_id')::uuid;
+                    USING g.events[i];
+                    v_done := v_done || g.row_tids[i];
                 EXCEPTION WHEN OTHERS THEN
                     v_left_apps := v_left_apps || g.app_id;
-                    v_left := v_left || (v_event->>'event_id')::uuid;
+                    v_left := v_left || g.event_ids[i];
                 END;
             END LOOP;
         END;
         PERFORM picloud._unbecome(v_token);
     END LOOP;
-    v_completed := picloud._sql_lane_complete(v_done, p_row_tids);
+    v_completed := picloud._sql_lane_complete(v_done);
     IF v_completed <> cardinality(v_done) THEN
         -- Cannot happen while the rows stay locked; refuse rather than half-complete.
         RAISE EXCEPTION 'sql lane ran % handlers but completed % events', cardinality(v_done), v_completed

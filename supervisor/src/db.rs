@@ -78,30 +78,48 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_po
 
 /// Claims up to `batch` due rows for this worker. Rows that cannot be read
 /// are returned as errors so the caller can log them; their lease expires.
+/// The dispatcher's claim statements, prepared once per connection so that a claim costs one
+/// round trip rather than two (prepare, then execute).
+pub struct ClaimStatements {
+    all: tokio_postgres::Statement,
+    /// Leaves sql-lane events to the lanes; None on a schema without sql lanes.
+    outside_lane: Option<tokio_postgres::Statement>,
+}
+
+impl ClaimStatements {
+    pub async fn prepare(client: &Client) -> Result<ClaimStatements, tokio_postgres::Error> {
+        let all = client
+            .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)")
+            .await?;
+        let outside_lane = match client
+            .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, true)")
+            .await
+        {
+            Ok(statement) => Some(statement),
+            Err(e) if is_undefined_function(&e) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(ClaimStatements { all, outside_lane })
+    }
+}
+
+/// Claims up to `batch` due rows. With `leave_sql_lane` (sql lanes are connected) the first
+/// attempts of sql-handler events are left to the lanes.
 pub async fn claim(
     client: &Client,
+    statements: &ClaimStatements,
     worker: &str,
     batch: i32,
     lease_ms: i32,
     leave_sql_lane: bool,
 ) -> Result<Vec<Result<Claim, String>>, tokio_postgres::Error> {
-    // The three-argument form works with every schema version; the fourth argument is only
-    // passed when sql lanes run, which they do only on a schema that has them.
-    let rows = if leave_sql_lane {
-        client
-            .query(
-                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, true)",
-                &[&worker, &batch, &lease_ms],
-            )
-            .await?
-    } else {
-        client
-            .query(
-                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)",
-                &[&worker, &batch, &lease_ms],
-            )
-            .await?
+    let statement = match (&statements.outside_lane, leave_sql_lane) {
+        (Some(outside_lane), true) => outside_lane,
+        _ => &statements.all,
     };
+    let rows = client
+        .query(statement, &[&worker, &batch, &lease_ms])
+        .await?;
     Ok(rows.iter().map(Claim::from_row).collect())
 }
 

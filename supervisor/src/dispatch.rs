@@ -75,6 +75,7 @@ async fn claim_loop(
 ) -> Result<(), tokio_postgres::Error> {
     let config = &shared.config;
     let metrics = &shared.metrics;
+    let claim_statements = db::ClaimStatements::prepare(&connection.client).await?;
     let mut rechecked = false;
     // Cleared for good if the database's picloud schema predates picloud_next_due_at.
     let mut next_due_known = true;
@@ -111,6 +112,7 @@ async fn claim_loop(
         let leave_sql_lane = metrics.lanes_connected.load(Ordering::Relaxed) > 0;
         let rows = db::claim(
             &connection.client,
+            &claim_statements,
             &config.worker_name,
             permits.len() as i32,
             config.lease_ms,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
@@ -29,9 +30,9 @@ use crate::wake::{self, WakeConnection};
 /// in which an enqueue saw no idle claimer and sent no wake-up.
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
-/// Shortest idle wait while events are due but none is for a lane (other events fill the
-/// window a lane looks at): the dispatcher is working through them, and each look costs a
-/// scan of that window.
+/// First idle wait while events are due but none is for a lane: the dispatcher is working
+/// through them, and each look scans past them, so the wait doubles while this lasts, up to
+/// the poll interval. A wake-up (new events) or a batch with events starts it over.
 const OTHERS_DUE_WAIT: Duration = Duration::from_millis(20);
 
 /// Events locked by a batch that did not commit: they must leave the lane.
@@ -131,8 +132,12 @@ async fn lane_loop(
 ) -> Result<(), String> {
     let client = &connection.client;
     let batch = shared.config.sql_lane_batch;
+    let statements = Statements::prepare(client)
+        .await
+        .map_err(|e| db::error_text(&e))?;
     let mut rechecked = false;
     let mut next_due_known = true;
+    let mut others_due_wait = OTHERS_DUE_WAIT;
     loop {
         if let Some(locked) = stranded.take() {
             leave_lane(shared, client, locked, phase)
@@ -142,7 +147,7 @@ async fn lane_loop(
         if *phase.borrow() != Phase::Running {
             return Ok(());
         }
-        let locked = match run_batch(shared, client, batch).await {
+        let locked = match run_batch(shared, client, &statements, batch).await {
             Ok(Ran { locked, left }) => {
                 if !left.event_ids.is_empty() {
                     log::debug(
@@ -176,9 +181,22 @@ async fn lane_loop(
             }
         };
         backoff.reset();
-        if locked > 0 {
-            // Full or not, look again at once: an empty batch is what ends a busy spell.
+        if locked == batch {
+            // A full batch: more are probably waiting.
             rechecked = false;
+            others_due_wait = OTHERS_DUE_WAIT;
+            continue;
+        }
+        if locked > 0 {
+            // A short batch: the lane caught up. Look again shortly (a wake-up cuts it short):
+            // each look may scan past other events, so not in a tight loop.
+            rechecked = false;
+            others_due_wait = OTHERS_DUE_WAIT;
+            tokio::select! {
+                _ = connection.wake.notified() => {}
+                _ = tokio::time::sleep(RECHECK_DELAY) => {}
+                _ = stopping(phase) => return Ok(()),
+            }
             continue;
         }
         if !rechecked {
@@ -195,13 +213,40 @@ async fn lane_loop(
             .await
             .map_err(|e| db::error_text(&e))?;
         if wait <= DUE_BUT_LOCKED_WAIT {
-            wait = OTHERS_DUE_WAIT.min(shared.config.poll_interval);
+            wait = others_due_wait.min(shared.config.poll_interval);
+            others_due_wait = (others_due_wait * 2).min(shared.config.poll_interval);
         }
         tokio::select! {
-            _ = connection.wake.notified() => {}
+            _ = connection.wake.notified() => others_due_wait = OTHERS_DUE_WAIT,
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
+    }
+}
+
+/// The lane's two statements, prepared once per connection: a prepared statement goes out as
+/// soon as it is asked for, which is what lets the lane pipeline its round trips.
+struct Statements {
+    lock: Statement,
+    run: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            lock: client
+                .prepare(
+                    "SELECT app_id, event_id, row_tid::text, timeout_ms \
+                     FROM picloud.picloud_lock_sql_lane($1)",
+                )
+                .await?,
+            run: client
+                .prepare(
+                    "SELECT ran, left_app_ids, left_event_ids \
+                     FROM picloud.picloud_run_sql_lane($1, $2::text[]::tid[])",
+                )
+                .await?,
+        })
     }
 }
 
@@ -210,6 +255,7 @@ async fn lane_loop(
 async fn run_batch(
     shared: &Arc<Shared>,
     client: &Client,
+    statements: &Statements,
     batch: usize,
 ) -> Result<Ran, (Locked, BatchError)> {
     let nothing = || Locked {
@@ -217,17 +263,16 @@ async fn run_batch(
         event_ids: Vec::new(),
     };
     let started = Instant::now();
-    if let Err(e) = client.batch_execute("BEGIN").await {
-        return Err((nothing(), classify(client, &e)));
-    }
-    let rows = match client
-        .query(
-            "SELECT app_id, event_id, row_tid::text, timeout_ms FROM picloud.picloud_lock_sql_lane($1)",
-            &[&(batch as i32)],
-        )
-        .await
-    {
-        Ok(rows) => rows,
+    // Statements are pipelined (sent together, answered in order) to save round trips.
+    // Prepared statements are sent at once when first polled, so the order holds.
+    let batch_size = batch as i32;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&batch_size];
+    let begun = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(&statements.lock, &lock_params)
+    );
+    let rows = match begun {
+        Ok(((), rows)) => rows,
         Err(e) => return Err((nothing(), rollback(client, &e).await)),
     };
     let mut locked = Locked {
@@ -269,24 +314,17 @@ async fn run_batch(
     // The whole batch must finish within the shortest timeout among its handlers, so no
     // handler runs longer than its own timeout allows; a batch that needs more is rolled back
     // and its events run one by one, each under its own timeout.
-    let run = async {
-        client
-            .batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                timeout_ms.max(1)
-            ))
-            .await?;
-        let row = client
-            .query_one(
-                "SELECT ran, left_app_ids, left_event_ids FROM picloud.picloud_run_sql_lane($1, $2::text[]::tid[])",
-                &[&locked.event_ids, &tids],
-            )
-            .await?;
-        client.batch_execute("COMMIT").await?;
-        Ok::<_, tokio_postgres::Error>(row)
-    };
-    let row = match run.await {
-        Ok(row) => row,
+    // If the run fails, the pipelined COMMIT finds the transaction aborted and ends it as a
+    // rollback; the ROLLBACK below is then a harmless no-op.
+    let set_timeout = format!("SET LOCAL statement_timeout = {}", timeout_ms.max(1));
+    let run_params: [&(dyn ToSql + Sync); 2] = [&locked.event_ids, &tids];
+    let run = tokio::try_join!(
+        client.batch_execute(&set_timeout),
+        client.query_one(&statements.run, &run_params),
+        client.batch_execute("COMMIT")
+    );
+    let row = match run {
+        Ok(((), row, ())) => row,
         Err(e) => {
             let error = rollback(client, &e).await;
             return Err((locked, error));

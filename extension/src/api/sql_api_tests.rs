@@ -177,6 +177,74 @@ mod tests {
     }
 
     #[pg_test]
+    fn sql_lanes() {
+        fixture();
+        expect(&[
+            ("SELECT * FROM picloud.picloud_lock_sql_lane(0)", "22023"),
+            ("SELECT * FROM picloud.picloud_lock_sql_lane(NULL)", "22004"),
+            (
+                "SELECT * FROM picloud.picloud_run_sql_lane(ARRAY[{ev}], '{}'::tid[])",
+                "22023",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_run_sql_lane(NULL, '{}'::tid[])",
+                "22004",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_claim_events('w', ARRAY[{app}], ARRAY[]::uuid[], 60000)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_claim_events('w', ARRAY[{app}], ARRAY[{ev}], 1)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_claim_events(NULL, ARRAY[{app}], ARRAY[{ev}], 60000)",
+                "22004",
+            ),
+        ]);
+        // Three fresh first attempts: the lane locks them (not the claimed fixture event), runs
+        // their handler in one statement and deletes them.
+        Spi::run(
+            "CREATE TABLE lane_seen (event_id uuid);
+             CREATE FUNCTION public.lane_handler(e jsonb) RETURNS void LANGUAGE sql AS $$
+                 INSERT INTO lane_seen VALUES ((e->>'event_id')::uuid) $$;
+             UPDATE fx SET script = picloud.picloud_create_script(app, 'lane', 'sql', 'public.lane_handler');
+             SELECT picloud.picloud_enqueue(app, 'queue', 'x', '{}', script) FROM fx, generate_series(1, 3);
+             CREATE TEMP TABLE lane_locked AS SELECT * FROM picloud.picloud_lock_sql_lane(10);",
+        )
+        .expect("lane fixture");
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM lane_locked"),
+            Ok(Some(3))
+        );
+        let ran = Spi::get_one::<i32>(
+            "SELECT ran FROM picloud.picloud_run_sql_lane(
+                 (SELECT array_agg(event_id) FROM lane_locked), (SELECT array_agg(row_tid) FROM lane_locked))",
+        );
+        assert_eq!(ran, Ok(Some(3)));
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM lane_seen s JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(3))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM picloud.outbox o JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(0))
+        );
+        // Claiming by id takes an unclaimed event and counts its attempt.
+        Spi::run("UPDATE fx SET ev = picloud.picloud_enqueue(app, 'queue', 'x', '{}', script)")
+            .expect("one more event");
+        let claimed = Spi::get_one::<i32>(
+            "SELECT c.attempt_count FROM fx, picloud.picloud_claim_events('w', ARRAY[fx.app], ARRAY[fx.ev], 60000) c",
+        );
+        assert_eq!(claimed, Ok(Some(1)));
+    }
+
+    #[pg_test]
     fn batched_sql_handlers() {
         fixture();
         expect(&[

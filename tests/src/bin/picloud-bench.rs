@@ -9,6 +9,7 @@
 //!   BENCH_RUNS                runs per case (default 3); every figure is the median with min–max
 //!   BENCH_OUT                 output directory (default target/bench)
 //!   BENCH_ONLY=E1,L1          run only these cases (for diagnosis)
+//!   BENCH_SUPERVISOR_ARGS='--sql-lanes 3'  extra supervisor flags (for trying settings)
 //!   BENCH_L1_GAP_MS           gap between L1 samples (default 20)
 //!   BENCH_B1_WAIT_S           longest wait for autovacuum in B1 (default 60, quick 20)
 //!
@@ -50,6 +51,9 @@ struct Cfg {
     only: Vec<String>,
     /// Gap between L1 samples (BENCH_L1_GAP_MS, default 20).
     l1_gap_ms: u64,
+    /// Extra supervisor flags for every case (BENCH_SUPERVISOR_ARGS, space-separated), for
+    /// trying settings; the published figures use the defaults.
+    supervisor_args: Vec<String>,
 }
 
 impl Cfg {
@@ -103,6 +107,9 @@ impl Cfg {
                         .filter(|s| !s.is_empty())
                         .collect()
                 })
+                .unwrap_or_default(),
+            supervisor_args: env("BENCH_SUPERVISOR_ARGS")
+                .map(|v| v.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             l1_gap_ms: env("BENCH_L1_GAP_MS")
                 .and_then(|v| v.parse().ok())
@@ -553,6 +560,7 @@ impl Supervisor {
             // Supervisor defaults (--concurrency 16, --sql-batch 8) but for the poll interval.
             .args(["--poll-interval-ms", "5000"])
             .args(["--worker-name", &format!("bench-{tag}-{n}")])
+            .args(&cfg.supervisor_args)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1752,6 +1760,12 @@ fn settings(cfg: &Cfg) -> Res<Value> {
     for r in rows {
         map.insert(r.get::<_, String>(0), Value::String(r.get::<_, String>(1)));
     }
+    let flags = if cfg.supervisor_args.is_empty() {
+        "defaults, --poll-interval-ms 5000".to_owned()
+    } else {
+        format!("defaults, --poll-interval-ms 5000 {}", cfg.supervisor_args.join(" "))
+    };
+    map.insert("supervisor flags".to_owned(), Value::String(flags));
     Ok(Value::Object(map))
 }
 
