@@ -1,6 +1,7 @@
 //! The sql lanes (see sql/035_sql_lane.sql): first attempts of sql-handler events run
-//! set-based, a batch per transaction, without claims. Each lane owns one connection that
-//! LISTENs for wake-ups like the dispatcher's. A batch that fails in any way - a handler
+//! set-based, a batch per transaction, without claims. Each lane owns one connection; lane 0
+//! LISTENs for wake-ups like the dispatcher and calls the other lanes in when it finds a full
+//! batch, so a single new event does not wake every lane. A batch that fails in any way - a handler
 //! error, its statement timeout, a broken connection - is rolled back, and its events are then
 //! claimed by id and handed to the executors, which run each the ordinary way (attempt
 //! counted, retried or dead-lettered). So a handler that fails, hangs or even crashes its
@@ -57,7 +58,8 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
         if *phase.borrow() != Phase::Running {
             return;
         }
-        let failure = match wake::connect(&shared.config.db).await {
+        let listens = index == 0;
+        let failure = match wake::connect_listening(&shared.config.db, listens).await {
             Ok(connection) => match lane_available(&connection.client).await {
                 Ok(true) => {
                     shared
@@ -68,6 +70,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                     let result = lane_loop(
                         &shared,
                         &connection,
+                        listens,
                         &mut phase,
                         &mut backoff,
                         &mut stranded,
@@ -126,6 +129,7 @@ async fn lane_available(client: &Client) -> Result<bool, tokio_postgres::Error> 
 async fn lane_loop(
     shared: &Arc<Shared>,
     connection: &WakeConnection,
+    listens: bool,
     phase: &mut watch::Receiver<Phase>,
     backoff: &mut Backoff,
     stranded: &mut Option<Locked>,
@@ -182,7 +186,10 @@ async fn lane_loop(
         };
         backoff.reset();
         if locked == batch {
-            // A full batch: more are probably waiting.
+            // A full batch: more are probably waiting; the other lanes help.
+            if listens {
+                shared.lanes_wake.notify_waiters();
+            }
             rechecked = false;
             others_due_wait = OTHERS_DUE_WAIT;
             continue;
@@ -194,6 +201,7 @@ async fn lane_loop(
             others_due_wait = OTHERS_DUE_WAIT;
             tokio::select! {
                 _ = connection.wake.notified() => {}
+                _ = shared.lanes_wake.notified(), if !listens => {}
                 _ = tokio::time::sleep(RECHECK_DELAY) => {}
                 _ = stopping(phase) => return Ok(()),
             }
@@ -203,6 +211,7 @@ async fn lane_loop(
             rechecked = true;
             tokio::select! {
                 _ = connection.wake.notified() => {}
+                _ = shared.lanes_wake.notified(), if !listens => {}
                 _ = tokio::time::sleep(RECHECK_DELAY) => {}
                 _ = stopping(phase) => return Ok(()),
             }
@@ -218,6 +227,7 @@ async fn lane_loop(
         }
         tokio::select! {
             _ = connection.wake.notified() => others_due_wait = OTHERS_DUE_WAIT,
+            _ = shared.lanes_wake.notified(), if !listens => others_due_wait = OTHERS_DUE_WAIT,
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }

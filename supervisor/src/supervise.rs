@@ -44,6 +44,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Signalled when an event this supervisor ran was rescheduled for a retry.
     pub rescheduled: Notify,
+    /// Wakes the sql lanes that do not listen for notifications: lane 0 listens, and calls
+    /// the others when it finds a full batch (one wake-up per event would wake them all).
+    pub lanes_wake: Notify,
 }
 
 /// Resolves once shutdown has been requested.
@@ -129,6 +132,7 @@ pub async fn run(config: Config) -> u8 {
         metrics,
         config,
         rescheduled: Notify::new(),
+        lanes_wake: Notify::new(),
     });
     let metrics_endpoint = listener.map(|listener| {
         let address = listener

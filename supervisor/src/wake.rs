@@ -24,6 +24,15 @@ pub struct WakeConnection {
 pub async fn connect(
     config: &tokio_postgres::Config,
 ) -> Result<WakeConnection, tokio_postgres::Error> {
+    connect_listening(config, true).await
+}
+
+/// Like `connect`; without `listen` the connection does not LISTEN, and `wake` is signalled
+/// only when it ends.
+pub async fn connect_listening(
+    config: &tokio_postgres::Config,
+    listen: bool,
+) -> Result<WakeConnection, tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let wake = Arc::new(Notify::new());
     let wake_sender = Arc::clone(&wake);
@@ -52,8 +61,10 @@ pub async fn connect(
         }
         wake_sender.notify_one();
     });
-    client
-        .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
-        .await?;
+    if listen {
+        client
+            .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
+            .await?;
+    }
     Ok(WakeConnection { client, wake })
 }
