@@ -52,7 +52,7 @@ $$;
 --   delayed    unclaimed and due later (scheduled with run_at, or waiting out a retry backoff)
 --   retrying   unclaimed events that already failed at least once (due or delayed)
 --   oldest_due_age  how long the oldest due event has waited past its due time
--- One pass over the outbox (a sequential scan: about 10 ms per 100,000 pending events here),
+-- One pass over the outbox (a sequential scan: 24-31 ms per 100,000 pending events here),
 -- the partial index of unresolved dead letters, and the counts of the interval.
 CREATE FUNCTION picloud.picloud_stats(p_interval interval DEFAULT interval '5 minutes')
 RETURNS TABLE (

@@ -77,6 +77,9 @@ async fn claim_loop(
     let metrics = &shared.metrics;
     let claim_statements = db::ClaimStatements::prepare(&connection.client).await?;
     let mut rechecked = false;
+    // While events are due but none is claimable (sql lanes hold them, or another claimer),
+    // each look costs a claim: wait longer and longer, up to the poll interval.
+    let mut due_wait = DUE_BUT_LOCKED_WAIT;
     // Cleared for good if the database's picloud schema predates picloud_next_due_at.
     let mut next_due_known = true;
     loop {
@@ -198,6 +201,7 @@ async fn claim_loop(
 
         if claimed > 0 {
             rechecked = false;
+            due_wait = DUE_BUT_LOCKED_WAIT;
             continue;
         }
         if !rechecked {
@@ -212,15 +216,19 @@ async fn claim_loop(
             continue;
         }
         rechecked = false;
-        let wait = idle_wait(
+        let mut wait = idle_wait(
             &connection.client,
             config.poll_interval,
             &mut next_due_known,
         )
         .await?;
+        if wait <= DUE_BUT_LOCKED_WAIT {
+            wait = due_wait.min(config.poll_interval);
+            due_wait = (due_wait * 2).min(config.poll_interval);
+        }
         tokio::select! {
-            _ = connection.wake.notified() => {}
-            _ = shared.rescheduled.notified() => {}
+            _ = connection.wake.notified() => due_wait = DUE_BUT_LOCKED_WAIT,
+            _ = shared.rescheduled.notified() => due_wait = DUE_BUT_LOCKED_WAIT,
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
