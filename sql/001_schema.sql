@@ -122,12 +122,10 @@ CREATE TABLE picloud.outbox (
     reply_to          text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT outbox_pkey PRIMARY KEY (app_id, event_id),
-    CONSTRAINT outbox_source_valid
-        CHECK (source IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')),
-    CONSTRAINT outbox_op_length CHECK (length(op) BETWEEN 1 AND 200),
-    CONSTRAINT outbox_depth_nonnegative CHECK (depth >= 0),
-    CONSTRAINT outbox_attempt_count_nonnegative CHECK (attempt_count >= 0),
-    CONSTRAINT outbox_claim_has_lease CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL))
+    -- A known source, an op of 1 to 200 characters, depth and attempt count not negative, and a
+    -- claim exactly when there is a lease: one call (see api/admission.rs for why).
+    CONSTRAINT outbox_row_valid CHECK (picloud._outbox_row_valid(
+        source, op, depth, attempt_count, claimed_by IS NULL, lease_expires_at IS NULL))
 ) WITH (
     -- A queue table churns: every row is inserted, updated once or twice and deleted.
     -- Vacuum it early and often. (No fillfactor reserve: claim and retry updates change

@@ -88,6 +88,8 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     picloud.picloud_wait_idle(uuid, interval),
+    -- The outbox's row check runs with the inserting role's rights.
+    picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean),
     -- The caller's own backend start, recorded when it opens an inbox.
     picloud._my_backend_start(),
     -- Runs as the handler's principal; useless without the token _become returned.

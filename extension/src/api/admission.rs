@@ -83,7 +83,21 @@ pub fn picloud_admit(payload_bytes: i32, requested_depth: Option<i32>) -> i32 {
 
 #[cfg(test)]
 mod unit {
-    use super::uuid_v7;
+    use super::{picloud_outbox_row_valid as valid, uuid_v7};
+
+    #[test]
+    fn outbox_row_check() {
+        assert!(valid("queue", "x", 0, 0, true, true));
+        assert!(valid("dead_letter", &"o".repeat(200), 3, 2, false, false));
+        assert!(!valid("mail", "x", 0, 0, true, true), "unknown source");
+        assert!(!valid("queue", "", 0, 0, true, true), "empty op");
+        assert!(!valid("queue", &"o".repeat(201), 0, 0, true, true), "op too long");
+        assert!(valid("queue", &"é".repeat(200), 0, 0, true, true), "characters, not bytes");
+        assert!(!valid("queue", "x", -1, 0, true, true), "negative depth");
+        assert!(!valid("queue", "x", 0, -1, true, true), "negative attempts");
+        assert!(!valid("queue", "x", 0, 0, false, true), "claim without lease");
+        assert!(!valid("queue", "x", 0, 0, true, false), "lease without claim");
+    }
 
     #[test]
     fn version_and_variant_bits_and_time_order() {
@@ -142,4 +156,29 @@ mod tests {
             Ok(Some(-1))
         );
     }
+}
+
+/// Sources an event may come from (also checked, with a precise error, by the enqueue paths).
+const EVENT_SOURCES: [&str; 7] = ["kv", "cron", "pubsub", "queue", "email", "dead_letter", "enqueue"];
+
+/// The outbox's row check in one call (constraint `outbox_row_valid`): a known source, an op of
+/// 1 to 200 characters, depth and attempt count not negative, and a claim exactly when there is
+/// a lease. One function call because Postgres prepares a table's CHECK expressions afresh for
+/// every INSERT statement: five separate checks cost an enqueue about a quarter of its time,
+/// this one a fraction of that.
+#[pg_extern(immutable, strict, parallel_safe, name = "_outbox_row_valid")]
+pub fn picloud_outbox_row_valid(
+    source: &str,
+    op: &str,
+    depth: i32,
+    attempt_count: i32,
+    unclaimed: bool,
+    unleased: bool,
+) -> bool {
+    let op_chars = op.chars().count();
+    EVENT_SOURCES.contains(&source)
+        && (1..=200).contains(&op_chars)
+        && depth >= 0
+        && attempt_count >= 0
+        && unclaimed == unleased
 }
