@@ -121,6 +121,22 @@ BEGIN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
     END IF;
+    -- The common case in one statement: a handler given directly, no inbox, no idempotency
+    -- key. The handler check is the INSERT's own join, so it costs no query of its own.
+    IF p_trigger_id IS NULL AND p_script_id IS NOT NULL AND p_reply_to IS NULL
+       AND p_idempotency_key IS NULL THEN
+        INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+        SELECT p_app_id, v_event_id, p_source, p_op, NULL, s.script_id, p_payload, v_depth,
+               coalesce(p_run_at, now()), NULL
+        FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+        IF NOT FOUND THEN
+            PERFORM picloud._require_app(p_app_id);
+            PERFORM picloud._require_script(p_app_id, p_script_id);
+            RAISE EXCEPTION 'handler % does not exist in app %', p_script_id, p_app_id USING ERRCODE = 'P0002';
+        END IF;
+        v_wake_pending := picloud._wake_at_commit();
+        RETURN v_event_id;
+    END IF;
     IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
         PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
         IF NOT FOUND THEN
