@@ -2,12 +2,15 @@
 # Runs picloud locally: a throwaway PostgreSQL 15 cluster under .picloud/ with the extension
 # preloaded and created in database "picloud", and picloud-supervisor attached in the
 # foreground. Ctrl-C (or SIGTERM) stops the supervisor and the cluster.
-#   PICLOUD_PORT   port of the local cluster (default 55433)
+#   PICLOUD_PORT          port of the local cluster (default 55433)
+#   PICLOUD_METRICS_PORT  port of the supervisor's metrics and health endpoint (default 55434)
+#   PICLOUD_KEEP=1        keep the cluster of the previous run instead of starting afresh
 #   scripts/run.sh stop    stops a cluster left running
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 port=${PICLOUD_PORT:-55433}
+metrics_port=${PICLOUD_METRICS_PORT:-55434}
 data="$root/.picloud/data"
 
 if [ "${1:-}" = "stop" ]; then
@@ -24,8 +27,13 @@ cargo build -q --release -p picloud-supervisor
 
 mkdir -p "$root/.picloud"
 bash scripts/cluster.sh reach "$root/.picloud"
-# Restart so the cluster loads the library just installed.
+# A throwaway cluster: started afresh every time, so it loads the library just installed and
+# never carries a schema from an unreleased build. PICLOUD_KEEP=1 keeps the previous one (its
+# extension is then moved on with ALTER EXTENSION picloud UPDATE).
 bash scripts/cluster.sh stop "$data"
+if [ "${PICLOUD_KEEP:-0}" != "1" ]; then
+  rm -rf "$data"
+fi
 bash scripts/cluster.sh start "$data" "$port" picloud
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc "CREATE EXTENSION IF NOT EXISTS picloud" >/dev/null
 # A cluster kept from an earlier run may hold an older version of the extension.
@@ -44,6 +52,7 @@ picloud is running.
   cluster:    $data (PostgreSQL 15, port $port, picloud preloaded)
   connect:    psql -h 127.0.0.1 -p $port -U postgres picloud
   log:        $data/postgres.log
+  metrics:    curl -s 127.0.0.1:$metrics_port/metrics   (health: curl -s 127.0.0.1:$metrics_port/health)
   supervisor: attached below; Ctrl-C stops it and the cluster.
 
 Try:
@@ -58,7 +67,7 @@ Try:
 MSG
 "$root/target/release/picloud-supervisor" \
   --database-url "host=127.0.0.1 port=$port user=postgres dbname=picloud" \
-  --poll-interval-ms 5000 &
+  --poll-interval-ms 5000 --metrics-listen "127.0.0.1:$metrics_port" &
 supervisor=$!
 trap 'kill -TERM $supervisor 2>/dev/null || true' INT TERM
 wait $supervisor || true

@@ -67,7 +67,10 @@ pub fn fresh_db(tag: &str) -> (String, Client) {
 
 /// Like fresh_db, but with the extension created at an earlier released version.
 pub fn fresh_db_at_version(tag: &str, version: &str) -> (String, Client) {
-    fresh_db_with(&format!("CREATE EXTENSION picloud VERSION '{version}'"), tag)
+    fresh_db_with(
+        &format!("CREATE EXTENSION picloud VERSION '{version}'"),
+        tag,
+    )
 }
 
 fn fresh_db_with(create_extension: &str, tag: &str) -> (String, Client) {

@@ -233,8 +233,14 @@ fn metrics_count_a_run_of_successes_and_failures() {
     // set-based) and, for events of a lane batch that failed, claims by id. Retries always go
     // through the dispatcher: each failing event's second attempt at least.
     assert!(value(&last, "picloud_claim_batch_size_sum") >= failing as f64);
-    assert!(value(&last, "picloud_sql_lane_batches_total") >= 1.0, "{last}");
-    assert!(value(&last, "picloud_sql_lane_fallbacks_total") >= failing as f64, "{last}");
+    assert!(
+        value(&last, "picloud_sql_lane_batches_total") >= 1.0,
+        "{last}"
+    );
+    assert!(
+        value(&last, "picloud_sql_lane_fallbacks_total") >= failing as f64,
+        "{last}"
+    );
     for family in [
         "picloud_events_claimed_total",
         "picloud_events_completed_total",

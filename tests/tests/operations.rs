@@ -75,7 +75,8 @@ fn stats_view_counts_a_known_workload() {
     .expect("retry policy");
     let (app, script) = ledger_app(&mut c);
     // An app nobody sends anything to does not appear.
-    c.execute("SELECT picloud_create_app('quiet')", &[]).expect("app");
+    c.execute("SELECT picloud_create_app('quiet')", &[])
+        .expect("app");
 
     let mut sup = Supervisor::start(&db, FAST);
     for i in 0..20 {
@@ -110,7 +111,10 @@ fn stats_view_counts_a_known_workload() {
     c.batch_execute("SET picloud.retry_base_delay = '1h'; SET picloud.retry_max_delay = '1h'")
         .expect("long backoff");
     let claimed = c
-        .query("SELECT event_id FROM picloud_claim('by-hand', 10, 600000)", &[])
+        .query(
+            "SELECT event_id FROM picloud_claim('by-hand', 10, 600000)",
+            &[],
+        )
         .expect("claim");
     assert_eq!(claimed.len(), 2);
     c.execute(
@@ -155,13 +159,30 @@ fn stats_view_counts_a_known_workload() {
     assert_eq!(held_is_claimed, 1);
 
     // Outcome counts older than the interval are left out; bad intervals are refused.
-    c.batch_execute("UPDATE picloud.event_counts SET minute = minute - interval '2 hours' WHERE source = 'kv'")
-        .expect("age counts");
-    let recent = stats(&mut c, "SELECT * FROM picloud_stats('1 hour') WHERE source = 'kv'");
-    assert_eq!(recent, vec![row("ledger", "kv", [0, 0, 0, 0], 3, [0, 0, 0])]);
-    assert_eq!(sqlstate(c.query("SELECT * FROM picloud_stats('0 seconds')", &[])), "22023");
-    assert_eq!(sqlstate(c.query("SELECT * FROM picloud_stats('2 days')", &[])), "22023");
-    assert_eq!(sqlstate(c.query("SELECT * FROM picloud_stats(NULL)", &[])), "22004");
+    c.batch_execute(
+        "UPDATE picloud.event_counts SET minute = minute - interval '2 hours' WHERE source = 'kv'",
+    )
+    .expect("age counts");
+    let recent = stats(
+        &mut c,
+        "SELECT * FROM picloud_stats('1 hour') WHERE source = 'kv'",
+    );
+    assert_eq!(
+        recent,
+        vec![row("ledger", "kv", [0, 0, 0, 0], 3, [0, 0, 0])]
+    );
+    assert_eq!(
+        sqlstate(c.query("SELECT * FROM picloud_stats('0 seconds')", &[])),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(c.query("SELECT * FROM picloud_stats('2 days')", &[])),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(c.query("SELECT * FROM picloud_stats(NULL)", &[])),
+        "22004"
+    );
 }
 
 #[test]
@@ -185,10 +206,15 @@ fn stats_and_runbook_views_show_a_tenant_only_its_apps() {
     dead_letter(&mut c, other, "two");
 
     let role = format!("ops_tenant_{}", std::process::id());
-    c.batch_execute(&format!("DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"))
-        .expect("role");
-    c.execute("SELECT picloud_grant_app_role($1, $2, 'admin')", &[&app, &role])
-        .expect("grant");
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"
+    ))
+    .expect("role");
+    c.execute(
+        "SELECT picloud_grant_app_role($1, $2, 'admin')",
+        &[&app, &role],
+    )
+    .expect("grant");
     let mut tenant = connect_as(&db, &role);
     for view in [
         "picloud.stats",
@@ -203,18 +229,29 @@ fn stats_and_runbook_views_show_a_tenant_only_its_apps() {
             .map(|r| r.get(0))
             .collect();
         assert_eq!(names, vec!["ledger".to_string()], "{view}");
-        let all = count(&mut c, &format!("SELECT count(DISTINCT app_name) FROM {view}"));
+        let all = count(
+            &mut c,
+            &format!("SELECT count(DISTINCT app_name) FROM {view}"),
+        );
         assert_eq!(all, 2, "{view} as superuser");
     }
     // A producer may enqueue but not read the operator's views of the app.
     let producer = format!("ops_producer_{}", std::process::id());
-    c.batch_execute(&format!("DROP ROLE IF EXISTS {producer}; CREATE ROLE {producer} LOGIN"))
-        .expect("role");
-    c.execute("SELECT picloud_grant_app_role($1, $2, 'producer')", &[&app, &producer])
-        .expect("grant");
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {producer}; CREATE ROLE {producer} LOGIN"
+    ))
+    .expect("role");
+    c.execute(
+        "SELECT picloud_grant_app_role($1, $2, 'producer')",
+        &[&app, &producer],
+    )
+    .expect("grant");
     let mut p = connect_as(&db, &producer);
     assert_eq!(count(&mut p, "SELECT count(*) FROM picloud.stats"), 0);
-    assert_eq!(count(&mut p, "SELECT count(*) FROM picloud.dead_letter_summary"), 0);
+    assert_eq!(
+        count(&mut p, "SELECT count(*) FROM picloud.dead_letter_summary"),
+        0
+    );
     assert_eq!(
         sqlstate(p.query(
             "SELECT * FROM picloud_resolve_dead_letters($1, 'ignored')",
@@ -240,7 +277,8 @@ fn dead_letter(c: &mut postgres::Client, app: Uuid, error: &str) -> Uuid {
         .expect("script")
         .get(0);
     let event = enqueue(c, app, script, "queue", r#"{"for": "dead letter"}"#);
-    c.batch_execute("SET picloud.retry_max_attempts = 1").expect("one attempt");
+    c.batch_execute("SET picloud.retry_max_attempts = 1")
+        .expect("one attempt");
     let worker = format!("dl-{event}");
     c.execute(
         "UPDATE picloud.outbox SET claimed_by = $3, lease_expires_at = now() + interval '1 minute', attempt_count = 1
@@ -255,7 +293,8 @@ fn dead_letter(c: &mut postgres::Client, app: Uuid, error: &str) -> Uuid {
         )
         .expect("fail")
         .get(0);
-    c.batch_execute("RESET picloud.retry_max_attempts").expect("reset");
+    c.batch_execute("RESET picloud.retry_max_attempts")
+        .expect("reset");
     id
 }
 
@@ -271,8 +310,16 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
         .expect("trigger")
         .get(0);
     // Two errors that differ only by an id group together; a third is different.
-    let a = dead_letter(&mut c, app, &format!("timeout talking to {}", Uuid::new_v4()));
-    let b = dead_letter(&mut c, app, &format!("timeout talking to {}\nsecond line", Uuid::new_v4()));
+    let a = dead_letter(
+        &mut c,
+        app,
+        &format!("timeout talking to {}", Uuid::new_v4()),
+    );
+    let b = dead_letter(
+        &mut c,
+        app,
+        &format!("timeout talking to {}\nsecond line", Uuid::new_v4()),
+    );
     let other = dead_letter(&mut c, app, "bad payload");
     c.execute(
         "UPDATE picloud.dead_letters SET trigger_id = $2, created_at = created_at - interval '2 hours' WHERE dead_letter_id = $1",
@@ -293,12 +340,21 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
         .expect("summary");
     assert_eq!(summary.get::<_, i64>(0), 2);
     assert!(summary.get::<_, bool>(1));
-    assert!(summary.get::<_, String>(2).starts_with("timeout talking to"));
+    assert!(summary
+        .get::<_, String>(2)
+        .starts_with("timeout talking to"));
     let b_error: String = c
-        .query_one("SELECT last_error FROM picloud.dead_letters WHERE dead_letter_id = $1", &[&b])
+        .query_one(
+            "SELECT last_error FROM picloud.dead_letters WHERE dead_letter_id = $1",
+            &[&b],
+        )
         .expect("b")
         .get(0);
-    assert_eq!(summary.get::<_, String>(2), b_error, "the newest unresolved error");
+    assert_eq!(
+        summary.get::<_, String>(2),
+        b_error,
+        "the newest unresolved error"
+    );
 
     let errors: Vec<(String, i64, i64)> = c
         .query(
@@ -317,7 +373,14 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
         ]
     );
 
-    let by_trigger: Vec<(Option<Uuid>, Option<String>, Option<String>, String, i64, i64)> = c
+    let by_trigger: Vec<(
+        Option<Uuid>,
+        Option<String>,
+        Option<String>,
+        String,
+        i64,
+        i64,
+    )> = c
         .query(
             "SELECT trigger_id, trigger_kind, pattern, script_name, unresolved, total
              FROM picloud.dead_letters_by_trigger WHERE app_id = $1 ORDER BY total",
@@ -330,7 +393,14 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
     assert_eq!(
         by_trigger,
         vec![
-            (Some(trigger), Some("kv".into()), Some("orders:*".into()), "ledger".into(), 1, 1),
+            (
+                Some(trigger),
+                Some("kv".into()),
+                Some("orders:*".into()),
+                "ledger".into(),
+                1,
+                1
+            ),
             (None, None, None, "ledger".into(), 1, 2),
         ]
     );
@@ -340,7 +410,9 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
 fn bulk_resolution_dry_run_changes_nothing_and_says_what_it_would_do() {
     let (_db, mut c) = fresh_db("ops_bulk");
     let (app, _script) = ledger_app(&mut c);
-    let timeouts: Vec<Uuid> = (0..3).map(|_| dead_letter(&mut c, app, "timeout after 5000 ms")).collect();
+    let timeouts: Vec<Uuid> = (0..3)
+        .map(|_| dead_letter(&mut c, app, "timeout after 5000 ms"))
+        .collect();
     let bad = dead_letter(&mut c, app, "bad payload");
     let snapshot = "SELECT count(*) FILTER (WHERE resolved_at IS NULL) * 1000 + (SELECT count(*) FROM picloud.outbox) FROM picloud.dead_letters";
     let before = count(&mut c, snapshot);
@@ -358,7 +430,10 @@ fn bulk_resolution_dry_run_changes_nothing_and_says_what_it_would_do() {
         .collect();
     assert_eq!(
         dry,
-        timeouts.iter().map(|id| (*id, "replayed".to_string(), false, None)).collect::<Vec<_>>()
+        timeouts
+            .iter()
+            .map(|id| (*id, "replayed".to_string(), false, None))
+            .collect::<Vec<_>>()
     );
     assert_eq!(count(&mut c, snapshot), before, "a dry run changes nothing");
 
@@ -384,7 +459,10 @@ fn bulk_resolution_dry_run_changes_nothing_and_says_what_it_would_do() {
         );
     }
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM picloud.dead_letters WHERE resolution = 'replayed'"),
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.dead_letters WHERE resolution = 'replayed'"
+        ),
         2
     );
     // Another resolution marks without enqueueing; resolved rows are never taken twice.
@@ -399,7 +477,10 @@ fn bulk_resolution_dry_run_changes_nothing_and_says_what_it_would_do() {
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 2);
     assert_eq!(
-        count(&mut c, &format!("SELECT count(*) FROM picloud_resolve_dead_letters('{app}', 'ignored')")),
+        count(
+            &mut c,
+            &format!("SELECT count(*) FROM picloud_resolve_dead_letters('{app}', 'ignored')")
+        ),
         0
     );
 
@@ -407,17 +488,35 @@ fn bulk_resolution_dry_run_changes_nothing_and_says_what_it_would_do() {
     let fresh = dead_letter(&mut c, app, "late");
     let before = count(&mut c, snapshot);
     for (sql, code) in [
-        ("SELECT * FROM picloud_resolve_dead_letters($1, 'fixed')", "23514"),
-        ("SELECT * FROM picloud_resolve_dead_letters($1, NULL)", "22004"),
-        ("SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_limit => 0)", "22023"),
-        ("SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_error_contains => '')", "22023"),
-        ("SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_dry_run => NULL)", "22004"),
+        (
+            "SELECT * FROM picloud_resolve_dead_letters($1, 'fixed')",
+            "23514",
+        ),
+        (
+            "SELECT * FROM picloud_resolve_dead_letters($1, NULL)",
+            "22004",
+        ),
+        (
+            "SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_limit => 0)",
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_error_contains => '')",
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_resolve_dead_letters($1, 'ignored', p_dry_run => NULL)",
+            "22004",
+        ),
     ] {
         assert_eq!(sqlstate(c.query(sql, &[&app])), code, "{sql}");
     }
     let unknown = Uuid::new_v4();
     assert_eq!(
-        sqlstate(c.query("SELECT * FROM picloud_resolve_dead_letters($1, 'ignored')", &[&unknown])),
+        sqlstate(c.query(
+            "SELECT * FROM picloud_resolve_dead_letters($1, 'ignored')",
+            &[&unknown]
+        )),
         "P0002"
     );
     assert_eq!(count(&mut c, snapshot), before);
@@ -439,12 +538,18 @@ fn outcome_counts_older_than_a_day_are_collected() {
     )
     .expect("counts");
     let removed: i64 = c
-        .query_one("SELECT removed FROM picloud_gc_pass() WHERE kind = 'event_counts'", &[])
+        .query_one(
+            "SELECT removed FROM picloud_gc_pass() WHERE kind = 'event_counts'",
+            &[],
+        )
         .expect("gc pass")
         .get(0);
     assert_eq!(removed, 1);
     assert_eq!(
-        count(&mut c, "SELECT sum(completed)::bigint FROM picloud.event_counts"),
+        count(
+            &mut c,
+            "SELECT sum(completed)::bigint FROM picloud.event_counts"
+        ),
         7
     );
 }

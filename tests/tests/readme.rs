@@ -30,7 +30,14 @@ fn tour_sql() -> String {
 /// Runs psql as a user would: no ~/.psqlrc, stop at the first error.
 fn psql(db: &str, file: &Path) -> (bool, String) {
     let out = Command::new("psql")
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "--echo-queries", "-h", "127.0.0.1"])
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--echo-queries",
+            "-h",
+            "127.0.0.1",
+        ])
         .args(["-p", &port().to_string(), "-U", "postgres", "-d", db, "-f"])
         .arg(file)
         .output()
@@ -55,7 +62,11 @@ fn readme_tour_runs_line_by_line() {
     std::fs::write(&tour, tour_sql()).expect("write tour");
     let (ok, out) = psql(&db, &tour);
     std::fs::remove_file(&tour).ok();
-    assert!(ok, "the tour stopped with an error:\n{out}\nsupervisor log:\n{}", sup.log());
+    assert!(
+        ok,
+        "the tour stopped with an error:\n{out}\nsupervisor log:\n{}",
+        sup.log()
+    );
 
     // Every wait in the tour saw the supervisor finish (t), none timed out (f).
     let lines: Vec<&str> = out.lines().collect();
@@ -65,7 +76,10 @@ fn readme_tour_runs_line_by_line() {
         .map(|w| w[2].trim())
         .collect();
     assert!(waits.len() >= 3, "tour output:\n{out}");
-    assert!(waits.iter().all(|w| *w == "t"), "a wait timed out: {waits:?}\n{out}");
+    assert!(
+        waits.iter().all(|w| *w == "t"),
+        "a wait timed out: {waits:?}\n{out}"
+    );
     assert!(
         out.contains("dry run: 1 dead letter(s) would be resolved as replayed; nothing changed"),
         "{out}"

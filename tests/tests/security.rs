@@ -973,7 +973,11 @@ fn specs() -> Vec<Spec> {
             func: "picloud_wait_idle",
             kind: DEAD,
             // Whether the app is idle depends on the cases before; who may ask is the point.
-            build: |_, _, app| call(format!("SELECT picloud.picloud_wait_idle('{app}', '0 seconds')::text")),
+            build: |_, _, app| {
+                call(format!(
+                    "SELECT picloud.picloud_wait_idle('{app}', '0 seconds')::text"
+                ))
+            },
         },
         Spec {
             func: "picloud_lock_sql_lane",
@@ -986,7 +990,9 @@ fn specs() -> Vec<Spec> {
         Spec {
             func: "picloud_run_sql_lane",
             kind: Kind::Supervisor,
-            build: |_, _, _| call("SELECT picloud.picloud_run_sql_lane('{}'::uuid[], '{}'::tid[])::text"),
+            build: |_, _, _| {
+                call("SELECT picloud.picloud_run_sql_lane('{}'::uuid[], '{}'::tid[])::text")
+            },
         },
         Spec {
             func: "picloud_claim_events",

@@ -373,12 +373,15 @@ fn sql_handler_has_exactly_the_principals_rights() {
     drop(t);
 }
 
-#[test]
-fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
-    let (db, mut c) = fresh_db("e2e_sync");
-    let (app, script) = ledger_app(&mut c);
-    let _sup = Supervisor::start(&db, FAST);
-    let mut caller = connect(&db);
+/// Opens an inbox, listens on it, enqueues `payload` for `script` with the inbox as reply_to
+/// and waits up to 15 s for the answer. Returns the inbox, the event id and the answer, if one
+/// came.
+fn call_synchronously(
+    caller: &mut postgres::Client,
+    app: Uuid,
+    script: Uuid,
+    payload: Value,
+) -> (String, Uuid, Option<Value>) {
     let inbox: String = caller
         .query_one("SELECT picloud_open_inbox($1)", &[&app])
         .unwrap()
@@ -388,18 +391,27 @@ fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
         .unwrap();
     let id: Uuid = caller
         .query_one(
-            "SELECT picloud_enqueue($1, 'queue', 'ask', '{\"q\": 42}', $2, p_reply_to => $3)",
-            &[&app, &script, &inbox],
+            "SELECT picloud_enqueue($1, 'queue', 'ask', $2, $3, p_reply_to => $4)",
+            &[&app, &payload, &script, &inbox],
         )
         .unwrap()
         .get(0);
-    let answer = {
-        let mut notes = caller.notifications();
-        let mut it = notes.timeout_iter(Duration::from_secs(15));
-        it.next()
-            .unwrap()
-            .map(|n| serde_json::from_str::<Value>(n.payload()).unwrap())
-    };
+    let mut notes = caller.notifications();
+    let mut it = notes.timeout_iter(Duration::from_secs(15));
+    let answer = it
+        .next()
+        .unwrap()
+        .map(|n| serde_json::from_str::<Value>(n.payload()).unwrap());
+    (inbox, id, answer)
+}
+
+#[test]
+fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
+    let (db, mut c) = fresh_db("e2e_sync");
+    let (app, script) = ledger_app(&mut c);
+    let _sup = Supervisor::start(&db, FAST);
+    let mut caller = connect(&db);
+    let (inbox, id, answer) = call_synchronously(&mut caller, app, script, json!({"q": 42}));
     let answer = answer.expect("an answer within 15 s");
     assert_eq!(answer["event_id"], json!(id.to_string()));
     assert_eq!(answer["ok"], json!(true));
@@ -517,25 +529,7 @@ fn supervisor_needs_no_superuser() {
         } else {
             connect_as(&db, &tenant)
         };
-        let inbox: String = caller
-            .query_one("SELECT picloud_open_inbox($1)", &[&app])
-            .unwrap()
-            .get(0);
-        caller.batch_execute(&format!("LISTEN \"{inbox}\"")).unwrap();
-        let id: Uuid = caller
-            .query_one(
-                "SELECT picloud_enqueue($1, 'queue', 'ask', '{\"q\": 7}', $2, p_reply_to => $3)",
-                &[&app, &own, &inbox],
-            )
-            .unwrap()
-            .get(0);
-        let answer = {
-            let mut notes = caller.notifications();
-            let mut it = notes.timeout_iter(Duration::from_secs(15));
-            it.next()
-                .unwrap()
-                .map(|n| serde_json::from_str::<Value>(n.payload()).unwrap())
-        };
+        let (_, id, answer) = call_synchronously(&mut caller, app, own, json!({"q": 7}));
         let answer = answer.unwrap_or_else(|| {
             panic!(
                 "no answer (set_role={set_role}); abandoned: {:?}",
@@ -549,7 +543,10 @@ fn supervisor_needs_no_superuser() {
         assert_eq!(answer["event_id"], json!(id.to_string()));
         assert_eq!(answer["result"], json!({"echo": {"q": 7}}));
     }
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.abandoned_executions"), 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.abandoned_executions"),
+        0
+    );
     drop(t);
     c.batch_execute(&format!("DROP OWNED BY {tenant}; DROP ROLE {tenant}"))
         .ok();
@@ -712,10 +709,12 @@ fn scheduled_events_and_retries_start_on_time_without_polling() {
     );
     // Three attempts 300 ms apart end in a dead letter well before one poll interval.
     assert!(
-        eventually(Duration::from_secs(5), || count(
+        eventually(Duration::from_secs(5), || {
+            count(
             &mut c,
             &format!("SELECT count(*) FROM picloud.dead_letters WHERE original_event_id = '{failing}' AND attempt_count = 3")
-        ) == 1),
+        ) == 1
+        }),
         "retries waited for the poll; log: {}",
         sup.log()
     );

@@ -11,20 +11,14 @@ use uuid::Uuid;
 const PREVIOUS: &str = "0.1.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
-/// The tables that exist in PREVIOUS.
-const PREVIOUS_TABLES: [&str; 11] = [
-    "apps",
-    "app_roles",
-    "scripts",
-    "triggers",
-    "kv_trigger_details",
-    "dead_letter_trigger_details",
-    "outbox",
-    "idempotency_keys",
-    "dead_letters",
-    "inboxes",
-    "abandoned_executions",
-];
+/// Tables added after PREVIOUS; every other table of the current schema exists there.
+const ADDED_SINCE_PREVIOUS: [&str; 1] = ["event_counts"];
+
+fn previous_tables() -> impl Iterator<Item = &'static str> {
+    TABLES
+        .into_iter()
+        .filter(|t| !ADDED_SINCE_PREVIOUS.contains(t))
+}
 
 fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
     let sql = include_str!("../sql/catalog_fingerprint.sql");
@@ -44,8 +38,7 @@ fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
 
 /// Every row of every table, as text, per table.
 fn contents(c: &mut postgres::Client) -> Vec<(String, i64, String)> {
-    PREVIOUS_TABLES
-        .iter()
+    previous_tables()
         .map(|t| {
             let r = c
                 .query_one(
@@ -72,17 +65,26 @@ fn version(c: &mut postgres::Client) -> String {
 fn difference(a: &BTreeSet<String>, b: &BTreeSet<String>) -> String {
     let mut out = String::new();
     for line in a.difference(b).take(20) {
-        out.push_str(&format!("\n  only upgraded: {}", &line[..line.len().min(300)]));
+        out.push_str(&format!(
+            "\n  only upgraded: {}",
+            &line[..line.len().min(300)]
+        ));
     }
     for line in b.difference(a).take(20) {
-        out.push_str(&format!("\n  only fresh:    {}", &line[..line.len().min(300)]));
+        out.push_str(&format!(
+            "\n  only fresh:    {}",
+            &line[..line.len().min(300)]
+        ));
     }
     out
 }
 
 #[test]
 fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
-    assert_ne!(PREVIOUS, CURRENT, "bump the previous version when releasing");
+    assert_ne!(
+        PREVIOUS, CURRENT,
+        "bump the previous version when releasing"
+    );
     let (db, mut c) = fresh_db_at_version("upgrade", PREVIOUS);
     assert_eq!(version(&mut c), PREVIOUS);
     let previous_catalog = catalog(&mut c);
@@ -90,10 +92,15 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
     // Data in every table, made through the previous version's API.
     let (app, script) = ledger_app(&mut c);
     let role = format!("upgrade_producer_{}", std::process::id());
-    c.batch_execute(&format!("DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"))
-        .expect("role");
-    c.execute("SELECT picloud_grant_app_role($1, $2, 'producer')", &[&app, &role])
-        .expect("grant");
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"
+    ))
+    .expect("role");
+    c.execute(
+        "SELECT picloud_grant_app_role($1, $2, 'producer')",
+        &[&app, &role],
+    )
+    .expect("grant");
     c.execute(
         "SELECT picloud_create_kv_trigger($1, 'orders:*', $2, ARRAY['insert', 'update'])",
         &[&app, &script],
@@ -125,9 +132,13 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
     )
     .expect("delayed");
     // Two events dead-lettered (one resolved), one held under a lease.
-    c.batch_execute("SET picloud.retry_max_attempts = 1").expect("one attempt");
+    c.batch_execute("SET picloud.retry_max_attempts = 1")
+        .expect("one attempt");
     let claimed: Vec<(Uuid, Uuid)> = c
-        .query("SELECT app_id, event_id FROM picloud_claim('before-upgrade', 3, 600000)", &[])
+        .query(
+            "SELECT app_id, event_id FROM picloud_claim('before-upgrade', 3, 600000)",
+            &[],
+        )
         .expect("claim")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -144,23 +155,33 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
             .get(0);
         dead.push(id);
     }
-    c.execute("SELECT picloud_resolve_dead_letter($1, $2, 'ignored')", &[&app, &dead[0]])
-        .expect("resolve");
-    c.execute("SELECT picloud_open_inbox($1, '1 hour')", &[&app]).expect("inbox");
+    c.execute(
+        "SELECT picloud_resolve_dead_letter($1, $2, 'ignored')",
+        &[&app, &dead[0]],
+    )
+    .expect("resolve");
+    c.execute("SELECT picloud_open_inbox($1, '1 hour')", &[&app])
+        .expect("inbox");
     c.execute(
         "SELECT picloud_record_abandoned_execution($1, $2, 'gone', true, '{}', NULL, 'caller gone')",
         &[&app, &Uuid::new_v4()],
     )
     .expect("abandoned");
-    c.batch_execute("RESET picloud.retry_max_attempts").expect("reset");
+    c.batch_execute("RESET picloud.retry_max_attempts")
+        .expect("reset");
     let before = contents(&mut c);
     for (table, rows, _) in &before {
         assert!(*rows > 0, "table {table} has data before the upgrade");
     }
 
-    c.batch_execute("ALTER EXTENSION picloud UPDATE").expect("ALTER EXTENSION picloud UPDATE");
+    c.batch_execute("ALTER EXTENSION picloud UPDATE")
+        .expect("ALTER EXTENSION picloud UPDATE");
     assert_eq!(version(&mut c), CURRENT);
-    assert_eq!(contents(&mut c), before, "no row lost or changed by the upgrade");
+    assert_eq!(
+        contents(&mut c),
+        before,
+        "no row lost or changed by the upgrade"
+    );
 
     // The upgraded schema is the fresh install's, object for object (definitions, columns,
     // constraints, indexes, views, policies, privileges, extension membership).
@@ -178,10 +199,16 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
     // Everything still works. The held event comes back; a real supervisor runs everything
     // that was due before the upgrade, and the new runbook replays the unresolved dead letter.
     let (held_app, held_event) = claimed[2];
-    c.execute("SELECT picloud_release($1, $2, 'before-upgrade')", &[&held_app, &held_event])
-        .expect("release");
+    c.execute(
+        "SELECT picloud_release($1, $2, 'before-upgrade')",
+        &[&held_app, &held_event],
+    )
+    .expect("release");
     let due: BTreeSet<Uuid> = c
-        .query("SELECT event_id FROM picloud.outbox WHERE due_at <= now()", &[])
+        .query(
+            "SELECT event_id FROM picloud.outbox WHERE due_at <= now()",
+            &[],
+        )
         .expect("due")
         .iter()
         .map(|r| r.get(0))
@@ -214,14 +241,21 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
     let mut expected = due.clone();
     expected.insert(replay);
     assert_eq!(ran, expected);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1, "the delayed event waits");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.outbox"),
+        1,
+        "the delayed event waits"
+    );
     let completed = count(
         &mut c,
         "SELECT coalesce(sum(completed), 0)::bigint FROM picloud.stats",
     );
     assert_eq!(completed, 6);
     assert_eq!(
-        count(&mut c, "SELECT coalesce(sum(unresolved), 0)::bigint FROM picloud.dead_letter_summary"),
+        count(
+            &mut c,
+            "SELECT coalesce(sum(unresolved), 0)::bigint FROM picloud.dead_letter_summary"
+        ),
         0
     );
     drop(sup);

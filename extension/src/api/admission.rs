@@ -91,12 +91,24 @@ mod unit {
         assert!(valid("dead_letter", &"o".repeat(200), 3, 2, false, false));
         assert!(!valid("mail", "x", 0, 0, true, true), "unknown source");
         assert!(!valid("queue", "", 0, 0, true, true), "empty op");
-        assert!(!valid("queue", &"o".repeat(201), 0, 0, true, true), "op too long");
-        assert!(valid("queue", &"é".repeat(200), 0, 0, true, true), "characters, not bytes");
+        assert!(
+            !valid("queue", &"o".repeat(201), 0, 0, true, true),
+            "op too long"
+        );
+        assert!(
+            valid("queue", &"é".repeat(200), 0, 0, true, true),
+            "characters, not bytes"
+        );
         assert!(!valid("queue", "x", -1, 0, true, true), "negative depth");
         assert!(!valid("queue", "x", 0, -1, true, true), "negative attempts");
-        assert!(!valid("queue", "x", 0, 0, false, true), "claim without lease");
-        assert!(!valid("queue", "x", 0, 0, true, false), "lease without claim");
+        assert!(
+            !valid("queue", "x", 0, 0, false, true),
+            "claim without lease"
+        );
+        assert!(
+            !valid("queue", "x", 0, 0, true, false),
+            "lease without claim"
+        );
     }
 
     #[test]
@@ -159,7 +171,15 @@ mod tests {
 }
 
 /// Sources an event may come from (also checked, with a precise error, by the enqueue paths).
-const EVENT_SOURCES: [&str; 7] = ["kv", "cron", "pubsub", "queue", "email", "dead_letter", "enqueue"];
+const EVENT_SOURCES: [&str; 7] = [
+    "kv",
+    "cron",
+    "pubsub",
+    "queue",
+    "email",
+    "dead_letter",
+    "enqueue",
+];
 
 /// The outbox's row check in one call (constraint `outbox_row_valid`): a known source, an op of
 /// 1 to 200 characters, depth and attempt count not negative, and a claim exactly when there is

@@ -1763,7 +1763,10 @@ fn settings(cfg: &Cfg) -> Res<Value> {
     let flags = if cfg.supervisor_args.is_empty() {
         "defaults, --poll-interval-ms 5000".to_owned()
     } else {
-        format!("defaults, --poll-interval-ms 5000 {}", cfg.supervisor_args.join(" "))
+        format!(
+            "defaults, --poll-interval-ms 5000 {}",
+            cfg.supervisor_args.join(" ")
+        )
     };
     map.insert("supervisor flags".to_owned(), Value::String(flags));
     Ok(Value::Object(map))
