@@ -370,6 +370,28 @@ BEGIN
 END
 $$;
 
+-- What a claim answers for each row it claimed: the event, its handler (kind, target - the
+-- function for sql, the URL or command name otherwise - and timeout, 30 s if the handler is
+-- gone) and the principal it runs as, or why it cannot run. Shared by picloud_claim and
+-- picloud_claim_events.
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE sql STABLE AS $$
+    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
+           c.attempt_count, c.reply_to, s.kind,
+           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
+           coalesce(s.timeout_ms, 30000),
+           h.principal,
+           h.problem
+    FROM unnest(p_claimed) AS c
+    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
+$$;
+
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms, oldest first, and
 -- returns each with its handler and the principal it runs as. With p_leave_sql_lane a
 -- supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the lanes their events - first
@@ -439,15 +461,7 @@ BEGIN
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
         RETURNING o.*
     )
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
-           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
-           h.principal,
-           h.problem
-    FROM claimed c
-    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);
 END

@@ -226,14 +226,6 @@ BEGIN
         WHERE o.app_id = wanted.app_id AND o.event_id = wanted.event_id
         RETURNING o.*
     )
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
-           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
-           h.principal,
-           h.problem
-    FROM claimed c
-    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
 END
 $$;

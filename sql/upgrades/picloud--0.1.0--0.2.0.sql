@@ -601,6 +601,24 @@ $$;
 -- SQL lanes: first attempts of sql-handler events run set-based, without claims; a
 -- supervisor running lanes leaves them those events when it claims.
 DROP FUNCTION picloud.picloud_claim(text, integer, integer);
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE sql STABLE AS $$
+    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
+           c.attempt_count, c.reply_to, s.kind,
+           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
+           coalesce(s.timeout_ms, 30000),
+           h.principal,
+           h.problem
+    FROM unnest(p_claimed) AS c
+    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
+$$;
+
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms, oldest first, and
 -- returns each with its handler and the principal it runs as. With p_leave_sql_lane a
 -- supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the lanes their events - first
@@ -670,15 +688,7 @@ BEGIN
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
         RETURNING o.*
     )
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
-           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
-           h.principal,
-           h.problem
-    FROM claimed c
-    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);
 END
@@ -912,15 +922,7 @@ BEGIN
         WHERE o.app_id = wanted.app_id AND o.event_id = wanted.event_id
         RETURNING o.*
     )
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
-           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
-           h.principal,
-           h.problem
-    FROM claimed c
-    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h;
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
 END
 $$;
 
@@ -982,6 +984,7 @@ REVOKE ALL ON FUNCTION
     picloud._my_backend_start(),
     picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean),
     picloud.picloud_claim(text, integer, integer, boolean),
+    picloud._claim_answers(picloud.outbox[]),
     picloud.picloud_lock_sql_lane(integer),
     picloud._sql_lane_groups(tid[]),
     picloud._sql_lane_complete(tid[]),
@@ -1008,6 +1011,7 @@ TO picloud_admin, picloud_supervisor;
 GRANT EXECUTE ON FUNCTION
     picloud.picloud_next_due_at(),
     picloud.picloud_claim(text, integer, integer, boolean),
+    picloud._claim_answers(picloud.outbox[]),
     picloud.picloud_lock_sql_lane(integer),
     picloud._sql_lane_groups(tid[]),
     picloud._sql_lane_complete(tid[]),

@@ -306,9 +306,13 @@ async fn run_batch(
                 timeout_ms = timeout_ms.min(timeout.unwrap_or(30_000));
             }
             _ => {
-                let e = "a locked row could not be read".to_owned();
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err((locked, BatchError::Refused(e)));
+                // Unlock what was locked; the events read so far leave the lane, the rest stay
+                // in the queue for the next batch or claim.
+                let error = match client.batch_execute("ROLLBACK").await {
+                    Ok(()) => BatchError::Refused("a locked row could not be read".to_owned()),
+                    Err(e) => BatchError::Broken(db::error_text(&e)),
+                };
+                return Err((locked, error));
             }
         }
     }
