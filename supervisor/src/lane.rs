@@ -1,11 +1,12 @@
 //! The sql lanes (see sql/035_sql_lane.sql): first attempts of sql-handler events run
 //! set-based, a batch per transaction, without claims. Each lane owns one connection; lane 0
 //! LISTENs for wake-ups like the dispatcher and calls the other lanes in when it finds a full
-//! batch, so a single new event does not wake every lane. A batch that fails in any way - a handler
-//! error, its statement timeout, a broken connection - is rolled back, and its events are then
-//! claimed by id and handed to the executors, which run each the ordinary way (attempt
-//! counted, retried or dead-lettered). So a handler that fails, hangs or even crashes its
-//! backend cannot keep a batch failing: its event leaves the lane after one try.
+//! batch, so a single new event does not wake every lane. Events whose handler fails by itself
+//! are left out of the batch by the database (a savepoint each, only once a group's statement
+//! failed); a batch that fails as a whole - its statement timeout, a broken connection - is
+//! rolled back. Either way those events are then claimed by id and handed to the executors,
+//! which run each the ordinary way (attempt counted, retried or dead-lettered). So a handler
+//! that fails, hangs or even crashes its backend leaves the lane after one try.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,7 +37,8 @@ const RECHECK_DELAY: Duration = Duration::from_millis(3);
 /// the poll interval. A wake-up (new events) or a batch with events starts it over.
 const OTHERS_DUE_WAIT: Duration = Duration::from_millis(20);
 
-/// Events locked by a batch that did not commit: they must leave the lane.
+/// Events that must leave the lane: those of a batch that did not commit, or those a committed
+/// batch left out because their handlers failed.
 struct Locked {
     app_ids: Vec<Uuid>,
     event_ids: Vec<Uuid>,
