@@ -107,6 +107,19 @@ BEGIN
 END
 $$;
 
+-- Raises 23514 unless p_resolution is one of the four resolutions (the same rule as the
+-- dead_letters_resolution_valid CHECK, but with a hint and before anything is locked).
+CREATE FUNCTION picloud._check_resolution(p_resolution text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_resolution NOT IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed') THEN
+        RAISE EXCEPTION 'invalid dead letter resolution %', quote_literal(left(p_resolution, 200))
+            USING ERRCODE = '23514',
+                  HINT = 'A resolution is one of replayed, ignored, handled_by_script, handler_failed.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION picloud.picloud_resolve_dead_letter(p_app_id uuid, p_dead_letter_id uuid, p_resolution text)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -116,11 +129,7 @@ BEGIN
         PERFORM picloud._null_argument('{dead_letter_id,resolution}',
             ARRAY[p_dead_letter_id IS NULL, p_resolution IS NULL]);
     END IF;
-    IF p_resolution NOT IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed') THEN
-        RAISE EXCEPTION 'invalid dead letter resolution %', quote_literal(left(p_resolution, 200))
-            USING ERRCODE = '23514',
-                  HINT = 'A resolution is one of replayed, ignored, handled_by_script, handler_failed.';
-    END IF;
+    PERFORM picloud._check_resolution(p_resolution);
     PERFORM picloud._lock_unresolved(p_app_id, p_dead_letter_id);
     UPDATE picloud.dead_letters
     SET resolution = p_resolution, resolved_at = now(), resolved_by = current_user

@@ -185,11 +185,7 @@ BEGIN
     IF p_resolution IS NULL OR p_dry_run IS NULL THEN
         PERFORM picloud._null_argument('{resolution,dry_run}', ARRAY[p_resolution IS NULL, p_dry_run IS NULL]);
     END IF;
-    IF p_resolution NOT IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed') THEN
-        RAISE EXCEPTION 'invalid dead letter resolution %', quote_literal(left(p_resolution, 200))
-            USING ERRCODE = '23514',
-                  HINT = 'A resolution is one of replayed, ignored, handled_by_script, handler_failed.';
-    END IF;
+    PERFORM picloud._check_resolution(p_resolution);
     IF p_limit IS NOT NULL AND (p_limit < 1 OR p_limit > 1000000) THEN
         PERFORM picloud._invalid(format('limit %s is out of range', p_limit), 'The limit is between 1 and 1000000, or NULL for all.');
     END IF;

@@ -84,6 +84,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._admit(integer, integer),
     picloud._lock_unresolved(uuid, uuid),
     picloud._replay(picloud.dead_letters),
+    picloud._check_resolution(text),
     picloud.picloud_stats(interval),
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),

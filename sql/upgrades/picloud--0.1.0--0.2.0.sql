@@ -44,6 +44,35 @@ CREATE UNLOGGED TABLE picloud.event_counts (
 );
 CREATE INDEX event_counts_minute_idx ON picloud.event_counts (minute);
 
+-- One check of a resolution, shared by the single and the bulk resolution.
+CREATE FUNCTION picloud._check_resolution(p_resolution text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_resolution NOT IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed') THEN
+        RAISE EXCEPTION 'invalid dead letter resolution %', quote_literal(left(p_resolution, 200))
+            USING ERRCODE = '23514',
+                  HINT = 'A resolution is one of replayed, ignored, handled_by_script, handler_failed.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_resolve_dead_letter(p_app_id uuid, p_dead_letter_id uuid, p_resolution text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_dead_letters');
+    IF p_dead_letter_id IS NULL OR p_resolution IS NULL THEN
+        PERFORM picloud._null_argument('{dead_letter_id,resolution}',
+            ARRAY[p_dead_letter_id IS NULL, p_resolution IS NULL]);
+    END IF;
+    PERFORM picloud._check_resolution(p_resolution);
+    PERFORM picloud._lock_unresolved(p_app_id, p_dead_letter_id);
+    UPDATE picloud.dead_letters
+    SET resolution = p_resolution, resolved_at = now(), resolved_by = current_user
+    WHERE app_id = p_app_id AND dead_letter_id = p_dead_letter_id;
+END
+$$;
+
 -- What an operator reads and runs from psql: outcome counting, the stats view, the
 -- dead-letter runbook views and bulk resolution with a dry run.
 --
@@ -231,11 +260,7 @@ BEGIN
     IF p_resolution IS NULL OR p_dry_run IS NULL THEN
         PERFORM picloud._null_argument('{resolution,dry_run}', ARRAY[p_resolution IS NULL, p_dry_run IS NULL]);
     END IF;
-    IF p_resolution NOT IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed') THEN
-        RAISE EXCEPTION 'invalid dead letter resolution %', quote_literal(left(p_resolution, 200))
-            USING ERRCODE = '23514',
-                  HINT = 'A resolution is one of replayed, ignored, handled_by_script, handler_failed.';
-    END IF;
+    PERFORM picloud._check_resolution(p_resolution);
     IF p_limit IS NOT NULL AND (p_limit < 1 OR p_limit > 1000000) THEN
         PERFORM picloud._invalid(format('limit %s is out of range', p_limit), 'The limit is between 1 and 1000000, or NULL for all.');
     END IF;
@@ -983,6 +1008,7 @@ REVOKE ALL ON FUNCTION
     picloud._backend_started(integer),
     picloud._my_backend_start(),
     picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean),
+    picloud._check_resolution(text),
     picloud.picloud_claim(text, integer, integer, boolean),
     picloud._claim_answers(picloud.outbox[]),
     picloud.picloud_lock_sql_lane(integer),
@@ -1001,6 +1027,7 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     picloud.picloud_wait_idle(uuid, interval),
     picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean),
+    picloud._check_resolution(text),
     picloud._my_backend_start()
 TO picloud_user, picloud_supervisor;
 GRANT EXECUTE ON FUNCTION

@@ -12,8 +12,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use crate::backoff::Backoff;
 use crate::db::{self, Claim};
 use crate::executor;
+use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT};
 use crate::log;
-use crate::metrics::{Connection, Kind};
+use crate::metrics::{Connection, Kind, Metrics};
 use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
 
@@ -22,10 +23,6 @@ use crate::wake::{self, WakeConnection};
 /// shortly after to close that window. The window is one commit's WAL flush, so a few
 /// milliseconds cover it.
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
-
-/// Shortest idle wait when an unclaimed event is already due but the claim found none (another
-/// claimer holds its row lock for a moment): short, but not a busy loop.
-pub(crate) const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
 
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.
@@ -79,7 +76,7 @@ async fn claim_loop(
     let mut rechecked = false;
     // While events are due but none is claimable (sql lanes hold them, or another claimer),
     // each look costs a claim: wait longer and longer, up to the poll interval.
-    let mut due_wait = DUE_BUT_LOCKED_WAIT;
+    let mut due_wait = DueWait::new(DUE_BUT_LOCKED_WAIT, config.poll_interval);
     // Cleared for good if the database's picloud schema predates picloud_next_due_at.
     let mut next_due_known = true;
     loop {
@@ -126,26 +123,7 @@ async fn claim_loop(
         metrics.dispatcher.claimed();
         let claimed = rows.len();
         metrics.claim_batch_size.observe(claimed as u64);
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in rows {
-            match row {
-                Ok(claim) => {
-                    metrics
-                        .claimed
-                        .add(Kind::of(claim.handler_kind.as_deref()), 1);
-                    claims.push(claim);
-                }
-                Err(e) => {
-                    // Counted as unreported too: no outcome will ever be reported for it.
-                    metrics.claimed.add(Kind::Unknown, 1);
-                    metrics.unreported.add(Kind::Unknown, 1);
-                    log::error(
-                        "claimed row could not be read; its lease will expire",
-                        &[("error", e.into())],
-                    );
-                }
-            }
-        }
+        let claims = accept_claimed(metrics, rows);
         // Runnable sql events share transactions in groups of up to --sql-batch; the rest
         // (and a group of one) run one per task.
         let (batchable, single): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| {
@@ -201,7 +179,7 @@ async fn claim_loop(
 
         if claimed > 0 {
             rechecked = false;
-            due_wait = DUE_BUT_LOCKED_WAIT;
+            due_wait.reset();
             continue;
         }
         if !rechecked {
@@ -216,77 +194,45 @@ async fn claim_loop(
             continue;
         }
         rechecked = false;
-        let mut wait = idle_wait(
+        let wait = idle_wait(
             &connection.client,
             config.poll_interval,
             &mut next_due_known,
         )
         .await?;
-        if wait <= DUE_BUT_LOCKED_WAIT {
-            wait = due_wait.min(config.poll_interval);
-            due_wait = (due_wait * 2).min(config.poll_interval);
-        }
+        let wait = due_wait.stretch(wait);
         tokio::select! {
-            _ = connection.wake.notified() => due_wait = DUE_BUT_LOCKED_WAIT,
-            _ = shared.rescheduled.notified() => due_wait = DUE_BUT_LOCKED_WAIT,
+            _ = connection.wake.notified() => due_wait.reset(),
+            _ = shared.rescheduled.notified() => due_wait.reset(),
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
     }
 }
 
-/// How long an idle dispatcher sleeps (a wake-up ends it sooner): until the next retry or
-/// scheduled event is due - no notification announces those - and at most the poll interval.
-pub(crate) async fn idle_wait(
-    client: &tokio_postgres::Client,
-    poll_interval: Duration,
-    next_due_known: &mut bool,
-) -> Result<Duration, tokio_postgres::Error> {
-    if !*next_due_known {
-        return Ok(poll_interval);
-    }
-    match db::next_due_in_ms(client).await {
-        Ok(next_due) => Ok(wait_for(next_due, poll_interval)),
-        Err(e) if db::is_undefined_function(&e) => {
-            *next_due_known = false;
-            log::warn(
-                "picloud_next_due_at is missing (run ALTER EXTENSION picloud UPDATE); \
-                 retries and scheduled events may start up to one poll interval late",
-                &[],
-            );
-            Ok(poll_interval)
+/// Counts the claimed rows and keeps those that could be read. An unreadable row is counted
+/// as unreported too: no outcome will ever be reported for it, and its lease will expire.
+pub(crate) fn accept_claimed(metrics: &Metrics, rows: Vec<Result<Claim, String>>) -> Vec<Claim> {
+    let mut claims = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(claim) => {
+                metrics
+                    .claimed
+                    .add(Kind::of(claim.handler_kind.as_deref()), 1);
+                claims.push(claim);
+            }
+            Err(e) => {
+                metrics.claimed.add(Kind::Unknown, 1);
+                metrics.unreported.add(Kind::Unknown, 1);
+                log::error(
+                    "claimed row could not be read; its lease will expire",
+                    &[("error", e.into())],
+                );
+            }
         }
-        Err(e) => Err(e),
     }
-}
-
-fn wait_for(next_due_in_ms: Option<f64>, poll_interval: Duration) -> Duration {
-    match next_due_in_ms {
-        None => poll_interval,
-        Some(ms) if ms <= 0.0 || !ms.is_finite() => DUE_BUT_LOCKED_WAIT.min(poll_interval),
-        // Rounded up: waking a little early would find nothing due yet.
-        Some(ms) => Duration::from_millis(ms.ceil() as u64).min(poll_interval),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idle_wait_follows_the_next_due_event_within_the_poll_interval() {
-        let poll = Duration::from_millis(5000);
-        assert_eq!(wait_for(None, poll), poll);
-        assert_eq!(wait_for(Some(120.2), poll), Duration::from_millis(121));
-        assert_eq!(wait_for(Some(60_000.0), poll), poll);
-        assert_eq!(wait_for(Some(-3.0), poll), DUE_BUT_LOCKED_WAIT);
-        assert_eq!(wait_for(Some(0.0), poll), DUE_BUT_LOCKED_WAIT);
-        assert_eq!(wait_for(Some(f64::NAN), poll), DUE_BUT_LOCKED_WAIT);
-        assert_eq!(
-            wait_for(Some(-1.0), Duration::from_millis(2)),
-            Duration::from_millis(2)
-        );
-    }
+    claims
 }
 
 /// One of the permits taken for this claim or, if the database returned more rows than were

@@ -21,8 +21,9 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim};
-use crate::dispatch::{idle_wait, DUE_BUT_LOCKED_WAIT};
+use crate::dispatch::accept_claimed;
 use crate::executor;
+use crate::idle::{idle_wait, DueWait};
 use crate::log;
 use crate::metrics::{Connection, Kind};
 use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
@@ -33,8 +34,7 @@ use crate::wake::{self, WakeConnection};
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// First idle wait while events are due but none is for a lane: the dispatcher is working
-/// through them, and each look scans past them, so the wait doubles while this lasts, up to
-/// the poll interval. A wake-up (new events) or a batch with events starts it over.
+/// through them, and each look scans past them (see `idle::DueWait`).
 const OTHERS_DUE_WAIT: Duration = Duration::from_millis(20);
 
 /// Events that must leave the lane: those of a batch that did not commit, or those a committed
@@ -143,7 +143,7 @@ async fn lane_loop(
         .map_err(|e| db::error_text(&e))?;
     let mut rechecked = false;
     let mut next_due_known = true;
-    let mut others_due_wait = OTHERS_DUE_WAIT;
+    let mut others_due = DueWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval);
     loop {
         if let Some(locked) = stranded.take() {
             leave_lane(shared, client, locked, phase)
@@ -193,24 +193,17 @@ async fn lane_loop(
                 shared.lanes_wake.notify_waiters();
             }
             rechecked = false;
-            others_due_wait = OTHERS_DUE_WAIT;
+            others_due.reset();
             continue;
         }
-        if locked > 0 {
-            // A short batch: the lane caught up. Look again shortly (a wake-up cuts it short):
-            // each look may scan past other events, so not in a tight loop.
-            rechecked = false;
-            others_due_wait = OTHERS_DUE_WAIT;
-            tokio::select! {
-                _ = connection.wake.notified() => {}
-                _ = shared.lanes_wake.notified(), if !listens => {}
-                _ = tokio::time::sleep(RECHECK_DELAY) => {}
-                _ = stopping(phase) => return Ok(()),
+        if locked > 0 || !rechecked {
+            // A short batch (the lane caught up), or the first empty one: look again shortly
+            // (a wake-up cuts it short). Each look may scan past other events, so not in a
+            // tight loop; an empty look after an empty recheck goes to the idle wait below.
+            rechecked = locked == 0;
+            if locked > 0 {
+                others_due.reset();
             }
-            continue;
-        }
-        if !rechecked {
-            rechecked = true;
             tokio::select! {
                 _ = connection.wake.notified() => {}
                 _ = shared.lanes_wake.notified(), if !listens => {}
@@ -220,16 +213,13 @@ async fn lane_loop(
             continue;
         }
         rechecked = false;
-        let mut wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
+        let wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
             .await
             .map_err(|e| db::error_text(&e))?;
-        if wait <= DUE_BUT_LOCKED_WAIT {
-            wait = others_due_wait.min(shared.config.poll_interval);
-            others_due_wait = (others_due_wait * 2).min(shared.config.poll_interval);
-        }
+        let wait = others_due.stretch(wait);
         tokio::select! {
-            _ = connection.wake.notified() => others_due_wait = OTHERS_DUE_WAIT,
-            _ = shared.lanes_wake.notified(), if !listens => others_due_wait = OTHERS_DUE_WAIT,
+            _ = connection.wake.notified() => others_due.reset(),
+            _ = shared.lanes_wake.notified(), if !listens => others_due.reset(),
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }
@@ -427,23 +417,8 @@ async fn leave_lane(
         )
         .await?;
     shared.metrics.lane_fallbacks.add(rows.len() as u64);
-    for row in rows {
-        let claim = match Claim::from_row(&row) {
-            Ok(claim) => claim,
-            Err(e) => {
-                shared.metrics.claimed.add(Kind::Unknown, 1);
-                shared.metrics.unreported.add(Kind::Unknown, 1);
-                log::error(
-                    "claimed row could not be read; its lease will expire",
-                    &[("error", e.into())],
-                );
-                continue;
-            }
-        };
-        shared
-            .metrics
-            .claimed
-            .add(Kind::of(claim.handler_kind.as_deref()), 1);
+    let claims = accept_claimed(&shared.metrics, rows.iter().map(Claim::from_row).collect());
+    for claim in claims {
         let permit = tokio::select! {
             permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
                 Ok(permit) => permit,

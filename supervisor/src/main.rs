@@ -10,6 +10,7 @@ mod dispatch;
 mod executor;
 mod handlers;
 mod health;
+mod idle;
 mod lane;
 mod log;
 mod metrics;

@@ -76,6 +76,25 @@ fn sql(scraped: &str, family: &str) -> f64 {
     value(scraped, &format!("{family}{{kind=\"sql\"}}"))
 }
 
+/// Starts a supervisor serving metrics on a free port and waits until /health answers 200.
+fn start_with_metrics(db: &str, extra: &[&str]) -> (Supervisor, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = extra.to_vec();
+    args.extend(["--metrics-listen", &listen]);
+    let sup = Supervisor::start(db, &args);
+    assert!(
+        eventually(Duration::from_secs(20), || send(
+            port,
+            b"GET /health HTTP/1.1\r\n\r\n"
+        )
+        .is_ok_and(|a| a.status == 200)),
+        "log: {}",
+        sup.log()
+    );
+    (sup, port)
+}
+
 #[test]
 fn metrics_count_a_run_of_successes_and_failures() {
     let (db, mut c) = fresh_db("metrics");
@@ -87,21 +106,7 @@ fn metrics_count_a_run_of_successes_and_failures() {
          ALTER DATABASE {db} SET picloud.retry_max_delay = '200ms';"
     ))
     .unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let sup = Supervisor::start(
-        &db,
-        &["--poll-interval-ms", "500", "--metrics-listen", &listen],
-    );
-    assert!(
-        eventually(Duration::from_secs(20), || send(
-            port,
-            b"GET /health HTTP/1.1\r\n\r\n"
-        )
-        .is_ok_and(|a| a.status == 200)),
-        "log: {}",
-        sup.log()
-    );
+    let (sup, port) = start_with_metrics(&db, &["--poll-interval-ms", "500"]);
 
     const WAVES: i32 = 4;
     const PER_WAVE: i32 = 150;
@@ -288,18 +293,7 @@ fn metrics_count_a_run_of_successes_and_failures() {
 #[test]
 fn a_silent_client_does_not_hold_up_the_endpoint() {
     let (db, _c) = fresh_db("metrics_slow");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let sup = Supervisor::start(&db, &["--metrics-listen", &listen]);
-    assert!(
-        eventually(Duration::from_secs(20), || send(
-            port,
-            b"GET /health HTTP/1.1\r\n\r\n"
-        )
-        .is_ok_and(|a| a.status == 200)),
-        "log: {}",
-        sup.log()
-    );
+    let (_sup, port) = start_with_metrics(&db, &[]);
     let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
     silent.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
     silent

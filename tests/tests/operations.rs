@@ -373,14 +373,16 @@ fn runbook_views_group_dead_letters_by_app_error_and_trigger() {
         ]
     );
 
-    let by_trigger: Vec<(
+    // (trigger_id, trigger_kind, pattern, script_name, unresolved, total)
+    type ByTrigger = (
         Option<Uuid>,
         Option<String>,
         Option<String>,
         String,
         i64,
         i64,
-    )> = c
+    );
+    let by_trigger: Vec<ByTrigger> = c
         .query(
             "SELECT trigger_id, trigger_kind, pattern, script_name, unresolved, total
              FROM picloud.dead_letters_by_trigger WHERE app_id = $1 ORDER BY total",

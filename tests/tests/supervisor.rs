@@ -584,9 +584,37 @@ fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
         )
         .unwrap()
         .get(0);
-    // Enqueued before the supervisor starts, so its first claims take them in batches; the
-    // eight slow-handler events come first and form the first batch of eight (their timeouts
-    // sum to 2.4 s, less than the one slow handler's 3 s).
+    let start = || {
+        Supervisor::start(
+            &db,
+            &[
+                "--poll-interval-ms",
+                "500",
+                "--sql-batch",
+                "8",
+                "--sql-lanes",
+                lanes,
+                "--log-level",
+                "debug",
+            ],
+        )
+    };
+    // Without lanes the events are enqueued before the supervisor starts, so its first claims
+    // take them in batches: the eight slow-handler events come first and form the first batch
+    // of eight (their timeouts sum to 2.4 s, less than the one slow handler's 3 s). With lanes
+    // the supervisor runs first (so the lanes are connected before any claim) and all events
+    // arrive in one transaction, so one lane batch takes them all; its statement timeout is
+    // the slow handler's 300 ms.
+    let early = (lanes != "0").then(|| {
+        let sup = start();
+        assert!(eventually(Duration::from_secs(15), || sup
+            .log()
+            .matches("sql lane connected")
+            .count()
+            == 2));
+        sup
+    });
+    c.batch_execute("BEGIN").unwrap();
     for i in 0..8 {
         let payload = if i == 3 {
             json!({"slow": "yes"})
@@ -611,19 +639,11 @@ fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
         )
         .unwrap();
     }
-    let sup = Supervisor::start(
-        &db,
-        &[
-            "--poll-interval-ms",
-            "500",
-            "--sql-batch",
-            "8",
-            "--sql-lanes",
-            lanes,
-            "--log-level",
-            "debug",
-        ],
-    );
+    c.batch_execute("COMMIT").unwrap();
+    let sup = match early {
+        Some(sup) => sup,
+        None => start(),
+    };
     assert!(
         eventually(Duration::from_secs(30), || count(
             &mut c,

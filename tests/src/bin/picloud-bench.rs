@@ -874,7 +874,7 @@ fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
 
 /// Which side goes first in a run: picloud (0) first in odd runs, the baseline (1) in even.
 fn order(run: usize) -> [usize; 2] {
-    if run % 2 == 0 {
+    if run.is_multiple_of(2) {
         [0, 1]
     } else {
         [1, 0]

@@ -1,0 +1,116 @@
+//! How long an idle claimer - the dispatcher or a sql lane - sleeps before it looks again: until
+//! the next retry or scheduled event is due (no notification announces those), at most the poll
+//! interval, and longer and longer while events are due that it cannot take.
+
+use std::time::Duration;
+
+use crate::db;
+use crate::log;
+
+/// Shortest idle wait when an unclaimed event is already due but the claim found none (another
+/// claimer holds its row lock for a moment): short, but not a busy loop.
+pub const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
+
+/// How long an idle claimer (the dispatcher or a sql lane) sleeps (a wake-up ends it sooner): until the next retry or
+/// scheduled event is due - no notification announces those - and at most the poll interval.
+pub async fn idle_wait(
+    client: &tokio_postgres::Client,
+    poll_interval: Duration,
+    next_due_known: &mut bool,
+) -> Result<Duration, tokio_postgres::Error> {
+    if !*next_due_known {
+        return Ok(poll_interval);
+    }
+    match db::next_due_in_ms(client).await {
+        Ok(next_due) => Ok(wait_for(next_due, poll_interval)),
+        Err(e) if db::is_undefined_function(&e) => {
+            *next_due_known = false;
+            log::warn(
+                "picloud_next_due_at is missing (run ALTER EXTENSION picloud UPDATE); \
+                 retries and scheduled events may start up to one poll interval late",
+                &[],
+            );
+            Ok(poll_interval)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn wait_for(next_due_in_ms: Option<f64>, poll_interval: Duration) -> Duration {
+    match next_due_in_ms {
+        None => poll_interval,
+        Some(ms) if ms <= 0.0 || !ms.is_finite() => DUE_BUT_LOCKED_WAIT.min(poll_interval),
+        // Rounded up: waking a little early would find nothing due yet.
+        Some(ms) => Duration::from_millis(ms.ceil() as u64).min(poll_interval),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_wait_follows_the_next_due_event_within_the_poll_interval() {
+        let poll = Duration::from_millis(5000);
+        assert_eq!(wait_for(None, poll), poll);
+        assert_eq!(wait_for(Some(120.2), poll), Duration::from_millis(121));
+        assert_eq!(wait_for(Some(60_000.0), poll), poll);
+        assert_eq!(wait_for(Some(-3.0), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(wait_for(Some(0.0), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(wait_for(Some(f64::NAN), poll), DUE_BUT_LOCKED_WAIT);
+        assert_eq!(
+            wait_for(Some(-1.0), Duration::from_millis(2)),
+            Duration::from_millis(2)
+        );
+    }
+
+    #[test]
+    fn due_wait_doubles_while_nothing_can_be_taken_and_starts_over() {
+        let poll = Duration::from_millis(100);
+        let mut due = DueWait::new(Duration::from_millis(20), poll);
+        assert_eq!(
+            due.stretch(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), Duration::from_millis(20));
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), Duration::from_millis(40));
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), Duration::from_millis(80));
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), poll);
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), poll);
+        due.reset();
+        assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), Duration::from_millis(20));
+    }
+}
+
+/// The wait while events are due but none can be taken (sql lanes or other claimers hold them):
+/// each look costs a query, so it starts at `first` and doubles up to the poll interval. New
+/// work (a wake-up, a rescheduled event, a non-empty claim) starts it over.
+pub struct DueWait {
+    first: Duration,
+    next: Duration,
+    poll_interval: Duration,
+}
+
+impl DueWait {
+    pub fn new(first: Duration, poll_interval: Duration) -> DueWait {
+        DueWait {
+            first,
+            next: first,
+            poll_interval,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+
+    /// `wait` as `idle_wait` computed it, or the growing wait if that said "due already".
+    pub fn stretch(&mut self, wait: Duration) -> Duration {
+        if wait > DUE_BUT_LOCKED_WAIT {
+            return wait;
+        }
+        let stretched = self.next.min(self.poll_interval);
+        self.next = (self.next * 2).min(self.poll_interval);
+        stretched
+    }
+}
