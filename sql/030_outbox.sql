@@ -78,21 +78,19 @@ BEGIN
 END
 $$;
 
--- Enqueues one event in the caller's transaction and returns its id. It is delivered when
--- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
--- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
--- event's id and enqueues nothing.
-CREATE FUNCTION picloud.picloud_enqueue(
+-- The whole contract of picloud_enqueue (below), every error included: every call that
+-- picloud._enqueue_fast does not write comes here (internal).
+CREATE FUNCTION picloud._enqueue_general(
     p_app_id uuid,
     p_source text,
     p_op text,
     p_payload jsonb,
-    p_script_id uuid DEFAULT NULL,
-    p_trigger_id uuid DEFAULT NULL,
-    p_depth integer DEFAULT NULL,
-    p_run_at timestamptz DEFAULT NULL,
-    p_reply_to text DEFAULT NULL,
-    p_idempotency_key text DEFAULT NULL)
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -102,9 +100,9 @@ DECLARE
     v_depth integer;
     v_wake_pending boolean;
 BEGIN
-    -- This is the hottest path: each check below is a plain expression that PL/pgSQL
-    -- evaluates without running a query, and the helper that raises the precise error is
-    -- called only when a check fails.
+    -- Still a hot path (trigger ids, inboxes, idempotency keys): each check below is a plain
+    -- expression that PL/pgSQL evaluates without running a query, and the helper that raises
+    -- the precise error is called only when a check fails.
     IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payload IS NULL THEN
         PERFORM picloud._null_argument('{app_id,source,op,payload}',
             ARRAY[p_app_id IS NULL, p_source IS NULL, p_op IS NULL, p_payload IS NULL]);
@@ -120,22 +118,6 @@ BEGIN
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
-    END IF;
-    -- The common case in one statement: a handler given directly, no inbox, no idempotency
-    -- key. The handler check is the INSERT's own join, so it costs no query of its own.
-    IF p_trigger_id IS NULL AND p_script_id IS NOT NULL AND p_reply_to IS NULL
-       AND p_idempotency_key IS NULL THEN
-        INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
-        SELECT p_app_id, v_event_id, p_source, p_op, NULL, s.script_id, p_payload, v_depth,
-               coalesce(p_run_at, now()), NULL
-        FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
-        IF NOT FOUND THEN
-            PERFORM picloud._require_app(p_app_id);
-            PERFORM picloud._require_script(p_app_id, p_script_id);
-            RAISE EXCEPTION 'handler % does not exist in app %', p_script_id, p_app_id USING ERRCODE = 'P0002';
-        END IF;
-        v_wake_pending := picloud._wake_at_commit();
-        RETURN v_event_id;
     END IF;
     IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
         PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
@@ -170,6 +152,58 @@ BEGIN
     v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
+$$;
+
+-- The common case of picloud_enqueue in Rust (extension/src/api/enqueue.rs): writes the
+-- event with a kept plan and returns its id, or writes nothing and returns NULL for anything
+-- else, which picloud._enqueue_general then handles (internal).
+CREATE FUNCTION picloud._enqueue_fast(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text)
+RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
+
+-- Rewrites each planned call of picloud_enqueue into its body's expression (internal).
+CREATE FUNCTION picloud._enqueue_plan_support(internal) RETURNS internal
+LANGUAGE c STRICT
+AS 'MODULE_PATHNAME', 'picloud_enqueue_plan_support';
+
+-- Enqueues one event in the caller's transaction and returns its id. It is delivered when
+-- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
+-- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
+-- event's id and enqueues nothing.
+-- The common case costs one call of Rust and no PL/pgSQL set-up; COALESCE calls the general
+-- path only when the fast one wrote nothing. The planner support function puts this
+-- expression into the calling query without parsing the body (see api/enqueue.rs).
+CREATE FUNCTION picloud.picloud_enqueue(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid DEFAULT NULL,
+    p_trigger_id uuid DEFAULT NULL,
+    p_depth integer DEFAULT NULL,
+    p_run_at timestamptz DEFAULT NULL,
+    p_reply_to text DEFAULT NULL,
+    p_idempotency_key text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE sql VOLATILE
+SUPPORT picloud._enqueue_plan_support
+AS $$
+    SELECT coalesce(
+        picloud._enqueue_fast(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
+                              p_depth, p_run_at, p_reply_to, p_idempotency_key),
+        picloud._enqueue_general(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
+                                 p_depth, p_run_at, p_reply_to, p_idempotency_key))
 $$;
 
 -- Enqueues one event per payload, all for the same handler, in one statement. Returns the

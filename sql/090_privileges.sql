@@ -78,6 +78,8 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_payload(jsonb),
     picloud._check_event_shape(text, text),
     picloud._resolve_handler(uuid, uuid, uuid),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._check_page(integer, integer),
     picloud._wake_at_commit(),
     picloud._new_event_id(),

@@ -1,23 +1,29 @@
-//! Upgrades: a database created at the previous released version, with data in every table,
+//! Upgrades: a database created at each earlier released version, with data in every table,
 //! moved on with ALTER EXTENSION picloud UPDATE, keeps every row, ends with exactly the schema
-//! of a fresh install, and works: a real supervisor runs what was pending before the upgrade.
+//! of a fresh install, and works: a real supervisor runs what was pending before the upgrade
+//! and what is enqueued after it.
 
 use picloud_tests::*;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// The release before this one; its install script is sql/upgrades/picloud--0.1.0.sql.
-const PREVIOUS: &str = "0.1.0";
+/// The releases before this one, oldest first; each one's install script is
+/// sql/upgrades/picloud--VERSION.sql, and each has an upgrade script to the next.
+const RELEASED: [&str; 2] = ["0.1.0", "0.2.0"];
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
-/// Tables added after PREVIOUS; every other table of the current schema exists there.
-const ADDED_SINCE_PREVIOUS: [&str; 1] = ["event_counts"];
+/// Tables of the current schema that a released version does not have yet.
+fn added_since(version: &str) -> &'static [&'static str] {
+    match version {
+        "0.1.0" => &["event_counts"],
+        _ => &[],
+    }
+}
 
-fn previous_tables() -> impl Iterator<Item = &'static str> {
-    TABLES
-        .into_iter()
-        .filter(|t| !ADDED_SINCE_PREVIOUS.contains(t))
+fn tables_of(version: &str) -> impl Iterator<Item = &'static str> {
+    let added = added_since(version);
+    TABLES.into_iter().filter(move |t| !added.contains(t))
 }
 
 fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
@@ -36,9 +42,9 @@ fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every row of every table, as text, per table.
-fn contents(c: &mut postgres::Client) -> Vec<(String, i64, String)> {
-    previous_tables()
+/// Every row of every table the version has, as text, per table.
+fn contents(c: &mut postgres::Client, version: &str) -> Vec<(String, i64, String)> {
+    tables_of(version)
         .map(|t| {
             let r = c
                 .query_one(
@@ -80,18 +86,28 @@ fn difference(a: &BTreeSet<String>, b: &BTreeSet<String>) -> String {
 }
 
 #[test]
-fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
-    assert_ne!(
-        PREVIOUS, CURRENT,
-        "bump the previous version when releasing"
+fn upgrade_from_0_1_0_keeps_every_row_and_matches_a_fresh_install() {
+    upgrade_from("0.1.0");
+}
+
+#[test]
+fn upgrade_from_0_2_0_keeps_every_row_and_matches_a_fresh_install() {
+    upgrade_from("0.2.0");
+}
+
+fn upgrade_from(previous: &str) {
+    assert!(
+        !RELEASED.contains(&CURRENT),
+        "add the released version to RELEASED and freeze its install script when releasing"
     );
-    let (db, mut c) = fresh_db_at_version("upgrade", PREVIOUS);
-    assert_eq!(version(&mut c), PREVIOUS);
+    let tag = previous.replace('.', "_");
+    let (db, mut c) = fresh_db_at_version(&format!("upgrade_{tag}"), previous);
+    assert_eq!(version(&mut c), previous);
     let previous_catalog = catalog(&mut c);
 
     // Data in every table, made through the previous version's API.
     let (app, script) = ledger_app(&mut c);
-    let role = format!("upgrade_producer_{}", std::process::id());
+    let role = format!("upgrade_producer_{tag}_{}", std::process::id());
     c.batch_execute(&format!(
         "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"
     ))
@@ -169,7 +185,7 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
     .expect("abandoned");
     c.batch_execute("RESET picloud.retry_max_attempts")
         .expect("reset");
-    let before = contents(&mut c);
+    let before = contents(&mut c, previous);
     for (table, rows, _) in &before {
         assert!(*rows > 0, "table {table} has data before the upgrade");
     }
@@ -178,14 +194,14 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
         .expect("ALTER EXTENSION picloud UPDATE");
     assert_eq!(version(&mut c), CURRENT);
     assert_eq!(
-        contents(&mut c),
+        contents(&mut c, previous),
         before,
         "no row lost or changed by the upgrade"
     );
 
     // The upgraded schema is the fresh install's, object for object (definitions, columns,
     // constraints, indexes, views, policies, privileges, extension membership).
-    let (_fresh, mut f) = fresh_db("upgrade_reference");
+    let (_fresh, mut f) = fresh_db(&format!("upgrade_reference_{tag}"));
     let fresh_catalog = catalog(&mut f);
     let upgraded_catalog = catalog(&mut c);
     assert!(
@@ -204,6 +220,26 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
         &[&held_app, &held_event],
     )
     .expect("release");
+    let due_before = count(
+        &mut c,
+        "SELECT count(*) FROM picloud.outbox WHERE due_at <= now()",
+    );
+    // At least the kv event, the enqueued ones not dead-lettered and the released one.
+    assert!(due_before >= 4, "due before: {due_before}");
+    // The current enqueue path, as the owner and as a producer.
+    c.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'after-upgrade', '{}', $2)",
+        &[&app, &script],
+    )
+    .expect("enqueue after the upgrade");
+    c.batch_execute(&format!("SET ROLE {role}"))
+        .expect("set role");
+    c.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'after-upgrade', '{}', $2)",
+        &[&app, &script],
+    )
+    .expect("enqueue as a producer after the upgrade");
+    c.batch_execute("RESET ROLE").expect("reset role");
     let due: BTreeSet<Uuid> = c
         .query(
             "SELECT event_id FROM picloud.outbox WHERE due_at <= now()",
@@ -213,8 +249,11 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // emit_kv 1 + enqueue 5 - 2 dead-lettered + 1 dead-letter fan-out (source 'queue').
-    assert_eq!(due.len(), 5);
+    assert_eq!(
+        due.len() as i64,
+        due_before + 2,
+        "two enqueued after the upgrade"
+    );
     let replay: Uuid = c
         .query_one(
             "SELECT replay_event_id FROM picloud_resolve_dead_letters($1, 'replayed', p_error_contains => 'before the upgrade')",
@@ -250,7 +289,11 @@ fn upgrade_keeps_every_row_and_matches_a_fresh_install() {
         &mut c,
         "SELECT coalesce(sum(completed), 0)::bigint FROM picloud.stats",
     );
-    assert_eq!(completed, 6);
+    assert_eq!(
+        completed,
+        due.len() as i64 + 1,
+        "every due event and the replay"
+    );
     assert_eq!(
         count(
             &mut c,
@@ -277,15 +320,20 @@ fn every_upgrade_script_is_installed_beside_the_release_scripts() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![PREVIOUS.to_string(), CURRENT.to_string()]);
-    let path: Vec<String> = c
-        .query(
-            "SELECT path FROM pg_extension_update_paths('picloud') WHERE source = $1 AND target = $2",
-            &[&PREVIOUS, &CURRENT],
-        )
-        .expect("update paths")
-        .iter()
-        .filter_map(|r| r.get::<_, Option<String>>(0))
-        .collect();
-    assert_eq!(path, vec![format!("{PREVIOUS}--{CURRENT}")]);
+    let mut expected: Vec<String> = RELEASED.iter().map(|v| v.to_string()).collect();
+    expected.push(CURRENT.to_string());
+    assert_eq!(versions, expected);
+    // Each release updates to the current version through every release after it.
+    for (i, from) in RELEASED.iter().enumerate() {
+        let path: Vec<String> = c
+            .query(
+                "SELECT path FROM pg_extension_update_paths('picloud') WHERE source = $1 AND target = $2",
+                &[from, &CURRENT],
+            )
+            .expect("update paths")
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect();
+        assert_eq!(path, vec![expected[i..].join("--")], "from {from}");
+    }
 }

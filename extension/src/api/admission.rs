@@ -171,7 +171,7 @@ mod tests {
 }
 
 /// Sources an event may come from (also checked, with a precise error, by the enqueue paths).
-const EVENT_SOURCES: [&str; 7] = [
+pub const EVENT_SOURCES: [&str; 7] = [
     "kv",
     "cron",
     "pubsub",

@@ -153,6 +153,148 @@ mod tests {
         ]);
     }
 
+    /// picloud_enqueue's Rust path (api/enqueue.rs) against its general path: the same row for
+    /// the same call, the edges of every check it makes itself, a producer's call, and
+    /// nothing written by any refused call.
+    #[pg_test]
+    fn enqueue_common_case_in_rust() {
+        fixture();
+        Spi::run(
+            "CREATE TEMP TABLE pair AS SELECT
+                 picloud.picloud_enqueue(app, 'kv', 'set', '{\"a\": 1}', script, p_depth => 2,
+                     p_run_at => '2030-01-01 00:00+00') AS fast,
+                 picloud._enqueue_general(app, 'kv', 'set', '{\"a\": 1}', script, NULL, 2,
+                     '2030-01-01 00:00+00', NULL, NULL) AS general
+             FROM fx",
+        )
+        .expect("both paths");
+        let same = Spi::get_one::<bool>(
+            "SELECT (f.app_id, f.source, f.op, f.trigger_id, f.script_id, f.payload, f.depth,
+                     f.attempt_count, f.due_at, f.claimed_by, f.reply_to, f.created_at)
+                  IS NOT DISTINCT FROM (g.app_id, g.source, g.op, g.trigger_id, g.script_id, g.payload, g.depth,
+                     g.attempt_count, g.due_at, g.claimed_by, g.reply_to, g.created_at)
+                AND f.depth = 2 AND f.due_at = '2030-01-01 00:00+00'
+             FROM pair, picloud.outbox f, picloud.outbox g
+             WHERE f.event_id = pair.fast AND g.event_id = pair.general",
+        );
+        assert_eq!(same, Ok(Some(true)));
+        Spi::run(
+            "CREATE TEMP TABLE plain AS
+             SELECT picloud.picloud_enqueue(app, 'queue', 'x', '{}', script) AS id FROM fx",
+        )
+        .expect("plain enqueue");
+        let default_due = Spi::get_one::<bool>(
+            "SELECT o.due_at = now() AND o.depth = 0 FROM plain, picloud.outbox o
+             WHERE o.event_id = plain.id",
+        );
+        assert_eq!(default_due, Ok(Some(true)));
+
+        // The common case is written by the Rust path; anything else is left to the general
+        // path (NULL) with nothing written.
+        let before = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
+        let answers = Spi::get_one::<Vec<bool>>(
+            "SELECT ARRAY[
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL) IS NOT NULL,
+                 picloud._enqueue_fast(app, 'kv', 'set', '{}', NULL, trig, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, 'key') IS NULL,
+                 picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL) IS NULL]
+             FROM fx",
+        );
+        assert_eq!(answers, Ok(Some(vec![true; 6])));
+        let after = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
+        assert_eq!(after.ok().flatten(), before.ok().flatten().map(|n| n + 1));
+        // picloud_enqueue is inlined into the calling query (what makes the Rust path cheap).
+        let plan: String = Spi::connect(|c| {
+            let lines = c.select(
+                "EXPLAIN (VERBOSE, COSTS OFF) SELECT picloud.picloud_enqueue(
+                     '00000000-0000-0000-0000-000000000000', 'queue', 'x', '{}',
+                     '00000000-0000-0000-0000-000000000000')",
+                None,
+                &[],
+            )?;
+            let mut plan = String::new();
+            for line in lines {
+                plan.push_str(&line.get::<String>(1)?.unwrap_or_default());
+                plan.push('\n');
+            }
+            Ok::<_, pgrx::spi::Error>(plan)
+        })
+        .expect("explain");
+        assert!(plan.contains("COALESCE(picloud._enqueue_fast("), "{plan}");
+        // A volatile argument is evaluated once, whichever path takes the call.
+        Spi::run(
+            "CREATE TEMP SEQUENCE enqueue_seq;
+             CREATE TEMP TABLE volatile_args AS SELECT
+                 picloud.picloud_enqueue(app, 'queue', 'x',
+                     jsonb_build_object('n', nextval('enqueue_seq')), script) AS fast,
+                 picloud.picloud_enqueue(app, 'queue', 'x',
+                     jsonb_build_object('n', nextval('enqueue_seq')), script,
+                     p_idempotency_key => 'volatile') AS general
+             FROM fx",
+        )
+        .expect("volatile arguments");
+        let payloads = Spi::get_one::<Vec<i64>>(
+            "SELECT ARRAY[(f.payload->>'n')::bigint, (g.payload->>'n')::bigint, currval('enqueue_seq')]
+             FROM volatile_args v, picloud.outbox f, picloud.outbox g
+             WHERE f.event_id = v.fast AND g.event_id = v.general",
+        );
+        assert_eq!(payloads, Ok(Some(vec![1, 2, 2])));
+
+        let before = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
+        Spi::run("SET picloud.max_payload_bytes = 1024").expect("small payload limit");
+        expect(&[
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', '', '{}', {script})", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', repeat('é', 201), '{}', {script})", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'Queue', 'x', '{}', {script})", "22023"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', jsonb_build_object('b', repeat('x', 1100)), {script})", "PC004"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script}, p_depth => -1)", "22023"),
+            ("SELECT picloud.picloud_enqueue({none}, 'queue', 'x', '{}', {script})", "P0002"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {trig})", "P0002"),
+            ("SELECT picloud.picloud_enqueue(NULL, 'queue', 'x', '{}', {script})", "22004"),
+            ("SELECT picloud.picloud_enqueue({app}, NULL, 'x', '{}', {script})", "22004"),
+        ]);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox"),
+            before,
+            "refused calls write nothing"
+        );
+        expect(&[
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', repeat('é', 200), '{}', {script})", "00000"),
+            ("SELECT picloud.picloud_enqueue({app}, 'queue', 'x', jsonb_build_object('b', repeat('x', 900)), {script})", "00000"),
+            ("SELECT picloud.picloud_enqueue({app}, 'kv', 'set', '{}', p_trigger_id => {trig})", "00000"),
+        ]);
+        Spi::run("RESET picloud.max_payload_bytes").expect("reset limit");
+
+        // A producer takes the Rust path with its right checked; an outsider is refused.
+        Spi::run(
+            "CREATE ROLE enqueue_producer; CREATE ROLE enqueue_outsider;
+             GRANT picloud_user TO enqueue_outsider;
+             SELECT picloud.picloud_grant_app_role(app, 'enqueue_producer', 'producer') FROM fx;
+             GRANT SELECT ON fx TO enqueue_producer, enqueue_outsider;",
+        )
+        .expect("roles");
+        let before = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
+        Spi::run("SET ROLE enqueue_producer").expect("producer");
+        expect(&[(
+            "SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script})",
+            "00000",
+        )]);
+        Spi::run("RESET ROLE; SET ROLE enqueue_outsider").expect("outsider");
+        expect(&[(
+            "SELECT picloud.picloud_enqueue({app}, 'queue', 'x', '{}', {script})",
+            "42501",
+        )]);
+        Spi::run("RESET ROLE").expect("reset role");
+        let after = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
+        assert_eq!(
+            after.ok().flatten(),
+            before.ok().flatten().map(|n| n + 1),
+            "the producer's event and nothing else"
+        );
+    }
+
     #[pg_test]
     fn claim_complete_fail() {
         fixture();

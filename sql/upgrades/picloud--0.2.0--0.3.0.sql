@@ -1,0 +1,144 @@
+-- picloud 0.2.0 -> 0.3.0: picloud_enqueue's common case in Rust. The PL/pgSQL implementation
+-- becomes picloud._enqueue_general; picloud._enqueue_fast (Rust, a kept plan) writes the
+-- common case; picloud_enqueue is their COALESCE, put into each calling query by its planner
+-- support function.
+-- Frozen once released: later changes go in a new picloud--0.3.0--X.sql.
+\echo Use "ALTER EXTENSION picloud UPDATE TO '0.3.0'" to load this file. \quit
+
+-- The whole contract of picloud_enqueue (below), every error included: every call that
+-- picloud._enqueue_fast does not write comes here (internal).
+CREATE FUNCTION picloud._enqueue_general(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event_id uuid := picloud._new_event_id();
+    v_existing uuid;
+    v_script_id uuid := p_script_id;
+    v_depth integer;
+    v_wake_pending boolean;
+BEGIN
+    -- Still a hot path (trigger ids, inboxes, idempotency keys): each check below is a plain
+    -- expression that PL/pgSQL evaluates without running a query, and the helper that raises
+    -- the precise error is called only when a check fails.
+    IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payload IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,source,op,payload}',
+            ARRAY[p_app_id IS NULL, p_source IS NULL, p_op IS NULL, p_payload IS NULL]);
+    END IF;
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
+    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')
+       OR length(p_op) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._check_event_shape(p_source, p_op);
+    END IF;
+    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    IF v_depth < 0 THEN
+        PERFORM picloud._check_payload(p_payload);
+        v_depth := picloud._event_depth(p_depth);
+    END IF;
+    IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
+        PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+        IF NOT FOUND THEN
+            PERFORM picloud._require_app(p_app_id);
+            PERFORM picloud._require_script(p_app_id, p_script_id);
+        END IF;
+    ELSE
+        v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    END IF;
+    IF p_reply_to IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM picloud.inboxes i WHERE i.app_id = p_app_id AND i.channel = p_reply_to) THEN
+        PERFORM picloud._invalid(format('reply_to %L is not an open inbox of app %s', left(p_reply_to, 200), p_app_id),
+            'Open one with picloud_open_inbox and LISTEN on the channel it returns.');
+    END IF;
+    IF p_idempotency_key IS NOT NULL THEN
+        IF length(p_idempotency_key) NOT BETWEEN 1 AND 512 THEN
+            PERFORM picloud._invalid(format('idempotency_key must be 1 to 512 characters long, got %s', length(p_idempotency_key)));
+        END IF;
+        INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id)
+        VALUES (p_app_id, p_idempotency_key, v_event_id)
+        ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT k.event_id INTO v_existing FROM picloud.idempotency_keys k
+            WHERE k.app_id = p_app_id AND k.idempotency_key = p_idempotency_key;
+            RETURN v_existing;
+        END IF;
+    END IF;
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
+            coalesce(p_run_at, now()), p_reply_to);
+    v_wake_pending := picloud._wake_at_commit();
+    RETURN v_event_id;
+END
+$$;
+
+-- The common case of picloud_enqueue in Rust (extension/src/api/enqueue.rs): writes the
+-- event with a kept plan and returns its id, or writes nothing and returns NULL for anything
+-- else, which picloud._enqueue_general then handles (internal).
+CREATE FUNCTION picloud._enqueue_fast(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text)
+RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
+
+-- Rewrites each planned call of picloud_enqueue into its body's expression (internal).
+CREATE FUNCTION picloud._enqueue_plan_support(internal) RETURNS internal
+LANGUAGE c STRICT
+AS 'MODULE_PATHNAME', 'picloud_enqueue_plan_support';
+
+REVOKE ALL ON FUNCTION picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION picloud._enqueue_plan_support(internal) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text)
+TO picloud_user, picloud_supervisor;
+GRANT EXECUTE ON FUNCTION picloud._enqueue_plan_support(internal) TO picloud_supervisor;
+
+-- Same signature and defaults: only the implementation changes, so its grants stay.
+-- Enqueues one event in the caller's transaction and returns its id. It is delivered when
+-- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
+-- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
+-- event's id and enqueues nothing.
+-- The common case costs one call of Rust and no PL/pgSQL set-up; COALESCE calls the general
+-- path only when the fast one wrote nothing. The planner support function puts this
+-- expression into the calling query without parsing the body (see api/enqueue.rs).
+CREATE OR REPLACE FUNCTION picloud.picloud_enqueue(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid DEFAULT NULL,
+    p_trigger_id uuid DEFAULT NULL,
+    p_depth integer DEFAULT NULL,
+    p_run_at timestamptz DEFAULT NULL,
+    p_reply_to text DEFAULT NULL,
+    p_idempotency_key text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE sql VOLATILE
+SUPPORT picloud._enqueue_plan_support
+AS $$
+    SELECT coalesce(
+        picloud._enqueue_fast(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
+                              p_depth, p_run_at, p_reply_to, p_idempotency_key),
+        picloud._enqueue_general(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
+                                 p_depth, p_run_at, p_reply_to, p_idempotency_key))
+$$;
