@@ -54,6 +54,56 @@ BEGIN
 END
 $$;
 
+-- One round trip per batch: locks like picloud_lock_sql_lane and readies the batch for
+-- picloud_run_sql_lane_locked, so that a supervisor can send BEGIN, this, the run and COMMIT
+-- together. The batch's row addresses and ids are kept in transaction-local settings
+-- (picloud.sql_lane_row_tids, picloud.sql_lane_event_ids), and statement_timeout is set for the
+-- rest of the transaction to the shortest timeout among the batch's handlers: the next
+-- statement, the run, is bounded by it as the separate SET LOCAL used to bound it.
+CREATE FUNCTION picloud.picloud_lock_sql_lane_for_run(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_app_ids uuid[];
+    v_event_ids uuid[];
+    v_row_tids tid[];
+    v_timeouts integer[];
+    v_shortest integer;
+BEGIN
+    SELECT array_agg(l.app_id), array_agg(l.event_id), array_agg(l.row_tid), array_agg(l.timeout_ms),
+           min(coalesce(l.timeout_ms, 30000))
+    INTO v_app_ids, v_event_ids, v_row_tids, v_timeouts, v_shortest
+    FROM picloud.picloud_lock_sql_lane(p_batch) l;
+    PERFORM set_config('picloud.sql_lane_row_tids', coalesce(v_row_tids::text, ''), true);
+    PERFORM set_config('picloud.sql_lane_event_ids', coalesce(v_event_ids::text, ''), true);
+    IF v_shortest IS NOT NULL THEN
+        PERFORM set_config('statement_timeout', greatest(v_shortest, 1)::text, true);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_app_ids, v_event_ids, v_row_tids, v_timeouts);
+END
+$$;
+
+-- Runs the batch picloud_lock_sql_lane_for_run locked earlier in this transaction (nothing if
+-- it locked none), as picloud_run_sql_lane would, and forgets it.
+CREATE FUNCTION picloud.picloud_run_sql_lane_locked()
+RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row_tids text := coalesce(current_setting('picloud.sql_lane_row_tids', true), '');
+    v_event_ids text := coalesce(current_setting('picloud.sql_lane_event_ids', true), '');
+BEGIN
+    IF v_row_tids = '' THEN
+        RETURN QUERY SELECT 0, '{}'::uuid[], '{}'::uuid[];
+        RETURN;
+    END IF;
+    PERFORM set_config('picloud.sql_lane_row_tids', '', true);
+    PERFORM set_config('picloud.sql_lane_event_ids', '', true);
+    RETURN QUERY SELECT * FROM picloud.picloud_run_sql_lane(v_event_ids::uuid[], v_row_tids::tid[]);
+END
+$$;
+
 -- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
 -- their handlers receive, with their ids and addresses in the same order. A TID scan finds
 -- them. An address still holds the event the lane locked: the lock keeps the row from being

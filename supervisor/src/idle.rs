@@ -45,6 +45,39 @@ fn wait_for(next_due_in_ms: Option<f64>, poll_interval: Duration) -> Duration {
     }
 }
 
+/// The wait while events are due but none can be taken (sql lanes or other claimers hold them):
+/// each look costs a query, so it starts at `first` and doubles up to the poll interval. New
+/// work (a wake-up, a rescheduled event, a non-empty claim) starts it over.
+pub struct DueWait {
+    first: Duration,
+    next: Duration,
+    poll_interval: Duration,
+}
+
+impl DueWait {
+    pub fn new(first: Duration, poll_interval: Duration) -> DueWait {
+        DueWait {
+            first,
+            next: first,
+            poll_interval,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+
+    /// `wait` as `idle_wait` computed it, or the growing wait if that said "due already".
+    pub fn stretch(&mut self, wait: Duration) -> Duration {
+        if wait > DUE_BUT_LOCKED_WAIT {
+            return wait;
+        }
+        let stretched = self.next.min(self.poll_interval);
+        self.next = (self.next * 2).min(self.poll_interval);
+        stretched
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,38 +112,5 @@ mod tests {
         assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), poll);
         due.reset();
         assert_eq!(due.stretch(DUE_BUT_LOCKED_WAIT), Duration::from_millis(20));
-    }
-}
-
-/// The wait while events are due but none can be taken (sql lanes or other claimers hold them):
-/// each look costs a query, so it starts at `first` and doubles up to the poll interval. New
-/// work (a wake-up, a rescheduled event, a non-empty claim) starts it over.
-pub struct DueWait {
-    first: Duration,
-    next: Duration,
-    poll_interval: Duration,
-}
-
-impl DueWait {
-    pub fn new(first: Duration, poll_interval: Duration) -> DueWait {
-        DueWait {
-            first,
-            next: first,
-            poll_interval,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.first;
-    }
-
-    /// `wait` as `idle_wait` computed it, or the growing wait if that said "due already".
-    pub fn stretch(&mut self, wait: Duration) -> Duration {
-        if wait > DUE_BUT_LOCKED_WAIT {
-            return wait;
-        }
-        let stretched = self.next.min(self.poll_interval);
-        self.next = (self.next * 2).min(self.poll_interval);
-        stretched
     }
 }

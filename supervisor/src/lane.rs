@@ -121,7 +121,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
 async fn lane_available(client: &Client) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT to_regprocedure('picloud.picloud_lock_sql_lane(integer)') IS NOT NULL",
+            "SELECT to_regprocedure('picloud.picloud_run_sql_lane_locked()') IS NOT NULL",
             &[],
         )
         .await?;
@@ -227,7 +227,7 @@ async fn lane_loop(
 }
 
 /// The lane's two statements, prepared once per connection: a prepared statement goes out as
-/// soon as it is asked for, which is what lets the lane pipeline its round trips.
+/// soon as it is asked for, which is what lets the lane send a whole batch at once.
 struct Statements {
     lock: Statement,
     run: Statement,
@@ -237,15 +237,12 @@ impl Statements {
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
             lock: client
-                .prepare(
-                    "SELECT app_id, event_id, row_tid::text, timeout_ms \
-                     FROM picloud.picloud_lock_sql_lane($1)",
-                )
+                .prepare("SELECT app_id, event_id FROM picloud.picloud_lock_sql_lane_for_run($1)")
                 .await?,
             run: client
                 .prepare(
                     "SELECT ran, left_app_ids, left_event_ids \
-                     FROM picloud.picloud_run_sql_lane($1, $2::text[]::tid[])",
+                     FROM picloud.picloud_run_sql_lane_locked()",
                 )
                 .await?,
         })
@@ -265,77 +262,53 @@ async fn run_batch(
         event_ids: Vec::new(),
     };
     let started = Instant::now();
-    // Statements are pipelined (sent together, answered in order) to save round trips.
-    // Prepared statements are sent at once when first polled, so the order holds.
+    // One round trip: BEGIN, lock, run and COMMIT are sent together and answered in order
+    // (prepared statements and simple queries go out when first polled, and join! polls them
+    // in this order). The lock arms the run: it remembers the batch and sets the statement
+    // timeout for the rest of the transaction to the shortest timeout among the batch's
+    // handlers, so the whole batch must finish within it and no handler runs longer than its
+    // own timeout allows; a batch that needs more is rolled back and its events run one by one,
+    // each under its own timeout. If anything fails, the statements after it find the
+    // transaction aborted and the COMMIT ends it as a rollback.
     let batch_size = batch as i32;
     let lock_params: [&(dyn ToSql + Sync); 1] = [&batch_size];
-    let begun = tokio::try_join!(
+    let no_params: [&(dyn ToSql + Sync); 0] = [];
+    let (begun, lock, run, committed) = tokio::join!(
         client.batch_execute("BEGIN"),
-        client.query(&statements.lock, &lock_params)
+        client.query(&statements.lock, &lock_params),
+        client.query_one(&statements.run, &no_params),
+        client.batch_execute("COMMIT")
     );
-    let rows = match begun {
-        Ok(((), rows)) => rows,
-        Err(e) => return Err((nothing(), rollback(client, &e).await)),
+    let rows = match (begun, lock) {
+        (Ok(()), Ok(rows)) => rows,
+        (Err(e), _) | (_, Err(e)) => return Err((nothing(), rollback(client, &e).await)),
     };
+    // What the batch locked: if it did not commit, these go the ordinary way. A row that cannot
+    // be read is left out here; its event either ran and was deleted, or stays in the queue for
+    // the next batch or claim.
     let mut locked = Locked {
         app_ids: Vec::with_capacity(rows.len()),
         event_ids: Vec::with_capacity(rows.len()),
     };
-    let mut tids: Vec<String> = Vec::with_capacity(rows.len());
-    let mut timeout_ms: i32 = i32::MAX;
     for row in &rows {
-        let parsed = (
-            row.try_get::<_, Uuid>(0),
-            row.try_get::<_, Uuid>(1),
-            row.try_get::<_, String>(2),
-            row.try_get::<_, Option<i32>>(3),
-        );
-        match parsed {
-            (Ok(app), Ok(event), Ok(tid), Ok(timeout)) => {
-                locked.app_ids.push(app);
-                locked.event_ids.push(event);
-                tids.push(tid);
-                timeout_ms = timeout_ms.min(timeout.unwrap_or(30_000));
-            }
-            _ => {
-                // Unlock what was locked; the events read so far leave the lane, the rest stay
-                // in the queue for the next batch or claim.
-                let error = match client.batch_execute("ROLLBACK").await {
-                    Ok(()) => BatchError::Refused("a locked row could not be read".to_owned()),
-                    Err(e) => BatchError::Broken(db::error_text(&e)),
-                };
-                return Err((locked, error));
-            }
+        if let (Ok(app), Ok(event)) = (row.try_get::<_, Uuid>(0), row.try_get::<_, Uuid>(1)) {
+            locked.app_ids.push(app);
+            locked.event_ids.push(event);
         }
     }
-    if locked.event_ids.is_empty() {
-        if let Err(e) = client.batch_execute("COMMIT").await {
-            return Err((nothing(), classify(client, &e)));
+    let row = match (run, committed) {
+        (Ok(row), Ok(())) => row,
+        (Err(e), _) | (_, Err(e)) => {
+            let error = rollback(client, &e).await;
+            return Err((locked, error));
         }
+    };
+    if rows.is_empty() {
         return Ok(Ran {
             locked: 0,
             left: nothing(),
         });
     }
-    // The whole batch must finish within the shortest timeout among its handlers, so no
-    // handler runs longer than its own timeout allows; a batch that needs more is rolled back
-    // and its events run one by one, each under its own timeout.
-    // If the run fails, the pipelined COMMIT finds the transaction aborted and ends it as a
-    // rollback; the ROLLBACK below is then a harmless no-op.
-    let set_timeout = format!("SET LOCAL statement_timeout = {}", timeout_ms.max(1));
-    let run_params: [&(dyn ToSql + Sync); 2] = [&locked.event_ids, &tids];
-    let run = tokio::try_join!(
-        client.batch_execute(&set_timeout),
-        client.query_one(&statements.run, &run_params),
-        client.batch_execute("COMMIT")
-    );
-    let row = match run {
-        Ok(((), row, ())) => row,
-        Err(e) => {
-            let error = rollback(client, &e).await;
-            return Err((locked, error));
-        }
-    };
     let (ran, left) = match (
         row.try_get::<_, i32>(0),
         row.try_get::<_, Vec<Uuid>>(1),

@@ -995,6 +995,19 @@ fn specs() -> Vec<Spec> {
             },
         },
         Spec {
+            func: "picloud_lock_sql_lane_for_run",
+            kind: Kind::Supervisor,
+            build: |t, _, app| {
+                t.event(app);
+                call("SELECT count(*)::text FROM picloud.picloud_lock_sql_lane_for_run(100)")
+            },
+        },
+        Spec {
+            func: "picloud_run_sql_lane_locked",
+            kind: Kind::Supervisor,
+            build: |_, _, _| call("SELECT picloud.picloud_run_sql_lane_locked()::text"),
+        },
+        Spec {
             func: "picloud_claim_events",
             kind: Kind::Supervisor,
             build: |t, _, app| {

@@ -386,6 +386,64 @@ mod tests {
         assert_eq!(claimed, Ok(Some(1)));
     }
 
+    /// The one-round-trip pair: the lock remembers its batch and bounds the rest of the
+    /// transaction by the shortest handler timeout; the run takes exactly that batch.
+    #[pg_test]
+    fn sql_lane_in_one_round_trip() {
+        fixture();
+        expect(&[
+            (
+                "SELECT * FROM picloud.picloud_lock_sql_lane_for_run(0)",
+                "22023",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_lock_sql_lane_for_run(NULL)",
+                "22004",
+            ),
+        ]);
+        // Nothing locked yet in this transaction: the run does nothing.
+        let idle = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
+        assert_eq!(idle, Ok(Some(0)));
+        Spi::run(
+            "CREATE TABLE lane_seen (event_id uuid);
+             CREATE FUNCTION public.lane_handler(e jsonb) RETURNS void LANGUAGE sql AS $$
+                 INSERT INTO lane_seen VALUES ((e->>'event_id')::uuid) $$;
+             UPDATE fx SET script = picloud.picloud_create_script(app, 'lane', 'sql', 'public.lane_handler', 7000);
+             SELECT picloud.picloud_create_script(app, 'slow', 'sql', 'public.lane_handler', 9000) FROM fx;
+             SELECT picloud.picloud_enqueue(app, 'queue', 'x', '{}', script) FROM fx, generate_series(1, 3);
+             SET LOCAL statement_timeout = 0;
+             CREATE TEMP TABLE lane_locked AS SELECT * FROM picloud.picloud_lock_sql_lane_for_run(10);",
+        )
+        .expect("lane fixture");
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM lane_locked"),
+            Ok(Some(3))
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT current_setting('statement_timeout')"),
+            Ok(Some("7s".to_string())),
+            "the shortest timeout of the locked batch"
+        );
+        let ran = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
+        assert_eq!(ran, Ok(Some(3)));
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM lane_seen s JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(3))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM picloud.outbox o JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(0))
+        );
+        // The batch is forgotten once run: a second run does nothing.
+        let again = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
+        assert_eq!(again, Ok(Some(0)));
+        Spi::run("SET LOCAL statement_timeout = 0").expect("reset timeout");
+    }
+
     #[pg_test]
     fn batched_sql_handlers() {
         fixture();
