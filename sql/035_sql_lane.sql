@@ -108,13 +108,17 @@ $$;
 -- their handlers receive, with their ids and addresses in the same order. A TID scan finds
 -- them. An address still holds the event the lane locked: the lock keeps the row from being
 -- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
--- (The planner's cost model would rather read the whole table than fetch a few hundred rows
--- by address; the setting is local to this function, and no handler runs in it.)
+-- (The planner's cost model would rather read the whole table, or walk the whole due index
+-- testing every row against the list, than fetch a few hundred rows by address: the second
+-- makes draining a queue of n events cost n^2 row visits. So only the TID scan is left to it;
+-- the settings are local to this function, and no handler runs in it.)
 CREATE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
 RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
                event_ids uuid[], row_tids tid[], events jsonb[])
 LANGUAGE sql STABLE
 SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
 SET jit = off
 AS $$
     SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
@@ -135,6 +139,8 @@ $$;
 CREATE FUNCTION picloud._sql_lane_complete(p_row_tids tid[]) RETURNS integer
 LANGUAGE plpgsql
 SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
 SET jit = off
 AS $$
 DECLARE

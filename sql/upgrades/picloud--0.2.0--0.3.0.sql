@@ -1,7 +1,8 @@
 -- picloud 0.2.0 -> 0.3.0: picloud_enqueue's common case in Rust. The PL/pgSQL implementation
 -- becomes picloud._enqueue_general; picloud._enqueue_fast (Rust, a kept plan) writes the
 -- common case; picloud_enqueue is their COALESCE, put into each calling query by its planner
--- support function. SQL lanes lock, run and commit a batch in one round trip.
+-- support function. SQL lanes lock, run and commit a batch in one round trip, and find their
+-- rows by TID scan only (the planner chose a walk of the whole due index per batch).
 -- Frozen once released: later changes go in a new picloud--0.3.0--X.sql.
 \echo Use "ALTER EXTENSION picloud UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -198,3 +199,67 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_lock_sql_lane_for_run(integer),
     picloud.picloud_run_sql_lane_locked()
 TO picloud_supervisor;
+
+-- Same functions, planner settings that leave only the TID scan (see 035_sql_lane.sql).
+-- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
+-- their handlers receive, with their ids and addresses in the same order. A TID scan finds
+-- them. An address still holds the event the lane locked: the lock keeps the row from being
+-- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
+-- (The planner's cost model would rather read the whole table, or walk the whole due index
+-- testing every row against the list, than fetch a few hundred rows by address: the second
+-- makes draining a queue of n events cost n^2 row visits. So only the TID scan is left to it;
+-- the settings are local to this function, and no handler runs in it.)
+CREATE OR REPLACE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
+RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
+               event_ids uuid[], row_tids tid[], events jsonb[])
+LANGUAGE sql STABLE
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+    SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
+           array_agg(o.event_id),
+           array_agg(o.ctid),
+           array_agg(jsonb_build_object(
+               'event_id', o.event_id, 'app_id', o.app_id, 'source', o.source, 'op', o.op,
+               'payload', o.payload, 'depth', o.depth, 'attempt', 1,
+               'trigger_id', o.trigger_id, 'script_id', o.script_id))
+    FROM picloud.outbox o
+    WHERE o.ctid = ANY(p_row_tids)
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
+$$;
+
+-- Deletes the lane's events at the given addresses once their handlers ran and counts them as
+-- completed; returns how many. Same TID scan as above.
+CREATE OR REPLACE FUNCTION picloud._sql_lane_complete(p_row_tids tid[]) RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+DECLARE
+    v_apps uuid[];
+    v_sources text[];
+    v_counts integer[];
+    v_deleted integer := 0;
+BEGIN
+    WITH done AS (
+        DELETE FROM picloud.outbox o
+        WHERE o.ctid = ANY(p_row_tids)
+          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+        RETURNING o.app_id, o.source
+    ), counted AS (
+        SELECT d.app_id, d.source, count(*)::integer AS n FROM done d GROUP BY d.app_id, d.source
+    )
+    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n)
+    INTO v_apps, v_sources, v_counts FROM counted c;
+    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
+        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
+        v_deleted := v_deleted + v_counts[i];
+    END LOOP;
+    RETURN v_deleted;
+END
+$$;
