@@ -124,10 +124,8 @@ AS $$
     SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
            array_agg(o.event_id),
            array_agg(o.ctid),
-           array_agg(jsonb_build_object(
-               'event_id', o.event_id, 'app_id', o.app_id, 'source', o.source, 'op', o.op,
-               'payload', o.payload, 'depth', o.depth, 'attempt', 1,
-               'trigger_id', o.trigger_id, 'script_id', o.script_id))
+           array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
+                                          o.depth, 1, o.trigger_id, o.script_id))
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL

@@ -164,7 +164,7 @@ unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
 ///
 /// # Safety
 /// `value` must be a non-null text datum.
-unsafe fn text_bytes<'a>(value: pg_sys::Datum) -> &'a [u8] {
+pub(crate) unsafe fn text_bytes<'a>(value: pg_sys::Datum) -> &'a [u8] {
     let text: *mut pg_sys::varlena = value.cast_mut_ptr();
     // SAFETY: a text datum is a varlena; detoasting copies into the current memory context,
     // which lives for this function call.

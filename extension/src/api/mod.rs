@@ -4,6 +4,7 @@ pub mod access;
 pub mod admission;
 pub mod backends;
 pub mod enqueue;
+pub mod event_json;
 pub mod matching;
 pub mod principal;
 mod sql_api_tests;
