@@ -24,6 +24,13 @@ LANGUAGE plpgsql
 -- A backlog makes the planner's estimates large enough to JIT-compile this small query,
 -- which costs more than running it.
 SET jit = off
+-- The same index-ordered scan as picloud_claim (outbox_due_idx) must drive the plan: a hash
+-- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
+-- off (only inside this function, where no handler runs) the handler is looked up in a nested
+-- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_sort = off
 AS $$
 DECLARE
     v_locked integer;
@@ -32,22 +39,19 @@ BEGIN
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
         PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
     END IF;
-    -- The same index-ordered scan as picloud_claim (outbox_due_idx); the handler is looked up
-    -- per row so the plan cannot turn into a join that sorts the whole backlog. The scan passes
-    -- over other events to find lane events wherever they are in the queue; a lane that finds
-    -- none waits longer and longer before looking again (see supervisor/src/lane.rs).
+    -- The scan passes over other events to find lane events wherever they are in the queue; a
+    -- lane that finds none waits longer and longer before looking again (see
+    -- supervisor/src/lane.rs).
     RETURN QUERY
-    SELECT o.app_id, o.event_id, o.ctid,
-           (SELECT s.timeout_ms FROM picloud.scripts s
-            WHERE s.app_id = o.app_id AND s.script_id = o.script_id)
+    SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
     FROM picloud.outbox o
+    JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
     WHERE o.claimed_by IS NULL AND o.due_at <= now()
       AND o.attempt_count = 0 AND o.reply_to IS NULL
-      AND (SELECT s.kind FROM picloud.scripts s
-           WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql'
+      AND s.kind = 'sql'
     ORDER BY o.due_at
     LIMIT p_batch
-    FOR UPDATE SKIP LOCKED;
+    FOR UPDATE OF o SKIP LOCKED;
     GET DIAGNOSTICS v_locked = ROW_COUNT;
     -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
     PERFORM picloud._note_claim(v_locked);

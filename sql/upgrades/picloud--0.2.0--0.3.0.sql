@@ -3,7 +3,8 @@
 -- common case; picloud_enqueue is their COALESCE, put into each calling query by its planner
 -- support function. SQL lanes lock, run and commit a batch in one round trip, and find their
 -- rows by TID scan only (the planner chose a walk of the whole due index per batch).
--- The event document handlers receive is built in Rust.
+-- The event document handlers receive is built in Rust. The lane's lock looks each handler up
+-- once per batch.
 -- Frozen once released: later changes go in a new picloud--0.3.0--X.sql.
 \echo Use "ALTER EXTENSION picloud UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -281,5 +282,49 @@ BEGIN
         v_deleted := v_deleted + v_counts[i];
     END LOOP;
     RETURN v_deleted;
+END
+$$;
+
+-- The lane's lock looks each handler up once per batch (memoized nested loop), not per event.
+-- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
+-- transaction, and returns them with their row address (valid while the lock is held: the
+-- lane never updates a locked row) and their handler's timeout.
+CREATE OR REPLACE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+-- A backlog makes the planner's estimates large enough to JIT-compile this small query,
+-- which costs more than running it.
+SET jit = off
+-- The same index-ordered scan as picloud_claim (outbox_due_idx) must drive the plan: a hash
+-- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
+-- off (only inside this function, where no handler runs) the handler is looked up in a nested
+-- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_sort = off
+AS $$
+DECLARE
+    v_locked integer;
+BEGIN
+    IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    -- The scan passes over other events to find lane events wherever they are in the queue; a
+    -- lane that finds none waits longer and longer before looking again (see
+    -- supervisor/src/lane.rs).
+    RETURN QUERY
+    SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+    FROM picloud.outbox o
+    JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+    WHERE o.claimed_by IS NULL AND o.due_at <= now()
+      AND o.attempt_count = 0 AND o.reply_to IS NULL
+      AND s.kind = 'sql'
+    ORDER BY o.due_at
+    LIMIT p_batch
+    FOR UPDATE OF o SKIP LOCKED;
+    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
+    PERFORM picloud._note_claim(v_locked);
 END
 $$;
