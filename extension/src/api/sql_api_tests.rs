@@ -318,6 +318,22 @@ mod tests {
         ]);
     }
 
+    /// Every event in `lane_locked` ran its handler (a row in `lane_seen`) and left the outbox.
+    fn assert_locked_batch_ran(expected: i64) {
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM lane_seen s JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(expected))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM picloud.outbox o JOIN lane_locked l USING (event_id)"
+            ),
+            Ok(Some(0))
+        );
+    }
+
     #[pg_test]
     fn sql_lanes() {
         fixture();
@@ -365,18 +381,7 @@ mod tests {
                  (SELECT array_agg(event_id) FROM lane_locked), (SELECT array_agg(row_tid) FROM lane_locked))",
         );
         assert_eq!(ran, Ok(Some(3)));
-        assert_eq!(
-            Spi::get_one::<i64>(
-                "SELECT count(*) FROM lane_seen s JOIN lane_locked l USING (event_id)"
-            ),
-            Ok(Some(3))
-        );
-        assert_eq!(
-            Spi::get_one::<i64>(
-                "SELECT count(*) FROM picloud.outbox o JOIN lane_locked l USING (event_id)"
-            ),
-            Ok(Some(0))
-        );
+        assert_locked_batch_ran(3);
         // Claiming by id takes an unclaimed event and counts its attempt.
         Spi::run("UPDATE fx SET ev = picloud.picloud_enqueue(app, 'queue', 'x', '{}', script)")
             .expect("one more event");
@@ -426,18 +431,7 @@ mod tests {
         );
         let ran = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
         assert_eq!(ran, Ok(Some(3)));
-        assert_eq!(
-            Spi::get_one::<i64>(
-                "SELECT count(*) FROM lane_seen s JOIN lane_locked l USING (event_id)"
-            ),
-            Ok(Some(3))
-        );
-        assert_eq!(
-            Spi::get_one::<i64>(
-                "SELECT count(*) FROM picloud.outbox o JOIN lane_locked l USING (event_id)"
-            ),
-            Ok(Some(0))
-        );
+        assert_locked_batch_ran(3);
         // The batch is forgotten once run: a second run does nothing.
         let again = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
         assert_eq!(again, Ok(Some(0)));
