@@ -337,3 +337,44 @@ fn every_upgrade_script_is_installed_beside_the_release_scripts() {
         assert_eq!(path, vec![expected[i..].join("--")], "from {from}");
     }
 }
+
+/// Between installing a new version and ALTER EXTENSION UPDATE, the current supervisor runs a
+/// database still at the previous release: without sql lanes (it says so and why), every event
+/// through claims, each exactly once.
+#[test]
+fn current_supervisor_runs_a_database_not_yet_updated() {
+    let previous = RELEASED[RELEASED.len() - 1];
+    let (db, mut c) = fresh_db_at_version("not_updated", previous);
+    assert_eq!(version(&mut c), previous);
+    let (app, script) = ledger_app(&mut c);
+    c.execute(
+        "SELECT count(*) FROM generate_series(1, 50) g,
+             LATERAL picloud_enqueue($1, 'queue', 'op', jsonb_build_object('i', g), $2) e",
+        &[&app, &script],
+    )
+    .expect("enqueue at the previous release");
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "200"]);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox"
+        ) == 0),
+        "events did not run; log: {}",
+        sup.log()
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM ledger"),
+        50
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM ledger"),
+        50,
+        "once each"
+    );
+    assert!(
+        sup.log().contains("has no sql lanes"),
+        "the supervisor says why it runs without lanes; log: {}",
+        sup.log()
+    );
+    assert_eq!(version(&mut c), previous, "nothing updated the schema");
+}
