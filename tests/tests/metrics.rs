@@ -142,16 +142,18 @@ fn metrics_count_a_run_of_successes_and_failures() {
             "log: {}",
             sup.log()
         );
-        let after = scrape(port);
-        let claimed = sql(&after, "picloud_events_claimed_total");
-        let completed = sql(&after, "picloud_events_completed_total");
+        // The supervisor counts a batch once it has read the COMMIT's answer, which can be a
+        // moment after the ledger rows became visible here.
+        let (mut claimed, mut completed) = (previous_claimed, previous_completed);
+        let counted = eventually(Duration::from_secs(5), || {
+            let after = scrape(port);
+            claimed = sql(&after, "picloud_events_claimed_total");
+            completed = sql(&after, "picloud_events_completed_total");
+            claimed > previous_claimed && completed > previous_completed
+        });
         assert!(
-            claimed > previous_claimed,
-            "wave {wave}: claimed {claimed} after {previous_claimed}"
-        );
-        assert!(
-            completed > previous_completed,
-            "wave {wave}: completed {completed} after {previous_completed}"
+            counted,
+            "wave {wave}: claimed {claimed} after {previous_claimed}, completed {completed} after {previous_completed}"
         );
         previous_claimed = claimed;
         previous_completed = completed;
