@@ -24,6 +24,7 @@
 //! (`plan_support` below) that builds the COALESCE expression directly from the call's
 //! arguments, the same expression inlining would produce.
 
+use crate::api::raw::{self, finfo_v1, text_bytes};
 use crate::api::{access, admission, wake};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -101,12 +102,7 @@ impl Arg {
     }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_picloud_enqueue_fast() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+finfo_v1!(pg_finfo_picloud_enqueue_fast);
 
 /// `picloud._enqueue_fast(...)`, declared in sql/030_outbox.sql with picloud_enqueue's
 /// arguments: the new event's id, or NULL when it wrote nothing (see the module comment).
@@ -134,22 +130,12 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_fast(
 /// # Safety
 /// `fcinfo` must be valid.
 unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
-    // SAFETY: fcinfo is valid; nargs tells how many entries `args` has.
-    let nargs = usize::try_from(unsafe { (*fcinfo).nargs }).unwrap_or(0);
-    if nargs != ARGS {
-        // Only a hand-made declaration with another signature could get here.
-        ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
-            format!("picloud_enqueue_fast expects {ARGS} arguments, got {nargs}")
-        );
-    }
+    // SAFETY: fcinfo is valid.
+    let passed = unsafe { raw::arguments(fcinfo, ARGS, "picloud._enqueue_fast") };
     let mut args = [Arg {
         value: pg_sys::Datum::from(0),
         is_null: true,
     }; ARGS];
-    // SAFETY: `args` is a flexible array member with `nargs` entries.
-    let passed = unsafe { (*fcinfo).args.as_slice(nargs) };
     for (arg, given) in args.iter_mut().zip(passed) {
         *arg = Arg {
             value: given.value,
@@ -157,34 +143,6 @@ unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
         };
     }
     args
-}
-
-/// The bytes of a text argument, detoasted only if it is stored compressed or out of line
-/// (an argument written in the query, the common case, is neither).
-///
-/// # Safety
-/// `value` must be a non-null text datum.
-pub(crate) unsafe fn text_bytes<'a>(value: pg_sys::Datum) -> &'a [u8] {
-    let text: *mut pg_sys::varlena = value.cast_mut_ptr();
-    // SAFETY: a text datum is a varlena; detoasting copies into the current memory context,
-    // which lives for this function call.
-    unsafe {
-        if is_inline_uncompressed(text) {
-            pgrx::varlena::varlena_to_byte_slice(text)
-        } else {
-            pgrx::varlena::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(text))
-        }
-    }
-}
-
-/// Is this varlena's data right here and uncompressed?
-///
-/// # Safety
-/// `value` must point to a varlena.
-unsafe fn is_inline_uncompressed(value: *const pg_sys::varlena) -> bool {
-    use pgrx::varlena::{varatt_is_1b, varatt_is_1b_e, varatt_is_4b_u};
-    // SAFETY: reads the varlena's header only.
-    unsafe { varatt_is_4b_u(value) || (varatt_is_1b(value) && !varatt_is_1b_e(value)) }
 }
 
 /// The payload's size as `pg_column_size` reports it.
@@ -347,12 +305,7 @@ unsafe fn kept_plan(
 /// picloud's schema (the extension is not relocatable).
 const SCHEMA: &CStr = c"picloud";
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_picloud_enqueue_plan_support() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+finfo_v1!(pg_finfo_picloud_enqueue_plan_support);
 
 /// `picloud._enqueue_plan_support(internal)`, the planner support function of
 /// `picloud_enqueue`: answers a simplification request with
@@ -369,8 +322,9 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_plan_support(
 ) -> pg_sys::Datum {
     // SAFETY: the function is declared STRICT with one `internal` argument, a Node pointer.
     let request: *mut pg_sys::Node = unsafe {
-        let arg = (*fcinfo).args.as_slice(1)[0];
-        arg.value.cast_mut_ptr()
+        raw::arguments(fcinfo, 1, "picloud._enqueue_plan_support")[0]
+            .value
+            .cast_mut_ptr()
     };
     // SAFETY: every support request is a Node; only a simplification request is read further.
     let rewritten = unsafe {

@@ -8,7 +8,7 @@
 //! `jsonb_build_object('event_id', .., 'app_id', .., 'source', .., 'op', .., 'payload', ..,
 //! 'depth', .., 'attempt', .., 'trigger_id', .., 'script_id', ..)` (tested).
 
-use crate::api::enqueue::text_bytes;
+use crate::api::raw::{self, finfo_v1, text_bytes};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -23,12 +23,7 @@ const TRIGGER_ID: usize = 7;
 const SCRIPT_ID: usize = 8;
 const ARGS: usize = 9;
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_picloud_event_jsonb() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+finfo_v1!(pg_finfo_picloud_event_jsonb);
 
 /// `picloud._event_jsonb(event_id uuid, app_id uuid, source text, op text, payload jsonb,
 /// depth integer, attempt integer, trigger_id uuid, script_id uuid) RETURNS jsonb`, declared in
@@ -41,18 +36,8 @@ pub extern "C" fn pg_finfo_picloud_event_jsonb() -> &'static pg_sys::Pg_finfo_re
 pub unsafe extern "C-unwind" fn picloud_event_jsonb(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: fcinfo is valid; the declaration has exactly ARGS arguments.
-    let args = unsafe {
-        let nargs = usize::try_from((*fcinfo).nargs).unwrap_or(0);
-        if nargs != ARGS {
-            ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
-                format!("picloud_event_jsonb expects {ARGS} arguments, got {nargs}")
-            );
-        }
-        (*fcinfo).args.as_slice(nargs)
-    };
+    // SAFETY: fcinfo is valid.
+    let args = unsafe { raw::arguments(fcinfo, ARGS, "picloud._event_jsonb") };
     let arg = |i: usize| (!args[i].isnull).then_some(args[i].value);
     let mut doc = Builder::new();
     // SAFETY: each argument carries the declared SQL type.

@@ -7,5 +7,6 @@ pub mod enqueue;
 pub mod event_json;
 pub mod matching;
 pub mod principal;
+pub mod raw;
 mod sql_api_tests;
 pub mod wake;
