@@ -66,9 +66,7 @@ $$;
 -- statement, the run, is bounded by it as the separate SET LOCAL used to bound it.
 CREATE FUNCTION picloud.picloud_lock_sql_lane_for_run(p_batch integer)
 RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
-LANGUAGE plpgsql
-SET jit = off
-AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v_app_ids uuid[];
     v_event_ids uuid[];

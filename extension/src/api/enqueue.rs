@@ -145,23 +145,6 @@ unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
     args
 }
 
-/// The payload's size as `pg_column_size` reports it.
-///
-/// # Safety
-/// `value` must be a non-null jsonb (varlena) datum.
-unsafe fn payload_size(value: pg_sys::Datum) -> usize {
-    let payload: *const pg_sys::varlena = value.cast_mut_ptr();
-    // SAFETY: for a varlena that is not stored out of line, its size is in its header, which is
-    // what toast_datum_size would read; only an out-of-line one needs the call.
-    unsafe {
-        if pgrx::varlena::varatt_is_1b_e(payload) {
-            pg_sys::toast_datum_size(value)
-        } else {
-            pgrx::varlena::varsize_any(payload)
-        }
-    }
-}
-
 /// Is this op 1 to 200 characters long (as `length()` counts them in the database encoding)?
 fn op_length_valid(op: &[u8]) -> bool {
     if op.is_empty() || op.len() > MAX_OP_BYTES {
@@ -193,8 +176,8 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     {
         return None;
     }
-    // SAFETY: PAYLOAD is a non-null jsonb datum.
-    let payload_bytes = unsafe { payload_size(args[PAYLOAD].value) };
+    // SAFETY: PAYLOAD is a non-null jsonb (varlena) datum; this is what pg_column_size reports.
+    let payload_bytes = unsafe { pg_sys::toast_datum_size(args[PAYLOAD].value) };
     let requested_depth = if args[DEPTH].is_null {
         None
     } else {
@@ -357,7 +340,12 @@ unsafe fn simplify(call: *mut pg_sys::FuncExpr) -> *mut pg_sys::Node {
         {
             return std::ptr::null_mut();
         }
-        let Some((fast, general)) = helpers() else {
+        // Two catalog-cache lookups per planning: far below what the rewrite saves, and always
+        // the current functions, whatever was dropped and created since.
+        let (Some(fast), Some(general)) = (
+            lookup_helper(c"_enqueue_fast"),
+            lookup_helper(c"_enqueue_general"),
+        ) else {
             return std::ptr::null_mut();
         };
         let collation = (*call).inputcollid;
@@ -391,40 +379,6 @@ unsafe fn simplify(call: *mut pg_sys::FuncExpr) -> *mut pg_sys::Node {
         (*coalesce).location = (*call).location;
         coalesce.cast()
     }
-}
-
-thread_local! {
-    /// The oids of `_enqueue_fast` and `_enqueue_general`, looked up on first use and
-    /// forgotten whenever any function changes (a syscache callback), so a dropped and
-    /// re-created extension is found again.
-    static HELPERS: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
-    static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn helpers() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
-    if let Some(known) = HELPERS.with(Cell::get) {
-        return Some(known);
-    }
-    if !FORGET_REGISTERED.with(|r| r.replace(true)) {
-        // SAFETY: registers a callback for the backend's life; it only clears a Cell.
-        unsafe {
-            pg_sys::CacheRegisterSyscacheCallback(
-                pg_sys::SysCacheIdentifier::PROCOID as i32,
-                Some(forget_helpers),
-                pg_sys::Datum::from(0),
-            );
-        }
-    }
-    let found = (
-        lookup_helper(c"_enqueue_fast")?,
-        lookup_helper(c"_enqueue_general")?,
-    );
-    HELPERS.with(|h| h.set(Some(found)));
-    Some(found)
-}
-
-unsafe extern "C-unwind" fn forget_helpers(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
-    HELPERS.with(|h| h.set(None));
 }
 
 /// The oid of `picloud.<name>` taking picloud_enqueue's argument types, if it exists.

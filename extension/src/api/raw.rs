@@ -44,30 +44,16 @@ pub unsafe fn arguments<'a>(
     }
 }
 
-/// The bytes of a text argument, detoasted only if it is stored compressed or out of line
-/// (an argument written in the query, the common case, is neither).
+/// The bytes of a text argument (detoasted if it is stored compressed or out of line; an
+/// argument written in the query comes back as it is).
 ///
 /// # Safety
 /// `value` must be a non-null text datum.
 pub unsafe fn text_bytes<'a>(value: pg_sys::Datum) -> &'a [u8] {
-    let text: *mut pg_sys::varlena = value.cast_mut_ptr();
-    // SAFETY: a text datum is a varlena; detoasting copies into the current memory context,
-    // which lives for this function call.
+    // SAFETY: a text datum is a varlena; a detoasted copy lives in the current memory context,
+    // which lasts for this function call.
     unsafe {
-        if is_inline_uncompressed(text) {
-            pgrx::varlena::varlena_to_byte_slice(text)
-        } else {
-            pgrx::varlena::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(text))
-        }
+        let text = pg_sys::pg_detoast_datum_packed(value.cast_mut_ptr());
+        pgrx::varlena::varlena_to_byte_slice(text)
     }
-}
-
-/// Is this varlena's data right here and uncompressed?
-///
-/// # Safety
-/// `value` must point to a varlena.
-unsafe fn is_inline_uncompressed(value: *const pg_sys::varlena) -> bool {
-    use pgrx::varlena::{varatt_is_1b, varatt_is_1b_e, varatt_is_4b_u};
-    // SAFETY: reads the varlena's header only.
-    unsafe { varatt_is_4b_u(value) || (varatt_is_1b(value) && !varatt_is_1b_e(value)) }
 }
