@@ -172,18 +172,12 @@ RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
 
--- Rewrites each planned call of picloud_enqueue into its body's expression (internal).
-CREATE FUNCTION picloud._enqueue_plan_support(internal) RETURNS internal
-LANGUAGE c STRICT
-AS 'MODULE_PATHNAME', 'picloud_enqueue_plan_support';
-
 -- Enqueues one event in the caller's transaction and returns its id. It is delivered when
 -- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
 -- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
 -- event's id and enqueues nothing.
--- The common case costs one call of Rust and no PL/pgSQL set-up; COALESCE calls the general
--- path only when the fast one wrote nothing. The planner support function puts this
--- expression into the calling query without parsing the body (see api/enqueue.rs).
+-- The common case costs one call of Rust (picloud._enqueue_fast's) and no PL/pgSQL; every
+-- other call runs picloud._enqueue_general with the same arguments (see api/enqueue.rs).
 CREATE FUNCTION picloud.picloud_enqueue(
     p_app_id uuid,
     p_source text,
@@ -196,15 +190,8 @@ CREATE FUNCTION picloud.picloud_enqueue(
     p_reply_to text DEFAULT NULL,
     p_idempotency_key text DEFAULT NULL)
 RETURNS uuid
-LANGUAGE sql VOLATILE
-SUPPORT picloud._enqueue_plan_support
-AS $$
-    SELECT coalesce(
-        picloud._enqueue_fast(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
-                              p_depth, p_run_at, p_reply_to, p_idempotency_key),
-        picloud._enqueue_general(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
-                                 p_depth, p_run_at, p_reply_to, p_idempotency_key))
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue';
 
 -- Enqueues one event per payload, all for the same handler, in one statement. Returns the
 -- new event ids in payload order.

@@ -1,7 +1,7 @@
 -- picloud 0.2.0 -> 0.3.0: picloud_enqueue's common case in Rust. The PL/pgSQL implementation
--- becomes picloud._enqueue_general; picloud._enqueue_fast (Rust, a kept plan) writes the
--- common case; picloud_enqueue is their COALESCE, put into each calling query by its planner
--- support function. SQL lanes lock, run and commit a batch in one round trip, and find their
+-- becomes picloud._enqueue_general; picloud_enqueue becomes a C function that writes the
+-- common case itself (also callable alone as picloud._enqueue_fast: Rust, a kept plan) and
+-- hands every other call to picloud._enqueue_general. SQL lanes lock, run and commit a batch in one round trip, and find their
 -- rows by TID scan only (the planner chose a walk of the whole due index per batch).
 -- The event document handlers receive is built in Rust. The lane's lock looks each handler up
 -- once per batch.
@@ -102,28 +102,21 @@ RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
 
--- Rewrites each planned call of picloud_enqueue into its body's expression (internal).
-CREATE FUNCTION picloud._enqueue_plan_support(internal) RETURNS internal
-LANGUAGE c STRICT
-AS 'MODULE_PATHNAME', 'picloud_enqueue_plan_support';
 
 REVOKE ALL ON FUNCTION picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION picloud._enqueue_plan_support(internal) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text)
 TO picloud_user, picloud_supervisor;
-GRANT EXECUTE ON FUNCTION picloud._enqueue_plan_support(internal) TO picloud_supervisor;
 
 -- Same signature and defaults: only the implementation changes, so its grants stay.
 -- Enqueues one event in the caller's transaction and returns its id. It is delivered when
 -- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
 -- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
 -- event's id and enqueues nothing.
--- The common case costs one call of Rust and no PL/pgSQL set-up; COALESCE calls the general
--- path only when the fast one wrote nothing. The planner support function puts this
--- expression into the calling query without parsing the body (see api/enqueue.rs).
+-- The common case costs one call of Rust (picloud._enqueue_fast's) and no PL/pgSQL; every
+-- other call runs picloud._enqueue_general with the same arguments (see api/enqueue.rs).
 CREATE OR REPLACE FUNCTION picloud.picloud_enqueue(
     p_app_id uuid,
     p_source text,
@@ -136,15 +129,8 @@ CREATE OR REPLACE FUNCTION picloud.picloud_enqueue(
     p_reply_to text DEFAULT NULL,
     p_idempotency_key text DEFAULT NULL)
 RETURNS uuid
-LANGUAGE sql VOLATILE
-SUPPORT picloud._enqueue_plan_support
-AS $$
-    SELECT coalesce(
-        picloud._enqueue_fast(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
-                              p_depth, p_run_at, p_reply_to, p_idempotency_key),
-        picloud._enqueue_general(p_app_id, p_source, p_op, p_payload, p_script_id, p_trigger_id,
-                                 p_depth, p_run_at, p_reply_to, p_idempotency_key))
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue';
 
 -- One round trip per batch: locks like picloud_lock_sql_lane and readies the batch for
 -- picloud_run_sql_lane_locked, so that a supervisor can send BEGIN, this, the run and COMMIT

@@ -10,19 +10,18 @@
 //! the handler's row (and, for a caller that is not a picloud owner, its producer or admin
 //! right in the app), so a missing handler or right simply inserts nothing.
 //!
-//! `picloud._enqueue_fast` answers NULL for every call it does not write, and
-//! `picloud.picloud_enqueue` is `coalesce(picloud._enqueue_fast(...),
-//! picloud._enqueue_general(...))`: the general path, the one implementation of the full
-//! contract, runs only then and raises each error with its SQLSTATE. Errors are raised there
-//! and not here because an error that passes through Rust keeps its SQLSTATE only if it is one
-//! of Postgres' own, and picloud's are not (class PC). So the fast path changes nothing unless
-//! it succeeds, and every error is raised in exactly one place.
+//! `picloud.picloud_enqueue` is the C function `picloud_enqueue` below: it runs the common case
+//! (`picloud_enqueue_fast`, also callable as `picloud._enqueue_fast`, which answers NULL for
+//! every call it does not write) and hands every other call, with the same arguments, to
+//! `picloud._enqueue_general`, the PL/pgSQL implementation of the whole contract, which raises
+//! each error with its SQLSTATE. Errors are raised there and not here because an error that
+//! passes through pgrx keeps its SQLSTATE only if it is one of Postgres' own, and picloud's are
+//! not (class PC); so the call into the general path is made without pgrx's guard. The fast
+//! path changes nothing unless it succeeds, and every error is raised in exactly one place.
 //!
-//! `picloud_enqueue` is a SQL function, and Postgres would inline it by parsing its body at
-//! every planning: for a client that sends one `SELECT picloud_enqueue(...)` per transaction
-//! that cost as much as the PL/pgSQL set-up saved. So it has a planner support function
-//! (`plan_support` below) that builds the COALESCE expression directly from the call's
-//! arguments, the same expression inlining would produce.
+//! Why not a SQL function `coalesce(_enqueue_fast(...), _enqueue_general(...))`, as this was at
+//! first: the second call was parsed, planned and set up in every calling statement although it
+//! almost never runs, which cost a one-event transaction about 5% of its throughput (measured).
 
 use crate::api::raw::{self, finfo_v1, text_bytes};
 use crate::api::{access, admission, wake};
@@ -288,96 +287,86 @@ unsafe fn kept_plan(
 /// picloud's schema (the extension is not relocatable).
 const SCHEMA: &CStr = c"picloud";
 
-finfo_v1!(pg_finfo_picloud_enqueue_plan_support);
+finfo_v1!(pg_finfo_picloud_enqueue);
 
-/// `picloud._enqueue_plan_support(internal)`, the planner support function of
-/// `picloud_enqueue`: answers a simplification request with
-/// `COALESCE(picloud._enqueue_fast(args), picloud._enqueue_general(args))`, and every other
-/// request, or a call it cannot rewrite, with NULL (Postgres then does what it would without
-/// support: inline the SQL body, or run it).
+/// `picloud.picloud_enqueue(...)`, declared in sql/030_outbox.sql: the common case written by
+/// `picloud_enqueue_fast`, every other call handed to `picloud._enqueue_general` with the same
+/// arguments (see the module comment).
+///
+/// Deliberately not `#[pg_guard]`, so that an error the general path raises reaches Postgres as
+/// it was raised, SQLSTATE included: a guard would catch it and raise it again with only the
+/// codes Postgres itself defines. Everything that can fail in Rust runs inside the two guarded
+/// functions this one calls; the one unguarded step is the call into the general path, and when
+/// an error leaves it, this frame holds nothing that needs dropping (only a pointer and a
+/// function pointer), as for the C functions Postgres' errors pass through.
 ///
 /// # Safety
-/// Called by the planner with a valid `fcinfo` whose argument is a support request node.
+/// Called by Postgres' function manager with a valid `fcinfo` for that declaration.
 #[unsafe(no_mangle)]
-#[pg_guard]
-pub unsafe extern "C-unwind" fn picloud_enqueue_plan_support(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
-    // SAFETY: the function is declared STRICT with one `internal` argument, a Node pointer.
-    let request: *mut pg_sys::Node = unsafe {
-        raw::arguments(fcinfo, 1, "picloud._enqueue_plan_support")[0]
-            .value
-            .cast_mut_ptr()
-    };
-    // SAFETY: every support request is a Node; only a simplification request is read further.
-    let rewritten = unsafe {
-        if request.is_null() || (*request).type_ != pg_sys::NodeTag::T_SupportRequestSimplify {
-            std::ptr::null_mut()
-        } else {
-            simplify((*request.cast::<pg_sys::SupportRequestSimplify>()).fcall)
-        }
-    };
-    pg_sys::Datum::from(rewritten)
+pub unsafe extern "C-unwind" fn picloud_enqueue(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is valid for this call; picloud_enqueue_fast is guarded (it reports its
+    // own failures as Postgres errors) and marks the result NULL when it wrote nothing.
+    let event_id = unsafe { picloud_enqueue_fast(fcinfo) };
+    // SAFETY: fcinfo is valid.
+    if unsafe { !(*fcinfo).isnull } {
+        return event_id;
+    }
+    // SAFETY: guarded; returns a call of the general path with this call's arguments.
+    let general = unsafe { prepare_general_call(fcinfo) };
+    // SAFETY: `general.call` is a complete call record for `general.invoke` (see
+    // prepare_general_call). Unguarded on purpose (see above).
+    unsafe {
+        let id = (general.invoke)(general.call);
+        (*fcinfo).isnull = (*general.call).isnull;
+        id
+    }
 }
 
-/// The COALESCE expression for one call of picloud_enqueue, or null to leave the call alone.
+/// A ready call of `picloud._enqueue_general`: plain pointers, nothing to drop.
+#[repr(C)]
+struct GeneralCall {
+    call: pg_sys::FunctionCallInfo,
+    invoke: unsafe extern "C-unwind" fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum,
+}
+
+/// Looks up `picloud._enqueue_general` (at each call that needs it, so that it is always the
+/// current function) and builds its call record, in the current memory context, with the
+/// arguments of `fcinfo`.
 ///
 /// # Safety
-/// `call` must be the planner's picloud_enqueue call with its arguments expanded (all ten,
-/// defaults filled in), as it is in a simplification request.
-unsafe fn simplify(call: *mut pg_sys::FuncExpr) -> *mut pg_sys::Node {
-    // SAFETY: `call` is a valid FuncExpr (see above); the planner's memory context is current,
-    // so the new nodes live as long as the plan being built.
+/// `fcinfo` must be picloud_enqueue's valid call information.
+#[pg_guard]
+unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInfo) -> GeneralCall {
+    let Some(oid) = lookup_helper(c"_enqueue_general") else {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+            "picloud._enqueue_general does not exist: run ALTER EXTENSION picloud UPDATE"
+        );
+    };
+    // SAFETY: fcinfo is valid; the records are allocated zeroed and fully set before use, as
+    // InitFunctionCallInfoData does in C.
     unsafe {
-        let args = (*call).args;
-        if args.is_null() || (*args).length != ARGS as i32 {
-            return std::ptr::null_mut();
-        }
-        // Each argument appears in both branches. A volatile argument must be evaluated once
-        // and a sub-select should not run twice: leave such calls to the SQL body, which
-        // receives each argument evaluated once.
-        if pg_sys::contain_volatile_functions(args.cast()) || pg_sys::contain_subplans(args.cast())
-        {
-            return std::ptr::null_mut();
-        }
-        // Two catalog-cache lookups per planning: far below what the rewrite saves, and always
-        // the current functions, whatever was dropped and created since.
-        let (Some(fast), Some(general)) = (
-            lookup_helper(c"_enqueue_fast"),
-            lookup_helper(c"_enqueue_general"),
-        ) else {
-            return std::ptr::null_mut();
+        let passed = raw::arguments(fcinfo, ARGS, "picloud.picloud_enqueue");
+        let flinfo: *mut pg_sys::FmgrInfo =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()).cast();
+        pg_sys::fmgr_info(oid, flinfo);
+        let Some(invoke) = (*flinfo).fn_addr else {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "picloud._enqueue_general has no entry point"
+            );
         };
-        let collation = (*call).inputcollid;
-        let fast_call = pg_sys::makeFuncExpr(
-            fast,
-            pg_sys::UUIDOID,
-            args,
-            pg_sys::InvalidOid,
-            collation,
-            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-        );
-        let general_call = pg_sys::makeFuncExpr(
-            general,
-            pg_sys::UUIDOID,
-            pg_sys::copyObjectImpl(args.cast()).cast(),
-            pg_sys::InvalidOid,
-            collation,
-            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-        );
-        (*fast_call).location = (*call).location;
-        (*general_call).location = (*call).location;
-        let coalesce: *mut pg_sys::CoalesceExpr =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::CoalesceExpr>()).cast();
-        (*coalesce).xpr.type_ = pg_sys::NodeTag::T_CoalesceExpr;
-        (*coalesce).coalescetype = pg_sys::UUIDOID;
-        (*coalesce).coalescecollid = pg_sys::InvalidOid;
-        (*coalesce).args = pg_sys::lappend(
-            pg_sys::lappend(std::ptr::null_mut(), fast_call.cast()),
-            general_call.cast(),
-        );
-        (*coalesce).location = (*call).location;
-        coalesce.cast()
+        let size = std::mem::offset_of!(pg_sys::FunctionCallInfoBaseData, args)
+            + ARGS * std::mem::size_of::<pg_sys::NullableDatum>();
+        let call: pg_sys::FunctionCallInfo = pg_sys::palloc0(size).cast();
+        (*call).flinfo = flinfo;
+        (*call).fncollation = (*fcinfo).fncollation;
+        (*call).nargs = ARGS as i16;
+        let args = (*call).args.as_mut_slice(ARGS);
+        args.copy_from_slice(passed);
+        GeneralCall { call, invoke }
     }
 }
 
