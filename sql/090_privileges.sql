@@ -91,8 +91,6 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_error_class(text),
     picloud.picloud_resolve_dead_letters(uuid, text, text, uuid, uuid, text, timestamptz, integer, boolean),
     picloud.picloud_wait_idle(uuid, interval),
-    -- The outbox's row check runs with the inserting role's rights.
-    picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean),
     -- The caller's own backend start, recorded when it opens an inbox.
     picloud._my_backend_start(),
     -- Runs as the handler's principal; useless without the token _become returned.
@@ -179,6 +177,12 @@ CREATE POLICY outbox_insert ON picloud.outbox FOR INSERT
 CREATE POLICY outbox_admin ON picloud.outbox FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+-- Whoever writes a row (the policies above allow), it is claimed exactly when it has a lease:
+-- a claim without one would never be rescued. (Roles that bypass row-level security write the
+-- outbox only through picloud's functions, which set both together.)
+CREATE POLICY outbox_claim_has_lease ON picloud.outbox AS RESTRICTIVE FOR ALL
+    USING (true)
+    WITH CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL));
 
 ALTER TABLE picloud.idempotency_keys ENABLE ROW LEVEL SECURITY;
 CREATE POLICY idempotency_keys_producer ON picloud.idempotency_keys FOR ALL

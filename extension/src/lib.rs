@@ -16,10 +16,7 @@ pgrx::pg_module_magic!();
 extension_sql_file!(
     "../../sql/001_schema.sql",
     name = "schema",
-    requires = [
-        api::admission::picloud_new_event_id,
-        api::admission::picloud_outbox_row_valid
-    ]
+    requires = [api::admission::picloud_new_event_id]
 );
 extension_sql_file!(
     "../../sql/010_access.sql",

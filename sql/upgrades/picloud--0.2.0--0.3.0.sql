@@ -1,10 +1,11 @@
 -- picloud 0.2.0 -> 0.3.0: picloud_enqueue's common case in Rust. The PL/pgSQL implementation
 -- becomes picloud._enqueue_general; picloud_enqueue becomes a C function that writes the
 -- common case itself (also callable alone as picloud._enqueue_fast: Rust, a kept plan) and
--- hands every other call to picloud._enqueue_general. SQL lanes lock, run and commit a batch in one round trip, and find their
--- rows by TID scan only (the planner chose a walk of the whole due index per batch).
--- The event document handlers receive is built in Rust. The lane's lock looks each handler up
--- once per batch.
+-- hands every other call to picloud._enqueue_general. SQL lanes lock, run and commit a batch
+-- in one round trip, and find their rows by TID scan only (the planner chose a walk of the
+-- whole due index per batch). The event document handlers receive is built in Rust. The
+-- lane's lock looks each handler up once per batch. The outbox's row check becomes domains on
+-- its columns and a restrictive policy.
 -- Frozen once released: later changes go in a new picloud--0.3.0--X.sql.
 \echo Use "ALTER EXTENSION picloud UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -312,3 +313,20 @@ BEGIN
     PERFORM picloud._note_claim(v_locked);
 END
 $$;
+
+-- The outbox's row check becomes domains on its columns (see sql/001_schema.sql for why), and
+-- a restrictive policy keeps a claim and its lease together for roles under row-level security.
+CREATE DOMAIN picloud.event_source AS text
+    CHECK (VALUE IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue'));
+CREATE DOMAIN picloud.event_op AS text CHECK (length(VALUE) BETWEEN 1 AND 200);
+CREATE DOMAIN picloud.non_negative_int AS integer CHECK (VALUE >= 0);
+ALTER TABLE picloud.outbox
+    DROP CONSTRAINT outbox_row_valid,
+    ALTER COLUMN source TYPE picloud.event_source,
+    ALTER COLUMN op TYPE picloud.event_op,
+    ALTER COLUMN depth TYPE picloud.non_negative_int,
+    ALTER COLUMN attempt_count TYPE picloud.non_negative_int;
+DROP FUNCTION picloud._outbox_row_valid(text, text, integer, integer, boolean, boolean);
+CREATE POLICY outbox_claim_has_lease ON picloud.outbox AS RESTRICTIVE FOR ALL
+    USING (true)
+    WITH CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL));

@@ -222,3 +222,99 @@ fn nothing_is_granted_to_public() {
     );
     assert_eq!(rls_off, 0);
 }
+
+/// An outbox row's values are checked for every writer (domains on its columns), and a claim
+/// without its lease, or a lease without its claim, is refused to every role under row-level
+/// security (tenants and picloud_admin members). Each refusal writes nothing.
+#[test]
+fn outbox_rows_hold_valid_values() {
+    let (db, mut c) = fresh_db("outbox_values");
+    let (app, script) = ledger_app(&mut c);
+    let insert = |source: &str, op: &str, depth: i32, attempts: i32| {
+        format!(
+            "INSERT INTO picloud.outbox (app_id, source, op, script_id, payload, depth, attempt_count)
+             VALUES ('{app}', '{source}', '{op}', '{script}', '{{}}', {depth}, {attempts})"
+        )
+    };
+    let long_op = "é".repeat(201);
+    for (sql, what) in [
+        (insert("mail", "x", 0, 0), "unknown source"),
+        (insert("queue", "", 0, 0), "empty op"),
+        (insert("queue", &long_op, 0, 0), "op of 201 characters"),
+        (insert("queue", "x", -1, 0), "negative depth"),
+        (insert("queue", "x", 0, -1), "negative attempt count"),
+    ] {
+        assert_eq!(sqlstate(c.execute(&sql, &[])), "23514", "{what}");
+    }
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+    c.execute(&insert("queue", &"é".repeat(200), 3, 2), &[])
+        .expect("the limits themselves are valid");
+    assert_eq!(
+        sqlstate(c.execute(
+            "UPDATE picloud.outbox SET attempt_count = attempt_count - 3",
+            &[]
+        )),
+        "23514"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE attempt_count = 2"
+        ),
+        1
+    );
+
+    let (producer, admin) = (
+        format!("outbox_producer_{}", std::process::id()),
+        format!("outbox_admin_{}", std::process::id()),
+    );
+    // A producer of the app, and a member of picloud_admin (the one role under row-level
+    // security that may update outbox rows).
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {producer}; CREATE ROLE {producer} LOGIN;
+         DROP ROLE IF EXISTS {admin}; CREATE ROLE {admin} LOGIN IN ROLE picloud_admin"
+    ))
+    .expect("roles");
+    c.execute(
+        "SELECT picloud_grant_app_role($1, $2, 'producer')",
+        &[&app, &producer],
+    )
+    .expect("grant");
+    let claimed = |claim: &str, lease: &str| {
+        format!(
+            "INSERT INTO picloud.outbox (app_id, source, op, script_id, payload, claimed_by, lease_expires_at)
+             VALUES ('{app}', 'queue', 'x', '{script}', '{{}}', {claim}, {lease})"
+        )
+    };
+    let mut p = connect_as(&db, &producer);
+    for sql in [
+        claimed("'me'", "NULL"),
+        claimed("NULL", "now() + interval '1 minute'"),
+    ] {
+        assert_eq!(sqlstate(p.execute(&sql, &[])), "42501", "{sql}");
+    }
+    p.execute(&claimed("NULL", "NULL"), &[])
+        .expect("an unclaimed row");
+    let mut a = connect_as(&db, &admin);
+    assert_eq!(
+        sqlstate(a.execute("UPDATE picloud.outbox SET claimed_by = 'me'", &[])),
+        "42501"
+    );
+    a.execute(
+        "UPDATE picloud.outbox SET claimed_by = 'me', lease_expires_at = now() + interval '1 minute'",
+        &[],
+    )
+    .expect("a claim with its lease");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE claimed_by = 'me' AND lease_expires_at IS NOT NULL"
+        ),
+        2
+    );
+    drop((p, a));
+    c.batch_execute(&format!(
+        "DROP OWNED BY {producer}, {admin}; DROP ROLE {producer}; DROP ROLE {admin}"
+    ))
+    .expect("drop roles");
+}
