@@ -229,7 +229,13 @@ pub const EVENT_SOURCES: [&str; 7] = [
 /// it, see sql/001_schema.sql), but kept in the library: a database still at 0.1.0 or 0.2.0
 /// calls it for every outbox row until ALTER EXTENSION UPDATE drops that check, and those
 /// releases' install scripts declare it.
-#[pg_extern(immutable, strict, parallel_safe, name = "_outbox_row_valid", sql = false)]
+#[pg_extern(
+    immutable,
+    strict,
+    parallel_safe,
+    name = "_outbox_row_valid",
+    sql = false
+)]
 pub fn picloud_outbox_row_valid(
     source: &str,
     op: &str,
