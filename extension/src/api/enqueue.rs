@@ -284,9 +284,6 @@ unsafe fn kept_plan(
     plan
 }
 
-/// picloud's schema (the extension is not relocatable).
-const SCHEMA: &CStr = c"picloud";
-
 finfo_v1!(pg_finfo_picloud_enqueue);
 
 /// `picloud.picloud_enqueue(...)`, declared in sql/030_outbox.sql: the common case written by
@@ -337,7 +334,7 @@ struct GeneralCall {
 /// `fcinfo` must be picloud_enqueue's valid call information.
 #[pg_guard]
 unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInfo) -> GeneralCall {
-    let Some(oid) = lookup_helper(c"_enqueue_general") else {
+    let Some(oid) = general_path_oid() else {
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
@@ -370,17 +367,18 @@ unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInf
     }
 }
 
-/// The oid of `picloud.<name>` taking picloud_enqueue's argument types, if it exists.
-fn lookup_helper(name: &CStr) -> Option<pg_sys::Oid> {
+/// The oid of `picloud._enqueue_general` (picloud_enqueue's argument types; the extension is not
+/// relocatable, so always in schema picloud), if it exists.
+fn general_path_oid() -> Option<pg_sys::Oid> {
     // SAFETY: builds a qualified name list in the current memory context; LookupFuncName with
     // missing_ok answers InvalidOid instead of raising.
     let oid = unsafe {
         let names = pg_sys::lappend(
             pg_sys::lappend(
                 std::ptr::null_mut(),
-                pg_sys::makeString(pg_sys::pstrdup(SCHEMA.as_ptr())).cast(),
+                pg_sys::makeString(pg_sys::pstrdup(c"picloud".as_ptr())).cast(),
             ),
-            pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast(),
+            pg_sys::makeString(pg_sys::pstrdup(c"_enqueue_general".as_ptr())).cast(),
         );
         pg_sys::LookupFuncName(names, ARGS as i32, ARG_TYPES.as_ptr(), true)
     };
