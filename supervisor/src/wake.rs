@@ -55,7 +55,7 @@ pub async fn connect(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    tracing::warn!(error = %db::error_text(&e), "dispatcher connection error");
+                    tracing::warn!(error = %db::error_text(&e), "listening connection error");
                     break;
                 }
                 None => break,
