@@ -2,7 +2,7 @@
 //! exposed at `/metrics` in the OpenMetrics text format (see `endpoint`). The counters are
 //! totals since start; the periodic summary log line (`summary`) reports their differences.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -10,7 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::health::DispatcherState;
 
@@ -125,8 +125,10 @@ const BATCH_BUCKETS: [f64; 12] = [
     0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+/// Registers `metric` and returns a handle to it (handles share the registered value).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 pub struct Metrics {
@@ -174,146 +176,126 @@ impl Drop for Busy<'_> {
 impl Metrics {
     pub fn new(executor_slots: usize) -> Metrics {
         let mut registry = Registry::default();
-        let up = Gauge::<i64, AtomicI64>::default();
-        up.set(1);
-        registry.register("picloud_up", "1 while the supervisor runs", up);
+        let r = &mut registry;
+        let version = VersionLabel {
+            version: env!("CARGO_PKG_VERSION"),
+        };
         let build_info = Family::<VersionLabel, Gauge>::default();
-        build_info
-            .get_or_create(&VersionLabel {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        registry.register(
+        build_info.get_or_create(&version).set(1);
+        r.register(
             "picloud_build_info",
             "Always 1; the version label says which supervisor this is",
             build_info,
         );
-        let counters = |registry: &mut Registry, name: &str, help: &str| {
-            PerKind::register(registry, name, help)
-        };
-        let claimed = counters(
-            &mut registry,
-            "picloud_events_claimed",
-            "Outbox rows claimed, by handler kind",
+        let up: Gauge = registered(
+            r,
+            "picloud_up",
+            "1 while the supervisor runs",
+            Gauge::default(),
         );
-        let completed = counters(
-            &mut registry,
-            "picloud_events_completed",
-            "Events completed (reported with picloud_complete or committed by a sql handler)",
-        );
-        let failed = counters(
-            &mut registry,
-            "picloud_events_failed",
-            "Handler failures reported with picloud_fail, retried or dead-lettered",
-        );
-        let dead_lettered = counters(
-            &mut registry,
-            "picloud_events_dead_lettered",
-            "Failures the database turned into dead letters (a subset of failed)",
-        );
-        let released = counters(
-            &mut registry,
-            "picloud_events_released",
-            "Events given back to the queue at shutdown without counting an attempt",
-        );
-        let unreported = counters(
-            &mut registry,
-            "picloud_events_unreported",
-            "Events whose outcome could not be reported; their leases expire and they run again",
-        );
-        let lane_batches = Counter::default();
-        registry.register(
-            "picloud_sql_lane_batches",
-            "sql lane transactions that committed (their events count as claimed and completed)",
-            lane_batches.clone(),
-        );
-        let lane_fallbacks = Counter::default();
-        registry.register(
-            "picloud_sql_lane_fallbacks",
-            "Events of rolled-back sql lane batches, run again through ordinary claims",
-            lane_fallbacks.clone(),
-        );
-        let lease_renewals = Counter::default();
-        registry.register(
-            "picloud_lease_renewals",
-            "Leases extended while an http or command handler ran",
-            lease_renewals.clone(),
-        );
-        let lease_lost = Counter::default();
-        registry.register(
-            "picloud_lease_lost",
-            "Events abandoned because another worker held their lease by then",
-            lease_lost.clone(),
-        );
-        let reconnect_family = Family::<ConnectionLabel, Counter>::default();
-        let reconnects = [
+        up.set(1);
+        let slots = "Events that may run at once (--concurrency)";
+        let slots: Gauge = registered(r, "picloud_executor_slots", slots, Gauge::default());
+        slots.set(executor_slots as i64);
+        let reconnects = Family::<ConnectionLabel, Counter>::default();
+        let per_connection = [
             Connection::Dispatcher,
             Connection::Executor,
             Connection::Lane,
         ]
         .map(|connection| {
-            reconnect_family
+            reconnects
                 .get_or_create(&ConnectionLabel { connection })
                 .clone()
         });
-        registry.register(
+        r.register(
             "picloud_db_reconnects",
             "Database connections lost or that could not be opened, each followed by a new attempt",
-            reconnect_family,
+            reconnects,
         );
-        let db_connected = Gauge::default();
-        registry.register(
-            "picloud_db_connected",
-            "1 while the dispatcher's claim connection is up",
-            db_connected.clone(),
-        );
-        let busy = Gauge::default();
-        registry.register(
-            "picloud_executors_busy",
-            "Events running now; at most picloud_executor_slots",
-            busy.clone(),
-        );
-        let slots = Gauge::<i64, AtomicI64>::default();
-        slots.set(executor_slots as i64);
-        registry.register(
-            "picloud_executor_slots",
-            "Events that may run at once (--concurrency)",
-            slots,
-        );
-        let duration_family: Family<KindLabel, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(duration_histogram);
-        let handler_duration = per_kind(&duration_family);
-        registry.register(
+        let durations: Family<KindLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
+        let handler_duration = per_kind(&durations);
+        r.register(
             "picloud_handler_duration_seconds",
             "Time from the start of an event's execution to its reported completion or failure; \
              events run together in one sql batch each count the batch's time",
-            duration_family,
-        );
-        let claim_batch_size = Histogram::new(BATCH_BUCKETS);
-        registry.register(
-            "picloud_claim_batch_size",
-            "Rows returned per claim, empty claims included",
-            claim_batch_size.clone(),
+            durations,
         );
         Metrics {
-            registry,
-            claimed,
-            completed,
-            failed,
-            dead_lettered,
-            released,
-            unreported,
-            lease_renewals,
-            lease_lost,
-            reconnects,
-            lane_batches,
-            lane_fallbacks,
+            claimed: PerKind::register(r, "picloud_events_claimed", "Outbox rows claimed"),
+            completed: PerKind::register(
+                r,
+                "picloud_events_completed",
+                "Events completed (reported with picloud_complete or committed by a sql handler)",
+            ),
+            failed: PerKind::register(
+                r,
+                "picloud_events_failed",
+                "Handler failures reported with picloud_fail, retried or dead-lettered",
+            ),
+            dead_lettered: PerKind::register(
+                r,
+                "picloud_events_dead_lettered",
+                "Failures the database turned into dead letters (a subset of failed)",
+            ),
+            released: PerKind::register(
+                r,
+                "picloud_events_released",
+                "Events given back to the queue at shutdown without counting an attempt",
+            ),
+            unreported: PerKind::register(
+                r,
+                "picloud_events_unreported",
+                "Events whose outcome could not be reported; their leases expire and they run again",
+            ),
+            lease_renewals: registered(
+                r,
+                "picloud_lease_renewals",
+                "Leases extended while an http or command handler ran",
+                Counter::default(),
+            ),
+            lease_lost: registered(
+                r,
+                "picloud_lease_lost",
+                "Events abandoned because another worker held their lease by then",
+                Counter::default(),
+            ),
+            reconnects: per_connection,
+            lane_batches: registered(
+                r,
+                "picloud_sql_lane_batches",
+                "sql lane transactions that committed (their events count as claimed and completed)",
+                Counter::default(),
+            ),
+            lane_fallbacks: registered(
+                r,
+                "picloud_sql_lane_fallbacks",
+                "Events of rolled-back sql lane batches, run again through ordinary claims",
+                Counter::default(),
+            ),
             lanes_connected: AtomicU64::new(0),
-            busy,
-            db_connected,
+            busy: registered(
+                r,
+                "picloud_executors_busy",
+                "Events running now; at most picloud_executor_slots",
+                Gauge::default(),
+            ),
+            db_connected: registered(
+                r,
+                "picloud_db_connected",
+                "1 while the dispatcher's claim connection is up",
+                Gauge::default(),
+            ),
             handler_duration,
-            claim_batch_size,
+            claim_batch_size: registered(
+                r,
+                "picloud_claim_batch_size",
+                "Rows returned per claim, empty claims included",
+                Histogram::new(BATCH_BUCKETS),
+            ),
             dispatcher: DispatcherState::new(),
+            registry,
         }
     }
 

@@ -97,49 +97,28 @@ pub fn split_connection_string(text: &str) -> Result<Split, String> {
 
 const TLS_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
 
+/// The query's TLS keys are percent-decoded as libpq does ('+' stays '+'); the other
+/// parameters are kept as written.
 fn split_url(url: &str) -> (String, Vec<(String, String)>) {
     let Some((base, query)) = url.split_once('?') else {
         return (url.to_owned(), Vec::new());
     };
-    let mut kept = Vec::new();
-    let mut taken = Vec::new();
-    for part in query.split('&') {
-        let (key, value) = part.split_once('=').unwrap_or((part, ""));
-        if TLS_KEYS.contains(&key) {
-            taken.push((key.to_owned(), percent_decode(value)));
-        } else if !part.is_empty() {
-            kept.push(part);
-        }
+    let (taken, kept): (Vec<&str>, Vec<&str>) = query
+        .split('&')
+        .filter(|part| !part.is_empty())
+        .partition(|part| TLS_KEYS.contains(&part.split('=').next().unwrap_or_default()));
+    let taken = taken
+        .iter()
+        .map(|part| {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            (key.to_owned(), value.into_owned())
+        })
+        .collect();
+    match kept.is_empty() {
+        true => (base.to_owned(), taken),
+        false => (format!("{base}?{}", kept.join("&")), taken),
     }
-    let rest = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    (rest, taken)
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Splits libpq's `key = value` pairs (values optionally single-quoted, with backslash
@@ -220,23 +199,25 @@ pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<ClientCo
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?;
-    let verifier: Arc<dyn ServerCertVerifier> = match mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(EncryptOnly { provider }),
-        SslMode::VerifyCa | SslMode::VerifyFull => {
-            let roots = Arc::new(load_roots(mode, root_cert)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| format!("TLS setup failed: {e}"))?;
-            if mode == SslMode::VerifyCa {
-                Arc::new(ChainOnly { webpki })
-            } else {
-                webpki
-            }
-        }
+    let chain = match mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => None,
+        SslMode::VerifyCa | SslMode::VerifyFull => Some(
+            WebPkiServerVerifier::builder_with_provider(
+                Arc::new(load_roots(mode, root_cert)?),
+                Arc::clone(&provider),
+            )
+            .build()
+            .map_err(|e| format!("TLS setup failed: {e}"))?,
+        ),
+    };
+    let verifier = Verifier {
+        provider,
+        chain,
+        check_name: mode == SslMode::VerifyFull,
     };
     Ok(builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth())
 }
 
@@ -288,69 +269,18 @@ pub fn load_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// `prefer`/`require`: any certificate is accepted (as libpq does), but the handshake
-/// signatures are still checked, so the session is encrypted to whoever holds the key of the
-/// certificate presented.
+/// Checks the server's certificate as the mode asks. Without a chain to check
+/// (`prefer`/`require`) any certificate is accepted, as libpq does, but the handshake
+/// signatures are still verified, so the session is encrypted to whoever holds the key of the
+/// certificate presented; `verify-ca` checks the chain but not the name, `verify-full` both.
 #[derive(Debug)]
-struct EncryptOnly {
+struct Verifier {
     provider: Arc<rustls::crypto::CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    check_name: bool,
 }
 
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the name in it is not compared with
-/// the host.
-#[derive(Debug)]
-struct ChainOnly {
-    webpki: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -359,16 +289,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -379,7 +306,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -388,11 +316,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -102,6 +102,30 @@ fn start_server(dir: &Path, ca: &TestCa) -> Server {
     Server { child, port, log }
 }
 
+/// Waits for the `n`th request /ok receives and returns it.
+fn nth_request(server: &Server, n: usize, sup: &Supervisor) -> Value {
+    let arrived = eventually(Duration::from_secs(20), || received(server).len() >= n);
+    assert!(arrived, "log: {}", sup.log());
+    received(server).swap_remove(n - 1)
+}
+
+/// Waits for the dead letter of `script`'s event and returns its error.
+fn dead_letter_error(c: &mut postgres::Client, script: Uuid, sup: &Supervisor) -> String {
+    let mut error = None;
+    let arrived = eventually(Duration::from_secs(20), || {
+        error = c
+            .query_opt(
+                "SELECT last_error FROM picloud.dead_letters WHERE script_id = $1",
+                &[&script],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        error.is_some()
+    });
+    assert!(arrived, "log: {}", sup.log());
+    error.unwrap_or_default()
+}
+
 /// The requests /ok received so far.
 fn received(server: &Server) -> Vec<Value> {
     std::fs::read_to_string(&server.log)
@@ -198,12 +222,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
 
     // One secret: delivered over TLS with one signature that verifies.
     let first = enqueue(&mut c, app, hook, r#"{"n": 1}"#);
-    assert!(
-        eventually(Duration::from_secs(20), || received(&server).len() == 1),
-        "log: {}",
-        sup.log()
-    );
-    let request = &received(&server)[0];
+    let request = &nth_request(&server, 1, &sup);
     assert_eq!(request["headers"]["webhook-id"], first.to_string());
     assert_eq!(request["headers"]["picloud-event-id"], first.to_string());
     let body: Value = serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
@@ -223,12 +242,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
     assert_ne!(rotated, secret);
     let sup = Supervisor::start(&db, &args);
     let second = enqueue(&mut c, app, hook, r#"{"n": 2}"#);
-    assert!(
-        eventually(Duration::from_secs(20), || received(&server).len() == 2),
-        "log: {}",
-        sup.log()
-    );
-    let request = &received(&server)[1];
+    let request = &nth_request(&server, 2, &sup);
     assert_eq!(request["headers"]["webhook-id"], second.to_string());
     assert_eq!(
         verified_signatures(request, &[rotated.clone(), secret.clone()]),
@@ -269,30 +283,14 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
         &format!("https://localhost:{other_port}/ok"),
     );
     enqueue(&mut c, app, named, "{}");
-    assert!(
-        eventually(Duration::from_secs(20), || count(
-            &mut c,
-            "SELECT count(*) FROM picloud.dead_letters"
-        ) == 3),
-        "log: {}",
-        sup.log()
-    );
-    let error = |c: &mut postgres::Client, script: Uuid| -> String {
-        c.query_one(
-            "SELECT last_error FROM picloud.dead_letters WHERE script_id = $1",
-            &[&script],
-        )
-        .unwrap()
-        .get(0)
-    };
-    let redirected = error(&mut c, redirect);
+    let redirected = dead_letter_error(&mut c, redirect, &sup);
     assert!(
         redirected.contains("302") && redirected.contains("https://elsewhere.example/next"),
         "{redirected}"
     );
-    let refused = error(&mut c, unlisted);
+    let refused = dead_letter_error(&mut c, unlisted, &sup);
     assert!(refused.starts_with("http target not allowed"), "{refused}");
-    let refused = error(&mut c, named);
+    let refused = dead_letter_error(&mut c, named, &sup);
     assert!(refused.contains("not in --http-allow"), "{refused}");
     assert_eq!(
         received(&server).len(),
@@ -321,15 +319,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
         &format!("https://localhost:{port}/ok"),
     );
     enqueue(&mut c, app, loopback, "{}");
-    assert!(
-        eventually(Duration::from_secs(20), || count(
-            &mut c,
-            &format!("SELECT count(*) FROM picloud.dead_letters WHERE script_id = '{loopback}'")
-        ) == 1),
-        "log: {}",
-        sup.log()
-    );
-    let refused = error(&mut c, loopback);
+    let refused = dead_letter_error(&mut c, loopback, &sup);
     assert!(
         refused.contains("resolves to loopback address 127.0.0.1"),
         "{refused}"
