@@ -110,7 +110,15 @@ CREATE INDEX dead_letter_trigger_details_match_idx
 CREATE DOMAIN picloud.event_source AS text
     CHECK (VALUE IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue'));
 CREATE DOMAIN picloud.event_op AS text CHECK (length(VALUE) BETWEEN 1 AND 200);
-CREATE DOMAIN picloud.non_negative_int AS integer CHECK (VALUE >= 0);
+-- Depth and attempt count stay far below integer overflow (their settings allow at most 1,000),
+-- so arithmetic on a stored value can never overflow, whoever wrote the row.
+CREATE DOMAIN picloud.non_negative_int AS integer
+    CONSTRAINT non_negative_int_check CHECK (VALUE BETWEEN 0 AND 1000000);
+-- Due times and leases are finite and within a sane window, whoever wrote the row: an
+-- infinite or absurd time would make every reader's arithmetic on it fail.
+CREATE DOMAIN picloud.event_time AS timestamptz
+    CONSTRAINT event_time_check
+    CHECK (VALUE BETWEEN '1970-01-01 00:00:00+00' AND '2200-01-01 00:00:00+00');
 
 -- The outbox: the one async dispatch substrate. A row is claimed by a supervisor under a
 -- lease, and either completed (deleted), rescheduled, or moved to dead_letters.
@@ -125,9 +133,9 @@ CREATE TABLE picloud.outbox (
     payload           jsonb       NOT NULL,
     depth             picloud.non_negative_int NOT NULL DEFAULT 0,
     attempt_count     picloud.non_negative_int NOT NULL DEFAULT 0,
-    due_at            timestamptz NOT NULL DEFAULT now(),
+    due_at            picloud.event_time NOT NULL DEFAULT now(),
     claimed_by        text,
-    lease_expires_at  timestamptz,
+    lease_expires_at  picloud.event_time,
     first_attempt_at  timestamptz,
     last_attempt_at   timestamptz,
     last_error        text,

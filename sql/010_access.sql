@@ -3,8 +3,11 @@
 -- picloud_admin: operates picloud (creates apps, grants app roles, runs GC on demand).
 -- picloud_user:  every tenant role is made a member; gives schema usage and table access,
 --                which row-level security narrows to the apps the role holds rights in.
--- picloud_supervisor: what the supervisor connects as (or is a member of); bypasses RLS and
---                may call the claim/complete/fail functions.
+-- picloud_supervisor: what the supervisor connects as (or is a member of). It holds no rights
+--                on picloud's tables: it may call the claim/complete/fail/lane functions, which
+--                run as picloud_owner, and nothing a tenant could not call besides.
+-- picloud_owner: owns the functions that write the outbox on the supervisor's behalf
+--                (SECURITY DEFINER); not a superuser, never a login.
 DO $roles$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'picloud_admin') THEN
@@ -15,6 +18,9 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'picloud_supervisor') THEN
         CREATE ROLE picloud_supervisor NOLOGIN BYPASSRLS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'picloud_owner') THEN
+        CREATE ROLE picloud_owner NOLOGIN NOINHERIT BYPASSRLS;
     END IF;
 END
 $roles$;

@@ -7,8 +7,12 @@ CREATE FUNCTION picloud.picloud_create_script(
     p_app_id uuid, p_name text, p_kind text, p_target text, p_timeout_ms integer DEFAULT 30000)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
+-- The one picloud function without a fixed search_path: a sql handler's function is named as
+-- the caller would name it, so it is looked up in the caller's search_path. Every other name
+-- here is qualified (sql/090_privileges.sql leaves this function out of the pinning, and the
+-- search_path test holds it to qualified built-ins).
 DECLARE
-    v_script_id uuid := gen_random_uuid();
+    v_script_id uuid := pg_catalog.gen_random_uuid();
     v_function regprocedure;
 BEGIN
     PERFORM picloud._require(p_app_id, 'manage_triggers');
@@ -17,18 +21,18 @@ BEGIN
             ARRAY[p_name IS NULL, p_kind IS NULL, p_target IS NULL, p_timeout_ms IS NULL]);
     END IF;
     PERFORM picloud._require_app(p_app_id);
-    IF length(p_name) NOT BETWEEN 1 AND 200 THEN
-        PERFORM picloud._invalid(format('handler name must be 1 to 200 characters long, got %s', length(p_name)));
+    IF pg_catalog.length(p_name) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid(pg_catalog.format('handler name must be 1 to 200 characters long, got %s', pg_catalog.length(p_name)));
     END IF;
     IF p_timeout_ms NOT BETWEEN 1 AND 3600000 THEN
-        PERFORM picloud._invalid(format('timeout_ms must be between 1 and 3600000, got %s', p_timeout_ms));
+        PERFORM picloud._invalid(pg_catalog.format('timeout_ms must be between 1 and 3600000, got %s', p_timeout_ms));
     END IF;
-    IF length(p_target) NOT BETWEEN 1 AND 2048 THEN
-        PERFORM picloud._invalid(format('handler target must be 1 to 2048 characters long, got %s', length(p_target)));
+    IF pg_catalog.length(p_target) NOT BETWEEN 1 AND 2048 THEN
+        PERFORM picloud._invalid(pg_catalog.format('handler target must be 1 to 2048 characters long, got %s', pg_catalog.length(p_target)));
     END IF;
     CASE p_kind
     WHEN 'sql' THEN
-        v_function := pg_catalog.to_regprocedure(p_target || '(jsonb)');
+        v_function := pg_catalog.to_regprocedure(p_target OPERATOR(pg_catalog.||) '(jsonb)');
         IF v_function IS NULL THEN
             RAISE EXCEPTION 'handler function %(jsonb) does not exist', p_target
                 USING ERRCODE = '42883',
@@ -40,16 +44,16 @@ BEGIN
         END IF;
     WHEN 'http' THEN
         IF p_target !~ '^https?://[^/\s]+' THEN
-            PERFORM picloud._invalid(format('http handler target %L is not an http:// or https:// URL', left(p_target, 200)));
+            PERFORM picloud._invalid(pg_catalog.format('http handler target %L is not an http:// or https:// URL', pg_catalog.left(p_target, 200)));
         END IF;
     WHEN 'command' THEN
         IF p_target !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
             PERFORM picloud._invalid(
-                format('command name %L may only contain letters, digits, ''_'', ''.'' and ''-'' (at most 64)', left(p_target, 200)),
+                pg_catalog.format('command name %L may only contain letters, digits, ''_'', ''.'' and ''-'' (at most 64)', pg_catalog.left(p_target, 200)),
                 'A command handler names a command defined in the supervisor''s configuration.');
         END IF;
     ELSE
-        PERFORM picloud._invalid(format('unknown handler kind %L', left(p_kind, 200)),
+        PERFORM picloud._invalid(pg_catalog.format('unknown handler kind %L', pg_catalog.left(p_kind, 200)),
             'Use ''sql'', ''http'' or ''command''.');
     END CASE;
     INSERT INTO picloud.scripts (app_id, script_id, name, kind, target, sql_function, timeout_ms)
@@ -250,12 +254,16 @@ $$;
 CREATE FUNCTION picloud.picloud_match_kv_triggers(p_app_id uuid, p_collection text, p_op text)
 RETURNS TABLE (trigger_id uuid, script_id uuid, registered_by_principal name)
 LANGUAGE sql STABLE AS $$
+    -- Inlined into its callers' statements (the index probe on (app_id, match_key) is then
+    -- planned with them), so no fixed search_path, which would stop the inlining: every
+    -- operator is named with its schema instead.
     SELECT t.trigger_id, t.script_id, t.registered_by_principal
     FROM picloud.kv_trigger_details d
-    JOIN picloud.triggers t ON t.app_id = d.app_id AND t.trigger_id = d.trigger_id
-    WHERE d.app_id = p_app_id
-      AND d.match_key = ANY (picloud._collection_match_keys(p_collection))
-      AND p_op = ANY (d.ops)
+    JOIN picloud.triggers t ON t.app_id OPERATOR(pg_catalog.=) d.app_id
+                           AND t.trigger_id OPERATOR(pg_catalog.=) d.trigger_id
+    WHERE d.app_id OPERATOR(pg_catalog.=) p_app_id
+      AND d.match_key OPERATOR(pg_catalog.=) ANY (picloud._collection_match_keys(p_collection))
+      AND p_op OPERATOR(pg_catalog.=) ANY (d.ops)
       AND t.enabled
 $$;
 
@@ -264,11 +272,13 @@ $$;
 CREATE FUNCTION picloud.picloud_match_dead_letter_triggers(p_app_id uuid, p_source text, p_script_id uuid)
 RETURNS TABLE (trigger_id uuid, script_id uuid, registered_by_principal name)
 LANGUAGE sql STABLE AS $$
+    -- Inlined into its callers, like picloud_match_kv_triggers: operators named with their schema.
     SELECT t.trigger_id, t.script_id, t.registered_by_principal
     FROM picloud.dead_letter_trigger_details d
-    JOIN picloud.triggers t ON t.app_id = d.app_id AND t.trigger_id = d.trigger_id
-    WHERE d.app_id = p_app_id
-      AND (d.source_filter IS NULL OR d.source_filter = p_source)
-      AND (d.script_filter IS NULL OR d.script_filter = p_script_id)
+    JOIN picloud.triggers t ON t.app_id OPERATOR(pg_catalog.=) d.app_id
+                           AND t.trigger_id OPERATOR(pg_catalog.=) d.trigger_id
+    WHERE d.app_id OPERATOR(pg_catalog.=) p_app_id
+      AND (d.source_filter IS NULL OR d.source_filter OPERATOR(pg_catalog.=) p_source)
+      AND (d.script_filter IS NULL OR d.script_filter OPERATOR(pg_catalog.=) p_script_id)
       AND t.enabled
 $$;

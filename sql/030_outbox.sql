@@ -53,6 +53,18 @@ BEGIN
 END
 $$;
 
+-- A requested due time is finite and within 100 years of now: the outbox's readers do
+-- arithmetic on it, and nothing sensible is scheduled further away.
+CREATE FUNCTION picloud._check_run_at(p_run_at timestamptz) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT isfinite(p_run_at)
+       OR p_run_at NOT BETWEEN now() - interval '100 years' AND now() + interval '100 years' THEN
+        PERFORM picloud._invalid(format('run_at must be within 100 years of now, got %s', p_run_at));
+    END IF;
+END
+$$;
+
 -- The handler an event runs: the given script, or the given trigger's script.
 CREATE FUNCTION picloud._resolve_handler(p_app_id uuid, p_script_id uuid, p_trigger_id uuid) RETURNS uuid
 LANGUAGE plpgsql STABLE AS $$
@@ -118,6 +130,9 @@ BEGIN
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
+    END IF;
+    IF p_run_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_run_at);
     END IF;
     IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
         PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
@@ -226,6 +241,9 @@ BEGIN
     WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
+    END IF;
+    IF p_run_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_run_at);
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
@@ -574,9 +592,9 @@ BEGIN
         RAISE EXCEPTION 'handler function of event % no longer exists', p_event_id USING ERRCODE = '42883';
     END IF;
     v_event := picloud._event_json(r);
-    v_call := format('SELECT %s($1)::text', v_function::oid::regproc);
+    v_call := format('SELECT %s($1)::pg_catalog.text', v_function::oid::regproc);
     -- From here until _unbecome this code runs with the principal's rights only.
-    v_token := picloud._become(v_principal, r.depth);
+    v_token := picloud._become_event(r.app_id, r.event_id);
     EXECUTE v_call INTO v_text USING v_event;
     PERFORM picloud._unbecome(v_token);
     IF v_text IS NOT NULL AND v_text <> '' AND r.reply_to IS NOT NULL THEN
@@ -668,7 +686,8 @@ $$;
 
 -- Settles a failed attempt of a locked outbox row: reschedule after p_delay, or - after the
 -- last attempt, or at once for a synchronous event - move it to the dead letters.
-CREATE FUNCTION picloud._settle_failure(r picloud.outbox, p_error text, p_delay interval)
+CREATE FUNCTION picloud._settle_failure(r picloud.outbox, p_error text, p_delay interval,
+                                        p_not_before timestamptz DEFAULT NULL)
 RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -687,7 +706,8 @@ BEGIN
         RETURN;
     END IF;
     PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 0);
-    v_due := now() + p_delay;
+    -- A server that asked to be left alone until p_not_before (HTTP Retry-After) gets that.
+    v_due := greatest(now() + p_delay, p_not_before);
     UPDATE picloud.outbox o
     SET claimed_by = NULL, lease_expires_at = NULL, due_at = v_due, last_error = v_error
     WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
@@ -696,15 +716,22 @@ END
 $$;
 
 -- Reports a failed attempt. Returns 'retry' with the next due time, or 'dead_letter' with
--- the new dead letter's id.
-CREATE FUNCTION picloud.picloud_fail(p_app_id uuid, p_event_id uuid, p_worker text, p_error text)
+-- the new dead letter's id. p_retry_at, when given, is the earliest time the next attempt may
+-- run (what an HTTP server asked for with Retry-After); the retry policy's own delay applies
+-- when it is later.
+CREATE FUNCTION picloud.picloud_fail(p_app_id uuid, p_event_id uuid, p_worker text, p_error text,
+                                     p_retry_at timestamptz DEFAULT NULL)
 RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
     r picloud.outbox;
 BEGIN
+    IF p_retry_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_retry_at);
+    END IF;
     r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
-    RETURN QUERY SELECT * FROM picloud._settle_failure(r, p_error, picloud.picloud_retry_delay(r.attempt_count));
+    RETURN QUERY SELECT * FROM picloud._settle_failure(r, p_error,
+        picloud.picloud_retry_delay(r.attempt_count), p_retry_at);
 END
 $$;
 

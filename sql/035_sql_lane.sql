@@ -182,6 +182,8 @@ DECLARE
     v_principal name;
     v_problem text;
     v_token bigint;
+    v_batch_call text;
+    v_one_call text;
     v_done tid[] := '{}';
     v_left_apps uuid[] := '{}';
     v_left uuid[] := '{}';
@@ -205,25 +207,28 @@ BEGIN
             v_left := v_left || g.event_ids;
             CONTINUE;
         END IF;
-        -- From here until _unbecome this code runs with the principal's rights only. count(r)
-        -- uses each result, so no handler call is optimised away whatever its volatility.
-        v_token := picloud._become(v_principal, g.depth);
+        v_batch_call := format('SELECT pg_catalog.count(r) FROM (SELECT %s(e) AS r FROM pg_catalog.unnest($1) AS e) AS calls',
+                               v_function::oid::regproc);
+        v_one_call := format('SELECT pg_catalog.count(r) FROM (SELECT %s($1) AS r) AS call',
+                             v_function::oid::regproc);
+        -- From here until _unbecome this code runs with the principal's rights only, and with
+        -- the session's default search_path (see _become_event), where a tenant's schema may
+        -- shadow a built-in: every expression evaluated until then names its functions with
+        -- their schema and uses no operator. count(r) uses each result, so no handler call is
+        -- optimised away whatever its volatility.
+        v_token := picloud._become_event(g.app_id, g.event_ids[1]);
         BEGIN
-            EXECUTE format('SELECT count(r) FROM (SELECT %s(e) AS r FROM unnest($1) AS e) AS calls',
-                           v_function::oid::regproc)
-            USING g.events;
-            v_done := v_done || g.row_tids;
+            EXECUTE v_batch_call USING g.events;
+            v_done := pg_catalog.array_cat(v_done, g.row_tids);
         EXCEPTION WHEN OTHERS THEN
             -- Some handler call failed; find which, one savepoint per event.
-            FOR i IN 1 .. cardinality(g.events) LOOP
+            FOR i IN 1 .. pg_catalog.cardinality(g.events) LOOP
                 BEGIN
-                    EXECUTE format('SELECT count(r) FROM (SELECT %s($1) AS r) AS call',
-                                   v_function::oid::regproc)
-                    USING g.events[i];
-                    v_done := v_done || g.row_tids[i];
+                    EXECUTE v_one_call USING g.events[i];
+                    v_done := pg_catalog.array_append(v_done, g.row_tids[i]);
                 EXCEPTION WHEN OTHERS THEN
-                    v_left_apps := v_left_apps || g.app_id;
-                    v_left := v_left || g.event_ids[i];
+                    v_left_apps := pg_catalog.array_append(v_left_apps, g.app_id);
+                    v_left := pg_catalog.array_append(v_left, g.event_ids[i]);
                 END;
             END LOOP;
         END;

@@ -2,11 +2,18 @@
 --
 -- Nothing is granted to PUBLIC. Tenant roles reach picloud through picloud_user (granted by
 -- picloud_grant_app_role), and row-level security narrows every table to the apps the role
--- holds a capability in. The supervisor role bypasses RLS; superusers and picloud_admin
--- members pass every policy.
+-- holds a capability in. Superusers and picloud_admin members pass every policy.
+--
+-- The one door (README, Security): tenants read through row-level security and write only
+-- what the API's own statements write, with column privileges that leave out everything the
+-- API never writes at enqueue (claims, leases, attempt counts); explicit table locks on
+-- picloud's tables are refused to them (extension/src/table_locks.rs). The supervisor's role
+-- holds no table rights at all: it calls the claim/report/lane functions, which run as
+-- picloud_owner (SECURITY DEFINER), and switches to a principal only through the event it runs
+-- (picloud._become_event). Every function runs with a fixed search_path (end of this file).
 
 REVOKE ALL ON SCHEMA picloud FROM PUBLIC;
-GRANT USAGE ON SCHEMA picloud TO picloud_user, picloud_admin, picloud_supervisor;
+GRANT USAGE ON SCHEMA picloud TO picloud_user, picloud_admin, picloud_supervisor, picloud_owner;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA picloud FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA picloud FROM PUBLIC;
@@ -18,9 +25,20 @@ GRANT SELECT ON ALL TABLES IN SCHEMA picloud TO picloud_user;
 GRANT INSERT, DELETE ON picloud.scripts, picloud.triggers, picloud.kv_trigger_details,
     picloud.dead_letter_trigger_details, picloud.inboxes TO picloud_user;
 GRANT UPDATE (enabled, updated_at) ON picloud.triggers TO picloud_user;
-GRANT INSERT ON picloud.outbox, picloud.idempotency_keys TO picloud_user;
+-- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
+-- creation time is never the producer's to choose.
+GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    ON picloud.outbox TO picloud_user;
+GRANT INSERT ON picloud.idempotency_keys TO picloud_user;
 GRANT UPDATE (resolution, resolved_at, resolved_by) ON picloud.dead_letters TO picloud_user;
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_supervisor;
+-- Signing secrets are write-only: admins add and expire them but read back only their
+-- bookkeeping (sql/070_signing.sql).
+REVOKE SELECT ON picloud.handler_secrets FROM picloud_user;
+GRANT SELECT (app_id, script_id, secret_id, created_at, expires_at),
+      INSERT (app_id, script_id, secret),
+      UPDATE (expires_at)
+    ON picloud.handler_secrets TO picloud_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_owner;
 
 -- Functions every tenant may call; each checks the app capability it needs itself.
 GRANT EXECUTE ON FUNCTION
@@ -78,6 +96,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_payload(jsonb),
     picloud._check_event_shape(text, text),
     picloud._resolve_handler(uuid, uuid, uuid),
+    picloud._check_run_at(timestamptz),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._check_page(integer, integer),
@@ -94,11 +113,43 @@ GRANT EXECUTE ON FUNCTION
     -- The caller's own backend start, recorded when it opens an inbox.
     picloud._my_backend_start(),
     -- Runs as the handler's principal; useless without the token _become returned.
-    picloud._unbecome(bigint)
+    picloud._unbecome(bigint),
+    picloud.picloud_set_handler_secret(uuid, uuid, text, interval),
+    picloud.picloud_clear_handler_secrets(uuid, uuid)
 TO picloud_user, picloud_supervisor;
 
--- The supervisor's own functions. _become switches users: it is granted to nobody else.
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_supervisor;
+-- The supervisor's functions: all it may call beyond what every tenant may. Each runs as
+-- picloud_owner, which holds the table rights they need; the caller holds none.
+DO $supervisor$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOREACH v_function IN ARRAY ARRAY[
+        'picloud.picloud_claim(text, integer, integer, boolean)',
+        'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
+        'picloud.picloud_next_due_at()',
+        'picloud.picloud_run_sql_handler(uuid, uuid, text)',
+        'picloud.picloud_run_sql_handlers(text, uuid[], uuid[])',
+        'picloud.picloud_complete(uuid, uuid, text, jsonb)',
+        'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
+        'picloud.picloud_extend_lease(uuid, uuid, text, integer)',
+        'picloud.picloud_release(uuid, uuid, text)',
+        'picloud.picloud_lock_sql_lane(integer)',
+        'picloud.picloud_lock_sql_lane_for_run(integer)',
+        'picloud.picloud_run_sql_lane_locked()',
+        'picloud.picloud_run_sql_lane(uuid[], tid[])',
+        'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
+        'picloud.picloud_signing_secrets(uuid[], uuid[])'
+    ]::regprocedure[] LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO picloud_owner', v_function);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO picloud_supervisor', v_function);
+    END LOOP;
+END
+$supervisor$;
+-- picloud_owner runs the functions above and whatever they call; _become_event, which switches
+-- to an event's principal, is granted to nobody else.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_owner;
 -- Housekeeping on demand (picloud_gc_pass) for picloud_admin.
 GRANT EXECUTE ON FUNCTION
     picloud._gc_rescue_leases(integer),
@@ -109,12 +160,18 @@ GRANT EXECUTE ON FUNCTION
     picloud._gc_event_counts(integer),
     picloud._backend_started(integer),
     picloud._count_outcome(uuid, text, integer, integer, integer),
-    picloud._settle_failure(picloud.outbox, text, interval),
+    picloud._settle_failure(picloud.outbox, text, interval, timestamptz),
     picloud._dead_letter(picloud.outbox, text),
     picloud._reply(picloud.outbox, boolean, jsonb, text),
     picloud._record_abandoned(picloud.outbox, boolean, jsonb, text, text),
     picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)
 TO picloud_admin;
+
+-- The signing secrets' bookkeeping follows the app's triggers.
+ALTER TABLE picloud.handler_secrets ENABLE ROW LEVEL SECURITY;
+CREATE POLICY handler_secrets_admin ON picloud.handler_secrets FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
 
 -- Row-level security ---------------------------------------------------------------------------
 
@@ -222,3 +279,29 @@ SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letter_trigger_details'
 SELECT pg_catalog.pg_extension_config_dump('picloud.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.abandoned_executions', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.handler_secrets', '');
+
+-- A fixed search_path for every function written in SQL or PL/pgSQL: names they do not qualify
+-- resolve in pg_catalog and picloud only, never in a schema a tenant can create objects in,
+-- whoever calls them (a tenant, the supervisor, the housekeeper as the bootstrap superuser).
+-- The C functions (Rust) qualify every name and operator of the few statements they run.
+DO $pin$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+        WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
+          -- Three functions qualify every name instead (sql/020_triggers.sql): one looks the
+          -- handler function up in the caller's search_path, two are inlined into their callers.
+          AND p.oid <> ALL (ARRAY[
+              'picloud.picloud_create_script(uuid, text, text, text, integer)',
+              'picloud.picloud_match_kv_triggers(uuid, text, text)',
+              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)'
+          ]::regprocedure[])
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);
+    END LOOP;
+END
+$pin$;

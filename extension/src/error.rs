@@ -18,6 +18,11 @@ pub enum PicloudError {
     UnknownPrincipal { principal: String },
     /// A value passed to a function is outside what it accepts.
     InvalidParameter { what: &'static str, detail: String },
+    /// An event's principal may not run its handler (the SQL paths check first and raise PC005;
+    /// this is the library's own refusal when asked anyway).
+    PrincipalCannotRun { event: String, problem: String },
+    /// A tenant tried to take a table lock on picloud's tables.
+    LockRefused { relation: String },
 }
 
 impl PicloudError {
@@ -28,6 +33,10 @@ impl PicloudError {
             PicloudError::InvalidParameter { .. } => {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
+            PicloudError::PrincipalCannotRun { .. } => {
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            PicloudError::LockRefused { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
 
@@ -40,6 +49,12 @@ impl PicloudError {
                 format!("principal role {principal:?} does not exist")
             }
             PicloudError::InvalidParameter { what, detail } => format!("invalid {what}: {detail}"),
+            PicloudError::PrincipalCannotRun { event, problem } => {
+                format!("cannot run handler of event {event}: {problem}")
+            }
+            PicloudError::LockRefused { relation } => format!(
+                "permission denied: LOCK TABLE on picloud table {relation} is reserved to picloud administrators"
+            ),
         }
     }
 
@@ -51,7 +66,10 @@ impl PicloudError {
             PicloudError::UnknownPrincipal { .. } => {
                 Some("The role that registered the trigger was dropped; re-register the trigger.")
             }
-            PicloudError::InvalidParameter { .. } => None,
+            PicloudError::InvalidParameter { .. } | PicloudError::PrincipalCannotRun { .. } => None,
+            PicloudError::LockRefused { .. } => Some(
+                "A lock held by one tenant would stall every app; picloud's functions take the locks they need.",
+            ),
         }
     }
 

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 mod api;
 mod error;
 mod gucs;
+mod table_locks;
 mod worker;
 
 pgrx::pg_module_magic!();
@@ -46,7 +47,7 @@ extension_sql_file!(
         api::wake::picloud_note_claim,
         api::principal::picloud_current_depth,
         api::admission::picloud_admit,
-        api::principal::picloud_become,
+        api::principal::picloud_become_event,
         api::principal::picloud_unbecome,
         api::backends::picloud_my_backend_start,
         api::backends::picloud_backend_started
@@ -73,6 +74,11 @@ extension_sql_file!(
     requires = ["housekeeping"]
 );
 extension_sql_file!(
+    "../../sql/070_signing.sql",
+    name = "signing",
+    requires = ["operations"]
+);
+extension_sql_file!(
     "../../sql/090_privileges.sql",
     name = "privileges",
     finalize
@@ -95,6 +101,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     api::wake::init_shared_memory();
+    table_locks::install();
     worker::register();
 }
 

@@ -1105,9 +1105,11 @@ fn specs() -> Vec<Spec> {
             },
         },
         Spec {
-            func: "picloud._become",
+            func: "picloud._become_event",
             kind: Kind::Supervisor,
-            build: |_, _, _| call("SELECT picloud._become('postgres', 0)::text"),
+            build: |_, _, _| {
+                call("SELECT picloud._become_event(gen_random_uuid(), gen_random_uuid())::text")
+            },
         },
         // Housekeeping steps: picloud_gc_pass calls them with picloud_admin's rights.
         Spec {
@@ -1538,6 +1540,11 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
                         CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'TRUNCATE') THEN 'TRUNCATE' END,
                         CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'REFERENCES') THEN 'REFERENCES' END,
                         CASE WHEN has_table_privilege('{ta}', 'picloud.{table}', 'TRIGGER') THEN 'TRIGGER' END,
+                        (SELECT 'INSERT(' || string_agg(attname::text, ',' ORDER BY attname) || ')'
+                         FROM pg_attribute
+                         WHERE attrelid = 'picloud.{table}'::regclass AND attnum > 0 AND NOT attisdropped
+                           AND NOT has_table_privilege('{ta}', 'picloud.{table}', 'INSERT')
+                           AND has_column_privilege('{ta}', attrelid, attnum, 'INSERT')),
                         (SELECT 'UPDATE(' || string_agg(attname::text, ',' ORDER BY attname) || ')'
                          FROM pg_attribute
                          WHERE attrelid = 'picloud.{table}'::regclass AND attnum > 0 AND NOT attisdropped
@@ -1546,11 +1553,18 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         )
         .unwrap_or_default();
         let mut want = vec!["SELECT".to_string()];
-        if tenant_may_insert(table) {
+        if tenant_may_insert(table) && table != "outbox" {
             want.push("INSERT".to_string());
         }
         if tenant_may_delete(table) {
             want.push("DELETE".to_string());
+        }
+        if table == "outbox" {
+            // Only the columns an enqueue writes: never a claim, a lease or an attempt count.
+            want.push(
+                "INSERT(app_id,depth,due_at,event_id,op,payload,reply_to,script_id,source,trigger_id)"
+                    .to_string(),
+            );
         }
         if let Some(cols) = tenant_update_columns(table) {
             want.push(format!("UPDATE({cols})"));
@@ -2113,7 +2127,7 @@ fn sql_handlers_run_with_their_principals_rights_only() {
          CREATE FUNCTION a_schema.unbecome(e jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
          BEGIN PERFORM picloud._unbecome(12345); INSERT INTO a_schema.leak SELECT current_user, count(*) FROM public.b_secret; RETURN NULL; END $$;
          CREATE FUNCTION a_schema.become(e jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
-         BEGIN PERFORM picloud._become('postgres', 0); INSERT INTO a_schema.leak SELECT current_user, count(*) FROM public.b_secret; RETURN NULL; END $$;"
+         BEGIN PERFORM picloud._become_event(gen_random_uuid(), gen_random_uuid()); INSERT INTO a_schema.leak SELECT current_user, count(*) FROM public.b_secret; RETURN NULL; END $$;"
     ))
     .expect("handlers");
     // tenant_b's own handler may read b_secret: the refusals below are about the principal.
@@ -2186,7 +2200,7 @@ fn sql_handlers_run_with_their_principals_rights_only() {
             }
             "session_auth" => ("42501", "cannot set parameter \"session_authorization\""),
             "unbecome" => ("22023", "token"),
-            "become" => ("42501", "permission denied for function _become"),
+            "become" => ("42501", "permission denied for function _become_event"),
             _ => unreachable!(),
         };
         match (&r.outcome, want_code) {

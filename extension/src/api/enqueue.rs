@@ -47,13 +47,16 @@ const ARGS: usize = 10;
 /// An op is 1 to 200 characters; no encoding needs more than 4 bytes per character.
 const MAX_OP_BYTES: usize = 200 * 4;
 
+// Every name and operator in these statements is schema-qualified: their plans are made (and
+// remade) under the caller's search_path, where a tenant's schema may shadow a built-in.
+
 /// The common case for callers who act on every app (superusers, picloud_admin): the handler
 /// must exist in the app.
 const OWNER_INSERT: &CStr = c"
     INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at)
     SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now())
     FROM picloud.scripts s
-    WHERE s.app_id = $1 AND s.script_id = $5";
+    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5";
 
 /// The common case for every other caller: as above, and the caller holds the producer or
 /// admin right in the app (what `picloud_has_capability(app, 'enqueue')` asks).
@@ -61,10 +64,11 @@ const PRODUCER_INSERT: &CStr = c"
     INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at)
     SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now())
     FROM picloud.scripts s
-    WHERE s.app_id = $1 AND s.script_id = $5
+    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5
       AND EXISTS (SELECT FROM picloud.app_roles r
-                  WHERE r.app_id = $1 AND r.role_name = CURRENT_USER
-                    AND r.capability IN ('admin', 'producer'))";
+                  WHERE r.app_id OPERATOR(pg_catalog.=) $1
+                    AND r.role_name OPERATOR(pg_catalog.=) CURRENT_USER
+                    AND r.capability OPERATOR(pg_catalog.=) ANY ('{admin,producer}'::pg_catalog.text[]))";
 
 const INSERT_TYPES: [pg_sys::Oid; 8] = [
     pg_sys::UUIDOID,
@@ -155,6 +159,20 @@ fn op_length_valid(op: &[u8]) -> bool {
     (1..=200).contains(&chars)
 }
 
+/// A little less than the general path's 100 calendar years (picloud._check_run_at), so that
+/// every due time taken here is one it takes too; the edge cases go to the general path.
+const RUN_AT_WINDOW_MICROS: i64 = 36_500 * 86_400 * 1_000_000;
+
+/// Is a requested due time finite and within the window around the transaction's start?
+/// (Infinity is i64::MAX/MIN, far outside it.)
+fn run_at_in_window(run_at: i64) -> bool {
+    // SAFETY: reads the current transaction's start time (what now() returns).
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    run_at
+        .checked_sub(now)
+        .is_some_and(|offset| offset.abs() < RUN_AT_WINDOW_MICROS)
+}
+
 /// Writes the event if the call is the common case and the INSERT takes it; returns its id.
 /// `None` means nothing was written: the general path must handle the call.
 ///
@@ -188,6 +206,10 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         requested_depth,
     );
     if depth < 0 {
+        return None;
+    }
+    // SAFETY: RUN_AT, when given, is a timestamptz datum (int64 microseconds).
+    if !args[RUN_AT].is_null && !run_at_in_window(args[RUN_AT].value.value() as i64) {
         return None;
     }
 

@@ -70,13 +70,20 @@ impl<'a> Pattern<'a> {
 
 /// Every match key a collection name can be matched by: its exact key, one key per prefix
 /// that ends in `:`, and `*`.
+/// Only prefixes a stored pattern can hold are listed (at most MAX_PATTERN_BYTES long), so the
+/// work stays bounded however long the name: a name of n bytes full of ':' would otherwise
+/// make n keys of up to n bytes each.
 pub fn match_keys_of(name: &str) -> Vec<String> {
-    let mut keys = Vec::with_capacity(2 + name.matches(':').count());
-    keys.push(format!("={name}"));
-    keys.push("*".to_string());
-    for (at, _) in name.match_indices(':') {
-        keys.push(format!(">{}", &name[..=at]));
+    let prefixes = name
+        .match_indices(':')
+        .map(|(at, _)| at + 1)
+        .take_while(|&end| end <= MAX_PATTERN_BYTES);
+    let mut keys = Vec::new();
+    if name.len() <= MAX_PATTERN_BYTES {
+        keys.push(format!("={name}"));
     }
+    keys.push("*".to_string());
+    keys.extend(prefixes.map(|end| format!(">{}", &name[..end])));
     keys
 }
 

@@ -85,17 +85,86 @@ fn random_token() -> i64 {
     i64::from_ne_bytes(bytes)
 }
 
-/// Switches to `principal` for running a handler of an event at `event_depth` (internal,
-/// supervisor only). Returns the token `_unbecome` needs.
-#[pg_extern(volatile, parallel_unsafe, name = "_become")]
+/// The 0.1.0-0.3.0 declaration `picloud._become(name, integer)`, which switched to any role
+/// by name. Kept in the library only for databases not yet updated to 0.4.0 (their install
+/// scripts declare it); 0.4.0 drops it in favour of `_become_event`.
+#[pg_extern(volatile, parallel_unsafe, name = "_become", sql = false)]
 pub fn picloud_become(principal: &str, event_depth: i32) -> i64 {
-    let role = role_oid(principal);
+    become_role(role_oid(principal), event_depth)
+}
+
+/// Who runs an event's handler and at what depth, looked up from the event itself: the
+/// principal is the role that registered the event's trigger (or its handler), never a name
+/// the caller chooses.
+const EVENT_PRINCIPAL: &str = "
+    SELECT o.depth::pg_catalog.int4, h.principal::pg_catalog.text, h.problem
+    FROM picloud.outbox o
+    CROSS JOIN LATERAL picloud._handler_principal(o.app_id, o.trigger_id, o.script_id) h
+    WHERE o.app_id OPERATOR(pg_catalog.=) $1 AND o.event_id OPERATOR(pg_catalog.=) $2";
+
+/// Switches to the principal of the event `(app_id, event_id)` for running its handler
+/// (internal; only picloud's own SECURITY DEFINER functions may call it). The principal is the
+/// role that registered the event's trigger or handler, so the switch can reach a superuser
+/// or a role with BYPASSRLS or CREATEROLE only when that very role registered the handler.
+/// Returns the token `_unbecome` needs.
+#[pg_extern(volatile, parallel_unsafe, name = "_become_event")]
+pub fn picloud_become_event(app_id: pgrx::Uuid, event_id: pgrx::Uuid) -> i64 {
+    let found = Spi::get_three_with_args::<i32, String, String>(
+        EVENT_PRINCIPAL,
+        &[app_id.into(), event_id.into()],
+    );
+    let (depth, principal, problem) = match found {
+        Ok(row) => row,
+        Err(_) => PicloudError::InvalidParameter {
+            what: "event",
+            detail: format!("event {event_id} of app {app_id} does not exist"),
+        }
+        .raise(),
+    };
+    if let Some(problem) = problem {
+        PicloudError::PrincipalCannotRun {
+            event: event_id.to_string(),
+            problem,
+        }
+        .raise()
+    }
+    let Some(principal) = principal else {
+        PicloudError::PrincipalCannotRun {
+            event: event_id.to_string(),
+            problem: "the handler no longer exists".into(),
+        }
+        .raise()
+    };
+    become_role(role_oid(&principal), depth.unwrap_or(0))
+}
+
+fn become_role(role: pg_sys::Oid, event_depth: i32) -> i64 {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context: i32 = 0;
     // SAFETY: plain reads of the backend's current user and security context into locals.
     unsafe { pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context) };
     // SAFETY: opens a GUC nest level that `_unbecome` (or transaction abort) closes.
     let guc_nest_level = unsafe { pg_sys::NewGUCNestLevel() };
+    // The handler runs with the session's default search_path (what RESET would restore: the
+    // database's or role's setting, else "$user", public), as it would in any session, not with
+    // the fixed path of the picloud function that calls it; the nest level undoes this too.
+    // SAFETY: both names are valid C strings; the reset string is a GUC-owned value that
+    // set_config_option copies; GUC_ACTION_SAVE ties the change to the nest level opened above.
+    unsafe {
+        let reset = pg_sys::GetConfigOptionResetString(c"search_path".as_ptr());
+        if !reset.is_null() {
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                reset,
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                pgrx::pg_sys::elog::PgLogLevel::ERROR as i32,
+                false,
+            );
+        }
+    }
     let token = random_token();
     INVOCATION.with(|i| {
         i.set(Some(Invocation {
@@ -160,19 +229,48 @@ mod tests {
         panic!("expected an error, got {result:?}");
     }
 
-    #[pg_test(error = "principal role \"no_such_role_xyz\" does not exist")]
-    fn become_an_unknown_role_is_refused() {
-        let result = Spi::run("SELECT picloud._become('no_such_role_xyz', 0)");
+    #[pg_test(
+        error = "invalid event: event 00000000-0000-0000-0000-000000000002 of app 00000000-0000-0000-0000-000000000001 does not exist"
+    )]
+    fn become_an_unknown_event_is_refused() {
+        let result = Spi::run(
+            "SELECT picloud._become_event('00000000-0000-0000-0000-000000000001',
+                                          '00000000-0000-0000-0000-000000000002')",
+        );
         panic!("expected an error, got {result:?}");
     }
 
     #[pg_test]
-    fn become_switches_user_and_depth_until_unbecome() {
-        Spi::run("CREATE ROLE picloud_pg_test_principal; GRANT picloud_user TO picloud_pg_test_principal")
-            .expect("create role");
-        let token = Spi::get_one::<i64>("SELECT picloud._become('picloud_pg_test_principal', 3)")
-            .expect("become")
-            .expect("a token");
+    fn become_switches_to_the_events_principal_until_unbecome() {
+        Spi::run(
+            "CREATE ROLE picloud_pg_test_principal;
+             CREATE FUNCTION public.pg_test_handler(jsonb) RETURNS void LANGUAGE sql AS 'SELECT NULL';
+             GRANT EXECUTE ON FUNCTION public.pg_test_handler(jsonb) TO picloud_pg_test_principal",
+        )
+        .expect("create role and handler");
+        let app = Spi::get_one::<pgrx::Uuid>("SELECT picloud.picloud_create_app('pg_test')")
+            .expect("create app")
+            .expect("an app id");
+        Spi::run(&format!(
+            "SELECT picloud.picloud_grant_app_role('{app}', 'picloud_pg_test_principal', 'admin')"
+        ))
+        .expect("grant");
+        Spi::run("SET ROLE picloud_pg_test_principal").expect("set role");
+        let script = Spi::get_one::<pgrx::Uuid>(&format!(
+            "SELECT picloud.picloud_create_script('{app}', 'h', 'sql', 'public.pg_test_handler')"
+        ))
+        .expect("create script")
+        .expect("a script id");
+        let event = Spi::get_one::<pgrx::Uuid>(&format!(
+            "SELECT picloud.picloud_enqueue('{app}', 'queue', 'x', '{{}}', '{script}', p_depth => 3)"
+        ))
+        .expect("enqueue")
+        .expect("an event id");
+        Spi::run("RESET ROLE").expect("reset role");
+        let token =
+            Spi::get_one::<i64>(&format!("SELECT picloud._become_event('{app}', '{event}')"))
+                .expect("become")
+                .expect("a token");
         assert_eq!(
             Spi::get_one::<String>("SELECT current_user::text"),
             Ok(Some("picloud_pg_test_principal".to_string()))

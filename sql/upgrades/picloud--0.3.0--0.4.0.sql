@@ -1,0 +1,689 @@
+-- picloud 0.3.0 -> 0.4.0: one door for tenants.
+--   * picloud_owner (not a superuser) owns the supervisor's functions, which become SECURITY
+--     DEFINER; picloud_supervisor loses every right on picloud's tables and may call only those
+--     functions and what every tenant may call.
+--   * picloud._become(name, integer), which switched to any role by name, is replaced by
+--     picloud._become_event(app_id, event_id), which switches only to the principal of that
+--     event's trigger or handler.
+--   * Every SQL and PL/pgSQL function gets a fixed search_path.
+--   * Outbox values are bounded whoever writes them: due times and leases finite and between
+--     1970 and 2200, depth and attempt count at most 1,000,000; the API takes run_at within
+--     100 years of now. Producers may insert only the outbox columns an enqueue writes.
+--   * picloud_fail takes the earliest time of the next attempt (HTTP Retry-After).
+--   * Signing secrets for webhook deliveries (picloud.handler_secrets, picloud_set_handler_secret,
+--     picloud_clear_handler_secrets, picloud_signing_secrets).
+-- Frozen once released: later changes go in a new picloud--0.4.0--X.sql.
+\echo Use "ALTER EXTENSION picloud UPDATE TO '0.4.0'" to load this file. \quit
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'picloud_owner') THEN
+        CREATE ROLE picloud_owner NOLOGIN NOINHERIT BYPASSRLS;
+    END IF;
+END
+$roles$;
+
+-- Bounded outbox values. Rows written before the bounds existed are brought inside them
+-- first (a row outside them could only have been written by hand).
+UPDATE picloud.outbox SET
+    depth = least(depth, 1000000),
+    attempt_count = least(attempt_count, 1000000),
+    due_at = least(greatest(due_at, '1970-01-01 00:00:00+00'), '2200-01-01 00:00:00+00'),
+    lease_expires_at = least(greatest(lease_expires_at, '1970-01-01 00:00:00+00'), '2200-01-01 00:00:00+00')
+WHERE depth > 1000000 OR attempt_count > 1000000
+   OR due_at NOT BETWEEN '1970-01-01 00:00:00+00' AND '2200-01-01 00:00:00+00'
+   OR lease_expires_at NOT BETWEEN '1970-01-01 00:00:00+00' AND '2200-01-01 00:00:00+00';
+ALTER DOMAIN picloud.non_negative_int DROP CONSTRAINT non_negative_int_check;
+ALTER DOMAIN picloud.non_negative_int
+    ADD CONSTRAINT non_negative_int_check CHECK (VALUE BETWEEN 0 AND 1000000);
+CREATE DOMAIN picloud.event_time AS timestamptz
+    CONSTRAINT event_time_check
+    CHECK (VALUE BETWEEN '1970-01-01 00:00:00+00' AND '2200-01-01 00:00:00+00');
+-- The restrictive policy names lease_expires_at: it goes while the column's type changes.
+DROP POLICY outbox_claim_has_lease ON picloud.outbox;
+ALTER TABLE picloud.outbox
+    ALTER COLUMN due_at TYPE picloud.event_time,
+    ALTER COLUMN lease_expires_at TYPE picloud.event_time;
+CREATE POLICY outbox_claim_has_lease ON picloud.outbox AS RESTRICTIVE FOR ALL
+    USING (true)
+    WITH CHECK ((claimed_by IS NULL) = (lease_expires_at IS NULL));
+
+-- A requested due time is finite and within 100 years of now: the outbox's readers do
+-- arithmetic on it, and nothing sensible is scheduled further away.
+CREATE FUNCTION picloud._check_run_at(p_run_at timestamptz) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT isfinite(p_run_at)
+       OR p_run_at NOT BETWEEN now() - interval '100 years' AND now() + interval '100 years' THEN
+        PERFORM picloud._invalid(format('run_at must be within 100 years of now, got %s', p_run_at));
+    END IF;
+END
+$$;
+-- The whole contract of picloud_enqueue (below), every error included: every call that
+-- picloud._enqueue_fast does not write comes here (internal).
+CREATE OR REPLACE FUNCTION picloud._enqueue_general(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event_id uuid := picloud._new_event_id();
+    v_existing uuid;
+    v_script_id uuid := p_script_id;
+    v_depth integer;
+    v_wake_pending boolean;
+BEGIN
+    -- Still a hot path (trigger ids, inboxes, idempotency keys): each check below is a plain
+    -- expression that PL/pgSQL evaluates without running a query, and the helper that raises
+    -- the precise error is called only when a check fails.
+    IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payload IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,source,op,payload}',
+            ARRAY[p_app_id IS NULL, p_source IS NULL, p_op IS NULL, p_payload IS NULL]);
+    END IF;
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
+    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')
+       OR length(p_op) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._check_event_shape(p_source, p_op);
+    END IF;
+    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    IF v_depth < 0 THEN
+        PERFORM picloud._check_payload(p_payload);
+        v_depth := picloud._event_depth(p_depth);
+    END IF;
+    IF p_run_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_run_at);
+    END IF;
+    IF p_trigger_id IS NULL AND p_script_id IS NOT NULL THEN
+        PERFORM FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+        IF NOT FOUND THEN
+            PERFORM picloud._require_app(p_app_id);
+            PERFORM picloud._require_script(p_app_id, p_script_id);
+        END IF;
+    ELSE
+        v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    END IF;
+    IF p_reply_to IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM picloud.inboxes i WHERE i.app_id = p_app_id AND i.channel = p_reply_to) THEN
+        PERFORM picloud._invalid(format('reply_to %L is not an open inbox of app %s', left(p_reply_to, 200), p_app_id),
+            'Open one with picloud_open_inbox and LISTEN on the channel it returns.');
+    END IF;
+    IF p_idempotency_key IS NOT NULL THEN
+        IF length(p_idempotency_key) NOT BETWEEN 1 AND 512 THEN
+            PERFORM picloud._invalid(format('idempotency_key must be 1 to 512 characters long, got %s', length(p_idempotency_key)));
+        END IF;
+        INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id)
+        VALUES (p_app_id, p_idempotency_key, v_event_id)
+        ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT k.event_id INTO v_existing FROM picloud.idempotency_keys k
+            WHERE k.app_id = p_app_id AND k.idempotency_key = p_idempotency_key;
+            RETURN v_existing;
+        END IF;
+    END IF;
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
+            coalesce(p_run_at, now()), p_reply_to);
+    v_wake_pending := picloud._wake_at_commit();
+    RETURN v_event_id;
+END
+$$;
+-- Enqueues one event per payload, all for the same handler, in one statement. Returns the
+-- new event ids in payload order.
+CREATE OR REPLACE FUNCTION picloud.picloud_enqueue_bulk(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payloads jsonb[],
+    p_script_id uuid DEFAULT NULL,
+    p_trigger_id uuid DEFAULT NULL,
+    p_depth integer DEFAULT NULL,
+    p_run_at timestamptz DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_script_id uuid;
+    v_depth integer;
+    v_max integer := current_setting('picloud.max_payload_bytes')::integer;
+    v_too_big integer;
+    v_ids uuid[];
+BEGIN
+    IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payloads IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,source,op,payloads}',
+            ARRAY[p_app_id IS NULL, p_source IS NULL, p_op IS NULL, p_payloads IS NULL]);
+    END IF;
+    PERFORM picloud._require(p_app_id, 'enqueue');
+    PERFORM picloud._check_event_shape(p_source, p_op);
+    IF array_position(p_payloads, NULL) IS NOT NULL THEN
+        PERFORM picloud._null_argument('{"payloads element"}', '{t}');
+    END IF;
+    SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
+    WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
+    IF v_too_big IS NOT NULL THEN
+        PERFORM picloud._check_payload(p_payloads[v_too_big]);
+    END IF;
+    IF p_run_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_run_at);
+    END IF;
+    v_depth := picloud._event_depth(p_depth);
+    v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
+    -- be allowed to read the outbox, which shows other producers' events.
+    v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
+    SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
+           coalesce(p_run_at, now())
+    FROM unnest(p_payloads, v_ids) AS p(payload, event_id);
+    IF cardinality(p_payloads) > 0 THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN QUERY SELECT unnest(v_ids);
+END
+$$;
+-- Runs a claimed event's SQL handler as its principal and completes the event, all in the
+-- caller's transaction: the handler's writes and the completion commit or roll back together.
+-- Returns the handler's result as jsonb for a synchronous event (NULL otherwise).
+CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_handler(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+    v_function regprocedure;
+    v_kind text;
+    v_principal name;
+    v_problem text;
+    v_token bigint;
+    v_event jsonb;
+    v_call text;
+    v_text text;
+    v_result jsonb;
+BEGIN
+    r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
+    SELECT s.sql_function, s.kind INTO v_function, v_kind
+    FROM picloud.scripts s WHERE s.app_id = r.app_id AND s.script_id = r.script_id;
+    SELECT h.principal, h.problem INTO v_principal, v_problem
+    FROM picloud._handler_principal(r.app_id, r.trigger_id, r.script_id) h;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot run handler of event %: %', p_event_id, v_problem USING ERRCODE = 'PC005';
+    END IF;
+    IF v_kind <> 'sql' THEN
+        PERFORM picloud._invalid(format('event %s has a %s handler, not a sql one', p_event_id, v_kind));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = v_function) THEN
+        RAISE EXCEPTION 'handler function of event % no longer exists', p_event_id USING ERRCODE = '42883';
+    END IF;
+    v_event := picloud._event_json(r);
+    v_call := format('SELECT %s($1)::pg_catalog.text', v_function::oid::regproc);
+    -- From here until _unbecome this code runs with the principal's rights only.
+    v_token := picloud._become_event(r.app_id, r.event_id);
+    EXECUTE v_call INTO v_text USING v_event;
+    PERFORM picloud._unbecome(v_token);
+    IF v_text IS NOT NULL AND v_text <> '' AND r.reply_to IS NOT NULL THEN
+        BEGIN
+            v_result := v_text::jsonb;
+        EXCEPTION WHEN invalid_text_representation THEN
+            v_result := to_jsonb(v_text);
+        END;
+    END IF;
+    DELETE FROM picloud.outbox o WHERE o.app_id = p_app_id AND o.event_id = p_event_id;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
+    IF r.reply_to IS NOT NULL THEN
+        PERFORM picloud._reply(r, true, v_result, NULL);
+    END IF;
+    RETURN v_result;
+END
+$$;
+-- Registers a handler. kind 'sql': target names a function taking one jsonb argument,
+-- which the caller must be allowed to execute; 'http': an http:// or https:// URL; 'command':
+-- a command name the supervisor's configuration defines. Returns the script id.
+CREATE OR REPLACE FUNCTION picloud.picloud_create_script(
+    p_app_id uuid, p_name text, p_kind text, p_target text, p_timeout_ms integer DEFAULT 30000)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+-- The one picloud function without a fixed search_path: a sql handler's function is named as
+-- the caller would name it, so it is looked up in the caller's search_path. Every other name
+-- here is qualified (sql/090_privileges.sql leaves this function out of the pinning, and the
+-- search_path test holds it to qualified built-ins).
+DECLARE
+    v_script_id uuid := pg_catalog.gen_random_uuid();
+    v_function regprocedure;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_name IS NULL OR p_kind IS NULL OR p_target IS NULL OR p_timeout_ms IS NULL THEN
+        PERFORM picloud._null_argument('{name,kind,target,timeout_ms}',
+            ARRAY[p_name IS NULL, p_kind IS NULL, p_target IS NULL, p_timeout_ms IS NULL]);
+    END IF;
+    PERFORM picloud._require_app(p_app_id);
+    IF pg_catalog.length(p_name) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid(pg_catalog.format('handler name must be 1 to 200 characters long, got %s', pg_catalog.length(p_name)));
+    END IF;
+    IF p_timeout_ms NOT BETWEEN 1 AND 3600000 THEN
+        PERFORM picloud._invalid(pg_catalog.format('timeout_ms must be between 1 and 3600000, got %s', p_timeout_ms));
+    END IF;
+    IF pg_catalog.length(p_target) NOT BETWEEN 1 AND 2048 THEN
+        PERFORM picloud._invalid(pg_catalog.format('handler target must be 1 to 2048 characters long, got %s', pg_catalog.length(p_target)));
+    END IF;
+    CASE p_kind
+    WHEN 'sql' THEN
+        v_function := pg_catalog.to_regprocedure(p_target OPERATOR(pg_catalog.||) '(jsonb)');
+        IF v_function IS NULL THEN
+            RAISE EXCEPTION 'handler function %(jsonb) does not exist', p_target
+                USING ERRCODE = '42883',
+                      HINT = 'A SQL handler is a function taking one jsonb argument (the event).';
+        END IF;
+        IF NOT pg_catalog.has_function_privilege(current_user, v_function, 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied: role "%" may not execute %', current_user, v_function
+                USING ERRCODE = '42501';
+        END IF;
+    WHEN 'http' THEN
+        IF p_target !~ '^https?://[^/\s]+' THEN
+            PERFORM picloud._invalid(pg_catalog.format('http handler target %L is not an http:// or https:// URL', pg_catalog.left(p_target, 200)));
+        END IF;
+    WHEN 'command' THEN
+        IF p_target !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+            PERFORM picloud._invalid(
+                pg_catalog.format('command name %L may only contain letters, digits, ''_'', ''.'' and ''-'' (at most 64)', pg_catalog.left(p_target, 200)),
+                'A command handler names a command defined in the supervisor''s configuration.');
+        END IF;
+    ELSE
+        PERFORM picloud._invalid(pg_catalog.format('unknown handler kind %L', pg_catalog.left(p_kind, 200)),
+            'Use ''sql'', ''http'' or ''command''.');
+    END CASE;
+    INSERT INTO picloud.scripts (app_id, script_id, name, kind, target, sql_function, timeout_ms)
+    VALUES (p_app_id, v_script_id, p_name, p_kind, p_target, v_function, p_timeout_ms);
+    RETURN v_script_id;
+END
+$$;
+DROP FUNCTION picloud._settle_failure(picloud.outbox, text, interval);
+-- Settles a failed attempt of a locked outbox row: reschedule after p_delay, or - after the
+-- last attempt, or at once for a synchronous event - move it to the dead letters.
+CREATE FUNCTION picloud._settle_failure(r picloud.outbox, p_error text, p_delay interval,
+                                        p_not_before timestamptz DEFAULT NULL)
+RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_error text := left(coalesce(p_error, 'unknown error'), 4000);
+    v_due timestamptz;
+    v_dead_letter_id uuid;
+BEGIN
+    IF r.reply_to IS NOT NULL
+       OR r.attempt_count >= current_setting('picloud.retry_max_attempts')::integer THEN
+        v_dead_letter_id := picloud._dead_letter(r, v_error);
+        PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 1);
+        IF r.reply_to IS NOT NULL THEN
+            PERFORM picloud._reply(r, false, NULL, v_error);
+        END IF;
+        RETURN QUERY SELECT 'dead_letter'::text, NULL::timestamptz, v_dead_letter_id;
+        RETURN;
+    END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 0);
+    -- A server that asked to be left alone until p_not_before (HTTP Retry-After) gets that.
+    v_due := greatest(now() + p_delay, p_not_before);
+    UPDATE picloud.outbox o
+    SET claimed_by = NULL, lease_expires_at = NULL, due_at = v_due, last_error = v_error
+    WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
+    RETURN QUERY SELECT 'retry'::text, v_due, NULL::uuid;
+END
+$$;
+DROP FUNCTION picloud.picloud_fail(uuid, uuid, text, text);
+-- Reports a failed attempt. Returns 'retry' with the next due time, or 'dead_letter' with
+-- the new dead letter's id. p_retry_at, when given, is the earliest time the next attempt may
+-- run (what an HTTP server asked for with Retry-After); the retry policy's own delay applies
+-- when it is later.
+CREATE FUNCTION picloud.picloud_fail(p_app_id uuid, p_event_id uuid, p_worker text, p_error text,
+                                     p_retry_at timestamptz DEFAULT NULL)
+RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_retry_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_retry_at);
+    END IF;
+    r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
+    RETURN QUERY SELECT * FROM picloud._settle_failure(r, p_error,
+        picloud.picloud_retry_delay(r.attempt_count), p_retry_at);
+END
+$$;
+-- Runs the handlers of events locked by picloud_lock_sql_lane in this transaction and deletes
+-- the events that ran. Each group of events with the same handler, principal and depth runs in
+-- one statement as that principal; a group whose statement fails runs again event by event,
+-- each in a savepoint. Returns how many ran, and the events left for the ordinary path: those
+-- that failed by themselves, and every event of a group whose principal may not run it.
+CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_lane(p_event_ids uuid[], p_row_tids tid[])
+RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    g record;
+    v_function regprocedure;
+    v_kind text;
+    v_principal name;
+    v_problem text;
+    v_token bigint;
+    v_batch_call text;
+    v_one_call text;
+    v_done tid[] := '{}';
+    v_left_apps uuid[] := '{}';
+    v_left uuid[] := '{}';
+    v_completed integer;
+BEGIN
+    IF p_event_ids IS NULL OR p_row_tids IS NULL THEN
+        PERFORM picloud._null_argument('{event_ids,row_tids}', ARRAY[p_event_ids IS NULL, p_row_tids IS NULL]);
+    END IF;
+    IF cardinality(p_event_ids) <> cardinality(p_row_tids) THEN
+        PERFORM picloud._invalid('event_ids and row_tids must have the same length');
+    END IF;
+    FOR g IN SELECT * FROM picloud._sql_lane_groups(p_row_tids) LOOP
+        SELECT s.sql_function, s.kind INTO v_function, v_kind
+        FROM picloud.scripts s WHERE s.app_id = g.app_id AND s.script_id = g.script_id;
+        SELECT h.principal, h.problem INTO v_principal, v_problem
+        FROM picloud._handler_principal(g.app_id, g.trigger_id, g.script_id) h;
+        IF v_problem IS NOT NULL OR v_kind IS DISTINCT FROM 'sql'
+           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = v_function) THEN
+            -- The ordinary path reports exactly why, as each event's error.
+            v_left_apps := v_left_apps || array_fill(g.app_id, ARRAY[cardinality(g.event_ids)]);
+            v_left := v_left || g.event_ids;
+            CONTINUE;
+        END IF;
+        v_batch_call := format('SELECT pg_catalog.count(r) FROM (SELECT %s(e) AS r FROM pg_catalog.unnest($1) AS e) AS calls',
+                               v_function::oid::regproc);
+        v_one_call := format('SELECT pg_catalog.count(r) FROM (SELECT %s($1) AS r) AS call',
+                             v_function::oid::regproc);
+        -- From here until _unbecome this code runs with the principal's rights only, and with
+        -- the session's default search_path (see _become_event), where a tenant's schema may
+        -- shadow a built-in: every expression evaluated until then names its functions with
+        -- their schema and uses no operator. count(r) uses each result, so no handler call is
+        -- optimised away whatever its volatility.
+        v_token := picloud._become_event(g.app_id, g.event_ids[1]);
+        BEGIN
+            EXECUTE v_batch_call USING g.events;
+            v_done := pg_catalog.array_cat(v_done, g.row_tids);
+        EXCEPTION WHEN OTHERS THEN
+            -- Some handler call failed; find which, one savepoint per event.
+            FOR i IN 1 .. pg_catalog.cardinality(g.events) LOOP
+                BEGIN
+                    EXECUTE v_one_call USING g.events[i];
+                    v_done := pg_catalog.array_append(v_done, g.row_tids[i]);
+                EXCEPTION WHEN OTHERS THEN
+                    v_left_apps := pg_catalog.array_append(v_left_apps, g.app_id);
+                    v_left := pg_catalog.array_append(v_left, g.event_ids[i]);
+                END;
+            END LOOP;
+        END;
+        PERFORM picloud._unbecome(v_token);
+    END LOOP;
+    v_completed := picloud._sql_lane_complete(v_done);
+    IF v_completed <> cardinality(v_done) THEN
+        -- Cannot happen while the rows stay locked; refuse rather than half-complete.
+        RAISE EXCEPTION 'sql lane ran % handlers but completed % events', cardinality(v_done), v_completed
+            USING ERRCODE = 'XX000';
+    END IF;
+    RETURN QUERY SELECT cardinality(v_done), v_left_apps, v_left;
+END
+$$;
+-- The enabled KV triggers of an app that fire for (collection, op). One index probe per
+-- candidate match key (see kv_trigger_details.match_key), never a scan of all patterns.
+CREATE OR REPLACE FUNCTION picloud.picloud_match_kv_triggers(p_app_id uuid, p_collection text, p_op text)
+RETURNS TABLE (trigger_id uuid, script_id uuid, registered_by_principal name)
+LANGUAGE sql STABLE AS $$
+    -- Inlined into its callers' statements (the index probe on (app_id, match_key) is then
+    -- planned with them), so no fixed search_path, which would stop the inlining: every
+    -- operator is named with its schema instead.
+    SELECT t.trigger_id, t.script_id, t.registered_by_principal
+    FROM picloud.kv_trigger_details d
+    JOIN picloud.triggers t ON t.app_id OPERATOR(pg_catalog.=) d.app_id
+                           AND t.trigger_id OPERATOR(pg_catalog.=) d.trigger_id
+    WHERE d.app_id OPERATOR(pg_catalog.=) p_app_id
+      AND d.match_key OPERATOR(pg_catalog.=) ANY (picloud._collection_match_keys(p_collection))
+      AND p_op OPERATOR(pg_catalog.=) ANY (d.ops)
+      AND t.enabled
+$$;
+-- The enabled dead-letter triggers of an app that fire for a dead letter from a source and
+-- a handler.
+CREATE OR REPLACE FUNCTION picloud.picloud_match_dead_letter_triggers(p_app_id uuid, p_source text, p_script_id uuid)
+RETURNS TABLE (trigger_id uuid, script_id uuid, registered_by_principal name)
+LANGUAGE sql STABLE AS $$
+    -- Inlined into its callers, like picloud_match_kv_triggers: operators named with their schema.
+    SELECT t.trigger_id, t.script_id, t.registered_by_principal
+    FROM picloud.dead_letter_trigger_details d
+    JOIN picloud.triggers t ON t.app_id OPERATOR(pg_catalog.=) d.app_id
+                           AND t.trigger_id OPERATOR(pg_catalog.=) d.trigger_id
+    WHERE d.app_id OPERATOR(pg_catalog.=) p_app_id
+      AND (d.source_filter IS NULL OR d.source_filter OPERATOR(pg_catalog.=) p_source)
+      AND (d.script_filter IS NULL OR d.script_filter OPERATOR(pg_catalog.=) p_script_id)
+      AND t.enabled
+$$;
+DROP FUNCTION picloud._become(text, integer);
+-- Switches to the principal of one event (Rust, extension/src/api/principal.rs).
+CREATE FUNCTION picloud."_become_event"(
+	"app_id" uuid, /* pgrx :: Uuid */
+	"event_id" uuid /* pgrx :: Uuid */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_become_event_wrapper';
+
+CREATE TABLE picloud.handler_secrets (
+    app_id      uuid        NOT NULL,
+    script_id   uuid        NOT NULL,
+    secret_id   uuid        NOT NULL DEFAULT gen_random_uuid(),
+    -- 'whsec_' followed by the base64 of the key (16 to 128 bytes), as Standard Webhooks
+    -- libraries expect it.
+    secret      text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- NULL: valid until rotated or cleared.
+    expires_at  timestamptz,
+    CONSTRAINT handler_secrets_pkey PRIMARY KEY (app_id, script_id, secret_id),
+    CONSTRAINT handler_secrets_format CHECK (secret ~ '^whsec_[A-Za-z0-9+/]+={0,2}$'
+                                             AND length(secret) BETWEEN 28 AND 180),
+    CONSTRAINT handler_secrets_script_fkey FOREIGN KEY (app_id, script_id)
+        REFERENCES picloud.scripts (app_id, script_id) ON DELETE CASCADE
+);
+
+-- Gives an http handler a new signing secret and returns it. NULL generates one (32 random
+-- bytes). Secrets it had stay valid for p_previous_valid_for more (0 ends them now), so
+-- deliveries carry both signatures while receivers switch.
+CREATE FUNCTION picloud.picloud_set_handler_secret(
+    p_app_id uuid,
+    p_script_id uuid,
+    p_secret text DEFAULT NULL,
+    p_previous_valid_for interval DEFAULT interval '1 day')
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_secret text := p_secret;
+    v_key_bytes integer;
+    v_kind text;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_script_id IS NULL OR p_previous_valid_for IS NULL THEN
+        PERFORM picloud._null_argument('{script_id,previous_valid_for}',
+            ARRAY[p_script_id IS NULL, p_previous_valid_for IS NULL]);
+    END IF;
+    IF p_previous_valid_for < interval '0' OR p_previous_valid_for > interval '30 days' THEN
+        PERFORM picloud._invalid(format('previous_valid_for must be between 0 and 30 days, got %s',
+            p_previous_valid_for));
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    SELECT s.kind INTO v_kind FROM picloud.scripts s
+    WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+    IF v_kind <> 'http' THEN
+        PERFORM picloud._invalid(format('handler %s is a %s handler; only http deliveries are signed',
+            p_script_id, v_kind));
+    END IF;
+    IF v_secret IS NULL THEN
+        -- Two version-4 UUIDs: 244 random bits from the server's strong random source.
+        v_secret := 'whsec_' || encode(decode(replace(gen_random_uuid()::text, '-', '')
+                                              || replace(gen_random_uuid()::text, '-', ''), 'hex'), 'base64');
+    ELSE
+        IF length(v_secret) > 180 OR v_secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN
+            PERFORM picloud._invalid('a signing secret is ''whsec_'' followed by the base64 of 16 to 128 bytes',
+                'Pass NULL to have one generated.');
+        END IF;
+        BEGIN
+            v_key_bytes := octet_length(decode(substr(v_secret, 7), 'base64'));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            v_key_bytes := 0;
+        END;
+        IF v_key_bytes NOT BETWEEN 16 AND 128 THEN
+            PERFORM picloud._invalid('a signing secret is ''whsec_'' followed by the base64 of 16 to 128 bytes',
+                'Pass NULL to have one generated.');
+        END IF;
+    END IF;
+    UPDATE picloud.handler_secrets h
+    SET expires_at = now() + p_previous_valid_for
+    WHERE h.app_id = p_app_id AND h.script_id = p_script_id
+      AND (h.expires_at IS NULL OR h.expires_at > now() + p_previous_valid_for);
+    INSERT INTO picloud.handler_secrets (app_id, script_id, secret) VALUES (p_app_id, p_script_id, v_secret);
+    RETURN v_secret;
+END
+$$;
+
+-- Ends every secret of a handler now: its deliveries go out unsigned. Returns how many ended.
+CREATE FUNCTION picloud.picloud_clear_handler_secrets(p_app_id uuid, p_script_id uuid) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ended integer;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_script_id IS NULL THEN
+        PERFORM picloud._null_argument('{script_id}', '{t}');
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    UPDATE picloud.handler_secrets h SET expires_at = now()
+    WHERE h.app_id = p_app_id AND h.script_id = p_script_id
+      AND (h.expires_at IS NULL OR h.expires_at > now());
+    GET DIAGNOSTICS v_ended = ROW_COUNT;
+    RETURN v_ended;
+END
+$$;
+
+-- The valid secrets of the given handlers, newest first, at most three each (supervisor
+-- only). Handlers without a valid secret have no row.
+CREATE FUNCTION picloud.picloud_signing_secrets(p_app_ids uuid[], p_script_ids uuid[])
+RETURNS TABLE (app_id uuid, script_id uuid, secrets text[])
+LANGUAGE sql STABLE AS $$
+    SELECT k.app_id, k.script_id, (array_agg(h.secret ORDER BY h.created_at DESC, h.secret_id))[1:3]
+    FROM (SELECT DISTINCT u.app_id, u.script_id
+          FROM unnest(p_app_ids, p_script_ids) AS u(app_id, script_id)) AS k
+    JOIN picloud.handler_secrets h
+      ON h.app_id = k.app_id AND h.script_id = k.script_id
+     AND (h.expires_at IS NULL OR h.expires_at > now())
+    GROUP BY k.app_id, k.script_id
+$$;
+
+-- Privileges --------------------------------------------------------------------------------
+
+GRANT USAGE ON SCHEMA picloud TO picloud_owner;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA picloud FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA picloud FROM picloud_supervisor;
+-- Revoking the table-level right takes the column rights with it; the grants below follow.
+REVOKE INSERT ON picloud.outbox FROM picloud_user;
+-- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
+-- creation time is never the producer's to choose.
+GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    ON picloud.outbox TO picloud_user;
+GRANT INSERT ON picloud.idempotency_keys TO picloud_user;
+GRANT UPDATE (resolution, resolved_at, resolved_by) ON picloud.dead_letters TO picloud_user;
+-- Signing secrets are write-only: admins add and expire them but read back only their
+-- bookkeeping (sql/070_signing.sql).
+REVOKE SELECT ON picloud.handler_secrets FROM picloud_user;
+GRANT SELECT (app_id, script_id, secret_id, created_at, expires_at),
+      INSERT (app_id, script_id, secret),
+      UPDATE (expires_at)
+    ON picloud.handler_secrets TO picloud_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_owner;
+GRANT EXECUTE ON FUNCTION
+    picloud._check_run_at(timestamptz),
+    picloud.picloud_set_handler_secret(uuid, uuid, text, interval),
+    picloud.picloud_clear_handler_secrets(uuid, uuid)
+TO picloud_user;
+GRANT EXECUTE ON FUNCTION picloud._settle_failure(picloud.outbox, text, interval, timestamptz) TO picloud_admin;
+-- The supervisor keeps what every tenant may call, and loses the rest.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud FROM picloud_supervisor;
+DO $tenant_functions$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'picloud'::regnamespace
+          AND EXISTS (SELECT 1 FROM pg_catalog.aclexplode(p.proacl) a
+                      WHERE a.grantee = 'picloud_user'::regrole AND a.privilege_type = 'EXECUTE')
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO picloud_supervisor', v_function);
+    END LOOP;
+END
+$tenant_functions$;
+-- The supervisor's functions: all it may call beyond what every tenant may. Each runs as
+-- picloud_owner, which holds the table rights they need; the caller holds none.
+DO $supervisor$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOREACH v_function IN ARRAY ARRAY[
+        'picloud.picloud_claim(text, integer, integer, boolean)',
+        'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
+        'picloud.picloud_next_due_at()',
+        'picloud.picloud_run_sql_handler(uuid, uuid, text)',
+        'picloud.picloud_run_sql_handlers(text, uuid[], uuid[])',
+        'picloud.picloud_complete(uuid, uuid, text, jsonb)',
+        'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
+        'picloud.picloud_extend_lease(uuid, uuid, text, integer)',
+        'picloud.picloud_release(uuid, uuid, text)',
+        'picloud.picloud_lock_sql_lane(integer)',
+        'picloud.picloud_lock_sql_lane_for_run(integer)',
+        'picloud.picloud_run_sql_lane_locked()',
+        'picloud.picloud_run_sql_lane(uuid[], tid[])',
+        'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
+        'picloud.picloud_signing_secrets(uuid[], uuid[])'
+    ]::regprocedure[] LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO picloud_owner', v_function);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO picloud_supervisor', v_function);
+    END LOOP;
+END
+$supervisor$;
+-- picloud_owner runs the functions above and whatever they call; _become_event, which switches
+-- to an event's principal, is granted to nobody else.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_owner;
+
+-- The signing secrets' bookkeeping follows the app's triggers.
+ALTER TABLE picloud.handler_secrets ENABLE ROW LEVEL SECURITY;
+CREATE POLICY handler_secrets_admin ON picloud.handler_secrets FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+SELECT pg_catalog.pg_extension_config_dump('picloud.handler_secrets', '');
+
+-- A fixed search_path for every function written in SQL or PL/pgSQL: names they do not qualify
+-- resolve in pg_catalog and picloud only, never in a schema a tenant can create objects in,
+-- whoever calls them (a tenant, the supervisor, the housekeeper as the bootstrap superuser).
+-- The C functions (Rust) qualify every name and operator of the few statements they run.
+DO $pin$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+        WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
+          -- Three functions qualify every name instead (sql/020_triggers.sql): one looks the
+          -- handler function up in the caller's search_path, two are inlined into their callers.
+          AND p.oid <> ALL (ARRAY[
+              'picloud.picloud_create_script(uuid, text, text, text, integer)',
+              'picloud.picloud_match_kv_triggers(uuid, text, text)',
+              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)'
+          ]::regprocedure[])
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);
+    END LOOP;
+END
+$pin$;

@@ -1,0 +1,625 @@
+//! Hostile tenants: what a tenant who has read every line of picloud can try, and what it gets.
+//! Each test works in a database of its own with roles of its own, against the real cluster,
+//! and where the supervisor matters, with a real picloud-supervisor process.
+
+use picloud_tests::*;
+use postgres::Client;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use uuid::Uuid;
+
+static NAMES: AtomicU32 = AtomicU32::new(0);
+
+/// A login role of this test, member of nothing.
+fn role(su: &mut Client, tag: &str) -> String {
+    let name = format!(
+        "hostile_{tag}_{}_{}",
+        std::process::id(),
+        NAMES.fetch_add(1, Ordering::SeqCst)
+    );
+    su.batch_execute(&format!("CREATE ROLE {name} LOGIN"))
+        .expect("create role");
+    name
+}
+
+/// Logged in as `user`, with public on the search_path.
+fn login(db: &str, user: &str) -> Client {
+    // connect_as puts public first on the path, as a default path does.
+    connect_as(db, user)
+}
+
+fn grant(su: &mut Client, app: Uuid, who: &str, capability: &str) {
+    su.execute(
+        "SELECT picloud_grant_app_role($1, $2::text::name, $3)",
+        &[&app, &who, &capability],
+    )
+    .expect("grant app role");
+}
+
+/// The C functions of the extension: they cannot carry a SET clause cheaply (picloud_enqueue
+/// is the hot path) and qualify every name and operator of the statements they run. A new one
+/// must be added here on purpose, after checking that.
+const C_FUNCTIONS: &[&str] = &[
+    "_admit(integer,integer)",
+    "_backend_started(integer)",
+    "_become_event(uuid,uuid)",
+    "_collection_match_keys(text)",
+    "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text)",
+    "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
+    "_is_owner()",
+    "_my_backend_start()",
+    "_new_event_id()",
+    "_note_claim(integer)",
+    "_pattern_match_key(text)",
+    "_role_standing(text)",
+    "_unbecome(bigint)",
+    "_wake_at_commit()",
+    "picloud_collection_matches(text,text)",
+    "picloud_current_depth()",
+    "picloud_enqueue(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text)",
+    "picloud_supervisor_idle()",
+];
+
+/// The functions that qualify every name instead of fixing their search_path (see
+/// sql/090_privileges.sql).
+const QUALIFIED: &[&str] = &[
+    "picloud_create_script(uuid,text,text,text,integer)",
+    "picloud_match_dead_letter_triggers(uuid,text,uuid)",
+    "picloud_match_kv_triggers(uuid,text,text)",
+];
+
+/// Built-ins with a polymorphic or variadic signature in pg_catalog, which a tenant's more
+/// specific function in a schema on the search_path would beat.
+const SHADOWABLE: &[&str] = &[
+    "format",
+    "cardinality",
+    "unnest",
+    "array_fill",
+    "array_position",
+    "array_agg",
+    "count",
+    "to_jsonb",
+    "jsonb_build_object",
+    "has_function_privilege",
+    "length",
+    "left",
+    "gen_random_uuid",
+    "to_regprocedure",
+];
+
+#[test]
+fn every_function_has_a_fixed_search_path_or_qualified_calls() {
+    let (_db, mut su) = fresh_db("hostile_path");
+    let rows = su
+        .query(
+            "SELECT replace(p.oid::regprocedure::text, 'picloud.', ''), l.lanname,
+                    coalesce(array_to_string(p.proconfig, ';'), ''), p.prosrc
+             FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+             WHERE p.pronamespace = 'picloud'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .expect("functions");
+    let mut c_functions = Vec::new();
+    let mut unpinned = Vec::new();
+    for row in &rows {
+        let (name, language, config, source): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let name = name.replace(", ", ",");
+        match language.as_str() {
+            "c" => c_functions.push(name),
+            _ if config
+                .split(';')
+                .any(|s| s == "search_path=pg_catalog, picloud, pg_temp") => {}
+            _ if QUALIFIED.contains(&name.as_str()) => {
+                // Every built-in they call must be named with its schema.
+                for builtin in SHADOWABLE {
+                    let call = format!("{builtin}(");
+                    for (at, _) in source.match_indices(&call) {
+                        let before = source[..at].chars().next_back().unwrap_or(' ');
+                        assert!(
+                            before == '.' || before == '_' || before.is_alphanumeric(),
+                            "{name} calls {builtin} unqualified"
+                        );
+                    }
+                }
+            }
+            _ => unpinned.push(format!("{name} ({language})")),
+        }
+    }
+    assert!(rows.len() > 90, "the extension's functions were listed");
+    assert_eq!(
+        unpinned,
+        Vec::<String>::new(),
+        "functions without a fixed search_path"
+    );
+    let expected: Vec<String> = C_FUNCTIONS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        c_functions, expected,
+        "C functions: audit a new one, then list it"
+    );
+}
+
+/// Functions a tenant plants in a schema on everyone's path, each more specific than the
+/// built-in picloud code would call; each records who ran it, then behaves like the built-in.
+const SHADOWS: &str = r#"
+CREATE TABLE public.shadow_ran (who name, what text);
+GRANT INSERT, SELECT ON public.shadow_ran TO PUBLIC;
+CREATE FUNCTION public.shadow_note(p_what text) RETURNS void LANGUAGE sql
+    AS $$ INSERT INTO public.shadow_ran VALUES (current_user, p_what) $$;
+CREATE FUNCTION public.format(text, text) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('format(text,text)'); RETURN pg_catalog.format($1, $2); END $$;
+CREATE FUNCTION public.format(text, text, text) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('format(text,text,text)'); RETURN pg_catalog.format($1, $2, $3); END $$;
+CREATE FUNCTION public.format(text, uuid) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('format(text,uuid)'); RETURN pg_catalog.format($1, $2); END $$;
+CREATE FUNCTION public.format(text, integer) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('format(text,integer)'); RETURN pg_catalog.format($1, $2); END $$;
+CREATE FUNCTION public.format(text, uuid, uuid) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('format(text,uuid,uuid)'); RETURN pg_catalog.format($1, $2, $3); END $$;
+CREATE FUNCTION public.cardinality(text[]) RETURNS integer LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('cardinality(text[])'); RETURN pg_catalog.cardinality($1); END $$;
+CREATE FUNCTION public.cardinality(uuid[]) RETURNS integer LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('cardinality(uuid[])'); RETURN pg_catalog.cardinality($1); END $$;
+CREATE FUNCTION public.cardinality(boolean[]) RETURNS integer LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('cardinality(boolean[])'); RETURN pg_catalog.cardinality($1); END $$;
+CREATE FUNCTION public.cardinality(jsonb[]) RETURNS integer LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('cardinality(jsonb[])'); RETURN pg_catalog.cardinality($1); END $$;
+CREATE FUNCTION public.unnest(jsonb[]) RETURNS SETOF jsonb LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('unnest(jsonb[])'); RETURN QUERY SELECT pg_catalog.unnest($1); END $$;
+CREATE FUNCTION public.unnest(uuid[]) RETURNS SETOF uuid LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('unnest(uuid[])'); RETURN QUERY SELECT pg_catalog.unnest($1); END $$;
+CREATE FUNCTION public.array_fill(uuid, integer[]) RETURNS uuid[] LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('array_fill'); RETURN pg_catalog.array_fill($1, $2); END $$;
+CREATE FUNCTION public.shadow_cat(uuid[], uuid[]) RETURNS uuid[] LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('||(uuid[],uuid[])'); RETURN pg_catalog.array_cat($1, $2); END $$;
+CREATE OPERATOR public.|| (LEFTARG = uuid[], RIGHTARG = uuid[], FUNCTION = public.shadow_cat);
+CREATE FUNCTION public.shadow_count(bigint, jsonb) RETURNS bigint LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM public.shadow_note('count(jsonb)'); RETURN $1 + 1; END $$;
+CREATE AGGREGATE public.count(jsonb) (SFUNC = public.shadow_count, STYPE = bigint, INITCOND = '0');
+"#;
+
+#[test]
+fn shadowing_functions_in_public_never_run_from_picloud_code() {
+    let (db, mut su) = fresh_db("hostile_shadow");
+    let (app, script) = ledger_app(&mut su);
+    let mallory = role(&mut su, "mallory");
+    let admin = role(&mut su, "admin");
+    let other_app: Uuid = su
+        .query_one("SELECT picloud_create_app('mallory')", &[])
+        .unwrap()
+        .get(0);
+    grant(&mut su, other_app, &mallory, "producer");
+    grant(&mut su, app, &admin, "admin");
+    su.batch_execute(&format!(
+        "GRANT CREATE ON SCHEMA public TO PUBLIC;
+         GRANT INSERT ON ledger TO {admin};
+         GRANT EXECUTE ON FUNCTION ledger_handler(jsonb) TO {admin};
+         ALTER ROLE picloud_supervisor LOGIN;"
+    ))
+    .unwrap();
+    let mut m = login(&db, &mallory);
+    m.batch_execute(SHADOWS).expect("plant the shadows");
+
+    // The shadows are live: a call that resolves through public runs them.
+    m.batch_execute("SELECT format('%s', 'x'::text); SELECT cardinality(ARRAY['a'])")
+        .unwrap();
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM public.shadow_ran"),
+        2,
+        "the planted functions win over the built-ins where resolution reaches public"
+    );
+    su.batch_execute("DELETE FROM public.shadow_ran").unwrap();
+
+    // Everything picloud does for a tenant, the supervisor and the housekeeper.
+    let mut a = login(&db, &admin);
+    let own: Uuid = a
+        .query_one(
+            "SELECT picloud_create_script($1, 'own', 'sql', 'ledger_handler')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    a.execute(
+        "SELECT picloud_create_kv_trigger($1, 'orders:*', $2, ARRAY['insert','update'])",
+        &[&app, &own],
+    )
+    .unwrap();
+    a.batch_execute(&format!(
+        "SELECT picloud_enqueue('{app}', 'queue', 'fast', '{{}}', '{own}');
+         SELECT picloud_enqueue('{app}', 'queue', 'general', '{{}}', '{own}', p_idempotency_key => 'k1');
+         SELECT picloud_enqueue('{app}', 'queue', 'later', '{{}}', '{own}', p_run_at => now() + interval '1 hour');
+         SELECT picloud_enqueue_bulk('{app}', 'queue', 'bulk', ARRAY['{{}}'::jsonb, '{{}}'::jsonb], '{own}');
+         SELECT picloud_emit_kv('{app}', 'orders:1', 'insert', 'k', '{{}}');
+         SELECT picloud_enqueue('{app}', 'queue', 'fails', '{{\"fail\": \"always\"}}', '{own}');
+         SELECT picloud_open_inbox('{app}');
+         SELECT count(*) FROM picloud_list_triggers('{app}');
+         SELECT count(*) FROM picloud_list_dead_letters('{app}');"
+    ))
+    .expect("tenant calls");
+    su.batch_execute(&format!(
+        "ALTER DATABASE {db} SET picloud.retry_max_attempts = 1;
+         SELECT picloud_enqueue('{app}', 'queue', 'su', '{{}}', '{script}');
+         SELECT picloud_gc_pass();"
+    ))
+    .expect("operator calls");
+    let sup = Supervisor::start_as(&db, "picloud_supervisor", &["--poll-interval-ms", "100"]);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut su,
+            "SELECT count(*) FROM picloud.outbox WHERE op <> 'later' AND attempt_count = 0"
+        ) == 0
+            && count(&mut su, "SELECT count(*) FROM ledger") >= 6),
+        "events ran; log: {}",
+        sup.log()
+    );
+    // A dead letter replayed and resolved by the admin, then a housekeeping pass.
+    assert!(eventually(Duration::from_secs(60), || count(
+        &mut su,
+        "SELECT count(*) FROM picloud.dead_letters"
+    ) >= 1));
+    a.batch_execute(&format!(
+        "SELECT picloud_replay_dead_letters('{app}');
+         SELECT count(*) FROM picloud_resolve_dead_letters('{app}', 'ignored', p_dry_run => true)"
+    ))
+    .expect("dead letter calls");
+    su.batch_execute("SELECT picloud_gc_pass()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let ran: Vec<String> = su
+        .query("SELECT who || ': ' || what FROM public.shadow_ran", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ran, Vec::<String>::new(), "planted functions that ran");
+}
+
+#[test]
+fn the_supervisor_role_reaches_no_table_and_no_role() {
+    let (db, mut su) = fresh_db("hostile_supervisor");
+    let (app, script) = ledger_app(&mut su);
+    su.batch_execute("ALTER ROLE picloud_supervisor LOGIN")
+        .unwrap();
+    su.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    let mut s = login(&db, "picloud_supervisor");
+    for table in TABLES.iter().chain(["handler_secrets"].iter()) {
+        for sql in [
+            format!("SELECT 1 FROM picloud.{table} LIMIT 1"),
+            format!("DELETE FROM picloud.{table}"),
+            format!("UPDATE picloud.{table} SET app_id = app_id"),
+            format!("LOCK TABLE picloud.{table} IN ACCESS EXCLUSIVE MODE"),
+        ] {
+            assert_eq!(
+                sqlstate(s.batch_execute(&format!("BEGIN; {sql}; COMMIT"))),
+                "42501",
+                "{sql}"
+            );
+            s.batch_execute("ROLLBACK").unwrap();
+        }
+    }
+    for (sql, code) in [
+        (
+            "SELECT picloud._become_event(gen_random_uuid(), gen_random_uuid())",
+            "42501",
+        ),
+        ("SELECT picloud._become('postgres', 0)", "42883"),
+        ("SET ROLE postgres", "42501"),
+        (
+            "SELECT picloud_grant_app_role(gen_random_uuid(), 'picloud_supervisor', 'admin')",
+            "42501",
+        ),
+        (
+            "SELECT picloud_enqueue(gen_random_uuid(), 'queue', 'x', '{}', gen_random_uuid())",
+            "42501",
+        ),
+    ] {
+        assert_eq!(sqlstate(s.batch_execute(sql)), code, "{sql}");
+    }
+    // What it may do: claim and report.
+    let claimed = s
+        .query(
+            "SELECT event_id FROM picloud.picloud_claim('w', 10, 60000)",
+            &[],
+        )
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let event: Uuid = claimed[0].get(0);
+    s.execute(
+        "SELECT picloud.picloud_release($1, $2, 'w')",
+        &[&app, &event],
+    )
+    .expect("release");
+    // Whatever runs as picloud_owner on its behalf, that role is no superuser.
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'picloud_owner'
+               AND NOT rolsuper AND NOT rolcreaterole AND NOT rolcanlogin"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'picloud'::regnamespace
+               AND prosecdef AND proowner <> 'picloud_owner'::regrole"
+        ),
+        0,
+        "every SECURITY DEFINER function runs as picloud_owner"
+    );
+}
+
+#[test]
+fn outbox_values_are_bounded_whoever_writes_them() {
+    let (db, mut su) = fresh_db("hostile_bounds");
+    let (app, script) = ledger_app(&mut su);
+    let producer = role(&mut su, "producer");
+    grant(&mut su, app, &producer, "producer");
+    let mut p = login(&db, &producer);
+    let before = count(&mut su, "SELECT count(*) FROM picloud.outbox");
+    let insert = |extra_columns: &str, extra_values: &str| {
+        format!(
+            "INSERT INTO picloud.outbox (app_id, source, op, script_id, payload{extra_columns})
+             VALUES ('{app}', 'queue', 'x', '{script}', '{{}}'{extra_values})"
+        )
+    };
+    for (sql, code) in [
+        (insert(", claimed_by, lease_expires_at", ", 'forged', now() + interval '1 day'"), "42501"),
+        (insert(", attempt_count", ", 2147483647"), "42501"),
+        (insert(", created_at", ", '-infinity'"), "42501"),
+        (insert(", due_at", ", 'infinity'"), "23514"),
+        (insert(", due_at", ", '1900-01-01'"), "23514"),
+        (insert(", depth", ", 2147483647"), "23514"),
+        (
+            format!("SELECT picloud_enqueue('{app}', 'queue', 'x', '{{}}', '{script}', p_run_at => 'infinity')"),
+            "22023",
+        ),
+        (
+            format!("SELECT picloud_enqueue('{app}', 'queue', 'x', '{{}}', '{script}', p_run_at => now() + interval '200 years')"),
+            "22023",
+        ),
+        (
+            format!("SELECT picloud_enqueue('{app}', 'queue', 'x', '{{}}', '{script}', p_run_at => '-infinity', p_idempotency_key => 'k')"),
+            "22023",
+        ),
+        (
+            format!("SELECT picloud_enqueue_bulk('{app}', 'queue', 'x', ARRAY['{{}}'::jsonb], '{script}', p_run_at => 'infinity')"),
+            "22023",
+        ),
+    ] {
+        assert_eq!(sqlstate(p.batch_execute(&sql)), code, "{sql}");
+    }
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM picloud.outbox"),
+        before,
+        "nothing written"
+    );
+    // Not even a role that bypasses row-level security writes an unbounded value.
+    assert_eq!(
+        sqlstate(su.batch_execute(&format!(
+            "INSERT INTO picloud.outbox (app_id, source, op, script_id, payload, attempt_count)
+             VALUES ('{app}', 'queue', 'x', '{script}', '{{}}', 2147483647)"
+        ))),
+        "23514"
+    );
+    // The ordinary case still works, and a claim afterwards is unharmed.
+    p.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'ok', '{}', $2, p_run_at => now())",
+        &[&app, &script],
+    )
+    .expect("a due time within the window");
+    let claimed = su
+        .query("SELECT 1 FROM picloud_claim('w', 10, 60000)", &[])
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+}
+
+#[test]
+fn tenants_cannot_lock_picloud_tables() {
+    let (db, mut su) = fresh_db("hostile_lock");
+    let (app, _script) = ledger_app(&mut su);
+    let admin = role(&mut su, "lock_admin");
+    grant(&mut su, app, &admin, "admin");
+    su.batch_execute(&format!(
+        "CREATE TABLE public.own (x int); GRANT ALL ON public.own TO {admin}"
+    ))
+    .unwrap();
+    let mut a = login(&db, &admin);
+    for (table, mode) in [
+        ("triggers", "ACCESS EXCLUSIVE"),
+        ("scripts", "SHARE"),
+        ("inboxes", "EXCLUSIVE"),
+        ("outbox", "SHARE ROW EXCLUSIVE"),
+        ("dead_letters", "ACCESS SHARE"),
+    ] {
+        let result = a.batch_execute(&format!("BEGIN; LOCK TABLE picloud.{table} IN {mode} MODE"));
+        assert_eq!(sqlstate(result), "42501", "{table} {mode}");
+        a.batch_execute("ROLLBACK").unwrap();
+    }
+    let message = error_message(a.batch_execute("LOCK picloud.triggers"));
+    assert!(
+        message.contains("reserved to picloud administrators"),
+        "{message}"
+    );
+    // Their own tables lock as ever; the operator may lock picloud's.
+    a.batch_execute("BEGIN; LOCK TABLE public.own IN ACCESS EXCLUSIVE MODE; COMMIT")
+        .expect("own table");
+    su.batch_execute("BEGIN; LOCK TABLE picloud.triggers IN SHARE MODE; COMMIT")
+        .expect("superuser");
+}
+
+#[test]
+fn signing_secrets_are_write_only_and_rotate() {
+    let (db, mut su) = fresh_db("hostile_secrets");
+    let app: Uuid = su
+        .query_one("SELECT picloud_create_app('hooks')", &[])
+        .unwrap()
+        .get(0);
+    let other: Uuid = su
+        .query_one("SELECT picloud_create_app('other')", &[])
+        .unwrap()
+        .get(0);
+    let admin = role(&mut su, "sec_admin");
+    let producer = role(&mut su, "sec_producer");
+    let stranger = role(&mut su, "sec_stranger");
+    grant(&mut su, app, &admin, "admin");
+    grant(&mut su, app, &producer, "producer");
+    grant(&mut su, other, &stranger, "admin");
+    let mut a = login(&db, &admin);
+    let hook: Uuid = a
+        .query_one(
+            "SELECT picloud_create_script($1, 'hook', 'http', 'https://hooks.example/in')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let first: String = a
+        .query_one("SELECT picloud_set_handler_secret($1, $2)", &[&app, &hook])
+        .unwrap()
+        .get(0);
+    assert!(first.starts_with("whsec_") && first.len() == 50, "{first}");
+    let second = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    a.execute(
+        "SELECT picloud_set_handler_secret($1, $2, $3, interval '1 hour')",
+        &[&app, &hook, &second],
+    )
+    .unwrap();
+    let secrets: Vec<String> = su
+        .query_one(
+            "SELECT secrets FROM picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
+            &[&app, &hook],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        secrets,
+        vec![second.to_string(), first.clone()],
+        "newest first, both valid"
+    );
+
+    for who in [&admin, &producer, &stranger] {
+        let mut c = login(&db, who);
+        assert_eq!(
+            sqlstate(c.query("SELECT secret FROM picloud.handler_secrets", &[])),
+            "42501",
+            "{who} reads a secret"
+        );
+        assert_eq!(
+            sqlstate(c.query(
+                "SELECT * FROM picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
+                &[&app, &hook]
+            )),
+            "42501"
+        );
+    }
+    assert_eq!(
+        count(
+            &mut login(&db, &stranger),
+            "SELECT count(*) FROM picloud.handler_secrets"
+        ),
+        0,
+        "another app's admin sees no bookkeeping"
+    );
+    for (sql, code) in [
+        (
+            format!("SELECT picloud_set_handler_secret('{app}', '{hook}', 'not-a-secret')"),
+            "22023",
+        ),
+        (
+            format!("SELECT picloud_set_handler_secret('{app}', '{hook}', 'whsec_c2hvcnQ=')"),
+            "22023",
+        ),
+        (
+            format!(
+                "SELECT picloud_set_handler_secret('{app}', '{hook}', NULL, interval '-1 day')"
+            ),
+            "22023",
+        ),
+        (
+            format!("SELECT picloud_set_handler_secret('{app}', gen_random_uuid())"),
+            "P0002",
+        ),
+    ] {
+        assert_eq!(sqlstate(a.batch_execute(&sql)), code, "{sql}");
+    }
+    let mut p = login(&db, &producer);
+    assert_eq!(
+        sqlstate(p.batch_execute(&format!(
+            "SELECT picloud_set_handler_secret('{app}', '{hook}')"
+        ))),
+        "42501"
+    );
+    let ended: i32 = a
+        .query_one(
+            "SELECT picloud_clear_handler_secrets($1, $2)",
+            &[&app, &hook],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 2);
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM picloud_signing_secrets(ARRAY['{app}'::uuid], ARRAY['{hook}'::uuid])")
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_failure_can_ask_for_a_later_retry() {
+    let (_db, mut su) = fresh_db("hostile_retry_at");
+    let (app, script) = ledger_app(&mut su);
+    su.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    let event: Uuid = su
+        .query_one("SELECT event_id FROM picloud_claim('w', 1, 60000)", &[])
+        .unwrap()
+        .get(0);
+    let row = su
+        .query_one(
+            "SELECT outcome, next_due_at >= now() + interval '1 hour'
+             FROM picloud_fail($1, $2, 'w', 'HTTP 429', now() + interval '1 hour')",
+            &[&app, &event],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "retry");
+    assert!(row.get::<_, bool>(1), "not earlier than asked");
+    assert_eq!(
+        sqlstate(su.batch_execute(&format!(
+            "SELECT picloud_fail('{app}', '{event}', 'w', 'x', 'infinity')"
+        ))),
+        "22023"
+    );
+}
+
+#[test]
+fn a_long_collection_name_costs_bounded_work() {
+    let (_db, mut su) = fresh_db("hostile_names");
+    let keys: Vec<String> = su
+        .query_one(
+            "SELECT picloud._collection_match_keys(repeat(':', 200000))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        keys.len(),
+        1 + 1024,
+        "'*' and the prefixes a stored pattern can hold"
+    );
+    let (app, _script) = ledger_app(&mut su);
+    let matched = su
+        .query(
+            "SELECT * FROM picloud_match_kv_triggers($1, repeat('a:', 100000), 'insert')",
+            &[&app],
+        )
+        .unwrap();
+    assert!(matched.is_empty());
+}
