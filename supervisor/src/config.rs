@@ -496,7 +496,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_option_and_never_echo_the_url() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        // (flags, environment, what the error must name)
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (&[], &[], "--database-url"),
             (&["--database-url", "postgres://"], &[], "no host"),
             (&["--concurrency", "0"], &[], "--concurrency"),

@@ -86,6 +86,9 @@ impl Resolve for CheckedResolver {
     }
 }
 
+/// Each handler's (app, script) signing secrets and when they were read.
+type SecretCache = HashMap<(Uuid, Uuid), (Instant, Arc<Vec<String>>)>;
+
 /// The http clients and what every delivery needs: the allow list, the TLS roots, the reply
 /// limit, and the signing secrets read recently.
 pub struct HttpClient {
@@ -93,7 +96,7 @@ pub struct HttpClient {
     tls: rustls::ClientConfig,
     max_body: usize,
     clients: Mutex<HashMap<u16, reqwest::Client>>,
-    secrets: Mutex<HashMap<(Uuid, Uuid), (Instant, Arc<Vec<String>>)>>,
+    secrets: Mutex<SecretCache>,
 }
 
 impl HttpClient {
