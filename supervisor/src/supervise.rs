@@ -48,33 +48,57 @@ impl Signals {
     }
 }
 
-/// The sql lanes' tasks. A lane that ends while the supervisor runs (it can only have
-/// panicked: a lane returns on shutdown only) is started again, so lane events are never left
-/// to a lane that is gone; its connection count was already dropped with it.
+/// The sql lanes' tasks. A lane that panics is started again, so lane events are never left
+/// to a lane that is gone (its connection count was already dropped with it); a lane that
+/// returns (shutdown, or a schema without lanes) is not.
 struct Lanes {
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<Option<JoinHandle<()>>>,
 }
 
 impl Lanes {
     fn start(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) -> Lanes {
         let tasks = (0..shared.config.sql_lanes)
-            .map(|index| tokio::spawn(lane::run(Arc::clone(shared), index, phase.clone())))
+            .map(|index| {
+                Some(tokio::spawn(lane::run(
+                    Arc::clone(shared),
+                    index,
+                    phase.clone(),
+                )))
+            })
             .collect();
         Lanes { tasks }
     }
 
-    /// Resolves when some lane ended; returns its index.
-    async fn ended(&mut self) -> usize {
-        if self.tasks.is_empty() {
-            return std::future::pending().await;
+    /// Resolves when a lane panicked; returns its index. Lanes that returned are forgotten.
+    async fn panicked(&mut self) -> usize {
+        loop {
+            let running: Vec<(usize, &mut JoinHandle<()>)> = self
+                .tasks
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(index, task)| task.as_mut().map(|task| (index, task)))
+                .collect();
+            if running.is_empty() {
+                return std::future::pending().await;
+            }
+            let (indexes, handles): (Vec<usize>, Vec<&mut JoinHandle<()>>) =
+                running.into_iter().unzip();
+            let (ended, position, _) = futures_util::future::select_all(handles).await;
+            let index = indexes[position];
+            self.tasks[index] = None;
+            if ended.as_ref().is_err_and(|e| e.is_panic()) {
+                return index;
+            }
         }
-        let ended = futures_util::future::select_all(self.tasks.iter_mut()).await;
-        ended.1
     }
 
     fn restart(&mut self, index: usize, shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
         if let Some(task) = self.tasks.get_mut(index) {
-            *task = tokio::spawn(lane::run(Arc::clone(shared), index, phase.clone()));
+            *task = Some(tokio::spawn(lane::run(
+                Arc::clone(shared),
+                index,
+                phase.clone(),
+            )));
         }
     }
 }
@@ -175,8 +199,8 @@ pub async fn run(config: Config) -> u8 {
                 }
                 break;
             }
-            index = lanes.ended() => {
-                tracing::error!(lane = index, "sql lane stopped unexpectedly; starting it again");
+            index = lanes.panicked() => {
+                tracing::error!(lane = index, "sql lane panicked; starting it again");
                 lanes.restart(index, &shared, &phase);
             }
         }
@@ -197,7 +221,7 @@ pub async fn run(config: Config) -> u8 {
     }
     // A lane finishes the batch it is running (one transaction); one still running at the
     // deadline is cut off, and its rolled-back events simply stay in the queue.
-    for mut lane in lanes.tasks {
+    for mut lane in lanes.tasks.into_iter().flatten() {
         if !lane.is_finished() && tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
             lane.abort();
             tracing::warn!("a sql lane did not stop within the grace period");
