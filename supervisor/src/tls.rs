@@ -354,31 +354,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_lose_only_the_tls_keys() {
-        let split = split_connection_string(
-            "postgres://u:p@db:5432/app?sslmode=verify-full&connect_timeout=3&sslrootcert=%2Fetc%2Fca.pem",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(split.rest, "postgres://u:p@db:5432/app?connect_timeout=3");
-        assert_eq!(split.mode, SslMode::VerifyFull);
-        assert_eq!(split.root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        let split = split_connection_string("postgresql://db/app?sslmode=require")
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(split.rest, "postgresql://db/app");
-        assert_eq!(split.mode, SslMode::Require);
-        let split = split_connection_string("postgres://db/app").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(split.mode, SslMode::Prefer);
-    }
-
-    #[test]
-    fn key_values_lose_only_the_tls_keys() {
-        let split = split_connection_string(
-            "host=db user=u sslmode = verify-ca sslrootcert='/tmp/my ca.pem' password='a\\'b'",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(split.rest, "host=db user=u password='a\\'b'");
-        assert_eq!(split.mode, SslMode::VerifyCa);
-        assert_eq!(split.root_cert, Some(PathBuf::from("/tmp/my ca.pem")));
+    fn only_the_tls_keys_are_taken_out() {
+        let cases = [
+            (
+                "postgres://u:p@db:5432/app?sslmode=verify-full&connect_timeout=3&sslrootcert=%2Fetc%2Fca.pem",
+                "postgres://u:p@db:5432/app?connect_timeout=3",
+                SslMode::VerifyFull,
+                Some("/etc/ca.pem"),
+            ),
+            ("postgresql://db/app?sslmode=require", "postgresql://db/app", SslMode::Require, None),
+            ("postgres://db/app", "postgres://db/app", SslMode::Prefer, None),
+            (
+                "host=db user=u sslmode = verify-ca sslrootcert='/tmp/my ca.pem' password='a\\'b'",
+                "host=db user=u password='a\\'b'",
+                SslMode::VerifyCa,
+                Some("/tmp/my ca.pem"),
+            ),
+        ];
+        for (text, rest, mode, root) in cases {
+            let split = split_connection_string(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(split.rest, rest);
+            assert_eq!(split.mode, mode);
+            assert_eq!(split.root_cert, root.map(PathBuf::from));
+        }
         assert!(split_connection_string("host=db sslmode=allow").is_err());
         assert!(split_connection_string("host=db sslmode").is_err());
     }

@@ -5,7 +5,6 @@
 
 use picloud_tests::*;
 use serde_json::Value;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use uuid::Uuid;
@@ -66,6 +65,19 @@ struct Server {
     child: Child,
     port: u16,
     log: std::path::PathBuf,
+    /// The test CA, for --http-ca-file.
+    ca_file: String,
+}
+
+impl Server {
+    /// A supervisor for `db` that may reach `allow` and trusts the server's CA.
+    fn supervisor(&self, db: &str, allow: &str) -> Supervisor {
+        let args = ["--poll-interval-ms", "500", "--http-allow", allow];
+        Supervisor::start(
+            db,
+            &[&args[..], &["--http-ca-file", &self.ca_file]].concat(),
+        )
+    }
 }
 
 impl Drop for Server {
@@ -75,7 +87,12 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &Path, ca: &TestCa) -> Server {
+/// Starts the server in a directory of its own, with a certificate from a CA made for it.
+fn start_server(tag: &str) -> Server {
+    let dir = scratch_dir(tag);
+    let ca = TestCa::new("picloud https test CA");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"]);
     std::fs::write(dir.join("server.crt"), cert).unwrap();
     std::fs::write(dir.join("server.key"), key).unwrap();
@@ -99,7 +116,12 @@ fn start_server(dir: &Path, ca: &TestCa) -> Server {
             .unwrap_or(0);
         port != 0
     }));
-    Server { child, port, log }
+    Server {
+        child,
+        port,
+        log,
+        ca_file: ca_file.to_string_lossy().into_owned(),
+    }
 }
 
 /// Waits for the `n`th request /ok receives and returns it.
@@ -179,6 +201,13 @@ fn script(c: &mut postgres::Client, app: Uuid, name: &str, url: &str) -> Uuid {
     .get(0)
 }
 
+/// A handler posting to `url`, with one event enqueued for it; returns the handler.
+fn handler_with_event(c: &mut postgres::Client, app: Uuid, name: &str, url: &str) -> Uuid {
+    let handler = script(c, app, name, url);
+    enqueue(c, app, handler, "{}");
+    handler
+}
+
 fn enqueue(c: &mut postgres::Client, app: Uuid, script: Uuid, payload: &str) -> Uuid {
     c.query_one(
         "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
@@ -190,10 +219,7 @@ fn enqueue(c: &mut postgres::Client, app: Uuid, script: Uuid, payload: &str) -> 
 
 #[test]
 fn https_deliveries_are_signed_checked_and_never_redirected() {
-    let dir = scratch_dir("https");
-    let ca = TestCa::new("picloud https test CA");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let server = start_server(&dir, &ca);
+    let server = start_server("https");
     let port = server.port;
     let (db, mut c) = fresh_db("https");
     let (app, _) = ledger_app(&mut c);
@@ -201,6 +227,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
         "ALTER DATABASE {db} SET picloud.retry_max_attempts = 1;"
     ))
     .unwrap();
+    let url = |host: &str, port: u16, path: &str| format!("https://{host}:{port}/{path}");
     let hook = script(&mut c, app, "hook", &format!("https://127.0.0.1:{port}/ok"));
     let secret: String = c
         .query_one("SELECT picloud_set_handler_secret($1, $2)", &[&app, &hook])
@@ -208,17 +235,8 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
         .get(0);
     assert!(secret.starts_with("whsec_"), "{secret}");
 
-    let ca_file = dir.join("ca.pem").to_string_lossy().into_owned();
     let allow = format!("127.0.0.1:{port}");
-    let args = [
-        "--poll-interval-ms",
-        "500",
-        "--http-allow",
-        &allow,
-        "--http-ca-file",
-        &ca_file,
-    ];
-    let sup = Supervisor::start(&db, &args);
+    let sup = server.supervisor(&db, &allow);
 
     // One secret: delivered over TLS with one signature that verifies.
     let first = enqueue(&mut c, app, hook, r#"{"n": 1}"#);
@@ -240,7 +258,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
         .unwrap()
         .get(0);
     assert_ne!(rotated, secret);
-    let sup = Supervisor::start(&db, &args);
+    let sup = server.supervisor(&db, &allow);
     let second = enqueue(&mut c, app, hook, r#"{"n": 2}"#);
     let request = &nth_request(&server, 2, &sup);
     assert_eq!(request["headers"]["webhook-id"], second.to_string());
@@ -259,30 +277,12 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
     );
 
     // A redirect is a failure naming the location; nothing follows it.
-    let redirect = script(
-        &mut c,
-        app,
-        "redirect",
-        &format!("https://127.0.0.1:{port}/redirect"),
-    );
-    enqueue(&mut c, app, redirect, "{}");
+    let redirect = handler_with_event(&mut c, app, "redirect", &url("127.0.0.1", port, "redirect"));
     // Refused before any connection: an IP literal not listed, and a listed name that
     // resolves to loopback.
-    let unlisted = script(
-        &mut c,
-        app,
-        "unlisted",
-        &format!("https://127.0.0.2:{port}/ok"),
-    );
-    enqueue(&mut c, app, unlisted, "{}");
+    let unlisted = handler_with_event(&mut c, app, "unlisted", &url("127.0.0.2", port, "ok"));
     let other_port = port.wrapping_add(1).max(1);
-    let named = script(
-        &mut c,
-        app,
-        "named",
-        &format!("https://localhost:{other_port}/ok"),
-    );
-    enqueue(&mut c, app, named, "{}");
+    let named = handler_with_event(&mut c, app, "named", &url("localhost", other_port, "ok"));
     let redirected = dead_letter_error(&mut c, redirect, &sup);
     assert!(
         redirected.contains("302") && redirected.contains("https://elsewhere.example/next"),
@@ -300,25 +300,8 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
     drop(sup);
 
     // A listed name that resolves to loopback is refused unless the address is listed too.
-    let allow_named = format!("localhost:{port}");
-    let sup = Supervisor::start(
-        &db,
-        &[
-            "--poll-interval-ms",
-            "500",
-            "--http-allow",
-            &allow_named,
-            "--http-ca-file",
-            &ca_file,
-        ],
-    );
-    let loopback = script(
-        &mut c,
-        app,
-        "loopback",
-        &format!("https://localhost:{port}/ok"),
-    );
-    enqueue(&mut c, app, loopback, "{}");
+    let sup = server.supervisor(&db, &format!("localhost:{port}"));
+    let loopback = handler_with_event(&mut c, app, "loopback", &url("localhost", port, "ok"));
     let refused = dead_letter_error(&mut c, loopback, &sup);
     assert!(
         refused.contains("resolves to loopback address 127.0.0.1"),
@@ -329,10 +312,7 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
 
 #[test]
 fn retry_after_reschedules_no_earlier_than_asked() {
-    let dir = scratch_dir("https-busy");
-    let ca = TestCa::new("picloud https test CA");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let server = start_server(&dir, &ca);
+    let server = start_server("https-busy");
     let (db, mut c) = fresh_db("https_busy");
     let (app, _) = ledger_app(&mut c);
     // A short base delay: without Retry-After the retry would come within a second.
@@ -347,19 +327,7 @@ fn retry_after_reschedules_no_earlier_than_asked() {
         "busy",
         &format!("https://127.0.0.1:{}/busy", server.port),
     );
-    let ca_file = dir.join("ca.pem").to_string_lossy().into_owned();
-    let allow = format!("127.0.0.1:{}", server.port);
-    let sup = Supervisor::start(
-        &db,
-        &[
-            "--poll-interval-ms",
-            "500",
-            "--http-allow",
-            &allow,
-            "--http-ca-file",
-            &ca_file,
-        ],
-    );
+    let sup = server.supervisor(&db, &format!("127.0.0.1:{}", server.port));
     let event = enqueue(&mut c, app, busy, "{}");
     let mut row: Option<(i32, Option<String>, Option<f64>)> = None;
     assert!(
