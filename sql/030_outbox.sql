@@ -29,7 +29,7 @@ $$;
 CREATE FUNCTION picloud._check_payload(p_payload jsonb) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_size integer := pg_catalog.pg_column_size(p_payload);
+    v_size integer := picloud._payload_bytes(p_payload);
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
 BEGIN
     IF v_size > v_max THEN
@@ -126,7 +126,7 @@ BEGIN
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
-    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    v_depth := picloud._admit(picloud._payload_bytes(p_payload), p_depth);
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
@@ -238,7 +238,7 @@ BEGIN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
     SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
+    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -300,7 +300,7 @@ BEGIN
         PERFORM picloud._invalid(format('key must be at most 1024 characters long, got %s', length(p_key)));
     END IF;
     v_payload := jsonb_build_object('collection', p_collection, 'op', p_op, 'key', p_key, 'value', p_value);
-    IF pg_catalog.pg_column_size(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+    IF picloud._payload_bytes(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
         PERFORM picloud._check_payload(v_payload);
     END IF;
     -- The depth check only matters when something would be enqueued: writing a captured table
@@ -483,9 +483,12 @@ BEGIN
                  WHERE w.claimed_by IS NULL AND w.due_at <= now()
                  ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
                 'infinity')
+          -- An event whose handler is gone is the claims' to settle (it fails, and ends as a
+          -- dead letter): no lane takes it.
           AND NOT (o.attempt_count = 0 AND o.reply_to IS NULL
-                   AND (SELECT s.kind FROM picloud.scripts s
-                        WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql')
+                   AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
+                                false))
         ORDER BY o.due_at
         LIMIT p_batch
         FOR UPDATE SKIP LOCKED
@@ -617,8 +620,9 @@ $$;
 -- its own: a handler's error rolls back only its own writes, and the failure is settled
 -- (retry or dead letter) in the same transaction. Every handler's effect and its event's
 -- completion or failure commit together, once, which keeps the exactly-once guarantee while
--- paying for one commit per batch instead of one per event. A statement timeout is not caught
--- here: it aborts the whole batch, and the supervisor then runs the events one by one.
+-- paying for one commit per batch instead of one per event. Each handler runs under its own
+-- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
+-- it aborts the whole batch, and the supervisor then runs the events one by one.
 CREATE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
 RETURNS TABLE (event_id uuid, outcome text, error text)
 LANGUAGE plpgsql AS $$
@@ -642,6 +646,9 @@ BEGIN
             PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
             outcome := 'completed';
         EXCEPTION WHEN OTHERS THEN
+            -- The handler's own timeout no longer applies; the rest of the batch has the
+            -- statement's.
+            PERFORM picloud._after_handler();
             GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
                                     v_state = RETURNED_SQLSTATE;
             error := v_message

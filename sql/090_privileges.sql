@@ -97,6 +97,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_event_shape(text, text),
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
+    picloud._payload_bytes(anyelement),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._check_page(integer, integer),

@@ -47,8 +47,10 @@ extension_sql_file!(
         api::wake::picloud_note_claim,
         api::principal::picloud_current_depth,
         api::admission::picloud_admit,
+        api::admission::picloud_payload_bytes,
         api::principal::picloud_become_event,
         api::principal::picloud_unbecome,
+        api::budget::picloud_after_handler,
         api::backends::picloud_my_backend_start,
         api::backends::picloud_backend_started
     ]

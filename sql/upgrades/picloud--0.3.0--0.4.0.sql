@@ -59,6 +59,19 @@ BEGIN
     END IF;
 END
 $$;
+CREATE OR REPLACE FUNCTION picloud._check_payload(p_payload jsonb) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_size integer := picloud._payload_bytes(p_payload);
+    v_max integer := current_setting('picloud.max_payload_bytes')::integer;
+BEGIN
+    IF v_size > v_max THEN
+        RAISE EXCEPTION 'event payload of % bytes exceeds picloud.max_payload_bytes (%)', v_size, v_max
+            USING ERRCODE = 'PC004',
+                  HINT = 'Store large data in a table and put its key in the payload.';
+    END IF;
+END
+$$;
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 CREATE OR REPLACE FUNCTION picloud._enqueue_general(
@@ -95,7 +108,7 @@ BEGIN
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
-    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    v_depth := picloud._admit(picloud._payload_bytes(p_payload), p_depth);
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
@@ -167,7 +180,7 @@ BEGIN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
     SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
+    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -187,6 +200,67 @@ BEGIN
         PERFORM picloud._wake_at_commit();
     END IF;
     RETURN QUERY SELECT unnest(v_ids);
+END
+$$;
+-- Emits a KV event: one outbox row per enabled KV trigger of the app matching (collection,
+-- op), in the caller's transaction. Returns how many were enqueued.
+CREATE OR REPLACE FUNCTION picloud.picloud_emit_kv(
+    p_app_id uuid,
+    p_collection text,
+    p_op text,
+    p_key text,
+    p_value jsonb,
+    p_depth integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+-- The matching statement's best plan is the same for every call (an index probe on
+-- (app_id, match_key)); without this, an app with many triggers makes PL/pgSQL re-plan it on
+-- every call.
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_enqueued integer;
+    v_depth integer;
+    v_payload jsonb;
+    v_wake_pending boolean;
+BEGIN
+    IF p_app_id IS NULL OR p_collection IS NULL OR p_op IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,collection,op}',
+            ARRAY[p_app_id IS NULL, p_collection IS NULL, p_op IS NULL]);
+    END IF;
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
+    IF length(p_collection) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM picloud._invalid(format('collection name must be 1 to 1024 characters long, got %s', length(p_collection)));
+    END IF;
+    IF p_op NOT IN ('insert', 'update', 'delete', 'set') THEN
+        PERFORM picloud._invalid(format('unknown KV op %L', left(p_op, 200)), 'KV ops are insert, update, delete and set.');
+    END IF;
+    IF length(p_key) > 1024 THEN
+        PERFORM picloud._invalid(format('key must be at most 1024 characters long, got %s', length(p_key)));
+    END IF;
+    v_payload := jsonb_build_object('collection', p_collection, 'op', p_op, 'key', p_key, 'value', p_value);
+    IF picloud._payload_bytes(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+        PERFORM picloud._check_payload(v_payload);
+    END IF;
+    -- The depth check only matters when something would be enqueued: writing a captured table
+    -- that no trigger listens to is never an error.
+    IF p_depth < 0 THEN
+        PERFORM picloud._event_depth(p_depth);
+    END IF;
+    v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
+    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
+    GET DIAGNOSTICS v_enqueued = ROW_COUNT;
+    IF v_enqueued > 0 THEN
+        IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
+            PERFORM picloud._event_depth(p_depth);
+        END IF;
+        v_wake_pending := picloud._wake_at_commit();
+    END IF;
+    RETURN v_enqueued;
 END
 $$;
 -- Runs a claimed event's SQL handler as its principal and completes the event, all in the
@@ -461,6 +535,133 @@ LANGUAGE sql STABLE AS $$
       AND (d.script_filter IS NULL OR d.script_filter OPERATOR(pg_catalog.=) p_script_id)
       AND t.enabled
 $$;
+-- Runs several claimed events' SQL handlers in the caller's transaction, each in a savepoint of
+-- its own: a handler's error rolls back only its own writes, and the failure is settled
+-- (retry or dead letter) in the same transaction. Every handler's effect and its event's
+-- completion or failure commit together, once, which keeps the exactly-once guarantee while
+-- paying for one commit per batch instead of one per event. Each handler runs under its own
+-- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
+-- it aborts the whole batch, and the supervisor then runs the events one by one.
+CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
+RETURNS TABLE (event_id uuid, outcome text, error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_message text;
+    v_detail text;
+    v_state text;
+    r picloud.outbox;
+BEGIN
+    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{worker,app_ids,event_ids}',
+            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    FOR i IN 1 .. cardinality(p_event_ids) LOOP
+        event_id := p_event_ids[i];
+        error := NULL;
+        BEGIN
+            PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
+            outcome := 'completed';
+        EXCEPTION WHEN OTHERS THEN
+            -- The handler's own timeout no longer applies; the rest of the batch has the
+            -- statement's.
+            PERFORM picloud._after_handler();
+            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
+                                    v_state = RETURNED_SQLSTATE;
+            error := v_message
+                || CASE WHEN v_detail <> '' THEN E'\nDETAIL: ' || v_detail ELSE '' END
+                || format(' (SQLSTATE %s)', v_state);
+            IF v_state = 'PC002' THEN
+                outcome := 'lease_lost';
+            ELSE
+                r := picloud._lock_claimed(p_app_ids[i], p_event_ids[i], p_worker);
+                SELECT f.outcome INTO outcome
+                FROM picloud._settle_failure(r, error, picloud.picloud_retry_delay(r.attempt_count)) f;
+            END IF;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+-- Claims up to p_batch due events for p_worker under a lease of p_lease_ms, oldest first, and
+-- returns each with its handler and the principal it runs as. With p_leave_sql_lane a
+-- supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the lanes their events - first
+-- attempts of asynchronous events with a sql handler - and looks at no more than the oldest
+-- p_batch * 4 + 100 due rows, so a backlog of lane events costs it a bounded scan.
+CREATE OR REPLACE FUNCTION picloud.picloud_claim(
+    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false)
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claimed integer;
+BEGIN
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
+    END IF;
+    IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
+    END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
+    -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
+    -- takes a disk flush off the path from enqueue to handler. (It applies to the rest of the
+    -- caller's transaction, which for the supervisor is this statement alone.)
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH due AS (
+        SELECT o.app_id, o.event_id
+        FROM picloud.outbox o
+        WHERE NOT p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
+    ), due_outside_lane AS (
+        -- The window ends at the due time of its last row (one short index scan).
+        SELECT o.app_id, o.event_id
+        FROM picloud.outbox o
+        WHERE p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.due_at <= coalesce(
+                (SELECT w.due_at FROM picloud.outbox w
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+                'infinity')
+          -- An event whose handler is gone is the claims' to settle (it fails, and ends as a
+          -- dead letter): no lane takes it.
+          AND NOT (o.attempt_count = 0 AND o.reply_to IS NULL
+                   AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
+                                false))
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE picloud.outbox o
+        SET claimed_by = p_worker,
+            lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0),
+            attempt_count = o.attempt_count + 1,
+            first_attempt_at = coalesce(o.first_attempt_at, now()),
+            last_attempt_at = now()
+        FROM (SELECT * FROM due UNION ALL SELECT * FROM due_outside_lane) AS due
+        WHERE o.app_id = due.app_id AND o.event_id = due.event_id
+        RETURNING o.*
+    )
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    PERFORM picloud._note_claim(v_claimed);
+END
+$$;
 DROP FUNCTION picloud._become(text, integer);
 -- Switches to the principal of one event (Rust, extension/src/api/principal.rs).
 CREATE FUNCTION picloud."_become_event"(
@@ -470,6 +671,20 @@ CREATE FUNCTION picloud."_become_event"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'picloud_become_event_wrapper';
+
+-- Ends a failed handler's budget (Rust, extension/src/api/budget.rs).
+CREATE FUNCTION picloud."_after_handler"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_after_handler_wrapper';
+
+-- A payload's uncompressed size (Rust, extension/src/api/admission.rs).
+CREATE FUNCTION picloud."_payload_bytes"(
+	"payload" anyelement /* pgrx :: AnyElement */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_payload_bytes_wrapper';
 
 CREATE TABLE picloud.handler_secrets (
     app_id      uuid        NOT NULL,
@@ -603,6 +818,7 @@ GRANT SELECT (app_id, script_id, secret_id, created_at, expires_at),
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_owner;
 GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
+    picloud._payload_bytes(anyelement),
     picloud.picloud_set_handler_secret(uuid, uuid, text, interval),
     picloud.picloud_clear_handler_secrets(uuid, uuid)
 TO picloud_user;

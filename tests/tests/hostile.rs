@@ -41,6 +41,7 @@ fn grant(su: &mut Client, app: Uuid, who: &str, capability: &str) {
 /// must be added here on purpose, after checking that.
 const C_FUNCTIONS: &[&str] = &[
     "_admit(integer,integer)",
+    "_after_handler()",
     "_backend_started(integer)",
     "_become_event(uuid,uuid)",
     "_collection_match_keys(text)",
@@ -51,6 +52,7 @@ const C_FUNCTIONS: &[&str] = &[
     "_new_event_id()",
     "_note_claim(integer)",
     "_pattern_match_key(text)",
+    "_payload_bytes(anyelement)",
     "_role_standing(text)",
     "_unbecome(bigint)",
     "_wake_at_commit()",
@@ -622,4 +624,147 @@ fn a_long_collection_name_costs_bounded_work() {
         )
         .unwrap();
     assert!(matched.is_empty());
+}
+
+#[test]
+fn a_handler_runs_under_its_own_timeout_inside_a_batch() {
+    let (_db, mut su) = fresh_db("hostile_budget");
+    let (app, _script) = ledger_app(&mut su);
+    su.batch_execute(
+        "CREATE FUNCTION slow_handler(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF e->'payload' ? 'slow' THEN PERFORM pg_sleep(3); END IF;
+             INSERT INTO ledger (event_id) VALUES ((e->>'event_id')::uuid);
+         END $$;",
+    )
+    .unwrap();
+    let slow: Uuid = su
+        .query_one(
+            "SELECT picloud_create_script($1, 'slow', 'sql', 'slow_handler', 500)",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    for payload in ["{}", "{\"slow\": true}", "{}"] {
+        su.execute(
+            "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+            &[&app, &payload, &slow],
+        )
+        .unwrap();
+    }
+    let claimed = su
+        .query(
+            "SELECT app_id, event_id FROM picloud_claim('w', 10, 60000)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let apps: Vec<Uuid> = claimed.iter().map(|r| r.get(0)).collect();
+    let events: Vec<Uuid> = claimed.iter().map(|r| r.get(1)).collect();
+    // The batch's own budget (20 s) would let the 3 s handler finish; its own 500 ms does not.
+    su.batch_execute("SET statement_timeout = '20s'").unwrap();
+    let result = su.query(
+        "SELECT * FROM picloud_run_sql_handlers('w', $1, $2)",
+        &[&apps, &events],
+    );
+    assert_eq!(sqlstate(result), "57014");
+    su.batch_execute("RESET statement_timeout").unwrap();
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM ledger"),
+        0,
+        "the batch rolled back"
+    );
+    // One event at a time, the slow one alone fails and the others complete.
+    for (app, event) in apps.iter().zip(&events) {
+        let _ = su.query("SELECT picloud_run_sql_handler($1, $2, 'w')", &[app, event]);
+    }
+    assert_eq!(count(&mut su, "SELECT count(*) FROM ledger"), 2);
+}
+
+#[test]
+fn events_of_a_vanished_handler_end_as_dead_letters_with_lanes_running() {
+    let (db, mut su) = fresh_db("hostile_vanished");
+    let (app, script) = ledger_app(&mut su);
+    su.batch_execute(&format!(
+        "ALTER DATABASE {db} SET picloud.retry_max_attempts = 1;
+         INSERT INTO picloud.outbox (app_id, source, op, script_id, payload)
+         VALUES ('{app}', 'queue', 'orphan', gen_random_uuid(), '{{}}');
+         SELECT picloud_enqueue('{app}', 'queue', 'ok', '{{}}', '{script}');"
+    ))
+    .unwrap();
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "100"]);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut su,
+            "SELECT count(*) FROM picloud.dead_letters
+             WHERE op = 'orphan' AND last_error LIKE '%handler no longer exists%'"
+        ) == 1),
+        "the orphan was dead-lettered; log: {}",
+        sup.log()
+    );
+    assert_eq!(count(&mut su, "SELECT count(*) FROM picloud.outbox"), 0);
+    assert_eq!(count(&mut su, "SELECT count(*) FROM ledger"), 1);
+}
+
+#[test]
+fn a_compressed_payload_is_measured_uncompressed() {
+    let (_db, mut su) = fresh_db("hostile_compressed");
+    let (app, script) = ledger_app(&mut su);
+    su.batch_execute(
+        "CREATE TABLE big (p jsonb);
+         INSERT INTO big SELECT jsonb_build_object('x', repeat('a', 2000000));
+         SET picloud.max_payload_bytes = 1048576;",
+    )
+    .unwrap();
+    assert!(
+        count(&mut su, "SELECT pg_column_size(p)::bigint FROM big") < 1_048_576,
+        "stored compressed, below the limit"
+    );
+    for extra in ["", ", p_idempotency_key => 'k'"] {
+        let sql = format!(
+            "SELECT picloud_enqueue('{app}', 'queue', 'x', (SELECT p FROM big), '{script}'{extra})"
+        );
+        assert_eq!(sqlstate(su.batch_execute(&sql)), "PC004", "{sql}");
+    }
+    assert_eq!(count(&mut su, "SELECT count(*) FROM picloud.outbox"), 0);
+}
+
+#[test]
+fn a_handler_leaves_no_advisory_lock_in_the_supervisors_session() {
+    let (db, mut su) = fresh_db("hostile_locks_left");
+    let (app, _script) = ledger_app(&mut su);
+    su.batch_execute(
+        "CREATE FUNCTION locking_handler(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_advisory_lock(424242);
+             INSERT INTO ledger (event_id) VALUES ((e->>'event_id')::uuid);
+         END $$;",
+    )
+    .unwrap();
+    let locking: Uuid = su
+        .query_one(
+            "SELECT picloud_create_script($1, 'locking', 'sql', 'locking_handler')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "100"]);
+    su.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &locking],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || count(
+            &mut su,
+            "SELECT count(*) FROM ledger"
+        ) == 1),
+        "log: {}",
+        sup.log()
+    );
+    let free: bool = su
+        .query_one("SELECT pg_try_advisory_lock(424242)", &[])
+        .unwrap()
+        .get(0);
+    assert!(free, "the handler's session lock was released");
 }
