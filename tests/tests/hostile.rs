@@ -426,7 +426,8 @@ fn tenants_cannot_lock_picloud_tables() {
     let admin = role(&mut su, "lock_admin");
     grant(&mut su, app, &admin, "admin");
     su.batch_execute(&format!(
-        "CREATE TABLE public.own (x int); GRANT ALL ON public.own TO {admin}"
+        "CREATE TABLE public.own (x int); GRANT ALL ON public.own TO {admin};
+         GRANT CREATE ON SCHEMA public TO {admin}"
     ))
     .unwrap();
     let mut a = login(&db, &admin);
@@ -446,6 +447,22 @@ fn tenants_cannot_lock_picloud_tables() {
         message.contains("reserved to picloud administrators"),
         "{message}"
     );
+    // Nor through a view of their own, however deep (LOCK on a view locks what it reads).
+    a.batch_execute(
+        "CREATE VIEW public.over_triggers AS SELECT * FROM picloud.triggers;
+         CREATE VIEW public.over_view AS SELECT * FROM public.over_triggers;
+         CREATE VIEW public.over_own AS SELECT * FROM public.own;",
+    )
+    .expect("views");
+    for view in ["over_triggers", "over_view"] {
+        let result = a.batch_execute(&format!(
+            "BEGIN; LOCK TABLE public.{view} IN ACCESS EXCLUSIVE MODE"
+        ));
+        assert_eq!(sqlstate(result), "42501", "{view}");
+        a.batch_execute("ROLLBACK").unwrap();
+    }
+    a.batch_execute("BEGIN; LOCK TABLE public.over_own IN ACCESS EXCLUSIVE MODE; COMMIT")
+        .expect("a view of their own table");
     // Their own tables lock as ever; the operator may lock picloud's.
     a.batch_execute("BEGIN; LOCK TABLE public.own IN ACCESS EXCLUSIVE MODE; COMMIT")
         .expect("own table");
