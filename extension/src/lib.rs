@@ -101,6 +101,13 @@ pub extern "C-unwind" fn _PG_init() {
             "Add 'picloud' to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
         );
     }
+    // A Rust panic turned into an ERROR carries a backtrace in its DETAIL whenever the
+    // postmaster's environment asks Rust for backtraces (RUST_BACKTRACE=1, common on developer
+    // machines): file paths and code layout a client must never see. The library-level setting
+    // wins over RUST_BACKTRACE for captured backtraces. Set once here, in the postmaster,
+    // before any backend or thread exists.
+    // SAFETY (of set_var): the postmaster is single-threaded while it loads libraries.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     api::wake::init_shared_memory();
     table_locks::install();

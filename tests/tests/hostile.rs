@@ -785,3 +785,36 @@ fn a_handler_leaves_no_advisory_lock_in_the_supervisors_session() {
         .get(0);
     assert!(free, "the handler's session lock was released");
 }
+
+#[test]
+fn errors_carry_no_rust_backtrace() {
+    // scripts/test.sh starts the cluster with RUST_BACKTRACE=1 in its environment, the setting
+    // under which a panic's DETAIL would carry one. A database whose encoding lets text hold
+    // bytes that are not UTF-8 reaches a conversion that panics.
+    let name = format!("hostile_ascii_{}", std::process::id());
+    let mut admin = connect("postgres");
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name};
+             CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .unwrap();
+    let mut c = connect(&name);
+    c.batch_execute("CREATE EXTENSION picloud").unwrap();
+    let error = c
+        .query(
+            "SELECT picloud.picloud_collection_matches('*', convert_from('\\xff'::bytea, 'SQL_ASCII'))",
+            &[],
+        )
+        .expect_err("not UTF-8");
+    let db_error = error.as_db_error().expect("a database error");
+    let detail = db_error.detail().unwrap_or("");
+    assert!(
+        !detail.contains("rust_begin_unwind") && !detail.contains(".rs:"),
+        "DETAIL: {detail}"
+    );
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .unwrap();
+}
