@@ -794,9 +794,11 @@ fn errors_carry_no_rust_backtrace() {
     let name = format!("hostile_ascii_{}", std::process::id());
     let mut admin = connect("postgres");
     admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .unwrap();
+    admin
         .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name};
-             CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+            "CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
         ))
         .unwrap();
     let mut c = connect(&name);
