@@ -111,6 +111,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     api::wake::init_shared_memory();
     table_locks::install();
+    worker::init_shared_memory();
     worker::register();
 }
 

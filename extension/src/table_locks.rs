@@ -138,7 +138,8 @@ unsafe extern "C-unwind" fn check_statement(pstmt: *mut pg_sys::PlannedStmt) {
         let in_picloud = unsafe { pg_sys::get_rel_namespace(relid) } == picloud;
         // LOCK on a view locks every relation its query reads, views within views included.
         // SAFETY: get_rel_relkind reads the syscache for a valid oid.
-        let is_view = unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_VIEW as std::ffi::c_char;
+        let is_view =
+            unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_VIEW as std::ffi::c_char;
         if in_picloud || (is_view && view_reads_picloud(relid, picloud)) {
             // SAFETY: get_rel_name answers a palloc'd copy or NULL.
             let name = unsafe { pg_sys::get_rel_name(relid) };
