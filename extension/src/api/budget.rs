@@ -11,9 +11,10 @@
 //! What a handler could leave in the supervisor's session despite the security-restricted
 //! operation it runs in: session-level advisory locks (settings, temporary tables, LISTEN,
 //! prepared statements and role switches are undone or refused by Postgres itself). They are
-//! released before each handler starts and after it ends; the supervisor holds none of its own.
+//! released before each handler starts, after it ends, and when its transaction aborts; the
+//! supervisor holds none of its own.
 
-use pgrx::pg_sys;
+use pgrx::{pg_sys, register_xact_callback, PgXactCallbackEvent};
 use std::cell::Cell;
 
 /// Postgres' `STATEMENT_TIMEOUT` (utils/timeout.h, PostgreSQL 15: the fourth TimeoutId).
@@ -39,6 +40,8 @@ struct Saved {
 
 thread_local! {
     static SAVED: Cell<Option<Saved>> = const { Cell::new(None) };
+    /// The transaction (local id) the abort callback below is registered for.
+    static ABORT_CALLBACK_FOR: Cell<u32> = const { Cell::new(0) };
 }
 
 fn statement_start() -> pg_sys::TimestampTz {
@@ -49,6 +52,7 @@ fn statement_start() -> pg_sys::TimestampTz {
 /// Arms the handler's deadline, `timeout_ms` from now, unless the statement's own comes first.
 pub fn start_handler(timeout_ms: i32) {
     release_session_locks();
+    release_session_locks_if_aborted();
     let start = statement_start();
     let saved = match SAVED.with(Cell::get) {
         Some(saved) if saved.statement_start == start => saved,
@@ -90,6 +94,19 @@ pub fn end_handler() {
             None => disable_timeout(STATEMENT_TIMEOUT, false),
         }
     }
+}
+
+/// A transaction that ran a handler and aborts (the handler's error, its timeout, a lost
+/// connection) releases the session-level advisory locks the handler took: an abort keeps
+/// them, and another supervisor connection's handler waiting on one would stall its whole
+/// batch until its own timeout.
+fn release_session_locks_if_aborted() {
+    // SAFETY: MyProc is set for every backend before any SQL function can run.
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    if ABORT_CALLBACK_FOR.with(|registered| registered.replace(lxid)) == lxid {
+        return;
+    }
+    register_xact_callback(PgXactCallbackEvent::Abort, release_session_locks);
 }
 
 fn release_session_locks() {
