@@ -126,7 +126,7 @@ DECLARE
     v_function regprocedure;
 BEGIN
     FOREACH v_function IN ARRAY ARRAY[
-        'picloud.picloud_claim(text, integer, integer, boolean)',
+        'picloud.picloud_claim(text, integer, integer, boolean, integer)',
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
@@ -139,6 +139,7 @@ BEGIN
         'picloud.picloud_lock_sql_lane_for_run(integer)',
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
+        'picloud.picloud_leave_sql_lane(uuid[], uuid[])',
         'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
         'picloud.picloud_signing_secrets(uuid[], uuid[])'
     ]::regprocedure[] LOOP

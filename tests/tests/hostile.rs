@@ -1054,3 +1054,62 @@ fn app_b_runs_on_while_app_a_attacks() {
     ))
     .unwrap();
 }
+
+/// App A floods 50,000 events whose handler takes 5 s; app B's events still start promptly:
+/// A holds at most one sql lane while B has lane events, and claims take each app's head.
+#[test]
+fn a_flood_of_slow_events_does_not_hold_up_another_app() {
+    let (db, mut su) = fresh_db("hostile_flood");
+    let table = "flood_b";
+    su.batch_execute(&format!(
+        "CREATE TABLE {table} (event_id uuid, payload jsonb, started timestamptz DEFAULT clock_timestamp());
+         CREATE FUNCTION {table}_handler(e jsonb) RETURNS void LANGUAGE sql AS
+             $$ INSERT INTO {table} (event_id, payload) VALUES ((e->>'event_id')::uuid, e->'payload') $$;
+         CREATE FUNCTION slow_a(e jsonb) RETURNS void LANGUAGE sql AS $$ SELECT pg_sleep(5) $$;"
+    ))
+    .unwrap();
+    let a: Uuid = su
+        .query_one("SELECT picloud_create_app('flood_a')", &[])
+        .unwrap()
+        .get(0);
+    let b: Uuid = su
+        .query_one("SELECT picloud_create_app('flood_b')", &[])
+        .unwrap()
+        .get(0);
+    let slow: Uuid = su
+        .query_one(
+            "SELECT picloud_create_script($1, 'slow', 'sql', 'slow_a', 10000)",
+            &[&a],
+        )
+        .unwrap()
+        .get(0);
+    let b_script: Uuid = su
+        .query_one(
+            &format!("SELECT picloud_create_script($1, 'b', 'sql', '{table}_handler')"),
+            &[&b],
+        )
+        .unwrap()
+        .get(0);
+    su.execute(
+        "SELECT count(*) FROM picloud_enqueue_bulk($1, 'queue', 'flood',
+             ARRAY(SELECT '{}'::jsonb FROM generate_series(1, 50000)), $2)",
+        &[&a, &slow],
+    )
+    .unwrap();
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "200"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let latencies = b_latencies(&mut su, b, b_script, table, 10);
+    let worst = latencies[latencies.len() - 1];
+    println!(
+        "app B under app A's flood of 50,000 slow events: p50 {:.1} ms, worst {:.1} ms",
+        latencies[latencies.len() / 2],
+        worst
+    );
+    assert!(
+        worst < 2_000.0,
+        "B waited {worst:.0} ms; log: {}",
+        sup.log()
+    );
+    drop(sup);
+    su.execute("SELECT picloud_drop_app($1)", &[&a]).unwrap();
+}
