@@ -31,7 +31,9 @@ cargo build -q -p picloud-supervisor
 # library just installed.
 bash scripts/cluster.sh stop "$cluster"
 rm -rf "$cluster"
-bash scripts/cluster.sh start "$cluster" "$port" picloud_it
+# Rust errors must not carry backtraces even where the environment asks for them
+# (tests/tests/hostile.rs): the cluster runs with RUST_BACKTRACE=1.
+RUST_BACKTRACE=1 bash scripts/cluster.sh start "$cluster" "$port" picloud_it
 trap 'bash scripts/cluster.sh stop "$cluster"' EXIT
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud_it -qc "CREATE EXTENSION IF NOT EXISTS picloud"
 # The tests create many databases; a short naptime lets autovacuum visit the outbox within

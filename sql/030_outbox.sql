@@ -29,7 +29,7 @@ $$;
 CREATE FUNCTION picloud._check_payload(p_payload jsonb) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_size integer := pg_catalog.pg_column_size(p_payload);
+    v_size integer := picloud._payload_bytes(p_payload);
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
 BEGIN
     IF v_size > v_max THEN
@@ -126,7 +126,7 @@ BEGIN
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
-    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    v_depth := picloud._admit(picloud._payload_bytes(p_payload), p_depth);
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
@@ -238,7 +238,7 @@ BEGIN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
     SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
+    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -300,7 +300,7 @@ BEGIN
         PERFORM picloud._invalid(format('key must be at most 1024 characters long, got %s', length(p_key)));
     END IF;
     v_payload := jsonb_build_object('collection', p_collection, 'op', p_op, 'key', p_key, 'value', p_value);
-    IF pg_catalog.pg_column_size(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+    IF picloud._payload_bytes(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
         PERFORM picloud._check_payload(v_payload);
     END IF;
     -- The depth check only matters when something would be enqueued: writing a captured table
@@ -431,13 +431,25 @@ LANGUAGE sql STABLE AS $$
     CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
 $$;
 
--- Claims up to p_batch due events for p_worker under a lease of p_lease_ms, oldest first, and
--- returns each with its handler and the principal it runs as. With p_leave_sql_lane a
--- supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the lanes their events - first
--- attempts of asynchronous events with a sql handler - and looks at no more than the oldest
--- p_batch * 4 + 100 due rows, so a backlog of lane events costs it a bounded scan.
+-- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
+-- with its handler and the principal it runs as.
+--
+-- Which events, fairly between apps (README, "Fairness between apps"):
+--   1. one event of each app that has a due one (round robin, starting from a random app, at
+--      most p_batch apps), the app's oldest by enqueue order (event_id) among its first 64
+--      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
+--      behind a backlog of its own;
+--   2. then the oldest due events by due time, to fill the batch.
+-- With p_app_cap, an app that already has p_app_cap events claimed (by any supervisor) gets
+-- no more, and one claim gives an app at most what is left of its cap: one app's slow handlers
+-- cannot hold every executor.
+-- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
+-- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
+-- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
+-- costs it a bounded scan.
 CREATE FUNCTION picloud.picloud_claim(
-    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false)
+    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
+    p_app_cap integer DEFAULT NULL)
 RETURNS TABLE (
     app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
     payload jsonb, depth integer, attempt_count integer, reply_to text,
@@ -446,6 +458,9 @@ RETURNS TABLE (
 LANGUAGE plpgsql AS $$
 DECLARE
     v_claimed integer;
+    v_running_apps uuid[] := '{}';
+    v_running_counts integer[] := '{}';
+    v_start uuid := gen_random_uuid();
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -460,35 +475,100 @@ BEGIN
     IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
         PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
     END IF;
+    IF p_app_cap IS NOT NULL AND p_app_cap NOT BETWEEN 1 AND 100000 THEN
+        PERFORM picloud._invalid(format('app_cap must be between 1 and 100000, got %s', p_app_cap));
+    END IF;
     -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
     -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
     -- takes a disk flush off the path from enqueue to handler. (It applies to the rest of the
     -- caller's transaction, which for the supervisor is this statement alone.)
     PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    IF p_app_cap IS NOT NULL THEN
+        -- What runs now, per app: the claimed rows, a few per running handler.
+        SELECT coalesce(array_agg(r.app_id), '{}'), coalesce(array_agg(r.n), '{}')
+        INTO v_running_apps, v_running_counts
+        FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
+              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id) r;
+    END IF;
     RETURN QUERY
-    WITH due AS (
-        SELECT o.app_id, o.event_id
+    WITH RECURSIVE apps (app_id, first_app, n) AS (
+        -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
+        -- of outbox_pkey each.
+        SELECT s.app_id, s.app_id, 1
+        FROM (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+        WHERE s.app_id IS NOT NULL
+        UNION ALL
+        SELECT nxt.app_id, a.first_app, a.n + 1
+        FROM apps a
+        CROSS JOIN LATERAL (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+        WHERE a.n < p_batch AND nxt.app_id <> a.first_app
+    ), room AS (
+        -- How many more events each app may have claimed (NULL: no cap).
+        SELECT a.app_id,
+               p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
+        FROM apps a
+    ), heads AS (
+        -- Each app's oldest claimable event by enqueue order, among its first 64 rows.
+        SELECT h.app_id, h.event_id, h.due_at
+        FROM room r
+        CROSS JOIN LATERAL (
+            SELECT w.app_id, w.event_id, w.due_at
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
+                         o.first_attempt_at, o.reply_to, o.script_id
+                  FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
+            WHERE w.claimed_by IS NULL AND w.due_at <= now()
+              AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
+                                    false))
+            ORDER BY w.event_id
+            LIMIT 1) h
+        WHERE r.left_ IS NULL OR r.left_ > 0
+    ), locked_heads AS (
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
+    ), fill AS (
+        -- The oldest due rows by due time, for the rest of the batch: one index scan, which
+        -- passes over rows other claimers hold.
+        SELECT o.app_id, o.event_id, o.due_at
         FROM picloud.outbox o
-        WHERE NOT p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
-        ORDER BY o.due_at
-        LIMIT p_batch
-        FOR UPDATE SKIP LOCKED
-    ), due_outside_lane AS (
-        -- The window ends at the due time of its last row (one short index scan).
-        SELECT o.app_id, o.event_id
-        FROM picloud.outbox o
-        WHERE p_leave_sql_lane AND o.claimed_by IS NULL AND o.due_at <= now()
-          AND o.due_at <= coalesce(
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+                   AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+          AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                   AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
+                                false))
+          AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due rows.
+          AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
                 (SELECT w.due_at FROM picloud.outbox w
                  WHERE w.claimed_by IS NULL AND w.due_at <= now()
                  ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-                'infinity')
-          AND NOT (o.attempt_count = 0 AND o.reply_to IS NULL
-                   AND (SELECT s.kind FROM picloud.scripts s
-                        WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql')
+                'infinity'))
         ORDER BY o.due_at
         LIMIT p_batch
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF o SKIP LOCKED
+    ), ranked AS (
+        -- Within its cap, each app's rows in order: its head first, then by due time.
+        SELECT c.app_id, c.event_id, c.rank_, c.due_at,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
+              UNION ALL
+              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f) c
+    ), due AS (
+        SELECT k.app_id, k.event_id
+        FROM ranked k
+        WHERE p_app_cap IS NULL
+           OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0)
+        ORDER BY k.rank_, k.due_at
+        LIMIT p_batch
     ), claimed AS (
         UPDATE picloud.outbox o
         SET claimed_by = p_worker,
@@ -496,7 +576,7 @@ BEGIN
             attempt_count = o.attempt_count + 1,
             first_attempt_at = coalesce(o.first_attempt_at, now()),
             last_attempt_at = now()
-        FROM (SELECT * FROM due UNION ALL SELECT * FROM due_outside_lane) AS due
+        FROM due
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
         RETURNING o.*
     )
@@ -617,8 +697,9 @@ $$;
 -- its own: a handler's error rolls back only its own writes, and the failure is settled
 -- (retry or dead letter) in the same transaction. Every handler's effect and its event's
 -- completion or failure commit together, once, which keeps the exactly-once guarantee while
--- paying for one commit per batch instead of one per event. A statement timeout is not caught
--- here: it aborts the whole batch, and the supervisor then runs the events one by one.
+-- paying for one commit per batch instead of one per event. Each handler runs under its own
+-- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
+-- it aborts the whole batch, and the supervisor then runs the events one by one.
 CREATE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
 RETURNS TABLE (event_id uuid, outcome text, error text)
 LANGUAGE plpgsql AS $$
@@ -642,6 +723,9 @@ BEGIN
             PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
             outcome := 'completed';
         EXCEPTION WHEN OTHERS THEN
+            -- The handler's own timeout no longer applies; the rest of the batch has the
+            -- statement's.
+            PERFORM picloud._after_handler();
             GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
                                     v_state = RETURNED_SQLSTATE;
             error := v_message

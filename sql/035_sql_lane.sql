@@ -12,12 +12,21 @@
 -- and the supervisor claims the left-out ones with picloud_claim_events and runs them the
 -- ordinary way - attempts counted, retries and dead letters as usual. A batch that fails as a
 -- whole (its statement timeout, a lost connection) is rolled back and all its events go that
--- way. Only first attempts of asynchronous events with a sql handler enter the lane; retries
--- and synchronous calls never do.
+-- way. Only first attempts of asynchronous events with a sql handler enter the lane (no
+-- attempt counted, no first_attempt_at); retries and synchronous calls never do, nor events
+-- a lane gave up on (picloud_leave_sql_lane).
 
 -- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
 -- transaction, and returns them with their row address (valid while the lock is held: the
 -- lane never updates a locked row) and their handler's timeout.
+--
+-- A batch holds the events of one app, and apps take turns (README, "Fairness between apps"):
+-- the apps with lane events are visited from a random one on, and the first whose lane lock is
+-- free gets the batch. The lane lock is the app's row in picloud.apps, locked FOR NO KEY
+-- UPDATE for the batch's transaction: no tenant can lock it (tenants have no UPDATE on apps),
+-- and enqueues never touch it. So one app's slow handlers hold at most one lane while another
+-- app has lane events; when every app with lane events is in a lane already, a lane shares the
+-- first one, so a single busy app still gets every lane.
 CREATE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
 RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
 LANGUAGE plpgsql
@@ -34,25 +43,67 @@ SET enable_sort = off
 AS $$
 DECLARE
     v_locked integer;
+    v_app uuid;
+    v_candidate uuid;
+    v_shared uuid;
+    v_start uuid := gen_random_uuid();
 BEGIN
     IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
         PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
     END IF;
+    -- Apps with rows in the outbox, from a random one on (one probe of outbox_pkey each, at
+    -- most 100 apps per batch), that have a lane event among their oldest 1,000 rows.
+    FOR v_candidate IN
+        WITH RECURSIVE apps (app_id, first_app, n) AS (
+            SELECT s.app_id, s.app_id, 1
+            FROM (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+            WHERE s.app_id IS NOT NULL
+            UNION ALL
+            SELECT nxt.app_id, a.first_app, a.n + 1
+            FROM apps a
+            CROSS JOIN LATERAL (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+            WHERE a.n < 100 AND nxt.app_id <> a.first_app
+        )
+        SELECT a.app_id FROM apps a
+        WHERE EXISTS (
+            SELECT 1
+            FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
+                         o.reply_to
+                  FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
+            JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
+            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND s.kind = 'sql')
+    LOOP
+        PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            v_app := v_candidate;
+            EXIT;
+        END IF;
+        v_shared := coalesce(v_shared, v_candidate);
+    END LOOP;
+    v_app := coalesce(v_app, v_shared);
     -- The scan passes over other events to find lane events wherever they are in the queue; a
     -- lane that finds none waits longer and longer before looking again (see
     -- supervisor/src/lane.rs).
-    RETURN QUERY
-    SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
-    FROM picloud.outbox o
-    JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-    WHERE o.claimed_by IS NULL AND o.due_at <= now()
-      AND o.attempt_count = 0 AND o.reply_to IS NULL
-      AND s.kind = 'sql'
-    ORDER BY o.due_at
-    LIMIT p_batch
-    FOR UPDATE OF o SKIP LOCKED;
-    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    v_locked := 0;
+    IF v_app IS NOT NULL THEN
+        RETURN QUERY
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM picloud.outbox o
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND s.kind = 'sql'
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+    END IF;
     -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
     PERFORM picloud._note_claim(v_locked);
 END
@@ -130,7 +181,8 @@ AS $$
                                           o.depth, 1, o.trigger_id, o.script_id))
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
-      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND o.reply_to IS NULL
     GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
 $$;
 
@@ -152,7 +204,8 @@ BEGIN
     WITH done AS (
         DELETE FROM picloud.outbox o
         WHERE o.ctid = ANY(p_row_tids)
-          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.reply_to IS NULL
+          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND o.reply_to IS NULL
         RETURNING o.app_id, o.source
     ), counted AS (
         SELECT d.app_id, d.source, count(*)::integer AS n FROM done d GROUP BY d.app_id, d.source
@@ -288,5 +341,34 @@ BEGIN
         RETURNING o.*
     )
     SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+END
+$$;
+
+-- Takes the given events out of the lanes (those still unclaimed first attempts) and returns
+-- how many: what a supervisor does with the events of a lane batch that failed as a whole (its
+-- statement timeout, a lost connection) or that failed by themselves. They are marked as tried
+-- (first_attempt_at), so no lane takes them again, and the claims then run them one by one,
+-- with the per-app cap, instead of the lane handing them all to its executors at once.
+CREATE FUNCTION picloud.picloud_leave_sql_lane(p_app_ids uuid[], p_event_ids uuid[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left integer;
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    UPDATE picloud.outbox o SET first_attempt_at = now()
+    FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+    WHERE o.app_id = k.app_id AND o.event_id = k.event_id
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
+    GET DIAGNOSTICS v_left = ROW_COUNT;
+    IF v_left > 0 THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN v_left;
 END
 $$;

@@ -97,6 +97,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_event_shape(text, text),
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
+    picloud._payload_bytes(anyelement),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
     picloud._check_page(integer, integer),
@@ -125,7 +126,7 @@ DECLARE
     v_function regprocedure;
 BEGIN
     FOREACH v_function IN ARRAY ARRAY[
-        'picloud.picloud_claim(text, integer, integer, boolean)',
+        'picloud.picloud_claim(text, integer, integer, boolean, integer)',
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
@@ -138,6 +139,7 @@ BEGIN
         'picloud.picloud_lock_sql_lane_for_run(integer)',
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
+        'picloud.picloud_leave_sql_lane(uuid[], uuid[])',
         'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
         'picloud.picloud_signing_secrets(uuid[], uuid[])'
     ]::regprocedure[] LOOP

@@ -47,8 +47,10 @@ extension_sql_file!(
         api::wake::picloud_note_claim,
         api::principal::picloud_current_depth,
         api::admission::picloud_admit,
+        api::admission::picloud_payload_bytes,
         api::principal::picloud_become_event,
         api::principal::picloud_unbecome,
+        api::budget::picloud_after_handler,
         api::backends::picloud_my_backend_start,
         api::backends::picloud_backend_started
     ]
@@ -99,9 +101,17 @@ pub extern "C-unwind" fn _PG_init() {
             "Add 'picloud' to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
         );
     }
+    // A Rust panic turned into an ERROR carries a backtrace in its DETAIL whenever the
+    // postmaster's environment asks Rust for backtraces (RUST_BACKTRACE=1, common on developer
+    // machines): file paths and code layout a client must never see. The library-level setting
+    // wins over RUST_BACKTRACE for captured backtraces. Set once here, in the postmaster,
+    // before any backend or thread exists.
+    // SAFETY (of set_var): the postmaster is single-threaded while it loads libraries.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     api::wake::init_shared_memory();
     table_locks::install();
+    worker::init_shared_memory();
     worker::register();
 }
 

@@ -6,7 +6,9 @@
 //! `ACCESS EXCLUSIVE` on a picloud table in an open transaction would stall every app's
 //! enqueues, claims and lanes. picloud's own functions take the row locks they need, so no
 //! tenant ever needs an explicit table lock on picloud's tables: this utility hook refuses
-//! them (42501) unless the current user is a superuser or a member of picloud_admin.
+//! them (42501) unless the current user is a superuser or a member of picloud_admin, also
+//! through a view (LOCK on a view locks every relation its query reads, with the view owner's
+//! rights, so a tenant's own view over a picloud table would otherwise do).
 //!
 //! The hook itself carries no pgrx guard, for the same reason as `picloud_enqueue` (see
 //! api/enqueue.rs): every utility statement passes through it, and an error raised further in
@@ -129,8 +131,16 @@ unsafe extern "C-unwind" fn check_statement(pstmt: *mut pg_sys::PlannedStmt) {
                 std::ptr::null_mut(),
             )
         };
-        // SAFETY: get_rel_namespace reads the syscache for a valid or invalid oid.
-        if relid != pg_sys::InvalidOid && unsafe { pg_sys::get_rel_namespace(relid) } == picloud {
+        if relid == pg_sys::InvalidOid {
+            continue;
+        }
+        // SAFETY: get_rel_namespace reads the syscache for a valid oid.
+        let in_picloud = unsafe { pg_sys::get_rel_namespace(relid) } == picloud;
+        // LOCK on a view locks every relation its query reads, views within views included.
+        // SAFETY: get_rel_relkind reads the syscache for a valid oid.
+        let is_view =
+            unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_VIEW as std::ffi::c_char;
+        if in_picloud || (is_view && view_reads_picloud(relid, picloud)) {
             // SAFETY: get_rel_name answers a palloc'd copy or NULL.
             let name = unsafe { pg_sys::get_rel_name(relid) };
             let relation = if name.is_null() {
@@ -145,4 +155,30 @@ unsafe extern "C-unwind" fn check_statement(pstmt: *mut pg_sys::PlannedStmt) {
             PicloudError::LockRefused { relation }.raise()
         }
     }
+}
+
+/// The relations a view's query reads, and theirs in turn, found through the dependencies of
+/// the views' rewrite rules. Every name and operator is qualified: this runs under the
+/// caller's search_path.
+const VIEW_READS_PICLOUD: &str = "
+    WITH RECURSIVE reads(relid) AS (
+        SELECT $1
+        UNION
+        SELECT d.refobjid
+        FROM reads
+        JOIN pg_catalog.pg_rewrite r ON r.ev_class OPERATOR(pg_catalog.=) reads.relid
+        JOIN pg_catalog.pg_depend d
+          ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+         AND d.objid OPERATOR(pg_catalog.=) r.oid
+         AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    )
+    SELECT EXISTS (SELECT FROM reads JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) reads.relid
+                   WHERE c.relnamespace OPERATOR(pg_catalog.=) $2)";
+
+fn view_reads_picloud(view: pg_sys::Oid, picloud: pg_sys::Oid) -> bool {
+    Spi::get_one_with_args::<bool>(VIEW_READS_PICLOUD, &[view.into(), picloud.into()])
+        .ok()
+        .flatten()
+        // When in doubt, refuse: a tenant never needs to lock a view over picloud's tables.
+        .unwrap_or(true)
 }

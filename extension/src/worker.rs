@@ -9,6 +9,8 @@
 use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const WORKER_NAME: &str = "picloud housekeeper";
@@ -84,12 +86,105 @@ fn run_step(step: &str, batch_size: i32) -> i64 {
     }
 }
 
+/// Whether the last housekeeper found (or connected to) picloud.database. Shared memory, so it
+/// outlives the worker process: a new worker connects at once when it is set, and otherwise
+/// first asks from a connection to no database whether the database exists.
+// SAFETY: the name is unique to picloud within this cluster's shared memory.
+static DATABASE_SEEN: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"picloud_housekeeper_database_seen") };
+
+/// Sets up the shared flag (from `_PG_init`).
+pub fn init_shared_memory() {
+    pg_shmem_init!(DATABASE_SEEN);
+}
+
+/// Does the database exist? Asked from a connection to no database (pg_database is a shared
+/// catalog): connecting to a missing database is FATAL, and the postmaster would start the
+/// worker again every second, each time logging the same FATAL.
+fn database_exists(database: &str) -> bool {
+    BackgroundWorker::transaction(|| {
+        // A heap scan of pg_database, as Postgres' own launchers read it without a database
+        // (catalog lookups by name need one).
+        // SAFETY: the scan and relation are opened and closed within this transaction; each
+        // tuple heap_getnext returns is a pg_database row, whose fixed part starts at t_hoff.
+        unsafe {
+            let relation = pg_sys::table_open(
+                pg_sys::DatabaseRelationId,
+                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            );
+            let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+            let mut found = false;
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let header = (*tuple).t_data;
+                let row = header
+                    .cast::<u8>()
+                    .add(usize::from((*header).t_hoff))
+                    .cast::<pg_sys::FormData_pg_database>();
+                let name = std::ffi::CStr::from_ptr((*row).datname.data.as_ptr());
+                if name.to_bytes() == database.as_bytes() {
+                    found = true;
+                    break;
+                }
+            }
+            pg_sys::table_endscan(scan);
+            pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            found
+        }
+    })
+}
+
+/// Waits, connected to no database, until `database` exists, logging once; then exits so that
+/// the postmaster starts a worker that connects to it. Exits on SIGTERM like the main loop.
+fn wait_for_database(database: &str) -> ! {
+    log!("{WORKER_NAME}: database {database:?} (picloud.database) does not exist; waiting for it");
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(gucs::gc_interval_ms()))) {
+        if database_exists(database) {
+            log!("{WORKER_NAME}: database {database:?} exists now; restarting to connect to it");
+            DATABASE_SEEN.get().store(true, Ordering::Release);
+            // SAFETY: ends this process; code 1 makes the postmaster start a new worker.
+            unsafe { pg_sys::proc_exit(1) }
+        }
+    }
+    leave()
+}
+
+/// Leaves after SIGTERM. The same signal comes from a server shutdown and from
+/// pg_terminate_backend (an operator, a tool that ends idle sessions, DROP DATABASE ... WITH
+/// (FORCE)); exit code 1 makes the postmaster start a new housekeeper after the restart time in
+/// the second case, and starts nothing once a shutdown has begun. Exit code 0 would mean "done
+/// for good": leases of crashed supervisors would never be rescued again until a restart.
+fn leave() -> ! {
+    log!("{WORKER_NAME}: terminated; exiting with code 1 so that the postmaster starts a new one unless the server is shutting down");
+    // SAFETY: ends this process the way Postgres processes end.
+    unsafe { pg_sys::proc_exit(1) }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
+    // A missing database would make the connection below FATAL: check from no database first.
+    // (A worker connected to no database cannot connect to one later, hence the restart.)
+    if !DATABASE_SEEN.get().swap(false, Ordering::AcqRel) {
+        // Not known to exist: find out from no database, then start again (connected to no
+        // database, this process cannot connect to one any more).
+        BackgroundWorker::connect_worker_to_spi(None, None);
+        if database_exists(&database) {
+            DATABASE_SEEN.get().store(true, Ordering::Release);
+            // SAFETY: ends this process; code 1 makes the postmaster start a new worker.
+            unsafe { pg_sys::proc_exit(1) }
+        }
+        wait_for_database(&database);
+    }
+    // Cleared above until the connection succeeds: if the database was dropped meanwhile, the
+    // FATAL below leaves the next worker to find that out without connecting.
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    DATABASE_SEEN.get().store(true, Ordering::Release);
     log!("{WORKER_NAME} started for database {database:?}");
 
     let mut announced_waiting = false;
@@ -119,5 +214,5 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
             log!("{WORKER_NAME}: {}", report.join(" "));
         }
     }
-    log!("{WORKER_NAME} exiting");
+    leave()
 }

@@ -59,6 +59,19 @@ BEGIN
     END IF;
 END
 $$;
+CREATE OR REPLACE FUNCTION picloud._check_payload(p_payload jsonb) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_size integer := picloud._payload_bytes(p_payload);
+    v_max integer := current_setting('picloud.max_payload_bytes')::integer;
+BEGIN
+    IF v_size > v_max THEN
+        RAISE EXCEPTION 'event payload of % bytes exceeds picloud.max_payload_bytes (%)', v_size, v_max
+            USING ERRCODE = 'PC004',
+                  HINT = 'Store large data in a table and put its key in the payload.';
+    END IF;
+END
+$$;
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 CREATE OR REPLACE FUNCTION picloud._enqueue_general(
@@ -95,7 +108,7 @@ BEGIN
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
-    v_depth := picloud._admit(pg_catalog.pg_column_size(p_payload), p_depth);
+    v_depth := picloud._admit(picloud._payload_bytes(p_payload), p_depth);
     IF v_depth < 0 THEN
         PERFORM picloud._check_payload(p_payload);
         v_depth := picloud._event_depth(p_depth);
@@ -167,7 +180,7 @@ BEGIN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
     SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE pg_catalog.pg_column_size(payload) > v_max LIMIT 1;
+    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -187,6 +200,67 @@ BEGIN
         PERFORM picloud._wake_at_commit();
     END IF;
     RETURN QUERY SELECT unnest(v_ids);
+END
+$$;
+-- Emits a KV event: one outbox row per enabled KV trigger of the app matching (collection,
+-- op), in the caller's transaction. Returns how many were enqueued.
+CREATE OR REPLACE FUNCTION picloud.picloud_emit_kv(
+    p_app_id uuid,
+    p_collection text,
+    p_op text,
+    p_key text,
+    p_value jsonb,
+    p_depth integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+-- The matching statement's best plan is the same for every call (an index probe on
+-- (app_id, match_key)); without this, an app with many triggers makes PL/pgSQL re-plan it on
+-- every call.
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_enqueued integer;
+    v_depth integer;
+    v_payload jsonb;
+    v_wake_pending boolean;
+BEGIN
+    IF p_app_id IS NULL OR p_collection IS NULL OR p_op IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,collection,op}',
+            ARRAY[p_app_id IS NULL, p_collection IS NULL, p_op IS NULL]);
+    END IF;
+    IF NOT picloud._is_owner() THEN
+        PERFORM picloud._require(p_app_id, 'enqueue');
+    END IF;
+    IF length(p_collection) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM picloud._invalid(format('collection name must be 1 to 1024 characters long, got %s', length(p_collection)));
+    END IF;
+    IF p_op NOT IN ('insert', 'update', 'delete', 'set') THEN
+        PERFORM picloud._invalid(format('unknown KV op %L', left(p_op, 200)), 'KV ops are insert, update, delete and set.');
+    END IF;
+    IF length(p_key) > 1024 THEN
+        PERFORM picloud._invalid(format('key must be at most 1024 characters long, got %s', length(p_key)));
+    END IF;
+    v_payload := jsonb_build_object('collection', p_collection, 'op', p_op, 'key', p_key, 'value', p_value);
+    IF picloud._payload_bytes(v_payload) > current_setting('picloud.max_payload_bytes')::integer THEN
+        PERFORM picloud._check_payload(v_payload);
+    END IF;
+    -- The depth check only matters when something would be enqueued: writing a captured table
+    -- that no trigger listens to is never an error.
+    IF p_depth < 0 THEN
+        PERFORM picloud._event_depth(p_depth);
+    END IF;
+    v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
+    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
+    GET DIAGNOSTICS v_enqueued = ROW_COUNT;
+    IF v_enqueued > 0 THEN
+        IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
+            PERFORM picloud._event_depth(p_depth);
+        END IF;
+        v_wake_pending := picloud._wake_at_commit();
+    END IF;
+    RETURN v_enqueued;
 END
 $$;
 -- Runs a claimed event's SQL handler as its principal and completes the event, all in the
@@ -333,6 +407,157 @@ BEGIN
     RETURN QUERY SELECT 'retry'::text, v_due, NULL::uuid;
 END
 $$;
+DROP FUNCTION picloud.picloud_claim(text, integer, integer, boolean);
+-- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
+-- with its handler and the principal it runs as.
+--
+-- Which events, fairly between apps (README, "Fairness between apps"):
+--   1. one event of each app that has a due one (round robin, starting from a random app, at
+--      most p_batch apps), the app's oldest by enqueue order (event_id) among its first 64
+--      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
+--      behind a backlog of its own;
+--   2. then the oldest due events by due time, to fill the batch.
+-- With p_app_cap, an app that already has p_app_cap events claimed (by any supervisor) gets
+-- no more, and one claim gives an app at most what is left of its cap: one app's slow handlers
+-- cannot hold every executor.
+-- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
+-- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
+-- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
+-- costs it a bounded scan.
+CREATE FUNCTION picloud.picloud_claim(
+    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
+    p_app_cap integer DEFAULT NULL)
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claimed integer;
+    v_running_apps uuid[] := '{}';
+    v_running_counts integer[] := '{}';
+    v_start uuid := gen_random_uuid();
+BEGIN
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
+    END IF;
+    IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
+    END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    IF p_app_cap IS NOT NULL AND p_app_cap NOT BETWEEN 1 AND 100000 THEN
+        PERFORM picloud._invalid(format('app_cap must be between 1 and 100000, got %s', p_app_cap));
+    END IF;
+    -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
+    -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
+    -- takes a disk flush off the path from enqueue to handler. (It applies to the rest of the
+    -- caller's transaction, which for the supervisor is this statement alone.)
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    IF p_app_cap IS NOT NULL THEN
+        -- What runs now, per app: the claimed rows, a few per running handler.
+        SELECT coalesce(array_agg(r.app_id), '{}'), coalesce(array_agg(r.n), '{}')
+        INTO v_running_apps, v_running_counts
+        FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
+              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id) r;
+    END IF;
+    RETURN QUERY
+    WITH RECURSIVE apps (app_id, first_app, n) AS (
+        -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
+        -- of outbox_pkey each.
+        SELECT s.app_id, s.app_id, 1
+        FROM (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+        WHERE s.app_id IS NOT NULL
+        UNION ALL
+        SELECT nxt.app_id, a.first_app, a.n + 1
+        FROM apps a
+        CROSS JOIN LATERAL (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+        WHERE a.n < p_batch AND nxt.app_id <> a.first_app
+    ), room AS (
+        -- How many more events each app may have claimed (NULL: no cap).
+        SELECT a.app_id,
+               p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
+        FROM apps a
+    ), heads AS (
+        -- Each app's oldest claimable event by enqueue order, among its first 64 rows.
+        SELECT h.app_id, h.event_id, h.due_at
+        FROM room r
+        CROSS JOIN LATERAL (
+            SELECT w.app_id, w.event_id, w.due_at
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
+                         o.first_attempt_at, o.reply_to, o.script_id
+                  FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
+            WHERE w.claimed_by IS NULL AND w.due_at <= now()
+              AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
+                                    false))
+            ORDER BY w.event_id
+            LIMIT 1) h
+        WHERE r.left_ IS NULL OR r.left_ > 0
+    ), window_ AS (
+        -- The oldest due rows by due time (one short index scan), for the rest of the batch.
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+                   AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+          AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                   AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
+                                false))
+        ORDER BY o.due_at
+        LIMIT CASE WHEN p_leave_sql_lane THEN p_batch * 4 + 100 ELSE p_batch END
+    ), candidates AS (
+        SELECT c.app_id, c.event_id, min(c.rank_) AS rank_
+        FROM (SELECT h.app_id, h.event_id, 0 AS rank_ FROM heads h
+              UNION ALL
+              SELECT w.app_id, w.event_id, 1 FROM window_ w) c
+        GROUP BY c.app_id, c.event_id
+    ), ranked AS (
+        -- Within its cap, each app's candidates in order: heads first, then by due time.
+        SELECT c.app_id, c.event_id, c.rank_,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, o.due_at, c.event_id) AS nth,
+               o.due_at
+        FROM candidates c JOIN picloud.outbox o ON o.app_id = c.app_id AND o.event_id = c.event_id
+    ), chosen AS (
+        SELECT k.app_id, k.event_id
+        FROM ranked k LEFT JOIN room r ON r.app_id = k.app_id
+        WHERE p_app_cap IS NULL OR k.nth <= coalesce(r.left_,
+              p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0))
+        ORDER BY k.rank_, k.due_at
+        LIMIT p_batch
+    ), due AS (
+        SELECT o.app_id, o.event_id
+        FROM picloud.outbox o JOIN chosen c ON o.app_id = c.app_id AND o.event_id = c.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
+    ), claimed AS (
+        UPDATE picloud.outbox o
+        SET claimed_by = p_worker,
+            lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0),
+            attempt_count = o.attempt_count + 1,
+            first_attempt_at = coalesce(o.first_attempt_at, now()),
+            last_attempt_at = now()
+        FROM due
+        WHERE o.app_id = due.app_id AND o.event_id = due.event_id
+        RETURNING o.*
+    )
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    PERFORM picloud._note_claim(v_claimed);
+END
+$$;
 DROP FUNCTION picloud.picloud_fail(uuid, uuid, text, text);
 -- Reports a failed attempt. Returns 'retry' with the next due time, or 'dead_letter' with
 -- the new dead letter's id. p_retry_at, when given, is the earliest time the next attempt may
@@ -429,6 +654,95 @@ BEGIN
     RETURN QUERY SELECT cardinality(v_done), v_left_apps, v_left;
 END
 $$;
+-- Takes the given events out of the lanes (those still unclaimed first attempts) and returns
+-- how many: what a supervisor does with the events of a lane batch that failed as a whole (its
+-- statement timeout, a lost connection) or that failed by themselves. They are marked as tried
+-- (first_attempt_at), so no lane takes them again, and the claims then run them one by one,
+-- with the per-app cap, instead of the lane handing them all to its executors at once.
+CREATE FUNCTION picloud.picloud_leave_sql_lane(p_app_ids uuid[], p_event_ids uuid[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left integer;
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    UPDATE picloud.outbox o SET first_attempt_at = now()
+    FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+    WHERE o.app_id = k.app_id AND o.event_id = k.event_id
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
+    GET DIAGNOSTICS v_left = ROW_COUNT;
+    IF v_left > 0 THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN v_left;
+END
+$$;
+-- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
+-- their handlers receive, with their ids and addresses in the same order. A TID scan finds
+-- them. An address still holds the event the lane locked: the lock keeps the row from being
+-- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
+-- (The planner's cost model would rather read the whole table, or walk the whole due index
+-- testing every row against the list, than fetch a few hundred rows by address: the second
+-- makes draining a queue of n events cost n^2 row visits. So only the TID scan is left to it;
+-- the settings are local to this function, and no handler runs in it.)
+CREATE OR REPLACE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
+RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
+               event_ids uuid[], row_tids tid[], events jsonb[])
+LANGUAGE sql STABLE
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+    SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
+           array_agg(o.event_id),
+           array_agg(o.ctid),
+           array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
+                                          o.depth, 1, o.trigger_id, o.script_id))
+    FROM picloud.outbox o
+    WHERE o.ctid = ANY(p_row_tids)
+      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND o.reply_to IS NULL
+    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
+$$;
+-- Deletes the lane's events at the given addresses once their handlers ran and counts them as
+-- completed; returns how many. Same TID scan as above.
+CREATE OR REPLACE FUNCTION picloud._sql_lane_complete(p_row_tids tid[]) RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+DECLARE
+    v_apps uuid[];
+    v_sources text[];
+    v_counts integer[];
+    v_deleted integer := 0;
+BEGIN
+    WITH done AS (
+        DELETE FROM picloud.outbox o
+        WHERE o.ctid = ANY(p_row_tids)
+          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND o.reply_to IS NULL
+        RETURNING o.app_id, o.source
+    ), counted AS (
+        SELECT d.app_id, d.source, count(*)::integer AS n FROM done d GROUP BY d.app_id, d.source
+    )
+    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n)
+    INTO v_apps, v_sources, v_counts FROM counted c;
+    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
+        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
+        v_deleted := v_deleted + v_counts[i];
+    END LOOP;
+    RETURN v_deleted;
+END
+$$;
 -- The enabled KV triggers of an app that fire for (collection, op). One index probe per
 -- candidate match key (see kv_trigger_details.match_key), never a scan of all patterns.
 CREATE OR REPLACE FUNCTION picloud.picloud_match_kv_triggers(p_app_id uuid, p_collection text, p_op text)
@@ -461,6 +775,148 @@ LANGUAGE sql STABLE AS $$
       AND (d.script_filter IS NULL OR d.script_filter OPERATOR(pg_catalog.=) p_script_id)
       AND t.enabled
 $$;
+-- Runs several claimed events' SQL handlers in the caller's transaction, each in a savepoint of
+-- its own: a handler's error rolls back only its own writes, and the failure is settled
+-- (retry or dead letter) in the same transaction. Every handler's effect and its event's
+-- completion or failure commit together, once, which keeps the exactly-once guarantee while
+-- paying for one commit per batch instead of one per event. Each handler runs under its own
+-- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
+-- it aborts the whole batch, and the supervisor then runs the events one by one.
+CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
+RETURNS TABLE (event_id uuid, outcome text, error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_message text;
+    v_detail text;
+    v_state text;
+    r picloud.outbox;
+BEGIN
+    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{worker,app_ids,event_ids}',
+            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    FOR i IN 1 .. cardinality(p_event_ids) LOOP
+        event_id := p_event_ids[i];
+        error := NULL;
+        BEGIN
+            PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
+            outcome := 'completed';
+        EXCEPTION WHEN OTHERS THEN
+            -- The handler's own timeout no longer applies; the rest of the batch has the
+            -- statement's.
+            PERFORM picloud._after_handler();
+            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
+                                    v_state = RETURNED_SQLSTATE;
+            error := v_message
+                || CASE WHEN v_detail <> '' THEN E'\nDETAIL: ' || v_detail ELSE '' END
+                || format(' (SQLSTATE %s)', v_state);
+            IF v_state = 'PC002' THEN
+                outcome := 'lease_lost';
+            ELSE
+                r := picloud._lock_claimed(p_app_ids[i], p_event_ids[i], p_worker);
+                SELECT f.outcome INTO outcome
+                FROM picloud._settle_failure(r, error, picloud.picloud_retry_delay(r.attempt_count)) f;
+            END IF;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+-- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
+-- transaction, and returns them with their row address (valid while the lock is held: the
+-- lane never updates a locked row) and their handler's timeout.
+--
+-- A batch holds the events of one app, and apps take turns (README, "Fairness between apps"):
+-- the apps with lane events are visited from a random one on, and the first whose lane lock is
+-- free gets the batch. The lane lock is the app's row in picloud.apps, locked FOR NO KEY
+-- UPDATE for the batch's transaction: no tenant can lock it (tenants have no UPDATE on apps),
+-- and enqueues never touch it. So one app's slow handlers hold at most one lane while another
+-- app has lane events; when every app with lane events is in a lane already, a lane shares the
+-- first one, so a single busy app still gets every lane.
+CREATE OR REPLACE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+-- A backlog makes the planner's estimates large enough to JIT-compile this small query,
+-- which costs more than running it.
+SET jit = off
+-- The same index-ordered scan as picloud_claim (outbox_due_idx) must drive the plan: a hash
+-- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
+-- off (only inside this function, where no handler runs) the handler is looked up in a nested
+-- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_sort = off
+AS $$
+DECLARE
+    v_locked integer;
+    v_app uuid;
+    v_candidate uuid;
+    v_shared uuid;
+    v_start uuid := gen_random_uuid();
+BEGIN
+    IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    -- Apps with rows in the outbox, from a random one on (one probe of outbox_pkey each, at
+    -- most 100 apps per batch), that have a lane event among their oldest 1,000 rows.
+    FOR v_candidate IN
+        WITH RECURSIVE apps (app_id, first_app, n) AS (
+            SELECT s.app_id, s.app_id, 1
+            FROM (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+            WHERE s.app_id IS NOT NULL
+            UNION ALL
+            SELECT nxt.app_id, a.first_app, a.n + 1
+            FROM apps a
+            CROSS JOIN LATERAL (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+            WHERE a.n < 100 AND nxt.app_id <> a.first_app
+        )
+        SELECT a.app_id FROM apps a
+        WHERE EXISTS (
+            SELECT 1
+            FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
+                         o.reply_to
+                  FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
+            JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
+            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND s.kind = 'sql')
+    LOOP
+        PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            v_app := v_candidate;
+            EXIT;
+        END IF;
+        v_shared := coalesce(v_shared, v_candidate);
+    END LOOP;
+    v_app := coalesce(v_app, v_shared);
+    -- The scan passes over other events to find lane events wherever they are in the queue; a
+    -- lane that finds none waits longer and longer before looking again (see
+    -- supervisor/src/lane.rs).
+    v_locked := 0;
+    IF v_app IS NOT NULL THEN
+        RETURN QUERY
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM picloud.outbox o
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND s.kind = 'sql'
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+    END IF;
+    -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
+    PERFORM picloud._note_claim(v_locked);
+END
+$$;
 DROP FUNCTION picloud._become(text, integer);
 -- Switches to the principal of one event (Rust, extension/src/api/principal.rs).
 CREATE FUNCTION picloud."_become_event"(
@@ -470,6 +926,20 @@ CREATE FUNCTION picloud."_become_event"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'picloud_become_event_wrapper';
+
+-- Ends a failed handler's budget (Rust, extension/src/api/budget.rs).
+CREATE FUNCTION picloud."_after_handler"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_after_handler_wrapper';
+
+-- A payload's uncompressed size (Rust, extension/src/api/admission.rs).
+CREATE FUNCTION picloud."_payload_bytes"(
+	"payload" anyelement /* pgrx :: AnyElement */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_payload_bytes_wrapper';
 
 CREATE TABLE picloud.handler_secrets (
     app_id      uuid        NOT NULL,
@@ -603,6 +1073,7 @@ GRANT SELECT (app_id, script_id, secret_id, created_at, expires_at),
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_admin, picloud_owner;
 GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
+    picloud._payload_bytes(anyelement),
     picloud.picloud_set_handler_secret(uuid, uuid, text, interval),
     picloud.picloud_clear_handler_secrets(uuid, uuid)
 TO picloud_user;
@@ -630,7 +1101,7 @@ DECLARE
     v_function regprocedure;
 BEGIN
     FOREACH v_function IN ARRAY ARRAY[
-        'picloud.picloud_claim(text, integer, integer, boolean)',
+        'picloud.picloud_claim(text, integer, integer, boolean, integer)',
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
@@ -643,6 +1114,7 @@ BEGIN
         'picloud.picloud_lock_sql_lane_for_run(integer)',
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
+        'picloud.picloud_leave_sql_lane(uuid[], uuid[])',
         'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
         'picloud.picloud_signing_secrets(uuid[], uuid[])'
     ]::regprocedure[] LOOP

@@ -256,3 +256,127 @@ fn killed_worker_is_restarted() {
     )));
     set_interval(&mut c, "1min");
 }
+
+#[test]
+fn a_terminated_housekeeper_comes_back_every_time() {
+    let _serial = serial();
+    let mut c = connect(&worker_db());
+    set_interval(&mut c, "300ms");
+    let mut slowest = Duration::ZERO;
+    for round in 1..=10 {
+        let mut pid = None;
+        assert!(eventually(Duration::from_secs(10), || {
+            pid = worker_pid(&mut c);
+            pid.is_some()
+        }));
+        let pid = pid.expect("worker running");
+        let started = std::time::Instant::now();
+        let ended: bool = c
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap()
+            .get(0);
+        assert!(ended, "round {round}: terminated");
+        let mut new_pid = None;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                new_pid = worker_pid(&mut c);
+                new_pid.is_some_and(|p| p != pid)
+            }),
+            "round {round}: no new housekeeper"
+        );
+        slowest = slowest.max(started.elapsed());
+    }
+    println!("housekeeper back after pg_terminate_backend: slowest of 10 rounds {slowest:?}");
+    // And it still does its work: an expired lease is rescued.
+    let (app, script) = new_app(&mut c);
+    c.execute(
+        "SELECT picloud.picloud_enqueue($1, 'queue', 'lease', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    let claimed = c
+        .query(
+            "SELECT event_id FROM picloud.picloud_claim('gone', 1000, 100) WHERE app_id = $1",
+            &[&app],
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(eventually(Duration::from_secs(10), || count(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM picloud.outbox WHERE app_id = '{app}' AND claimed_by IS NULL"
+        )
+    ) == 1));
+    set_interval(&mut c, "1min");
+}
+
+/// A cluster of this test's own, whose picloud.database names a database that does not exist.
+#[test]
+fn a_missing_database_is_awaited_quietly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("scripts/cluster.sh");
+    let dir = root.join("target/it-missing-database");
+    let port = 55441;
+    let cluster = |args: &[&str]| {
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .status()
+            .expect("cluster.sh");
+        assert!(status.success(), "cluster.sh {args:?}");
+    };
+    let dir_text = dir.to_string_lossy().to_string();
+    cluster(&["stop", &dir_text]);
+    let _ = std::fs::remove_dir_all(&dir);
+    cluster(&["start", &dir_text, &port.to_string(), "postgres"]);
+    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
+    let mut c = postgres::Client::connect(&url("postgres"), postgres::NoTls).unwrap();
+    c.batch_execute("ALTER SYSTEM SET picloud.database = 'later_db'")
+        .unwrap();
+    c.batch_execute("ALTER SYSTEM SET picloud.gc_interval = '200ms'")
+        .unwrap();
+    drop(c);
+    cluster(&["stop", &dir_text]);
+    cluster(&["start", &dir_text, &port.to_string(), "postgres"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+    let restart = log.rfind("database system is ready").unwrap_or(0);
+    let log = &log[restart..];
+    assert_eq!(
+        log.matches("\"later_db\" (picloud.database) does not exist; waiting")
+            .count(),
+        1,
+        "logged once: {log}"
+    );
+    assert!(!log.contains("FATAL"), "no FATAL: {log}");
+    let mut c = postgres::Client::connect(&url("postgres"), postgres::NoTls).unwrap();
+    let waiting = c
+        .query(
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'picloud housekeeper' AND datname IS NULL",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        waiting.len(),
+        1,
+        "the housekeeper waits, connected to no database"
+    );
+    c.batch_execute("CREATE DATABASE later_db").unwrap();
+    let mut later = postgres::Client::connect(&url("later_db"), postgres::NoTls).unwrap();
+    later.batch_execute("CREATE EXTENSION picloud").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            c.query(
+                "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'picloud housekeeper' AND datname = 'later_db'",
+                &[],
+            )
+            .map(|rows| rows.len() == 1)
+            .unwrap_or(false)
+        }),
+        "the housekeeper serves the database once it exists"
+    );
+    drop(later);
+    drop(c);
+    cluster(&["stop", &dir_text]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

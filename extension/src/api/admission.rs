@@ -63,6 +63,30 @@ pub fn picloud_new_event_id() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(uuid_v7(unix_ms, next_random(), next_random()))
 }
 
+/// A payload's size as its readers will see it: uncompressed (a compressed value of a few
+/// kilobytes can hold hundreds of megabytes), without decompressing it.
+///
+/// # Safety
+/// `payload` must be a non-null varlena datum.
+pub unsafe fn payload_bytes(payload: pg_sys::Datum) -> usize {
+    // SAFETY: the caller passes a varlena; the raw size is read from its header or toast pointer.
+    unsafe { pg_sys::toast_raw_datum_size(payload) }
+}
+
+/// `picloud._payload_bytes(payload)` (internal): what `picloud.max_payload_bytes` limits, the
+/// payload's uncompressed size in bytes.
+#[pg_extern(immutable, strict, parallel_safe, name = "_payload_bytes")]
+pub fn picloud_payload_bytes(payload: pgrx::AnyElement) -> i32 {
+    // SAFETY: a non-null anyelement argument of a varlena type (jsonb at every call site); a
+    // fixed-length type would have no varlena header, so it is answered by its own length.
+    let typlen = unsafe { pg_sys::get_typlen(payload.oid()) };
+    if typlen != -1 {
+        return i32::from(typlen.max(0));
+    }
+    // SAFETY: checked above that it is a varlena.
+    i32::try_from(unsafe { payload_bytes(payload.datum()) }).unwrap_or(i32::MAX)
+}
+
 /// Admission of one event (internal): returns the depth the event gets, or -1 when the
 /// payload is larger than `picloud.max_payload_bytes`, or -2 when the depth passes
 /// `picloud.max_trigger_depth` or the requested depth is negative. The caller raises the

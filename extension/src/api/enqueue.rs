@@ -193,8 +193,8 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     {
         return None;
     }
-    // SAFETY: PAYLOAD is a non-null jsonb (varlena) datum; this is what pg_column_size reports.
-    let payload_bytes = unsafe { pg_sys::toast_datum_size(args[PAYLOAD].value) };
+    // SAFETY: PAYLOAD is a non-null jsonb (varlena) datum.
+    let payload_bytes = unsafe { admission::payload_bytes(args[PAYLOAD].value) };
     let requested_depth = if args[DEPTH].is_null {
         None
     } else {

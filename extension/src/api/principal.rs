@@ -16,6 +16,7 @@
 //! inside the restricted operation, so a handler error that aborts back to the supervisor's
 //! context can never leave a stale depth behind.
 
+use crate::api::budget;
 use crate::error::PicloudError;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -97,45 +98,72 @@ pub fn picloud_become(principal: &str, event_depth: i32) -> i64 {
 /// principal is the role that registered the event's trigger (or its handler), never a name
 /// the caller chooses.
 const EVENT_PRINCIPAL: &str = "
-    SELECT o.depth::pg_catalog.int4, h.principal::pg_catalog.text, h.problem
+    SELECT o.depth::pg_catalog.int4, h.principal::pg_catalog.text, h.problem,
+           (SELECT s.timeout_ms FROM picloud.scripts s
+            WHERE s.app_id OPERATOR(pg_catalog.=) o.app_id
+              AND s.script_id OPERATOR(pg_catalog.=) o.script_id)
     FROM picloud.outbox o
     CROSS JOIN LATERAL picloud._handler_principal(o.app_id, o.trigger_id, o.script_id) h
     WHERE o.app_id OPERATOR(pg_catalog.=) $1 AND o.event_id OPERATOR(pg_catalog.=) $2";
+
+/// What `_become_event` needs to know of an event.
+struct EventPrincipal {
+    depth: i32,
+    principal: Option<String>,
+    problem: Option<String>,
+    timeout_ms: i32,
+}
+
+fn event_principal(app_id: pgrx::Uuid, event_id: pgrx::Uuid) -> Option<EventPrincipal> {
+    Spi::connect(|client| {
+        let rows = client
+            .select(EVENT_PRINCIPAL, Some(1), &[app_id.into(), event_id.into()])
+            .ok()?;
+        if rows.is_empty() {
+            return None;
+        }
+        let row = rows.first();
+        Some(EventPrincipal {
+            depth: row.get::<i32>(1).ok().flatten().unwrap_or(0),
+            principal: row.get::<String>(2).ok().flatten(),
+            problem: row.get::<String>(3).ok().flatten(),
+            timeout_ms: row.get::<i32>(4).ok().flatten().unwrap_or(30_000),
+        })
+    })
+}
 
 /// Switches to the principal of the event `(app_id, event_id)` for running its handler
 /// (internal; only picloud's own SECURITY DEFINER functions may call it). The principal is the
 /// role that registered the event's trigger or handler, so the switch can reach a superuser
 /// or a role with BYPASSRLS or CREATEROLE only when that very role registered the handler.
-/// Returns the token `_unbecome` needs.
+/// The handler's own timeout bounds it from here (api/budget.rs). Returns the token
+/// `_unbecome` needs.
 #[pg_extern(volatile, parallel_unsafe, name = "_become_event")]
 pub fn picloud_become_event(app_id: pgrx::Uuid, event_id: pgrx::Uuid) -> i64 {
-    let found = Spi::get_three_with_args::<i32, String, String>(
-        EVENT_PRINCIPAL,
-        &[app_id.into(), event_id.into()],
-    );
-    let (depth, principal, problem) = match found {
-        Ok(row) => row,
-        Err(_) => PicloudError::InvalidParameter {
+    let Some(event) = event_principal(app_id, event_id) else {
+        PicloudError::InvalidParameter {
             what: "event",
             detail: format!("event {event_id} of app {app_id} does not exist"),
         }
-        .raise(),
+        .raise()
     };
-    if let Some(problem) = problem {
+    if let Some(problem) = event.problem {
         PicloudError::PrincipalCannotRun {
             event: event_id.to_string(),
             problem,
         }
         .raise()
     }
-    let Some(principal) = principal else {
+    let Some(principal) = event.principal else {
         PicloudError::PrincipalCannotRun {
             event: event_id.to_string(),
             problem: "the handler no longer exists".into(),
         }
         .raise()
     };
-    become_role(role_oid(&principal), depth.unwrap_or(0))
+    let role = role_oid(&principal);
+    budget::start_handler(event.timeout_ms);
+    become_role(role, event.depth)
 }
 
 fn become_role(role: pg_sys::Oid, event_depth: i32) -> i64 {
@@ -208,6 +236,7 @@ pub fn picloud_unbecome(token: i64) {
         pg_sys::AtEOXact_GUC(false, invocation.guc_nest_level);
         pg_sys::SetUserIdAndSecContext(invocation.saved_user, invocation.saved_context);
     }
+    budget::end_handler();
 }
 
 #[cfg(any(test, feature = "pg_test"))]
