@@ -19,8 +19,13 @@ struct PgBouncer {
 }
 
 impl Drop for PgBouncer {
+    /// Stops PgBouncer itself (by its pidfile: killing `runuser` would leave it running).
     fn drop(&mut self) {
-        self.child.kill().ok();
+        match std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            // runuser exits once PgBouncer has, and reaps it.
+            Ok(pid) => Command::new("kill").arg(pid.trim()).status().ok(),
+            Err(_) => self.child.kill().ok().map(|_| Default::default()),
+        };
         self.child.wait().ok();
     }
 }
@@ -44,7 +49,7 @@ impl PgBouncer {
                  auth_type = trust\nauth_file = {dir}/userlist.txt\n\
                  pool_mode = transaction\ndefault_pool_size = 4\nmax_client_conn = 200\n\
                  ignore_startup_parameters = extra_float_digits,options\n\
-                 logfile = {dir}/pgbouncer.log\n",
+                 logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
                 cluster = picloud_tests::port(),
                 dir = dir.display()
             ),
