@@ -148,7 +148,7 @@ impl AllowList {
         Ok(AllowList { entries })
     }
 
-    fn lists(&self, host: &Host, port: u16) -> bool {
+    pub fn lists(&self, host: &Host, port: u16) -> bool {
         self.entries.iter().any(|entry| entry.matches(host, port))
     }
 

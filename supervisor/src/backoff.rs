@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::random;
+use rand::Rng;
 
 const INITIAL: Duration = Duration::from_millis(100);
 const MAX: Duration = Duration::from_secs(10);
@@ -28,7 +28,7 @@ impl Backoff {
         let step = self.next;
         self.next = (step * 2).min(MAX);
         let half = step.as_millis() as u64 / 2;
-        Duration::from_millis(half + random::u64() % (half + 1))
+        Duration::from_millis(half + rand::rng().random_range(0..=half))
     }
 }
 

@@ -5,10 +5,11 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::types::FromSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
-use crate::log;
+use crate::metrics::Kind;
 
 /// SQLSTATE raised by picloud_complete / picloud_fail when this worker no
 /// longer holds the lease on the row.
@@ -28,9 +29,7 @@ pub struct Claim {
     pub payload: Value,
     pub depth: i32,
     pub attempt_count: i32,
-    /// NULL when the event's script no longer exists.
-    pub handler_kind: Option<String>,
-    pub handler_target: Option<String>,
+    pub handler: Handler,
     pub timeout_ms: i32,
     pub principal: Option<String>,
     pub principal_error: Option<String>,
@@ -48,8 +47,7 @@ impl Claim {
             payload: column(row, "payload")?,
             depth: column(row, "depth")?,
             attempt_count: column(row, "attempt_count")?,
-            handler_kind: column(row, "handler_kind")?,
-            handler_target: column(row, "handler_target")?,
+            handler: Handler::new(column(row, "handler_kind")?, column(row, "handler_target")?),
             timeout_ms: column(row, "timeout_ms")?,
             principal: column(row, "principal")?,
             principal_error: column(row, "principal_error")?,
@@ -57,23 +55,79 @@ impl Claim {
     }
 }
 
+/// What runs an event, from the claimed row's handler kind and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    Sql,
+    Http {
+        url: String,
+    },
+    Command {
+        name: String,
+    },
+    /// The event's script was deleted after the event was enqueued.
+    Missing,
+    /// A kind this supervisor does not run, or an http/command handler without a target.
+    Unrunnable(String),
+}
+
+impl Handler {
+    pub fn new(kind: Option<String>, target: Option<String>) -> Handler {
+        match (kind.as_deref(), target) {
+            (Some("sql"), _) => Handler::Sql,
+            (Some("http"), Some(url)) => Handler::Http { url },
+            (Some("command"), Some(name)) => Handler::Command { name },
+            (Some(kind @ ("http" | "command")), None) => {
+                Handler::Unrunnable(format!("{kind} handler has no target"))
+            }
+            (Some(other), _) => Handler::Unrunnable(format!("handler kind not supported: {other}")),
+            (None, _) => Handler::Missing,
+        }
+    }
+
+    /// The metrics label.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Handler::Sql => Kind::Sql,
+            Handler::Http { .. } => Kind::Http,
+            Handler::Command { .. } => Kind::Command,
+            Handler::Missing | Handler::Unrunnable(_) => Kind::Unknown,
+        }
+    }
+
+    /// The URL or command name, for logs.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Handler::Http { url } => Some(url),
+            Handler::Command { name } => Some(name),
+            _ => None,
+        }
+    }
+}
+
 fn column<'a, T: FromSql<'a>>(row: &'a Row, name: &str) -> Result<T, String> {
     row.try_get(name).map_err(|e| format!("column {name}: {e}"))
 }
 
-/// Opens a connection whose connection task runs in the background; used for
-/// executor connections (the dispatcher's own connection is opened in `wake`).
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            log::warn(
-                "executor connection closed with an error",
-                &[("error", error_text(&e).into())],
-            );
-        }
-    });
-    Ok(client)
+/// Where the database is and how to speak TLS to it (see `tls`).
+#[derive(Clone)]
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl Database {
+    /// Opens a connection whose connection task runs in the background; used for
+    /// executor connections (the dispatcher's own connection is opened in `wake`).
+    pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %error_text(&e), "executor connection closed with an error");
+            }
+        });
+        Ok(client)
+    }
 }
 
 /// Claims up to `batch` due rows for this worker. Rows that cannot be read
@@ -183,29 +237,66 @@ pub async fn complete(
 }
 
 /// What the database decided after a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Retry,
+    DeadLetter,
+}
+
+impl Decision {
+    pub fn parse(text: &str) -> Option<Decision> {
+        match text {
+            "retry" => Some(Decision::Retry),
+            "dead_letter" => Some(Decision::DeadLetter),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Retry => "retry",
+            Decision::DeadLetter => "dead_letter",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct FailOutcome {
-    /// 'retry' or 'dead_letter'.
-    pub outcome: String,
+    pub decision: Decision,
     pub next_due_at: Option<DateTime<Utc>>,
     pub dead_letter_id: Option<Uuid>,
 }
 
+/// Reports a failure. `retry_at` (a server's Retry-After) asks the database not to run the
+/// event again before then; its retry policy still decides whether there is a next attempt.
 pub async fn fail(
     client: &Client,
     claim: &Claim,
     worker: &str,
     error: &str,
+    retry_at: Option<DateTime<Utc>>,
 ) -> Result<FailOutcome, ReportError> {
-    let row = client
-        .query_one(
-            "SELECT * FROM picloud.picloud_fail($1::uuid, $2::uuid, $3::text, $4::text)",
-            &[&claim.app_id, &claim.event_id, &worker, &error],
-        )
-        .await
+    let row =
+        match &retry_at {
+            None => client
+                .query_one(
+                    "SELECT * FROM picloud.picloud_fail($1::uuid, $2::uuid, $3::text, $4::text)",
+                    &[&claim.app_id, &claim.event_id, &worker, &error],
+                )
+                .await,
+            Some(at) => client
+                .query_one(
+                    "SELECT * FROM picloud.picloud_fail($1::uuid, $2::uuid, $3::text, $4::text, \
+                     $5::timestamptz)",
+                    &[&claim.app_id, &claim.event_id, &worker, &error, at],
+                )
+                .await,
+        }
         .map_err(|e| ReportError::from_error(&e))?;
+    let outcome: String = column(&row, "outcome").map_err(ReportError::Rejected)?;
     Ok(FailOutcome {
-        outcome: column(&row, "outcome").map_err(ReportError::Rejected)?,
+        decision: Decision::parse(&outcome)
+            .ok_or_else(|| ReportError::Rejected(format!("picloud_fail answered '{outcome}'")))?,
         next_due_at: column(&row, "next_due_at").map_err(ReportError::Rejected)?,
         dead_letter_id: column(&row, "dead_letter_id").map_err(ReportError::Rejected)?,
     })

@@ -6,17 +6,25 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim};
-use crate::executor;
+use crate::db::{self, Claim, Handler};
+use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT};
-use crate::log;
-use crate::metrics::{Connection, Kind, Metrics};
-use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::metrics::Connection;
+use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::tls;
 use crate::wake::{self, WakeConnection};
+
+/// How the dispatcher ended.
+pub enum Ended {
+    /// Shutdown was requested.
+    Stopped,
+    /// The configuration cannot work (the database's certificate does not verify): retrying
+    /// would not help.
+    Misconfigured(String),
+}
 
 /// After an empty claim the extension starts sending wake-ups for this worker;
 /// an event enqueued just before that would get none, so claim once more
@@ -26,39 +34,45 @@ const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.
-pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ended {
     let mut backoff = Backoff::new();
-    let state = &shared.metrics.dispatcher;
+    let mut ever_connected = false;
     loop {
         if *phase.borrow() != Phase::Running {
-            return;
+            return Ended::Stopped;
         }
-        let failure = match wake::connect(&shared.config.db).await {
+        let failure = match wake::connect(shared.pool.database(), true).await {
             Ok(connection) => {
-                state.set_connected(true);
-                log::info(
-                    "dispatcher connected",
-                    &[("channel", wake::WAKE_CHANNEL.into())],
-                );
+                shared.metrics.set_db_connected(true);
+                tracing::info!(channel = wake::WAKE_CHANNEL, "dispatcher connected");
+                if !ever_connected {
+                    ever_connected = true;
+                    wake::warn_if_pooled(shared.pool.database(), &connection).await;
+                }
                 match claim_loop(&shared, &connection, &mut phase, &mut backoff).await {
-                    Ok(()) => return,
+                    Ok(()) => return Ended::Stopped,
                     Err(e) => format!("dispatcher connection failed: {}", db::error_text(&e)),
                 }
             }
+            Err(e) if !ever_connected && tls::is_certificate_error(&e) => {
+                return Ended::Misconfigured(format!(
+                    "the database server's certificate does not verify (sslmode={}): {}",
+                    shared.config.sslmode.as_str(),
+                    db::error_text(&e)
+                ));
+            }
             Err(e) => format!("dispatcher could not connect: {}", db::error_text(&e)),
         };
-        state.set_connected(false);
+        shared.metrics.set_db_connected(false);
         shared.metrics.reconnect(Connection::Dispatcher);
         let delay = backoff.next_delay();
-        log::warn(
-            "dispatcher reconnecting",
-            &[
-                ("error", failure.into()),
-                ("retry_in_ms", json!(delay.as_millis() as u64)),
-            ],
+        tracing::warn!(
+            error = %failure,
+            retry_in_ms = delay.as_millis() as u64,
+            "dispatcher reconnecting"
         );
         if sleep_unless_stopping(delay, &mut phase).await {
-            return;
+            return Ended::Stopped;
         }
     }
 }
@@ -122,14 +136,12 @@ async fn claim_loop(
         backoff.reset();
         metrics.dispatcher.claimed();
         let claimed = rows.len();
-        metrics.claim_batch_size.observe(claimed as u64);
+        metrics.claim_batch_size.observe(claimed as f64);
         let claims = accept_claimed(metrics, rows);
         // Runnable sql events share transactions in groups of up to --sql-batch; the rest
         // (and a group of one) run one per task.
         let (batchable, single): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| {
-            config.sql_batch > 1
-                && c.handler_kind.as_deref() == Some("sql")
-                && c.principal_error.is_none()
+            config.sql_batch > 1 && c.handler == Handler::Sql && c.principal_error.is_none()
         });
         let mut groups: Vec<Vec<Claim>> = Vec::new();
         let mut batchable = batchable.into_iter().peekable();
@@ -210,31 +222,6 @@ async fn claim_loop(
     }
 }
 
-/// Counts the claimed rows and keeps those that could be read. An unreadable row is counted
-/// as unreported too: no outcome will ever be reported for it, and its lease will expire.
-pub(crate) fn accept_claimed(metrics: &Metrics, rows: Vec<Result<Claim, String>>) -> Vec<Claim> {
-    let mut claims = Vec::with_capacity(rows.len());
-    for row in rows {
-        match row {
-            Ok(claim) => {
-                metrics
-                    .claimed
-                    .add(Kind::of(claim.handler_kind.as_deref()), 1);
-                claims.push(claim);
-            }
-            Err(e) => {
-                metrics.claimed.add(Kind::Unknown, 1);
-                metrics.unreported.add(Kind::Unknown, 1);
-                log::error(
-                    "claimed row could not be read; its lease will expire",
-                    &[("error", e.into())],
-                );
-            }
-        }
-    }
-    claims
-}
-
 /// One of the permits taken for this claim or, if the database returned more rows than were
 /// asked for, a permit waited for now: those rows then run as slots free up. None only if the
 /// semaphore was closed, which never happens while the supervisor runs.
@@ -245,6 +232,6 @@ async fn take_permit(
     if let Some(permit) = permits.pop() {
         return Some(permit);
     }
-    log::warn("claim returned more rows than requested", &[]);
+    tracing::warn!("claim returned more rows than requested");
     Arc::clone(&shared.slots).acquire_owned().await.ok()
 }

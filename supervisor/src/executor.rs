@@ -3,101 +3,49 @@
 //! once (or not at all when the connection broke: the lease then expires and
 //! the database hands the row out again).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, ReportError};
+use crate::db::{self, Claim, Decision, Handler, ReportError};
 use crate::handlers::sql::{BatchOutcome, SqlOutcome};
-use crate::handlers::{self, bounded_error, HandlerResult};
-use crate::log::{self, Level};
+use crate::handlers::{self, bounded_error, Failure, HandlerResult};
 use crate::metrics::{Connection, Kind, Metrics};
-use crate::supervise::{aborted, Phase, Shared};
+use crate::state::{aborted, Phase, Shared};
 
-/// Idle executor connections. At most `concurrency` are ever in use, because
-/// each running event holds one executor slot and at most one connection.
-pub struct Pool {
-    config: tokio_postgres::Config,
-    idle: Mutex<Vec<Client>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Pool {
-    pub fn new(config: tokio_postgres::Config, metrics: Arc<Metrics>) -> Pool {
-        Pool {
-            config,
-            idle: Mutex::new(Vec::new()),
-            metrics,
-        }
-    }
-
-    /// An idle connection, or a new one. Broken idle connections are dropped
-    /// here, which is how they get replaced.
-    async fn get(&self) -> Result<Client, tokio_postgres::Error> {
-        while let Some(client) = self.pop_idle() {
-            if !client.is_closed() {
-                return Ok(client);
+/// Counts the claimed rows and keeps those that could be read. An unreadable row is counted
+/// as unreported too: no outcome will ever be reported for it, and its lease will expire.
+pub fn accept_claimed(metrics: &Metrics, rows: Vec<Result<Claim, String>>) -> Vec<Claim> {
+    let mut claims = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(claim) => {
+                metrics.claimed.add(claim.handler.kind(), 1);
+                claims.push(claim);
             }
-            self.metrics.reconnect(Connection::Executor);
-            log::warn("executor connection lost; replacing it", &[]);
-        }
-        let client = db::connect(&self.config).await?;
-        log::info("executor connection opened", &[]);
-        Ok(client)
-    }
-
-    /// Opens up to `count` connections ahead of the first events, so that the first handlers
-    /// after start-up do not pay for connecting. A failure only logs: `get` connects on demand.
-    pub async fn warm(&self, count: usize) {
-        for _ in 0..count {
-            match db::connect(&self.config).await {
-                Ok(client) => self.put(client),
-                Err(e) => {
-                    self.metrics.reconnect(Connection::Executor);
-                    log::warn(
-                        "could not open an executor connection ahead of time",
-                        &[("error", db::error_text(&e).into())],
-                    );
-                    return;
-                }
+            Err(e) => {
+                metrics.claimed.add(Kind::Unknown, 1);
+                metrics.unreported.add(Kind::Unknown, 1);
+                tracing::error!(error = %e, "claimed row could not be read; its lease will expire");
             }
         }
-        log::info("executor connections opened", &[("count", count.into())]);
     }
-
-    fn pop_idle(&self) -> Option<Client> {
-        // A panic elsewhere while holding the lock leaves a plain Vec behind,
-        // which is still perfectly usable.
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-    }
-
-    fn put(&self, client: Client) {
-        if client.is_closed() {
-            return;
-        }
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(client);
-    }
+    claims
 }
 
 /// What became of one claimed event.
 #[derive(Debug)]
 enum Outcome {
     Completed,
-    /// Reported with picloud_fail; `outcome` is the database's decision.
+    /// Reported with picloud_fail; `decision` is the database's.
     Failed {
-        outcome: String,
+        decision: Decision,
         error: String,
         next_due_at: Option<DateTime<Utc>>,
         dead_letter_id: Option<Uuid>,
@@ -164,16 +112,20 @@ pub async fn run_sql_batch(
             shared.pool.put(client);
             for claim in &claims {
                 let result = results.iter().find(|r| r.event_id == claim.event_id);
-                let outcome = match result {
-                    Some(r) if r.outcome == "completed" => Outcome::Completed,
-                    Some(r) if r.outcome == "lease_lost" => {
-                        Outcome::LeaseLost(r.error.clone().unwrap_or_default())
-                    }
-                    Some(r) => Outcome::Failed {
-                        outcome: r.outcome.clone(),
-                        error: r.error.clone().unwrap_or_default(),
-                        next_due_at: None,
-                        dead_letter_id: None,
+                let error = || result.and_then(|r| r.error.clone()).unwrap_or_default();
+                let outcome = match result.map(|r| r.outcome.as_str()) {
+                    Some("completed") => Outcome::Completed,
+                    Some("lease_lost") => Outcome::LeaseLost(error()),
+                    Some(other) => match Decision::parse(other) {
+                        Some(decision) => Outcome::Failed {
+                            decision,
+                            error: error(),
+                            next_due_at: None,
+                            dead_letter_id: None,
+                        },
+                        None => Outcome::ReportRejected(format!(
+                            "picloud_run_sql_handlers answered '{other}'"
+                        )),
                     },
                     None => Outcome::Unreported("missing from the batch's answer".to_owned()),
                 };
@@ -183,9 +135,10 @@ pub async fn run_sql_batch(
         }
         BatchOutcome::Failed(error) => {
             shared.pool.put(client);
-            log::warn(
-                "sql batch rolled back; running its events one by one",
-                &[("events", claims.len().into()), ("error", error.into())],
+            tracing::warn!(
+                events = claims.len(),
+                error = %error,
+                "sql batch rolled back; running its events one by one"
             );
             // Each event counts itself as busy again in run_event.
             drop(busy);
@@ -209,7 +162,13 @@ fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
     let elapsed = started.elapsed();
     count(&shared.metrics, claim, outcome, elapsed);
     log_outcome(claim, outcome, elapsed);
-    if matches!(outcome, Outcome::Failed { outcome, .. } if outcome == "retry") {
+    if matches!(
+        outcome,
+        Outcome::Failed {
+            decision: Decision::Retry,
+            ..
+        }
+    ) {
         // The retry comes due soon and nothing announces it: let the dispatcher, which may
         // have gone idle before the event failed, recompute when to claim next.
         shared.rescheduled.notify_one();
@@ -227,12 +186,10 @@ async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Opti
             Err(e) => {
                 shared.metrics.reconnect(Connection::Executor);
                 let delay = backoff.next_delay();
-                log::warn(
-                    "executor could not connect",
-                    &[
-                        ("error", db::error_text(&e).into()),
-                        ("retry_in_ms", json!(delay.as_millis() as u64)),
-                    ],
+                tracing::warn!(
+                    error = %db::error_text(&e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "executor could not connect"
                 );
                 if Instant::now() + delay > give_up_at {
                     return None;
@@ -264,27 +221,26 @@ async fn process(
         return (release(client, claim, worker).await, true);
     }
     if let Some(error) = &claim.principal_error {
-        return (report_failure(client, claim, worker, error).await, true);
+        return (
+            report_failure(client, claim, worker, &error.clone().into()).await,
+            true,
+        );
     }
     // Every handler has a timeout; a non-positive one would mean "none".
     let timeout_ms = claim.timeout_ms.max(1) as u32;
-    let unrunnable = match (
-        claim.handler_kind.as_deref(),
-        claim.handler_target.as_deref(),
-    ) {
-        (Some("sql"), _) => return run_sql(client, claim, worker, timeout_ms, phase).await,
-        (Some(kind @ ("http" | "command")), Some(target)) => {
-            let outcome =
-                run_external(shared, client, claim, kind, target, timeout_ms, phase).await;
-            return (outcome, true);
+    let unrunnable = match &claim.handler {
+        Handler::Sql => return run_sql(shared, client, claim, timeout_ms, phase).await,
+        Handler::Http { .. } | Handler::Command { .. } => {
+            return (
+                run_external(shared, client, claim, timeout_ms, phase).await,
+                true,
+            );
         }
-        (Some(kind @ ("http" | "command")), None) => format!("{kind} handler has no target"),
-        (Some(other), _) => format!("handler kind not supported: {other}"),
-        // The script was deleted after the event was enqueued.
-        (None, _) => "the event's handler script no longer exists".to_owned(),
+        Handler::Unrunnable(reason) => reason.clone(),
+        Handler::Missing => "the event's handler script no longer exists".to_owned(),
     };
     (
-        report_failure(client, claim, worker, &unrunnable).await,
+        report_failure(client, claim, worker, &unrunnable.into()).await,
         true,
     )
 }
@@ -293,12 +249,13 @@ async fn process(
 /// renewal is needed. On shutdown abort the running statement is cancelled
 /// and the row released instead of failed.
 async fn run_sql(
+    shared: &Shared,
     client: &mut Client,
     claim: &Claim,
-    worker: &str,
     timeout_ms: u32,
     phase: &mut watch::Receiver<Phase>,
 ) -> (Outcome, bool) {
+    let worker = shared.config.worker_name.as_str();
     let cancel = client.cancel_token();
     let (sql_outcome, was_aborted) = {
         let running = handlers::sql::run(client, claim, worker, timeout_ms);
@@ -310,13 +267,14 @@ async fn run_sql(
         match first {
             Some(outcome) => (outcome, false),
             None => {
-                if let Err(e) = cancel.cancel_query(NoTls).await {
-                    log::warn(
-                        "could not cancel sql handler",
-                        &[
-                            ("event_id", json!(claim.event_id)),
-                            ("error", db::error_text(&e).into()),
-                        ],
+                if let Err(e) = cancel
+                    .cancel_query(shared.pool.database().tls.clone())
+                    .await
+                {
+                    tracing::warn!(
+                        event_id = %claim.event_id,
+                        error = %db::error_text(&e),
+                        "could not cancel sql handler"
                     );
                 }
                 // Wait for the rollback so the row is unlocked before release.
@@ -327,7 +285,10 @@ async fn run_sql(
     match sql_outcome {
         SqlOutcome::Completed => (Outcome::Completed, true),
         SqlOutcome::Failed(_) if was_aborted => (release(client, claim, worker).await, true),
-        SqlOutcome::Failed(error) => (report_failure(client, claim, worker, &error).await, true),
+        SqlOutcome::Failed(error) => (
+            report_failure(client, claim, worker, &error.into()).await,
+            true,
+        ),
         SqlOutcome::LeaseLost(error) => (Outcome::LeaseLost(error), true),
         SqlOutcome::Broken(error) => (Outcome::Unreported(error), false),
     }
@@ -344,8 +305,6 @@ async fn run_external(
     shared: &Shared,
     client: &Client,
     claim: &Claim,
-    kind: &str,
-    target: &str,
     timeout_ms: u32,
     phase: &mut watch::Receiver<Phase>,
 ) -> Outcome {
@@ -354,25 +313,32 @@ async fn run_external(
     let timeout = Duration::from_millis(u64::from(timeout_ms));
     let input = handlers::event_json(claim).to_string().into_bytes();
     let handler = async {
-        if kind == "http" {
-            handlers::http::run(
-                &config.http_allow,
-                config.max_reply_bytes,
-                target,
-                claim.event_id,
-                &input,
-                timeout,
-            )
-            .await
-        } else {
-            handlers::command::run(
+        match &claim.handler {
+            Handler::Http { url } => {
+                let secrets = match shared.http.secrets(client, claim).await {
+                    Ok(secrets) => secrets,
+                    Err(e) => {
+                        return Err(Failure::from(format!(
+                            "signing secrets could not be read: {}",
+                            db::error_text(&e)
+                        )))
+                    }
+                };
+                shared
+                    .http
+                    .post(url, claim.event_id, input, &secrets, timeout)
+                    .await
+            }
+            Handler::Command { name } => handlers::command::run(
                 &config.commands,
                 config.max_reply_bytes,
-                target,
+                name,
                 &input,
                 timeout,
             )
             .await
+            .map_err(Failure::from),
+            _ => Err(Failure::from("not an external handler".to_owned())),
         }
     };
     // Dropping the handler future (lease lost, abort) drops its connection or
@@ -385,7 +351,7 @@ async fn run_external(
         External::Finished(Ok(result)) => {
             report_success(client, claim, worker, result.as_ref()).await
         }
-        External::Finished(Err(error)) => report_failure(client, claim, worker, &error).await,
+        External::Finished(Err(failure)) => report_failure(client, claim, worker, &failure).await,
         External::LeaseLost => {
             Outcome::LeaseLost("picloud_extend_lease reported the lease lost".to_owned())
         }
@@ -415,13 +381,16 @@ where
         tokio::select! {
             result = &mut handler => return External::Finished(result),
             _ = ticker.tick() => match db::extend_lease(client, claim, worker, lease_ms).await {
-                Ok(true) => metrics.lease_renewals.add(1),
+                Ok(true) => {
+                    metrics.lease_renewals.inc();
+                }
                 Ok(false) => return External::LeaseLost,
                 // Keep going: the handler may still finish, and if the
                 // connection is gone the report will say so.
-                Err(e) => log::warn(
-                    "could not extend lease",
-                    &[("event_id", json!(claim.event_id)), ("error", db::error_text(&e).into())],
+                Err(e) => tracing::warn!(
+                    event_id = %claim.event_id,
+                    error = %db::error_text(&e),
+                    "could not extend lease"
                 ),
             },
         }
@@ -440,11 +409,16 @@ async fn report_success(
     }
 }
 
-async fn report_failure(client: &Client, claim: &Claim, worker: &str, error: &str) -> Outcome {
-    let error = bounded_error(error);
-    match db::fail(client, claim, worker, &error).await {
+async fn report_failure(
+    client: &Client,
+    claim: &Claim,
+    worker: &str,
+    failure: &Failure,
+) -> Outcome {
+    let error = bounded_error(&failure.error);
+    match db::fail(client, claim, worker, &error, failure.retry_at).await {
         Ok(decision) => Outcome::Failed {
-            outcome: decision.outcome,
+            decision: decision.decision,
             error,
             next_due_at: decision.next_due_at,
             dead_letter_id: decision.dead_letter_id,
@@ -472,21 +446,23 @@ fn report_error_outcome(e: ReportError) -> Outcome {
 /// Only completions and failures are timed: a released, abandoned or unreported event did
 /// not run to an end, and its time would say nothing about the handler.
 fn count(metrics: &Metrics, claim: &Claim, outcome: &Outcome, elapsed: Duration) {
-    let kind = Kind::of(claim.handler_kind.as_deref());
+    let kind = claim.handler.kind();
     match outcome {
         Outcome::Completed => {
             metrics.completed.add(kind, 1);
-            metrics.handler_duration(kind).observe_duration(elapsed);
+            metrics.observe_duration(kind, elapsed);
         }
-        Outcome::Failed { outcome, .. } => {
+        Outcome::Failed { decision, .. } => {
             metrics.failed.add(kind, 1);
-            if outcome == "dead_letter" {
+            if *decision == Decision::DeadLetter {
                 metrics.dead_lettered.add(kind, 1);
             }
-            metrics.handler_duration(kind).observe_duration(elapsed);
+            metrics.observe_duration(kind, elapsed);
         }
         Outcome::Released => metrics.released.add(kind, 1),
-        Outcome::LeaseLost(_) => metrics.lease_lost.add(1),
+        Outcome::LeaseLost(_) => {
+            metrics.lease_lost.inc();
+        }
         Outcome::Unreported(_) | Outcome::ReportRejected(_) => metrics.unreported.add(kind, 1),
     }
 }
@@ -494,52 +470,50 @@ fn count(metrics: &Metrics, claim: &Claim, outcome: &Outcome, elapsed: Duration)
 /// One line per event. Routine outcomes are debug; a retry is info; what
 /// needs attention (dead letters, lost leases, unreported outcomes) is louder.
 fn log_outcome(claim: &Claim, outcome: &Outcome, elapsed: Duration) {
-    let mut fields: Vec<(&str, Value)> = vec![
-        ("event_id", json!(claim.event_id)),
-        ("app_id", json!(claim.app_id)),
-        ("kind", json!(claim.handler_kind)),
-        ("target", json!(claim.handler_target)),
-        ("principal", json!(claim.principal)),
-        ("attempt", json!(claim.attempt_count)),
-        ("depth", json!(claim.depth)),
-    ];
-    let (level, name) = match outcome {
-        Outcome::Completed => (Level::Debug, "completed"),
+    let (name, error, next_due_at, dead_letter_id) = match outcome {
+        Outcome::Completed => ("completed", None, None, None),
         Outcome::Failed {
-            outcome,
+            decision,
             error,
             next_due_at,
             dead_letter_id,
-        } => {
-            fields.push(("error", json!(error)));
-            if let Some(at) = next_due_at {
-                fields.push(("next_due_at", json!(at.to_rfc3339())));
-            }
-            if let Some(id) = dead_letter_id {
-                fields.push(("dead_letter_id", json!(id)));
-            }
-            let level = if outcome == "dead_letter" {
-                Level::Warn
-            } else {
-                Level::Info
-            };
-            (level, outcome.as_str())
-        }
-        Outcome::Released => (Level::Debug, "released"),
-        Outcome::LeaseLost(reason) => {
-            fields.push(("error", json!(reason)));
-            (Level::Warn, "lease_lost")
-        }
-        Outcome::Unreported(reason) => {
-            fields.push(("error", json!(reason)));
-            (Level::Warn, "unreported")
-        }
-        Outcome::ReportRejected(reason) => {
-            fields.push(("error", json!(reason)));
-            (Level::Error, "report_rejected")
-        }
+        } => (
+            decision.as_str(),
+            Some(error.as_str()),
+            next_due_at.map(|at| at.to_rfc3339()),
+            dead_letter_id.map(|id| id.to_string()),
+        ),
+        Outcome::Released => ("released", None, None, None),
+        Outcome::LeaseLost(reason) => ("lease_lost", Some(reason.as_str()), None, None),
+        Outcome::Unreported(reason) => ("unreported", Some(reason.as_str()), None, None),
+        Outcome::ReportRejected(reason) => ("report_rejected", Some(reason.as_str()), None, None),
     };
-    fields.push(("outcome", json!(name)));
-    fields.push(("ms", json!(elapsed.as_millis() as u64)));
-    log::write(level, "event", &fields);
+    macro_rules! event {
+        ($level:ident) => {
+            tracing::$level!(
+                event_id = %claim.event_id,
+                app_id = %claim.app_id,
+                kind = claim.handler.kind().label(),
+                target = claim.handler.target(),
+                principal = claim.principal.as_deref(),
+                attempt = claim.attempt_count,
+                depth = claim.depth,
+                error,
+                next_due_at,
+                dead_letter_id,
+                outcome = name,
+                ms = elapsed.as_millis() as u64,
+                "event"
+            )
+        };
+    }
+    match outcome {
+        Outcome::Completed | Outcome::Released => event!(debug),
+        Outcome::Failed {
+            decision: Decision::Retry,
+            ..
+        } => event!(info),
+        Outcome::ReportRejected(_) => event!(error),
+        _ => event!(warn),
+    }
 }

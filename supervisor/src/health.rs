@@ -85,10 +85,6 @@ impl DispatcherState {
         self.connected.store(connected, Ordering::Relaxed);
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
     /// A claim returned, with or without rows.
     pub fn claimed(&self) {
         let now = self.now_ms();

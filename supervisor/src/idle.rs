@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use crate::db;
-use crate::log;
 
 /// Shortest idle wait when an unclaimed event is already due but the claim found none (another
 /// claimer holds its row lock for a moment): short, but not a busy loop.
@@ -25,10 +24,9 @@ pub async fn idle_wait(
         Ok(next_due) => Ok(wait_for(next_due, poll_interval)),
         Err(e) if db::is_undefined_function(&e) => {
             *next_due_known = false;
-            log::warn(
+            tracing::warn!(
                 "picloud_next_due_at is missing (run ALTER EXTENSION picloud UPDATE); \
-                 retries and scheduled events may start up to one poll interval late",
-                &[],
+                 retries and scheduled events may start up to one poll interval late"
             );
             Ok(poll_interval)
         }

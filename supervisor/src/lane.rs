@@ -8,11 +8,9 @@
 //! which run each the ordinary way (attempt counted, retried or dead-lettered). So a handler
 //! that fails, hangs or even crashes its backend leaves the lane after one try.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
@@ -21,12 +19,10 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim};
-use crate::dispatch::accept_claimed;
-use crate::executor;
+use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait};
-use crate::log;
-use crate::metrics::{Connection, Kind};
-use crate::supervise::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::metrics::{Connection, Kind, LaneConnected};
+use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
 
 /// As for the dispatcher: claim once more shortly after coming back empty, to close the window
@@ -61,14 +57,12 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             return;
         }
         let listens = index == 0;
-        let failure = match wake::connect_listening(&shared.config.db, listens).await {
+        let failure = match wake::connect(shared.pool.database(), listens).await {
             Ok(connection) => match lane_available(&connection.client).await {
                 Ok(true) => {
-                    shared
-                        .metrics
-                        .lanes_connected
-                        .fetch_add(1, Ordering::Relaxed);
-                    log::info("sql lane connected", &[("lane", index.into())]);
+                    // Counted while this lane runs: dropped when it returns, fails or panics.
+                    let connected = LaneConnected::new(&shared.metrics);
+                    tracing::info!(lane = index, "sql lane connected");
                     let result = lane_loop(
                         &shared,
                         &connection,
@@ -78,20 +72,17 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                         &mut stranded,
                     )
                     .await;
-                    shared
-                        .metrics
-                        .lanes_connected
-                        .fetch_sub(1, Ordering::Relaxed);
+                    drop(connected);
                     match result {
                         Ok(()) => return,
                         Err(e) => format!("sql lane connection failed: {e}"),
                     }
                 }
                 Ok(false) => {
-                    log::warn(
+                    tracing::warn!(
+                        lane = index,
                         "the database's picloud schema has no sql lanes (run ALTER EXTENSION \
-                         picloud UPDATE); every event runs through claims",
-                        &[("lane", index.into())],
+                         picloud UPDATE); every event runs through claims"
                     );
                     return;
                 }
@@ -104,13 +95,11 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
         };
         shared.metrics.reconnect(Connection::Lane);
         let delay = backoff.next_delay();
-        log::warn(
-            "sql lane reconnecting",
-            &[
-                ("lane", index.into()),
-                ("error", failure.into()),
-                ("retry_in_ms", json!(delay.as_millis() as u64)),
-            ],
+        tracing::warn!(
+            lane = index,
+            error = %failure,
+            retry_in_ms = delay.as_millis() as u64,
+            "sql lane reconnecting"
         );
         if sleep_unless_stopping(delay, &mut phase).await {
             return;
@@ -156,9 +145,9 @@ async fn lane_loop(
         let locked = match run_batch(shared, client, &statements, batch).await {
             Ok(Ran { locked, left }) => {
                 if !left.event_ids.is_empty() {
-                    log::debug(
-                        "sql lane left events to the ordinary path",
-                        &[("events", left.event_ids.len().into())],
+                    tracing::debug!(
+                        events = left.event_ids.len(),
+                        "sql lane left events to the ordinary path"
                     );
                     leave_lane(shared, client, left, phase)
                         .await
@@ -167,12 +156,10 @@ async fn lane_loop(
                 locked
             }
             Err((locked, BatchError::Refused(error))) => {
-                log::warn(
-                    "sql lane batch rolled back; its events run the ordinary way",
-                    &[
-                        ("events", locked.event_ids.len().into()),
-                        ("error", error.into()),
-                    ],
+                tracing::warn!(
+                    events = locked.event_ids.len(),
+                    error = %error,
+                    "sql lane batch rolled back; its events run the ordinary way"
                 );
                 leave_lane(shared, client, locked, phase)
                     .await
@@ -328,14 +315,12 @@ async fn run_batch(
         ),
     };
     let metrics = &shared.metrics;
-    metrics.lane_batches.add(1);
+    metrics.lane_batches.inc();
     metrics.claimed.add(Kind::Sql, ran as u64);
     metrics.completed.add(Kind::Sql, ran as u64);
     let elapsed = started.elapsed();
     for _ in 0..ran {
-        metrics
-            .handler_duration(Kind::Sql)
-            .observe_duration(elapsed);
+        metrics.observe_duration(Kind::Sql, elapsed);
     }
     Ok(Ran {
         locked: locked.event_ids.len(),
@@ -389,7 +374,7 @@ async fn leave_lane(
             ],
         )
         .await?;
-    shared.metrics.lane_fallbacks.add(rows.len() as u64);
+    shared.metrics.lane_fallbacks.inc_by(rows.len() as u64);
     let claims = accept_claimed(&shared.metrics, rows.iter().map(Claim::from_row).collect());
     for claim in claims {
         let permit = tokio::select! {
@@ -415,13 +400,7 @@ async fn leave_lane(
 
 async fn release(shared: &Arc<Shared>, client: &Client, claim: &Claim) {
     match db::release(client, claim, &shared.config.worker_name).await {
-        Ok(_) => shared
-            .metrics
-            .released
-            .add(Kind::of(claim.handler_kind.as_deref()), 1),
-        Err(_) => shared
-            .metrics
-            .unreported
-            .add(Kind::of(claim.handler_kind.as_deref()), 1),
+        Ok(_) => shared.metrics.released.add(claim.handler.kind(), 1),
+        Err(_) => shared.metrics.unreported.add(claim.handler.kind(), 1),
     }
 }

@@ -1,53 +1,53 @@
 //! picloud-supervisor: claims due picloud outbox rows and runs their handlers.
 //! All policy (retries, backoff, dead letters, leases) lives in the database;
 //! this program only claims, runs and reports.
+//!
+//! Modules depend one way: `supervise` (the orchestrator) starts `dispatch`, `lane` and
+//! `endpoint`; those hand claims to `executor`; everything shares `state`, `pool`, `db`,
+//! `metrics` and `handlers`, which depend on none of the services.
 
 mod allow;
 mod backoff;
 mod config;
 mod db;
 mod dispatch;
+mod endpoint;
 mod executor;
 mod handlers;
 mod health;
 mod idle;
 mod lane;
-mod log;
+mod logging;
 mod metrics;
-mod metrics_server;
-mod random;
+mod pool;
+mod state;
 mod summary;
 mod supervise;
+mod tls;
 mod wake;
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use config::{ConfigError, Parsed};
-
 /// Exit status for invalid configuration (also used by `supervise::run` when the
-/// --metrics-listen address cannot be bound).
+/// --metrics-listen address cannot be bound or the database's certificate does not verify).
 pub const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let config = match read_config() {
-        Ok(Parsed::Run(config)) => config,
-        Ok(Parsed::Help) => return print_stdout(&config::help_text()),
-        Ok(Parsed::Version) => {
-            return print_stdout(&format!(
-                "picloud-supervisor {}\n",
-                env!("CARGO_PKG_VERSION")
-            ))
-        }
+    let cli = match config::parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        // --help and --version (exit 0) or a usage error (exit 2), printed by clap.
+        Err(e) => e.exit(),
+    };
+    let config = match cli.into_config() {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("picloud-supervisor: {e}");
             eprintln!("Run picloud-supervisor --help for the list of options.");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    log::set_level(config.log_level);
-    log::set_format(config.log_format);
+    logging::init(config.log_level, config.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,33 +55,12 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            log::error(
-                "could not start the runtime",
-                &[("error", e.to_string().into())],
-            );
+            tracing::error!(error = %e, "could not start the runtime");
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(supervise::run(*config));
+    let code = runtime.block_on(supervise::run(config));
     // A DNS lookup stuck in a blocking thread must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     ExitCode::from(code)
-}
-
-fn read_config() -> Result<Parsed, ConfigError> {
-    let mut args = Vec::new();
-    for arg in std::env::args_os().skip(1) {
-        let arg = arg
-            .into_string()
-            .map_err(|arg| ConfigError(format!("argument {arg:?} is not valid UTF-8")))?;
-        args.push(arg);
-    }
-    config::parse(&args, &config::process_env()?)
-}
-
-fn print_stdout(text: &str) -> ExitCode {
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
 }

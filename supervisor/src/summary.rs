@@ -4,9 +4,6 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::json;
-
-use crate::log;
 use crate::metrics::Metrics;
 
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -69,9 +66,22 @@ impl Summary {
         if counts.iter().all(|(_, n)| *n == 0) {
             return;
         }
-        let fields: Vec<(&str, serde_json::Value)> =
-            counts.iter().map(|(name, n)| (*name, json!(n))).collect();
-        log::info("summary", &fields);
+        let count = |name: &str| {
+            counts
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, count)| *count)
+        };
+        tracing::info!(
+            claimed = count("claimed"),
+            completed = count("completed"),
+            failed = count("failed"),
+            dead_lettered = count("dead_lettered"),
+            released = count("released"),
+            lease_lost = count("lease_lost"),
+            unreported = count("unreported"),
+            "summary"
+        );
     }
 }
 
@@ -102,7 +112,7 @@ mod tests {
         assert!(first.contains(&("completed", 4)));
         assert!(first.contains(&("failed", 0)));
         metrics.failed.add(Kind::Sql, 1);
-        metrics.lease_lost.add(1);
+        metrics.lease_lost.inc();
         let second = summary.take();
         assert!(second.contains(&("claimed", 0)));
         assert!(second.contains(&("failed", 1)));

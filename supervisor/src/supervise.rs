@@ -1,22 +1,24 @@
-//! Wiring and lifecycle: start the metrics endpoint (if configured), the dispatcher and
-//! the summary, wait for SIGTERM/SIGINT, then shut down in order: stop claiming, let
-//! running handlers finish within the grace period, release what is still unfinished.
+//! Wiring and lifecycle: start the metrics endpoint (if configured), the dispatcher, the sql
+//! lanes and the summary, watch them, wait for SIGTERM/SIGINT, then shut down in order: stop
+//! claiming, let running handlers finish within the grace period, release what is still
+//! unfinished.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::dispatch;
-use crate::executor::Pool;
+use crate::dispatch::{self, Ended};
+use crate::endpoint;
+use crate::handlers::http::HttpClient;
 use crate::lane;
-use crate::log;
 use crate::metrics::Metrics;
-use crate::metrics_server;
+use crate::pool::Pool;
+use crate::state::{Phase, Shared};
 use crate::summary::{self, Summary};
 use crate::EXIT_CONFIG;
 
@@ -24,53 +26,6 @@ use crate::EXIT_CONFIG;
 const RELEASE_BUDGET: Duration = Duration::from_secs(5);
 /// /health reports unhealthy after max(this, 3 × the poll interval) without a claim.
 const MIN_HEALTH_STALE_AFTER: Duration = Duration::from_secs(15);
-
-/// Lifecycle phase, broadcast to the dispatcher and every executor task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Running,
-    /// Shutdown requested: no more claims; running handlers may finish.
-    Draining,
-    /// Grace period over: abandon handlers and release their rows.
-    Aborting,
-}
-
-/// State shared by the dispatcher and the executors.
-pub struct Shared {
-    pub config: Config,
-    pub pool: Pool,
-    /// One permit per executor slot (`concurrency` in total).
-    pub slots: Arc<Semaphore>,
-    pub metrics: Arc<Metrics>,
-    /// Signalled when an event this supervisor ran was rescheduled for a retry.
-    pub rescheduled: Notify,
-    /// Wakes the sql lanes that do not listen for notifications: lane 0 listens, and calls
-    /// the others when it finds a full batch (one wake-up per event would wake them all).
-    pub lanes_wake: Notify,
-}
-
-/// Resolves once shutdown has been requested.
-pub async fn stopping(phase: &mut watch::Receiver<Phase>) {
-    if phase.wait_for(|p| *p != Phase::Running).await.is_err() {
-        // The sender lives for the whole run; once it is gone no change can come.
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Resolves once running handlers must be abandoned.
-pub async fn aborted(phase: &mut watch::Receiver<Phase>) {
-    if phase.wait_for(|p| *p == Phase::Aborting).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Sleeps for `delay`; returns true if shutdown was requested meanwhile.
-pub async fn sleep_unless_stopping(delay: Duration, phase: &mut watch::Receiver<Phase>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => *phase.borrow() != Phase::Running,
-        _ = stopping(phase) => true,
-    }
-}
 
 struct Signals {
     terminate: Signal,
@@ -93,41 +48,103 @@ impl Signals {
     }
 }
 
+/// The sql lanes' tasks. A lane that panics is started again, so lane events are never left
+/// to a lane that is gone (its connection count was already dropped with it); a lane that
+/// returns (shutdown, or a schema without lanes) is not.
+struct Lanes {
+    tasks: Vec<Option<JoinHandle<()>>>,
+}
+
+impl Lanes {
+    fn start(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) -> Lanes {
+        let tasks = (0..shared.config.sql_lanes)
+            .map(|index| {
+                Some(tokio::spawn(lane::run(
+                    Arc::clone(shared),
+                    index,
+                    phase.clone(),
+                )))
+            })
+            .collect();
+        Lanes { tasks }
+    }
+
+    /// Resolves when a lane panicked; returns its index. Lanes that returned are forgotten.
+    async fn panicked(&mut self) -> usize {
+        loop {
+            let running: Vec<(usize, &mut JoinHandle<()>)> = self
+                .tasks
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(index, task)| task.as_mut().map(|task| (index, task)))
+                .collect();
+            if running.is_empty() {
+                return std::future::pending().await;
+            }
+            let (indexes, handles): (Vec<usize>, Vec<&mut JoinHandle<()>>) =
+                running.into_iter().unzip();
+            let (ended, position, _) = futures_util::future::select_all(handles).await;
+            let index = indexes[position];
+            self.tasks[index] = None;
+            if ended.as_ref().is_err_and(|e| e.is_panic()) {
+                return index;
+            }
+        }
+    }
+
+    fn restart(&mut self, index: usize, shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
+        if let Some(task) = self.tasks.get_mut(index) {
+            *task = Some(tokio::spawn(lane::run(
+                Arc::clone(shared),
+                index,
+                phase.clone(),
+            )));
+        }
+    }
+}
+
 /// Runs the supervisor until a signal asks it to stop. Returns the exit code.
 pub async fn run(config: Config) -> u8 {
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(e) => {
-            log::error(
-                "could not install signal handlers",
-                &[("error", e.to_string().into())],
-            );
+            tracing::error!(error = %e, "could not install signal handlers");
             return 1;
         }
     };
     log_start(&config);
 
     let listener = match config.metrics_listen {
-        Some(address) => match metrics_server::bind(address).await {
+        Some(address) => match endpoint::bind(address).await {
             Ok(listener) => Some(listener),
             Err(e) => {
-                log::error(
-                    "could not listen on the --metrics-listen address",
-                    &[
-                        ("address", address.to_string().into()),
-                        ("error", e.to_string().into()),
-                    ],
+                tracing::error!(
+                    address = %address,
+                    error = %e,
+                    "could not listen on the --metrics-listen address"
                 );
                 return EXIT_CONFIG;
             }
         },
         None => None,
     };
+    let http = match HttpClient::new(
+        config.http_allow.clone(),
+        &config.http_roots,
+        config.max_reply_bytes,
+    ) {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "could not set up the http client");
+            return EXIT_CONFIG;
+        }
+    };
 
     let concurrency = config.concurrency;
     let metrics = Arc::new(Metrics::new(concurrency));
     let shared = Arc::new(Shared {
-        pool: Pool::new(config.db.clone(), Arc::clone(&metrics)),
+        pool: Pool::new(config.database.clone(), Arc::clone(&metrics)),
+        http,
         slots: Arc::new(Semaphore::new(concurrency)),
         metrics,
         config,
@@ -138,39 +155,54 @@ pub async fn run(config: Config) -> u8 {
         let address = listener
             .local_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-        log::info("serving metrics", &[("address", address.into())]);
+        tracing::info!(address, "serving metrics");
         let stale_after = MIN_HEALTH_STALE_AFTER.max(shared.config.poll_interval * 3);
-        tokio::spawn(metrics_server::serve(
+        tokio::spawn(endpoint::serve(
             listener,
             Arc::clone(&shared.metrics),
             stale_after,
         ))
     });
-    {
+    let warm = {
         let shared = Arc::clone(&shared);
-        tokio::spawn(async move { shared.pool.warm(shared.config.concurrency).await });
-    }
+        tokio::spawn(async move { shared.pool.warm(shared.config.concurrency).await })
+    };
     let (phase_sender, phase) = watch::channel(Phase::Running);
-    let lanes: Vec<_> = (0..shared.config.sql_lanes)
-        .map(|index| tokio::spawn(lane::run(Arc::clone(&shared), index, phase.clone())))
-        .collect();
-    let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase));
+    let mut lanes = Lanes::start(&shared, &phase);
+    let mut dispatcher = tokio::spawn(dispatch::run(Arc::clone(&shared), phase.clone()));
     let summary = Arc::new(Summary::new(Arc::clone(&shared.metrics)));
     let summary_task = tokio::spawn(summary::report_periodically(Arc::clone(&summary)));
 
     let mut exit_code = 0;
-    tokio::select! {
-        name = signals.recv() => log::info(
-            "shutdown requested; no more claims",
-            &[("signal", name.into()), ("grace_ms", json!(shared.config.shutdown_grace.as_millis() as u64))],
-        ),
-        ended = &mut dispatcher => {
-            // The dispatcher only returns on shutdown, so this is a panic.
-            log::error(
-                "dispatcher stopped unexpectedly; shutting down",
-                &[("error", format!("{ended:?}").into())],
-            );
-            exit_code = 1;
+    loop {
+        tokio::select! {
+            name = signals.recv() => {
+                tracing::info!(
+                    signal = name,
+                    grace_ms = shared.config.shutdown_grace.as_millis() as u64,
+                    "shutdown requested; no more claims"
+                );
+                break;
+            }
+            ended = &mut dispatcher => {
+                match ended {
+                    Ok(Ended::Misconfigured(error)) => {
+                        tracing::error!(error = %error, "cannot connect to the database; stopping");
+                        exit_code = EXIT_CONFIG;
+                    }
+                    // The dispatcher only returns on shutdown otherwise, so this is a panic.
+                    other => {
+                        let error = other.err().map(|e| e.to_string()).unwrap_or_default();
+                        tracing::error!(error, "dispatcher stopped unexpectedly; shutting down");
+                        exit_code = 1;
+                    }
+                }
+                break;
+            }
+            index = lanes.panicked() => {
+                tracing::error!(lane = index, "sql lane panicked; starting it again");
+                lanes.restart(index, &shared, &phase);
+            }
         }
     }
     phase_sender.send_replace(Phase::Draining);
@@ -185,16 +217,17 @@ pub async fn run(config: Config) -> u8 {
             .is_err()
     {
         dispatcher.abort();
-        log::warn("dispatcher did not stop within the grace period", &[]);
+        tracing::warn!("dispatcher did not stop within the grace period");
     }
     // A lane finishes the batch it is running (one transaction); one still running at the
     // deadline is cut off, and its rolled-back events simply stay in the queue.
-    for mut lane in lanes {
+    for mut lane in lanes.tasks.into_iter().flatten() {
         if !lane.is_finished() && tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
             lane.abort();
-            log::warn("a sql lane did not stop within the grace period", &[]);
+            tracing::warn!("a sql lane did not stop within the grace period");
         }
     }
+    warm.abort();
 
     let all_slots = concurrency as u32;
     let drained = tokio::select! {
@@ -202,24 +235,21 @@ pub async fn run(config: Config) -> u8 {
             matches!(finished, Ok(Ok(_)))
         }
         name = signals.recv() => {
-            log::info("second signal; not waiting for running handlers", &[("signal", name.into())]);
+            tracing::info!(signal = name, "second signal; not waiting for running handlers");
             false
         }
     };
     if !drained {
         let unfinished = concurrency.saturating_sub(shared.slots.available_permits());
-        log::info(
-            "releasing unfinished events",
-            &[("in_flight", json!(unfinished))],
-        );
+        tracing::info!(in_flight = unfinished, "releasing unfinished events");
         phase_sender.send_replace(Phase::Aborting);
         let released =
             tokio::time::timeout(RELEASE_BUDGET, shared.slots.acquire_many(all_slots)).await;
         if !matches!(released, Ok(Ok(_))) {
             let unfinished = concurrency.saturating_sub(shared.slots.available_permits());
-            log::warn(
-                "exiting with events unreported; their leases will expire",
-                &[("in_flight", json!(unfinished))],
+            tracing::warn!(
+                in_flight = unfinished,
+                "exiting with events unreported; their leases will expire"
             );
         }
     }
@@ -229,10 +259,7 @@ pub async fn run(config: Config) -> u8 {
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();
     }
-    log::info(
-        "stopped",
-        &[("worker", shared.config.worker_name.as_str().into())],
-    );
+    tracing::info!(worker = shared.config.worker_name.as_str(), "stopped");
     exit_code
 }
 
@@ -244,29 +271,20 @@ fn log_start(config: &Config) {
         .map(|e| e.to_string())
         .collect();
     let commands: Vec<&str> = config.commands.keys().map(String::as_str).collect();
-    log::info(
-        "starting",
-        &[
-            ("version", env!("CARGO_PKG_VERSION").into()),
-            ("worker", config.worker_name.as_str().into()),
-            ("concurrency", json!(config.concurrency)),
-            ("batch_size", json!(config.batch_size)),
-            (
-                "poll_interval_ms",
-                json!(config.poll_interval.as_millis() as u64),
-            ),
-            ("lease_ms", json!(config.lease_ms)),
-            (
-                "shutdown_grace_ms",
-                json!(config.shutdown_grace.as_millis() as u64),
-            ),
-            ("http_allow", json!(allow)),
-            ("commands", json!(commands)),
-            ("max_reply_bytes", json!(config.max_reply_bytes)),
-            (
-                "metrics_listen",
-                json!(config.metrics_listen.map(|a| a.to_string())),
-            ),
-        ],
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        worker = config.worker_name.as_str(),
+        concurrency = config.concurrency,
+        batch_size = config.batch_size,
+        poll_interval_ms = config.poll_interval.as_millis() as u64,
+        lease_ms = config.lease_ms,
+        shutdown_grace_ms = config.shutdown_grace.as_millis() as u64,
+        sslmode = config.sslmode.as_str(),
+        http_allow = allow.join(","),
+        http_ca_certificates = config.http_roots.len(),
+        commands = commands.join(","),
+        max_reply_bytes = config.max_reply_bytes,
+        metrics_listen = config.metrics_listen.map(|a| a.to_string()),
+        "starting"
     );
 }

@@ -1,59 +1,61 @@
-//! The dispatcher's connection: it claims rows and LISTENs on picloud_wake.
-//! Notifications only arrive through the connection task, so that task
-//! forwards them to a `Notify` the dispatcher waits on.
+//! The connections that LISTEN for picloud_wake (the dispatcher's and the first sql lane's).
+//! Notifications only arrive through the connection task, so that task forwards them to a
+//! `Notify` the claimer waits on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
-use crate::db;
-use crate::log;
+use crate::db::{self, Database};
 
 pub const WAKE_CHANNEL: &str = "picloud_wake";
+/// The channel of the start-up check that notifications reach this connection.
+const PROBE_CHANNEL: &str = "picloud_listen_probe";
+/// How long the start-up check waits for its own notification. A direct or session-pooled
+/// connection gets it within milliseconds.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct WakeConnection {
     pub client: Client,
     /// Signalled on every picloud_wake notification, and once when the
-    /// connection ends so the dispatcher notices at once.
+    /// connection ends so the claimer notices at once.
     pub wake: Arc<Notify>,
+    /// Signalled when the start-up probe's notification arrives.
+    probe: Arc<Notify>,
 }
 
-/// Connects and starts listening. LISTEN is issued before the first claim so
-/// no wake-up sent after that claim can be missed.
+/// Connects and, with `listen`, starts listening. LISTEN is issued before the first claim so
+/// no wake-up sent after that claim can be missed. Without `listen`, `wake` is signalled only
+/// when the connection ends.
 pub async fn connect(
-    config: &tokio_postgres::Config,
-) -> Result<WakeConnection, tokio_postgres::Error> {
-    connect_listening(config, true).await
-}
-
-/// Like `connect`; without `listen` the connection does not LISTEN, and `wake` is signalled
-/// only when it ends.
-pub async fn connect_listening(
-    config: &tokio_postgres::Config,
+    database: &Database,
     listen: bool,
 ) -> Result<WakeConnection, tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = database.config.connect(database.tls.clone()).await?;
     let wake = Arc::new(Notify::new());
-    let wake_sender = Arc::clone(&wake);
+    let probe = Arc::new(Notify::new());
+    let (wake_sender, probe_sender) = (Arc::clone(&wake), Arc::clone(&probe));
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(notification))) => {
-                    if notification.channel() == WAKE_CHANNEL {
-                        wake_sender.notify_one();
+                    match notification.channel() {
+                        WAKE_CHANNEL => wake_sender.notify_one(),
+                        PROBE_CHANNEL => probe_sender.notify_one(),
+                        _ => {}
                     }
                 }
-                Some(Ok(AsyncMessage::Notice(notice))) => log::debug(
-                    "database notice on dispatcher connection",
-                    &[("notice", notice.message().into())],
-                ),
+                Some(Ok(AsyncMessage::Notice(notice))) => {
+                    tracing::debug!(
+                        notice = notice.message(),
+                        "database notice on a listening connection"
+                    )
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    log::warn(
-                        "dispatcher connection error",
-                        &[("error", db::error_text(&e).into())],
-                    );
+                    tracing::warn!(error = %db::error_text(&e), "listening connection error");
                     break;
                 }
                 None => break,
@@ -66,5 +68,49 @@ pub async fn connect_listening(
             .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
             .await?;
     }
-    Ok(WakeConnection { client, wake })
+    Ok(WakeConnection {
+        client,
+        wake,
+        probe,
+    })
+}
+
+/// Says at start-up if notifications do not reach the listening connection, as happens behind
+/// a transaction pooler (PgBouncer with pool_mode=transaction): LISTEN lands on whichever
+/// server connection ran that statement, which goes back to the pool, so wake-ups are lost
+/// (and the supervisor only notices new events at its poll interval, if its prepared
+/// statements work at all). The check LISTENs on a probe channel and sends itself a NOTIFY
+/// from a second connection: through a direct or session-pooled connection it arrives at once.
+pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
+    let checked = async {
+        connection
+            .client
+            .batch_execute(&format!("LISTEN {PROBE_CHANNEL}"))
+            .await?;
+        let other = database.connect().await?;
+        let arrived = connection.probe.notified();
+        other
+            .batch_execute(&format!("NOTIFY {PROBE_CHANNEL}"))
+            .await?;
+        let arrived = tokio::time::timeout(PROBE_WAIT, arrived).await.is_ok();
+        connection
+            .client
+            .batch_execute(&format!("UNLISTEN {PROBE_CHANNEL}"))
+            .await?;
+        Ok::<bool, tokio_postgres::Error>(arrived)
+    };
+    match checked.await {
+        Ok(true) => tracing::debug!("notifications reach the listening connection"),
+        Ok(false) => tracing::error!(
+            waited_ms = PROBE_WAIT.as_millis() as u64,
+            "the LISTEN connection does not receive notifications: it probably goes through a \
+             transaction pooler (PgBouncer pool_mode=transaction). Connect the supervisor \
+             directly to Postgres or through a session-mode pool; producers may keep using \
+             transaction pooling"
+        ),
+        Err(e) => tracing::warn!(
+            error = %db::error_text(&e),
+            "could not check that notifications reach the listening connection"
+        ),
+    }
 }

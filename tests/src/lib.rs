@@ -149,14 +149,19 @@ impl Supervisor {
     }
 
     pub fn start_as(db: &str, user: &str, extra: &[&str]) -> Supervisor {
+        Supervisor::start_url(&url(db, user), db, extra)
+    }
+
+    /// Starts a supervisor on any connection string; `tag` names its log file.
+    pub fn start_url(database_url: &str, tag: &str, extra: &[&str]) -> Supervisor {
         let log_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/it-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
-        let log_path = log_dir.join(format!("supervisor-{db}-{n}.log"));
+        let log_path = log_dir.join(format!("supervisor-{tag}-{n}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(supervisor_bin())
             .arg("--database-url")
-            .arg(url(db, user))
+            .arg(database_url)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -188,6 +193,16 @@ impl Supervisor {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status if it did.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        eventually(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
     }
 
     pub fn log(&self) -> String {
@@ -229,4 +244,54 @@ pub fn ledger_app(client: &mut Client) -> (uuid::Uuid, uuid::Uuid) {
         .expect("create script")
         .get(0);
     (app, script)
+}
+
+/// A directory of its own under target/, that the postgres OS user can read (TLS files for
+/// a cluster, PgBouncer's configuration). Emptied first.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/it-scratch")
+        .join(format!("{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let mut reach = Some(dir.as_path());
+    while let Some(d) = reach {
+        Command::new("chmod").args(["o+rx"]).arg(d).status().ok();
+        reach = d.parent();
+    }
+    dir
+}
+
+/// A certificate authority made for one test, and the server certificates it signs.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        TestCa { cert, key }
+    }
+
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate and its key (PEM) for these DNS names and IP addresses.
+    pub fn server_cert(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("server params");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
 }

@@ -47,27 +47,55 @@ fn get(port: u16, path: &str) -> Answer {
     send(port, request.as_bytes()).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// One /metrics scrape, checked for status and content type.
+/// One /metrics scrape, checked for status and content type (OpenMetrics text 1.0).
 fn scrape(port: u16) -> String {
     let answer = get(port, "/metrics");
     assert_eq!(answer.status, 200, "{}", answer.head);
     assert!(
         answer
             .head
-            .contains("Content-Type: text/plain; version=0.0.4"),
+            .contains("Content-Type: application/openmetrics-text; version=1.0.0"),
         "{}",
         answer.head
     );
+    assert!(answer.body.ends_with("# EOF\n"), "{}", answer.body);
     answer.body
+}
+
+/// A series as Prometheus sees it: its name and its labels, whatever their order, with `le`
+/// compared as a number (`0` and `0.0` are the same bucket).
+fn series_key(series: &str) -> (String, Vec<(String, String)>) {
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.trim_end_matches('}')),
+        None => (series, ""),
+    };
+    let mut labels: Vec<(String, String)> = labels
+        .split(',')
+        .filter_map(|label| {
+            let (key, value) = label.split_once('=')?;
+            let value = value.trim_matches('"');
+            let value = match value.parse::<f64>() {
+                Ok(number) if key == "le" => number.to_string(),
+                _ => value.to_string(),
+            };
+            Some((key.to_string(), value))
+        })
+        .collect();
+    labels.sort();
+    (name.to_string(), labels)
 }
 
 /// The value of one series, e.g. `picloud_events_completed_total{kind="sql"}`.
 fn value(scraped: &str, series: &str) -> f64 {
+    let wanted = series_key(series);
     scraped
         .lines()
+        .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
             let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
+            (series_key(name) == wanted)
+                .then(|| value.parse().ok())
+                .flatten()
         })
         .unwrap_or_else(|| panic!("no series {series} in:\n{scraped}"))
 }
@@ -210,10 +238,15 @@ fn metrics_count_a_run_of_successes_and_failures() {
         completed + failed
     );
     assert!(sql(&last, "picloud_handler_duration_seconds_sum") > 0.0);
+    let sql_kind = ("kind".to_string(), "sql".to_string());
     let buckets: Vec<f64> = last
         .lines()
-        .filter(|l| l.starts_with("picloud_handler_duration_seconds_bucket{kind=\"sql\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (name, labels) = series_key(series);
+            name == "picloud_handler_duration_seconds_bucket" && labels.contains(&sql_kind)
+        })
+        .filter_map(|(_, value)| value.parse().ok())
         .collect();
     assert!(buckets.len() > 2);
     assert!(
@@ -261,6 +294,8 @@ fn metrics_count_a_run_of_successes_and_failures() {
         "picloud_up",
         "picloud_build_info",
     ] {
+        // OpenMetrics names a counter's family without the `_total` of its series.
+        let family = family.strip_suffix("_total").unwrap_or(family);
         let lines = format!("\n{last}");
         assert!(
             lines.contains(&format!("\n# HELP {family} ")),
@@ -290,8 +325,9 @@ fn metrics_count_a_run_of_successes_and_failures() {
     assert_eq!(send(port, &huge).unwrap().status, 431);
 }
 
-/// A connection that never finishes its request is answered 408 and closed after the
-/// server's read timeout, and does not stop others from being served meanwhile.
+/// A connection that never finishes its request is closed after the server's 5 s read
+/// timeout (hyper closes it without an answer), and does not stop others from being served
+/// meanwhile.
 #[test]
 fn a_silent_client_does_not_hold_up_the_endpoint() {
     let (db, _c) = fresh_db("metrics_slow");
@@ -308,7 +344,10 @@ fn a_silent_client_does_not_hold_up_the_endpoint() {
     let mut answer = Vec::new();
     silent.read_to_end(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408 "),
+        "{answer}"
+    );
 }
 
 /// The supervisor does not exit when the database cannot be reached at startup: it keeps

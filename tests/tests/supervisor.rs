@@ -739,3 +739,92 @@ fn scheduled_events_and_retries_start_on_time_without_polling() {
         sup.log()
     );
 }
+
+/// A sql lane whose backend is killed again and again while events flow: the lane stops
+/// counting as connected when it dies (so the dispatcher stops leaving it lane events), comes
+/// back, and no event waits longer than the poll interval.
+#[test]
+fn killed_lanes_leave_no_event_waiting_longer_than_the_poll_interval() {
+    const POLL_MS: i64 = 2000;
+    let (db, mut c) = fresh_db("lane_kills");
+    let (app, script) = ledger_app(&mut c);
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "2000", "--sql-lanes", "2"]);
+    assert!(eventually(Duration::from_secs(20), || sup
+        .log()
+        .contains("sql lane connected")));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A lane's backend is seen by its statements (its batches, and the COMMIT or ROLLBACK it
+    // sends alone, which no other supervisor connection does); watched every 25 ms, one of
+    // those seen is killed every 300 ms, whatever it is doing then.
+    let killer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let mut k = connect(&db);
+            let mut lanes = std::collections::BTreeSet::<i32>::new();
+            let mut killed = std::collections::BTreeSet::<i32>::new();
+            let mut tick = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let seen = k
+                    .query(
+                        "SELECT pid FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = 'picloud-supervisor'
+                           AND (query IN ('COMMIT', 'ROLLBACK') OR query LIKE '%sql_lane%')",
+                        &[],
+                    )
+                    .unwrap();
+                lanes.extend(seen.iter().map(|r| r.get::<_, i32>(0)));
+                tick += 1;
+                if tick % 12 == 0 {
+                    if let Some(pid) = lanes.difference(&killed).next().copied() {
+                        let done: bool = k
+                            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                            .unwrap()
+                            .get(0);
+                        killed.insert(pid);
+                        if !done {
+                            lanes.remove(&pid);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            killed.iter().filter(|pid| lanes.contains(pid)).count()
+        })
+    };
+    let mut enqueued = 0i64;
+    for _ in 0..40 {
+        c.execute(
+            "SELECT picloud_enqueue($1, 'queue', 'x', jsonb_build_object('at', clock_timestamp()), $2)
+             FROM generate_series(1, 25)",
+            &[&app, &script],
+        )
+        .unwrap();
+        enqueued += 25;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    assert!(kills >= 5, "only {kills} lane backends killed");
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM ledger"
+        ) == enqueued),
+        "log: {}",
+        sup.log()
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM ledger"),
+        enqueued
+    );
+    let slowest_ms = count(
+        &mut c,
+        "SELECT max(extract(epoch FROM at - (payload->>'at')::timestamptz) * 1000)::int8 FROM ledger",
+    );
+    assert!(
+        slowest_ms < POLL_MS,
+        "an event waited {slowest_ms} ms (poll interval {POLL_MS} ms); log: {}",
+        sup.log()
+    );
+}

@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::{excerpt, result_from_output, HandlerResult, MAX_ERROR_BYTES};
-use crate::log;
+use serde_json::Value;
+
+use super::{excerpt, result_from_output, MAX_ERROR_BYTES};
 
 /// The database URL (and its password) must not leak into handler programs.
 const HIDDEN_ENV: &str = "PICLOUD_DATABASE_URL";
@@ -80,7 +81,7 @@ pub async fn run(
     name: &str,
     input: &[u8],
     timeout: Duration,
-) -> HandlerResult {
+) -> Result<Option<Value>, String> {
     let spec = match commands.get(name) {
         Some(spec) if valid_name(name) => spec,
         _ => return Err(format!("command not configured: {name}")),
@@ -122,10 +123,7 @@ pub async fn run(
         Ok(parts) => parts,
         Err(_) => {
             if let Err(e) = child.kill().await {
-                log::debug(
-                    "could not kill timed-out command",
-                    &[("command", name.into()), ("error", e.to_string().into())],
-                );
+                tracing::debug!(command = name, error = %e, "could not kill timed-out command");
             }
             return Err(format!(
                 "command {name} timed out after {} ms",

@@ -3,8 +3,10 @@
 
 pub mod command;
 pub mod http;
+pub mod signing;
 pub mod sql;
 
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::db::Claim;
@@ -15,8 +17,25 @@ pub const MAX_ERROR_BYTES: usize = 4096;
 const TRUNCATION_MARK: &str = " [truncated]";
 
 /// What an http or command handler produced: the result (JSON, possibly
-/// absent) on success, the error text on failure.
-pub type HandlerResult = Result<Option<Value>, String>;
+/// absent) on success, the failure otherwise.
+pub type HandlerResult = Result<Option<Value>, Failure>;
+
+/// A handler's failure: its text, and the time before which it must not run again when the
+/// handler said so (an http `Retry-After`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Failure {
+        Failure {
+            error,
+            retry_at: None,
+        }
+    }
+}
 
 /// The event document given to http and command handlers.
 pub fn event_json(claim: &Claim) -> Value {

@@ -18,9 +18,8 @@
 //! BENCH_OUT. Progress goes to stderr.
 
 use postgres::{Client, NoTls};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,7 +118,7 @@ impl Cfg {
     }
 
     fn wants(&self, id: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|o| o == id)
+        self.only.is_empty() || self.only.iter().any(|o| o.eq_ignore_ascii_case(id))
     }
 
     fn url(&self, db: &str) -> String {
@@ -694,71 +693,149 @@ fn wait_empty(c: &mut Client, table: &str, sup: &mut Supervisor, timeout: Durati
     }
 }
 
-// The no-op HTTP server ---------------------------------------------------------------------------
+// The no-op HTTP(S) server ---------------------------------------------------------------------------
 
-/// Answers every request with 200 and an empty body, closing the connection (the supervisor
-/// sends `Connection: close`). Returns its port and a hit counter.
-fn start_http_server() -> Res<(u16, Arc<AtomicU64>)> {
-    let hits = Arc::new(AtomicU64::new(0));
-    for port in 55451..=55459u16 {
-        let listener = match TcpListener::bind(("127.0.0.1", port)) {
-            Ok(l) => l,
-            Err(_) => continue,
-        };
-        let counter = Arc::clone(&hits);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let counter = Arc::clone(&counter);
-                std::thread::spawn(move || {
-                    if serve(stream).is_ok() {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        return Ok((port, hits));
-    }
-    Err("no free port in 55451-55459 for the no-op HTTP server".into())
+/// A keep-alive no-op server on hyper (HTTP/1.1, and HTTP/2 where TLS negotiates it): every
+/// request is answered 200 with an empty body once its body is read. It listens twice: plain
+/// on `port`, TLS on `tls_port` with a certificate for 127.0.0.1 from a CA made here
+/// (`ca_file`, for --http-ca-file).
+struct NoopServer {
+    port: u16,
+    tls_port: u16,
+    hits: Arc<AtomicU64>,
+    ca_file: PathBuf,
+    runtime: tokio::runtime::Runtime,
 }
 
-fn serve(mut stream: TcpStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_nodelay(true)?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let header_end = loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
-        if buf.len() > 64 * 1024 {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap_or(0))
+fn start_http_server(out: &Path) -> Res<NoopServer> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(err("server runtime"))?;
+    let hits = Arc::new(AtomicU64::new(0));
+    let ca = picloud_tests::TestCa::new("picloud bench CA");
+    let ca_file = out.join("bench-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).map_err(err("write bench CA"))?;
+    let (cert, key) = ca.server_cert(&["127.0.0.1"]);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err("server certificate"))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(err("server key"))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        #[allow(deprecated)]
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(err("tls versions"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(err("server TLS"))?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (plain, secure) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            ))
         })
-        .unwrap_or(0);
-    let mut have = buf.len() - header_end;
-    while have < length {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            break;
+        .map_err(err("bind the no-op server"))?;
+    let port = plain.local_addr().map_err(err("address"))?.port();
+    let tls_port = secure.local_addr().map_err(err("address"))?.port();
+    let service = {
+        let hits = Arc::clone(&hits);
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let hits = Arc::clone(&hits);
+            async move {
+                use http_body_util::BodyExt;
+                let read = request.into_body().collect().await.is_ok();
+                if read {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    hyper::body::Bytes::new(),
+                )))
+            }
+        })
+    };
+    let served = service.clone();
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = plain.accept().await {
+            let _ = stream.set_nodelay(true);
+            let service = served.clone();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
         }
-        have += n;
-    }
-    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    stream.flush()?;
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    Ok(())
+    });
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = secure.accept().await {
+            let _ = stream.set_nodelay(true);
+            let (service, acceptor) = (service.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                if let Ok(stream) = acceptor.accept(stream).await {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            });
+        }
+    });
+    Ok(NoopServer {
+        port,
+        tls_port,
+        hits,
+        ca_file,
+        runtime,
+    })
+}
+
+/// The baseline of P1-http: a plain reqwest client (one keep-alive pool) POSTing `n` event
+/// documents of the supervisor's shape to the same server, `concurrency` at a time. Events/s.
+fn plain_client_posts(server: &NoopServer, n: u64, concurrency: usize) -> Res<f64> {
+    let url = format!("http://127.0.0.1:{}/hook", server.port);
+    server.runtime.block_on(async move {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .map_err(err("reqwest client"))?;
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, next, url) = (client.clone(), Arc::clone(&next), url.clone());
+                tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        let id = Uuid::new_v4();
+                        let body =
+                            json!({"event_id": id.to_string(), "app_id": Uuid::nil().to_string(),
+                            "source": "queue", "op": "bench", "payload": {"i": 1}, "depth": 0,
+                            "attempt": 1, "trigger_id": null, "script_id": Uuid::nil().to_string()})
+                            .to_string();
+                        let response = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .header("picloud-event-id", id.to_string())
+                            .body(body)
+                            .send()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        response.bytes().await.map_err(|e| e.to_string())?;
+                    }
+                    Ok::<(), String>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.map_err(err("client task"))??;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
 }
 
 // The benchmark database ----------------------------------------------------------------------------
@@ -768,13 +845,13 @@ struct Main {
     noop: Uuid,
     stamp: Uuid,
     http: Uuid,
-    http_hits: Arc<AtomicU64>,
-    http_port: u16,
+    https: Uuid,
+    server: NoopServer,
 }
 
 fn setup_main(cfg: &Cfg) -> Res<Main> {
     let mut c = ensure_db(cfg, &cfg.db)?;
-    let (http_port, http_hits) = start_http_server()?;
+    let server = start_http_server(&cfg.out)?;
     exec(
         &mut c,
         "DROP TABLE IF EXISTS bench_plain_outbox, lat, lat_sent;
@@ -812,15 +889,21 @@ fn setup_main(cfg: &Cfg) -> Res<Main> {
         &mut c,
         "http-noop",
         "http",
-        &format!("http://127.0.0.1:{http_port}/hook"),
+        &format!("http://127.0.0.1:{}/hook", server.port),
+    )?;
+    let https = script(
+        &mut c,
+        "https-noop",
+        "http",
+        &format!("https://127.0.0.1:{}/hook", server.tls_port),
     )?;
     Ok(Main {
         app,
         noop,
         stamp,
         http,
-        http_hits,
-        http_port,
+        https,
+        server,
     })
 }
 
@@ -1048,7 +1131,7 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
     let mut c = connect(cfg, &cfg.db)?;
     let http_allow = vec![
         "--http-allow".to_string(),
-        format!("127.0.0.1:{}", m.http_port),
+        format!("127.0.0.1:{}", m.server.port),
     ];
     let (mut sql, mut http, mut plain, mut plain_single) = (vec![], vec![], vec![], vec![]);
     for run in 0..cfg.runs {
@@ -1073,7 +1156,7 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
                     bulk_enqueue(&mut c, m.app, m.http, cfg.p1_http_events)?;
                     exec(&mut c, "ANALYZE picloud.outbox")?;
                     settle(&mut c)?;
-                    let before = m.http_hits.load(Ordering::Relaxed);
+                    let before = m.server.hits.load(Ordering::Relaxed);
                     let rate = drain_with_supervisor(
                         cfg,
                         &mut c,
@@ -1082,7 +1165,7 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
                         &http_allow,
                         notes,
                     )?;
-                    let hits = m.http_hits.load(Ordering::Relaxed) - before;
+                    let hits = m.server.hits.load(Ordering::Relaxed) - before;
                     let dead = count(
                         &mut c,
                         &format!(
@@ -1161,6 +1244,115 @@ fn bench_p1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>, chart: &mut Value) -> 
         .value(&http)
         .baseline("plain DELETE×100, 4 cl.", &plain, "ev/s")
         .ratio_of(&http, &plain),
+    ])
+}
+
+// P1-http ---------------------------------------------------------------------------------------------
+
+/// Drains `n` events of `script` through a fresh supervisor allowed to reach the no-op server;
+/// notes any request the server missed or any dead letter. Events/s.
+fn drain_http(
+    cfg: &Cfg,
+    m: &Main,
+    c: &mut Client,
+    script: Uuid,
+    tag: &str,
+    extra: &[String],
+    notes: &mut Vec<String>,
+) -> Res<f64> {
+    let n = cfg.p1_http_events;
+    reset_queues(c)?;
+    exec(c, "DELETE FROM picloud.dead_letters")?;
+    bulk_enqueue(c, m.app, script, n)?;
+    exec(c, "ANALYZE picloud.outbox")?;
+    settle(c)?;
+    let before = m.server.hits.load(Ordering::Relaxed);
+    let rate = drain_with_supervisor(cfg, c, tag, n, extra, notes)?;
+    let hits = m.server.hits.load(Ordering::Relaxed) - before;
+    let dead = count(c, "SELECT count(*) FROM picloud.dead_letters")?;
+    if hits as i64 != n || dead > 0 {
+        notes.push(format!(
+            "{tag}: server saw {hits} requests for {n} events; {dead} dead letters"
+        ));
+    }
+    Ok(rate)
+}
+
+/// P1-http: http no-op handler against the keep-alive server, beside a plain reqwest client
+/// posting the same number of event documents with the supervisor's concurrency (16) in the
+/// same run; P1-https: the same over TLS, as a ratio to P1-http.
+fn bench_p1_http(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
+    const OLD_RATE: f64 = 2_262.0;
+    let mut c = connect(cfg, &cfg.db)?;
+    let allow = |port: u16| vec!["--http-allow".to_string(), format!("127.0.0.1:{port}")];
+    let mut https_args = allow(m.server.tls_port);
+    https_args.extend([
+        "--http-ca-file".to_string(),
+        m.server.ca_file.display().to_string(),
+    ]);
+    let (mut http, mut https, mut plain) = (vec![], vec![], vec![]);
+    for run in 0..cfg.runs {
+        for k in 0..3 {
+            match (k + run) % 3 {
+                0 => {
+                    let rate = drain_http(
+                        cfg,
+                        m,
+                        &mut c,
+                        m.http,
+                        "p1-http",
+                        &allow(m.server.port),
+                        notes,
+                    )?;
+                    progress(&format!(
+                        "P1-http run {} picloud http: {rate:.0} events/s",
+                        run + 1
+                    ));
+                    http.push(rate);
+                }
+                1 => {
+                    let rate = drain_http(cfg, m, &mut c, m.https, "p1-https", &https_args, notes)?;
+                    progress(&format!(
+                        "P1-http run {} picloud https: {rate:.0} events/s",
+                        run + 1
+                    ));
+                    https.push(rate);
+                }
+                _ => {
+                    let rate = plain_client_posts(&m.server, cfg.p1_http_events as u64, 16)?;
+                    progress(&format!(
+                        "P1-http run {} plain reqwest client: {rate:.0} events/s",
+                        run + 1
+                    ));
+                    plain.push(rate);
+                }
+            }
+        }
+    }
+    reset_queues(&mut c)?;
+    let n = fmt_num(cfg.p1_http_events as f64);
+    let http_median = stat(&http).median;
+    Ok(vec![
+        Row::new(
+            "P1-http",
+            &format!("process {n} ev, http no-op, keep-alive server"),
+            "ev/s",
+        )
+        .value(&http)
+        .baseline("reqwest client, 16 at once", &plain, "ev/s")
+        .ratio_of(&http, &plain)
+        .target(
+            "≥ 5× 2,262 ev/s and ≥ 0.50× client",
+            http_median >= 5.0 * OLD_RATE && median_ratio(&http, &plain) >= 0.5,
+        ),
+        Row::new(
+            "P1-https",
+            &format!("process {n} ev, https no-op (TLS)"),
+            "ev/s",
+        )
+        .value(&https)
+        .baseline("P1-http, same run", &http, "ev/s")
+        .ratio_of(&https, &http),
     ])
 }
 
@@ -1882,6 +2074,14 @@ fn main() {
             "P1",
             "processing",
             bench_p1(&cfg, &main_db, &mut notes, &mut chart),
+            &mut rows,
+        );
+    }
+    if cfg.wants("P1-http") {
+        record(
+            "P1-http",
+            "http handlers",
+            bench_p1_http(&cfg, &main_db, &mut notes),
             &mut rows,
         );
     }
