@@ -149,6 +149,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM picloud._require_owner('picloud_drop_app');
     IF p_app_id IS NULL THEN PERFORM picloud._null_argument('{app_id}', '{t}'); END IF;
+    -- The app row first: waits for a sql lane batch of the app to end (it holds this row) and
+    -- keeps further lane batches away, instead of deadlocking with one over outbox rows.
+    PERFORM 1 FROM picloud.apps WHERE app_id = p_app_id FOR UPDATE;
     DELETE FROM picloud.outbox WHERE app_id = p_app_id;
     DELETE FROM picloud.idempotency_keys WHERE app_id = p_app_id;
     DELETE FROM picloud.triggers WHERE app_id = p_app_id;

@@ -440,9 +440,10 @@ $$;
 --      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
 --      behind a backlog of its own;
 --   2. then the oldest due events by due time, to fill the batch.
--- With p_app_cap, an app that already has p_app_cap events claimed (by any supervisor) gets
--- no more, and one claim gives an app at most what is left of its cap: one app's slow handlers
--- cannot hold every executor.
+-- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
+-- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
+-- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
+-- one supervisor's executors, and adding supervisors adds capacity for every app.)
 -- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
 -- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
 -- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
@@ -488,7 +489,7 @@ BEGIN
         SELECT coalesce(array_agg(r.app_id), '{}'), coalesce(array_agg(r.n), '{}')
         INTO v_running_apps, v_running_counts
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
-              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id) r;
+              WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
     END IF;
     RETURN QUERY
     WITH RECURSIVE apps (app_id, first_app, n) AS (

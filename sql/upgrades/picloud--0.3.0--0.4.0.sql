@@ -417,9 +417,10 @@ DROP FUNCTION picloud.picloud_claim(text, integer, integer, boolean);
 --      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
 --      behind a backlog of its own;
 --   2. then the oldest due events by due time, to fill the batch.
--- With p_app_cap, an app that already has p_app_cap events claimed (by any supervisor) gets
--- no more, and one claim gives an app at most what is left of its cap: one app's slow handlers
--- cannot hold every executor.
+-- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
+-- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
+-- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
+-- one supervisor's executors, and adding supervisors adds capacity for every app.)
 -- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
 -- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
 -- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
@@ -465,7 +466,7 @@ BEGIN
         SELECT coalesce(array_agg(r.app_id), '{}'), coalesce(array_agg(r.n), '{}')
         INTO v_running_apps, v_running_counts
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
-              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id) r;
+              WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
     END IF;
     RETURN QUERY
     WITH RECURSIVE apps (app_id, first_app, n) AS (
@@ -505,8 +506,14 @@ BEGIN
             ORDER BY w.event_id
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
-    ), window_ AS (
-        -- The oldest due rows by due time (one short index scan), for the rest of the batch.
+    ), locked_heads AS (
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
+    ), fill AS (
+        -- The oldest due rows by due time, for the rest of the batch: one index scan, which
+        -- passes over rows other claimers hold.
         SELECT o.app_id, o.event_id, o.due_at
         FROM picloud.outbox o
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
@@ -516,32 +523,30 @@ BEGIN
                    AND coalesce((SELECT s.kind FROM picloud.scripts s
                                  WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
                                 false))
+          AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due rows.
+          AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
+                (SELECT w.due_at FROM picloud.outbox w
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+                'infinity'))
         ORDER BY o.due_at
-        LIMIT CASE WHEN p_leave_sql_lane THEN p_batch * 4 + 100 ELSE p_batch END
-    ), candidates AS (
-        SELECT c.app_id, c.event_id, min(c.rank_) AS rank_
-        FROM (SELECT h.app_id, h.event_id, 0 AS rank_ FROM heads h
-              UNION ALL
-              SELECT w.app_id, w.event_id, 1 FROM window_ w) c
-        GROUP BY c.app_id, c.event_id
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
-        -- Within its cap, each app's candidates in order: heads first, then by due time.
-        SELECT c.app_id, c.event_id, c.rank_,
-               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, o.due_at, c.event_id) AS nth,
-               o.due_at
-        FROM candidates c JOIN picloud.outbox o ON o.app_id = c.app_id AND o.event_id = c.event_id
-    ), chosen AS (
+        -- Within its cap, each app's rows in order: its head first, then by due time.
+        SELECT c.app_id, c.event_id, c.rank_, c.due_at,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
+              UNION ALL
+              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f) c
+    ), due AS (
         SELECT k.app_id, k.event_id
-        FROM ranked k LEFT JOIN room r ON r.app_id = k.app_id
-        WHERE p_app_cap IS NULL OR k.nth <= coalesce(r.left_,
-              p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0))
+        FROM ranked k
+        WHERE p_app_cap IS NULL
+           OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0)
         ORDER BY k.rank_, k.due_at
         LIMIT p_batch
-    ), due AS (
-        SELECT o.app_id, o.event_id
-        FROM picloud.outbox o JOIN chosen c ON o.app_id = c.app_id AND o.event_id = c.event_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-        FOR UPDATE OF o SKIP LOCKED
     ), claimed AS (
         UPDATE picloud.outbox o
         SET claimed_by = p_worker,
@@ -1134,6 +1139,25 @@ CREATE POLICY handler_secrets_admin ON picloud.handler_secrets FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
 SELECT pg_catalog.pg_extension_config_dump('picloud.handler_secrets', '');
+
+-- Dropping an app takes its row first (sql lanes hold it during a batch).
+CREATE OR REPLACE FUNCTION picloud.picloud_drop_app(p_app_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require_owner('picloud_drop_app');
+    IF p_app_id IS NULL THEN PERFORM picloud._null_argument('{app_id}', '{t}'); END IF;
+    -- The app row first: waits for a sql lane batch of the app to end (it holds this row) and
+    -- keeps further lane batches away, instead of deadlocking with one over outbox rows.
+    PERFORM 1 FROM picloud.apps WHERE app_id = p_app_id FOR UPDATE;
+    DELETE FROM picloud.outbox WHERE app_id = p_app_id;
+    DELETE FROM picloud.idempotency_keys WHERE app_id = p_app_id;
+    DELETE FROM picloud.triggers WHERE app_id = p_app_id;
+    DELETE FROM picloud.apps WHERE app_id = p_app_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'app % does not exist', p_app_id USING ERRCODE = 'P0002';
+    END IF;
+END
+$$;
 
 -- A fixed search_path for every function written in SQL or PL/pgSQL: names they do not qualify
 -- resolve in pg_catalog and picloud only, never in a schema a tenant can create objects in,

@@ -62,6 +62,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch_size: Option<u16>,
 
+    /// Most events of one app this supervisor runs at once (1 to --concurrency), so that one
+    /// app's slow handlers cannot take every executor [default: --concurrency less an eighth,
+    /// at least one slot kept for other apps when --concurrency is 2 or more].
+    #[arg(long, env = "PICLOUD_MAX_RUNNING_PER_APP", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_running_per_app: Option<u16>,
+
     /// Most sql-handler events run in one transaction, each in its own savepoint; 1 runs every
     /// event in a transaction of its own.
     #[arg(long, env = "PICLOUD_SQL_BATCH", value_name = "N", default_value_t = 8,
@@ -154,6 +161,7 @@ pub struct Config {
     pub worker_name: String,
     pub concurrency: usize,
     pub batch_size: usize,
+    pub max_running_per_app: usize,
     pub sql_batch: usize,
     pub sql_lanes: usize,
     pub sql_lane_batch: usize,
@@ -168,6 +176,15 @@ pub struct Config {
     pub max_reply_bytes: usize,
     /// Where to serve /metrics and /health; None serves nothing.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The per-app cap when none is given: an eighth of the executors (at least one) kept for
+/// other apps, so a single app loses little and another app always finds a free executor.
+fn default_max_running_per_app(concurrency: usize) -> usize {
+    if concurrency < 2 {
+        return concurrency;
+    }
+    concurrency - (concurrency / 8).max(1)
 }
 
 /// Reads the process's arguments and environment. `Err` is clap's own: a usage error (exit 2)
@@ -238,6 +255,15 @@ impl Cli {
             Some(n) => usize::from(n),
             None => concurrency,
         };
+        let max_running_per_app = match self.max_running_per_app {
+            Some(n) if usize::from(n) > concurrency => {
+                return Err(format!(
+                    "invalid --max-running-per-app: '{n}' (expected a whole number from 1 to --concurrency {concurrency})"
+                ))
+            }
+            Some(n) => usize::from(n),
+            None => default_max_running_per_app(concurrency),
+        };
         let worker_name = match self.worker_name {
             Some(name) => check_worker_name(&name)?,
             None => default_worker_name(),
@@ -258,6 +284,7 @@ impl Cli {
             worker_name,
             concurrency,
             batch_size,
+            max_running_per_app,
             sql_batch: usize::from(self.sql_batch),
             sql_lanes: usize::from(self.sql_lanes),
             sql_lane_batch: usize::from(self.sql_lane_batch),
@@ -387,6 +414,7 @@ mod tests {
             c.sql_lane_batch,
         ];
         assert_eq!(numbers, [16, 16, 8, 2, 500]);
+        assert_eq!(c.max_running_per_app, 14);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));
         assert_eq!((c.lease_ms, c.max_reply_bytes), (30_000, 1024 * 1024));
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
@@ -426,6 +454,7 @@ mod tests {
             (c.concurrency, c.batch_size, c.worker_name.as_str()),
             (4, 4, "w1")
         );
+        assert_eq!(c.max_running_per_app, 3);
         assert_eq!((c.http_allow.entries.len(), c.commands.len()), (2, 2));
         let echo = c.commands.get("echo").map(|s| s.args.clone());
         assert_eq!(echo, Some(vec!["hi".to_owned()]));
@@ -461,10 +490,20 @@ mod tests {
             ],
         );
         assert_eq!((c.concurrency, c.batch_size, c.lease_ms), (2, 2, 5000));
+        assert_eq!(c.max_running_per_app, 1);
         assert_eq!(c.worker_name, "from-flag");
         let allowed: Vec<String> = c.http_allow.entries.iter().map(|e| e.to_string()).collect();
         assert_eq!(allowed, ["a.example", "b.example:81", "c.example"]);
         assert_eq!(c.commands.keys().collect::<Vec<_>>(), ["x"]);
+    }
+
+    #[test]
+    fn the_per_app_cap_keeps_an_eighth_for_other_apps() {
+        let caps: Vec<usize> = [1, 2, 7, 8, 16, 64, 1024]
+            .into_iter()
+            .map(default_max_running_per_app)
+            .collect();
+        assert_eq!(caps, [1, 1, 6, 7, 14, 56, 896]);
     }
 
     #[test]
@@ -508,6 +547,16 @@ mod tests {
                 &["--concurrency", "4", "--batch-size", "5"],
                 &[],
                 "--batch-size",
+            ),
+            (
+                &["--concurrency", "4", "--max-running-per-app", "5"],
+                &[],
+                "--max-running-per-app",
+            ),
+            (
+                &["--max-running-per-app", "0"],
+                &[],
+                "--max-running-per-app",
             ),
             (&["--poll-interval-ms", "1"], &[], "--poll-interval-ms"),
             (&["--lease-ms", "99999999999"], &[], "--lease-ms"),

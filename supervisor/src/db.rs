@@ -135,6 +135,8 @@ impl Database {
 /// The dispatcher's claim statements, prepared once per connection so that a claim costs one
 /// round trip rather than two (prepare, then execute).
 pub struct ClaimStatements {
+    /// Claims with the per-app cap (0.4.0 on); None on an older schema.
+    capped: Option<tokio_postgres::Statement>,
     all: tokio_postgres::Statement,
     /// Leaves sql-lane events to the lanes; None on a schema without sql lanes.
     outside_lane: Option<tokio_postgres::Statement>,
@@ -142,6 +144,16 @@ pub struct ClaimStatements {
 
 impl ClaimStatements {
     pub async fn prepare(client: &Client) -> Result<ClaimStatements, tokio_postgres::Error> {
+        let capped = match client
+            .prepare(
+                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, $4::bool, $5::int4)",
+            )
+            .await
+        {
+            Ok(statement) => Some(statement),
+            Err(e) if is_undefined_function(&e) => None,
+            Err(e) => return Err(e),
+        };
         let all = client
             .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)")
             .await?;
@@ -153,27 +165,50 @@ impl ClaimStatements {
             Err(e) if is_undefined_function(&e) => None,
             Err(e) => return Err(e),
         };
-        Ok(ClaimStatements { all, outside_lane })
+        Ok(ClaimStatements {
+            capped,
+            all,
+            outside_lane,
+        })
     }
 }
 
-/// Claims up to `batch` due rows. With `leave_sql_lane` (sql lanes are connected) the first
-/// attempts of sql-handler events are left to the lanes.
+/// What one claim asks for.
+pub struct ClaimRequest<'a> {
+    pub worker: &'a str,
+    /// Most rows (the free executor slots).
+    pub batch: i32,
+    pub lease_ms: i32,
+    /// Sql lanes are connected: leave them the first attempts of sql-handler events.
+    pub leave_sql_lane: bool,
+    /// Most events of one app this worker holds claimed (a schema before 0.4.0 has no cap).
+    pub app_cap: i32,
+}
+
+/// Claims up to `request.batch` due rows, fairly between apps (sql/030_outbox.sql).
 pub async fn claim(
     client: &Client,
     statements: &ClaimStatements,
-    worker: &str,
-    batch: i32,
-    lease_ms: i32,
-    leave_sql_lane: bool,
+    request: &ClaimRequest<'_>,
 ) -> Result<Vec<Result<Claim, String>>, tokio_postgres::Error> {
-    let statement = match (&statements.outside_lane, leave_sql_lane) {
+    let ClaimRequest {
+        worker,
+        batch,
+        lease_ms,
+        leave_sql_lane,
+        app_cap,
+    } = request;
+    if let Some(capped) = &statements.capped {
+        let rows = client
+            .query(capped, &[worker, batch, lease_ms, leave_sql_lane, app_cap])
+            .await?;
+        return Ok(rows.iter().map(Claim::from_row).collect());
+    }
+    let statement = match (&statements.outside_lane, *leave_sql_lane) {
         (Some(outside_lane), true) => outside_lane,
         _ => &statements.all,
     };
-    let rows = client
-        .query(statement, &[&worker, &batch, &lease_ms])
-        .await?;
+    let rows = client.query(statement, &[worker, batch, lease_ms]).await?;
     Ok(rows.iter().map(Claim::from_row).collect())
 }
 

@@ -32,6 +32,10 @@ pub enum Ended {
 /// milliseconds cover it.
 const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
+/// How long every sql lane must have been in its current batch before claims take sql events
+/// too. A lane batch of fast handlers takes tens of milliseconds.
+const LANES_HELD: Duration = Duration::from_millis(500);
+
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails.
 pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ended {
@@ -122,17 +126,19 @@ async fn claim_loop(
             }
         }
 
-        // While a sql lane is connected, it runs the first attempts of sql events.
-        let leave_sql_lane = metrics.lanes_connected.load(Ordering::Relaxed) > 0;
-        let rows = db::claim(
-            &connection.client,
-            &claim_statements,
-            &config.worker_name,
-            permits.len() as i32,
-            config.lease_ms,
+        // While a sql lane is connected, it runs the first attempts of sql events; unless every
+        // lane has been in one batch for long (slow handlers hold them until their timeout):
+        // then claims take those events too, fairly between apps.
+        let leave_sql_lane = metrics.lanes_connected.load(Ordering::Relaxed) > 0
+            && !shared.lane_batches.all_held_longer_than(LANES_HELD);
+        let request = db::ClaimRequest {
+            worker: &config.worker_name,
+            batch: permits.len() as i32,
+            lease_ms: config.lease_ms,
             leave_sql_lane,
-        )
-        .await?;
+            app_cap: config.max_running_per_app as i32,
+        };
+        let rows = db::claim(&connection.client, &claim_statements, &request).await?;
         backoff.reset();
         metrics.dispatcher.claimed();
         let claimed = rows.len();
@@ -143,11 +149,7 @@ async fn claim_loop(
         let (batchable, single): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| {
             config.sql_batch > 1 && c.handler == Handler::Sql && c.principal_error.is_none()
         });
-        let mut groups: Vec<Vec<Claim>> = Vec::new();
-        let mut batchable = batchable.into_iter().peekable();
-        while batchable.peek().is_some() {
-            groups.push(batchable.by_ref().take(config.sql_batch).collect());
-        }
+        let groups = sql_groups(batchable, config.sql_batch);
         for group in groups {
             let mut group_permits = Vec::with_capacity(group.len());
             for _ in 0..group.len() {
@@ -222,6 +224,33 @@ async fn claim_loop(
     }
 }
 
+/// Groups of at most `size` sql events of one app each, in claim order: a group runs in one
+/// transaction, one event after another, so an app's slow handlers must not delay another
+/// app's events in the same group.
+fn sql_groups(claims: Vec<Claim>, size: usize) -> Vec<Vec<Claim>> {
+    let mut groups: Vec<Vec<Claim>> = Vec::new();
+    let mut open: Vec<usize> = Vec::new();
+    for claim in claims {
+        let app = claim.app_id;
+        match open.iter().position(|&g| groups[g][0].app_id == app) {
+            Some(at) => {
+                let g = open[at];
+                groups[g].push(claim);
+                if groups[g].len() >= size {
+                    open.swap_remove(at);
+                }
+            }
+            None => {
+                groups.push(vec![claim]);
+                if size > 1 {
+                    open.push(groups.len() - 1);
+                }
+            }
+        }
+    }
+    groups
+}
+
 /// One of the permits taken for this claim or, if the database returned more rows than were
 /// asked for, a permit waited for now: those rows then run as slots free up. None only if the
 /// semaphore was closed, which never happens while the supervisor runs.
@@ -234,4 +263,59 @@ async fn take_permit(
     }
     tracing::warn!("claim returned more rows than requested");
     Arc::clone(&shared.slots).acquire_owned().await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn claim(app: u128, n: u128) -> Claim {
+        Claim {
+            app_id: Uuid::from_u128(app),
+            event_id: Uuid::from_u128(n),
+            source: "queue".to_owned(),
+            op: "x".to_owned(),
+            trigger_id: None,
+            script_id: Uuid::nil(),
+            payload: serde_json::Value::Null,
+            depth: 0,
+            attempt_count: 1,
+            handler: Handler::Sql,
+            timeout_ms: 1000,
+            principal: Some("p".to_owned()),
+            principal_error: None,
+        }
+    }
+
+    fn shape(groups: &[Vec<Claim>]) -> Vec<Vec<(u128, u128)>> {
+        groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|c| (c.app_id.as_u128(), c.event_id.as_u128()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sql_groups_never_mix_apps_and_keep_claim_order() {
+        let claims = vec![
+            claim(1, 1),
+            claim(2, 2),
+            claim(1, 3),
+            claim(1, 4),
+            claim(2, 5),
+        ];
+        assert_eq!(
+            shape(&sql_groups(claims, 2)),
+            [vec![(1, 1), (1, 3)], vec![(2, 2), (2, 5)], vec![(1, 4)]]
+        );
+        let claims = vec![claim(1, 1), claim(2, 2), claim(1, 3)];
+        assert_eq!(
+            shape(&sql_groups(claims, 1)),
+            [vec![(1, 1)], vec![(2, 2)], vec![(1, 3)]]
+        );
+    }
 }

@@ -4,9 +4,11 @@
 //! batch, so a single new event does not wake every lane. Events whose handler fails by itself
 //! are left out of the batch by the database (a savepoint each, only once a group's statement
 //! failed); a batch that fails as a whole - its statement timeout, a broken connection - is
-//! rolled back. Either way those events are then claimed by id and handed to the executors,
-//! which run each the ordinary way (attempt counted, retried or dead-lettered). So a handler
-//! that fails, hangs or even crashes its backend leaves the lane after one try.
+//! rolled back. Either way those events then leave the lanes (picloud_leave_sql_lane marks
+//! them) for the dispatcher's claims, which run each the ordinary way (attempt counted, retried
+//! or dead-lettered) and share executors fairly between apps (the per-app cap). So a handler
+//! that fails, hangs or even crashes its backend leaves the lane after one try. On a schema
+//! from before 0.4.0 the lane claims those events itself and hands them to the executors.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,9 +64,11 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                 Ok(true) => {
                     // Counted while this lane runs: dropped when it returns, fails or panics.
                     let connected = LaneConnected::new(&shared.metrics);
+                    shared.lane_batches.connected(index);
                     tracing::info!(lane = index, "sql lane connected");
                     let result = lane_loop(
                         &shared,
+                        index,
                         &connection,
                         listens,
                         &mut phase,
@@ -73,6 +77,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                     )
                     .await;
                     drop(connected);
+                    shared.lane_batches.disconnected(index);
                     match result {
                         Ok(()) => return,
                         Err(e) => format!("sql lane connection failed: {e}"),
@@ -119,6 +124,7 @@ async fn lane_available(client: &Client) -> Result<bool, tokio_postgres::Error> 
 
 async fn lane_loop(
     shared: &Arc<Shared>,
+    index: usize,
     connection: &WakeConnection,
     listens: bool,
     phase: &mut watch::Receiver<Phase>,
@@ -135,21 +141,24 @@ async fn lane_loop(
     let mut others_due = DueWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval);
     loop {
         if let Some(locked) = stranded.take() {
-            leave_lane(shared, client, locked, phase)
+            leave_lane(shared, client, &statements, locked, phase)
                 .await
                 .map_err(|e| db::error_text(&e))?;
         }
         if *phase.borrow() != Phase::Running {
             return Ok(());
         }
-        let locked = match run_batch(shared, client, &statements, batch).await {
+        shared.lane_batches.batch_started(index);
+        let ran = run_batch(shared, client, &statements, batch).await;
+        shared.lane_batches.batch_ended(index);
+        let locked = match ran {
             Ok(Ran { locked, left }) => {
                 if !left.event_ids.is_empty() {
                     tracing::debug!(
                         events = left.event_ids.len(),
                         "sql lane left events to the ordinary path"
                     );
-                    leave_lane(shared, client, left, phase)
+                    leave_lane(shared, client, &statements, left, phase)
                         .await
                         .map_err(|e| db::error_text(&e))?;
                 }
@@ -161,7 +170,7 @@ async fn lane_loop(
                     error = %error,
                     "sql lane batch rolled back; its events run the ordinary way"
                 );
-                leave_lane(shared, client, locked, phase)
+                leave_lane(shared, client, &statements, locked, phase)
                     .await
                     .map_err(|e| db::error_text(&e))?;
                 continue;
@@ -218,6 +227,8 @@ async fn lane_loop(
 struct Statements {
     lock: Statement,
     run: Statement,
+    /// picloud_leave_sql_lane; None on a schema from before 0.4.0.
+    leave: Option<Statement>,
 }
 
 impl Statements {
@@ -232,6 +243,14 @@ impl Statements {
                      FROM picloud.picloud_run_sql_lane_locked()",
                 )
                 .await?,
+            leave: match client
+                .prepare("SELECT picloud.picloud_leave_sql_lane($1, $2)")
+                .await
+            {
+                Ok(statement) => Some(statement),
+                Err(e) if db::is_undefined_function(&e) => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 }
@@ -355,9 +374,30 @@ fn classify(client: &Client, e: &tokio_postgres::Error) -> BatchError {
     }
 }
 
-/// Claims the events of a failed batch (those still unclaimed) and hands each to an executor,
-/// which runs it the ordinary way. Waits for executor slots like the dispatcher does.
+/// Takes the events of a failed batch (those still unclaimed) out of the lanes: the
+/// dispatcher's claims run them the ordinary way, in turn with other apps' events. A lane that
+/// handed them to executors itself would let one app's failing events fill every executor.
 async fn leave_lane(
+    shared: &Arc<Shared>,
+    client: &Client,
+    statements: &Statements,
+    locked: Locked,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(leave) = &statements.leave {
+        let row = client
+            .query_one(leave, &[&locked.app_ids, &locked.event_ids])
+            .await?;
+        let left: i32 = row.try_get(0).unwrap_or(0);
+        shared.metrics.lane_fallbacks.inc_by(left.max(0) as u64);
+        return Ok(());
+    }
+    claim_and_run(shared, client, locked, phase).await
+}
+
+/// Before 0.4.0: claims the events of a failed batch (those still unclaimed) and hands each to
+/// an executor, which runs it the ordinary way. Waits for executor slots like the dispatcher.
+async fn claim_and_run(
     shared: &Arc<Shared>,
     client: &Client,
     locked: Locked,

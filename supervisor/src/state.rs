@@ -3,8 +3,9 @@
 //! (`supervise`) builds it; the services (`dispatch`, `lane`, `executor`) only use it, so
 //! dependencies run one way.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify, Semaphore};
 
@@ -37,6 +38,73 @@ pub struct Shared {
     /// Wakes the sql lanes that do not listen for notifications: lane 0 listens, and calls
     /// the others when it finds a full batch (one wake-up per event would wake them all).
     pub lanes_wake: Notify,
+    /// What each sql lane is doing, for the dispatcher.
+    pub lane_batches: LaneBatches,
+}
+
+/// What each sql lane is doing: disconnected, idle, or in a batch since when. When every lane
+/// has been in a batch for long (slow handlers of one app hold them until their timeout), the
+/// dispatcher claims sql events too, so other apps' events do not wait for those batches.
+pub struct LaneBatches {
+    since: Instant,
+    /// Per lane: DISCONNECTED, IDLE, or BATCH_BASE + milliseconds since `since` at batch start.
+    lanes: Vec<AtomicU64>,
+}
+
+const DISCONNECTED: u64 = 0;
+const IDLE: u64 = 1;
+const BATCH_BASE: u64 = 2;
+
+impl LaneBatches {
+    pub fn new(lanes: usize) -> LaneBatches {
+        LaneBatches {
+            since: Instant::now(),
+            lanes: (0..lanes).map(|_| AtomicU64::new(DISCONNECTED)).collect(),
+        }
+    }
+
+    fn set(&self, lane: usize, state: u64) {
+        if let Some(slot) = self.lanes.get(lane) {
+            slot.store(state, Ordering::Relaxed);
+        }
+    }
+
+    pub fn connected(&self, lane: usize) {
+        self.set(lane, IDLE);
+    }
+
+    pub fn disconnected(&self, lane: usize) {
+        self.set(lane, DISCONNECTED);
+    }
+
+    pub fn batch_started(&self, lane: usize) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.set(lane, BATCH_BASE + now);
+    }
+
+    pub fn batch_ended(&self, lane: usize) {
+        self.set(lane, IDLE);
+    }
+
+    /// Some lane is connected and no connected lane is idle or in a batch younger than `held`.
+    pub fn all_held_longer_than(&self, held: Duration) -> bool {
+        let now = self.since.elapsed().as_millis() as u64;
+        let held = held.as_millis() as u64;
+        let mut connected = false;
+        for lane in &self.lanes {
+            match lane.load(Ordering::Relaxed) {
+                DISCONNECTED => {}
+                IDLE => return false,
+                started => {
+                    connected = true;
+                    if now.saturating_sub(started - BATCH_BASE) < held {
+                        return false;
+                    }
+                }
+            }
+        }
+        connected
+    }
 }
 
 /// Resolves once shutdown has been requested.
@@ -59,5 +127,33 @@ pub async fn sleep_unless_stopping(delay: Duration, phase: &mut watch::Receiver<
     tokio::select! {
         _ = tokio::time::sleep(delay) => *phase.borrow() != Phase::Running,
         _ = stopping(phase) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_are_held_only_when_every_connected_lane_is_in_an_old_batch() {
+        let lanes = LaneBatches::new(2);
+        let held = Duration::from_millis(30);
+        assert!(!lanes.all_held_longer_than(held), "no lane connected");
+        lanes.connected(0);
+        lanes.connected(1);
+        lanes.batch_started(0);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!lanes.all_held_longer_than(held), "lane 1 is idle");
+        lanes.batch_started(1);
+        assert!(!lanes.all_held_longer_than(held), "lane 1's batch is young");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(lanes.all_held_longer_than(held));
+        lanes.disconnected(1);
+        assert!(
+            lanes.all_held_longer_than(held),
+            "the connected lane is held"
+        );
+        lanes.batch_ended(0);
+        assert!(!lanes.all_held_longer_than(held));
     }
 }

@@ -18,7 +18,7 @@ use crate::handlers::http::HttpClient;
 use crate::lane;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::state::{Phase, Shared};
+use crate::state::{LaneBatches, Phase, Shared};
 use crate::summary::{self, Summary};
 use crate::EXIT_CONFIG;
 
@@ -141,6 +141,7 @@ pub async fn run(config: Config) -> u8 {
     };
 
     let concurrency = config.concurrency;
+    let lanes = config.sql_lanes;
     let metrics = Arc::new(Metrics::new(concurrency));
     let shared = Arc::new(Shared {
         pool: Pool::new(config.database.clone(), Arc::clone(&metrics)),
@@ -150,6 +151,7 @@ pub async fn run(config: Config) -> u8 {
         config,
         rescheduled: Notify::new(),
         lanes_wake: Notify::new(),
+        lane_batches: LaneBatches::new(lanes),
     });
     let metrics_endpoint = listener.map(|listener| {
         let address = listener
