@@ -62,7 +62,7 @@ CREATE TABLE picloud.triggers (
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT triggers_pkey PRIMARY KEY (app_id, trigger_id),
-    CONSTRAINT triggers_kind_valid CHECK (kind IN ('kv', 'dead_letter')),
+    CONSTRAINT triggers_kind_valid CHECK (kind IN ('kv', 'dead_letter', 'cron')),
     CONSTRAINT triggers_app_fkey FOREIGN KEY (app_id)
         REFERENCES picloud.apps (app_id) ON DELETE CASCADE,
     -- A handler still used by a trigger cannot be dropped by accident.
@@ -119,6 +119,34 @@ CREATE DOMAIN picloud.non_negative_int AS integer
 CREATE DOMAIN picloud.event_time AS timestamptz
     CONSTRAINT event_time_check
     CHECK (VALUE BETWEEN '1970-01-01 00:00:00+00' AND '2200-01-01 00:00:00+00');
+
+-- Cron trigger details (sql/022_cron.sql): the schedule, and where it stands. next_fire_at is
+-- the first tick not yet enqueued (NULL: the schedule has no further tick); the housekeeper
+-- enqueues due ticks and moves next_fire_at past them in one transaction, on this row locked,
+-- so each tick is enqueued exactly once.
+CREATE TABLE picloud.cron_trigger_details (
+    app_id              uuid        NOT NULL,
+    trigger_id          uuid        NOT NULL,
+    schedule            text        NOT NULL,
+    timezone            text        NOT NULL,
+    payload             jsonb       NOT NULL,
+    catch_up            text        NOT NULL,
+    catch_up_limit      integer     NOT NULL,
+    skip_if_running     boolean     NOT NULL,
+    next_fire_at        picloud.event_time,
+    last_scheduled_for  timestamptz,
+    last_fired_at       timestamptz,
+    last_event_id       uuid,
+    fired_count         bigint      NOT NULL DEFAULT 0,
+    skipped_count       bigint      NOT NULL DEFAULT 0,
+    CONSTRAINT cron_trigger_details_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT cron_trigger_details_catch_up_valid CHECK (catch_up IN ('none', 'last', 'all')),
+    CONSTRAINT cron_trigger_details_catch_up_limit_valid CHECK (catch_up_limit BETWEEN 1 AND 10000),
+    CONSTRAINT cron_trigger_details_trigger_fkey FOREIGN KEY (app_id, trigger_id)
+        REFERENCES picloud.triggers (app_id, trigger_id) ON DELETE CASCADE
+);
+-- The housekeeper's look for the next due tick.
+CREATE INDEX cron_trigger_details_next_idx ON picloud.cron_trigger_details (next_fire_at);
 
 -- The outbox: the one async dispatch substrate. A row is claimed by a supervisor under a
 -- lease, and either completed (deleted), rescheduled, or moved to dead_letters.

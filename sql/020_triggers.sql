@@ -214,15 +214,29 @@ $$;
 CREATE FUNCTION picloud.picloud_set_trigger_enabled(p_app_id uuid, p_trigger_id uuid, p_enabled boolean)
 RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_was_enabled boolean;
 BEGIN
     PERFORM picloud._require(p_app_id, 'manage_triggers');
     IF p_trigger_id IS NULL OR p_enabled IS NULL THEN
         PERFORM picloud._null_argument('{trigger_id,enabled}', ARRAY[p_trigger_id IS NULL, p_enabled IS NULL]);
     END IF;
-    UPDATE picloud.triggers SET enabled = p_enabled, updated_at = now()
-    WHERE app_id = p_app_id AND trigger_id = p_trigger_id;
+    SELECT t.enabled INTO v_was_enabled FROM picloud.triggers t
+    WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id
+    FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'trigger % does not exist in app %', p_trigger_id, p_app_id USING ERRCODE = 'P0002';
+    END IF;
+    UPDATE picloud.triggers SET enabled = p_enabled, updated_at = now()
+    WHERE app_id = p_app_id AND trigger_id = p_trigger_id;
+    IF p_enabled AND NOT v_was_enabled THEN
+        -- A cron trigger starts again from now: ticks due while it was disabled are not caught up.
+        UPDATE picloud.cron_trigger_details d
+        SET next_fire_at = picloud._cron_arm(d.schedule, d.timezone, now())
+        WHERE d.app_id = p_app_id AND d.trigger_id = p_trigger_id;
+        IF FOUND THEN
+            PERFORM picloud._wake_housekeeper_at_commit();
+        END IF;
     END IF;
 END
 $$;

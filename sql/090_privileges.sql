@@ -23,7 +23,10 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA picloud FROM PUBLIC;
 -- writes at all to claims, dead-lettering or abandoned executions.
 GRANT SELECT ON ALL TABLES IN SCHEMA picloud TO picloud_user;
 GRANT INSERT, DELETE ON picloud.scripts, picloud.triggers, picloud.kv_trigger_details,
-    picloud.dead_letter_trigger_details, picloud.inboxes TO picloud_user;
+    picloud.dead_letter_trigger_details, picloud.cron_trigger_details, picloud.inboxes TO picloud_user;
+-- A cron trigger's settings; where it stands (last tick, counts) is the housekeeper's to write.
+GRANT UPDATE (schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running, next_fire_at)
+    ON picloud.cron_trigger_details TO picloud_user;
 GRANT UPDATE (enabled, updated_at) ON picloud.triggers TO picloud_user;
 -- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
 -- creation time is never the producer's to choose.
@@ -62,6 +65,10 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_enable_trigger(uuid, uuid),
     picloud.picloud_disable_trigger(uuid, uuid),
     picloud.picloud_drop_trigger(uuid, uuid),
+    picloud.picloud_create_cron_trigger(uuid, text, uuid, text, jsonb, text, integer, boolean, boolean),
+    picloud.picloud_alter_cron_trigger(uuid, uuid, text, text, jsonb, text, integer, boolean),
+    picloud.picloud_list_cron_triggers(uuid),
+    picloud.picloud_cron_next(text, text, timestamptz, integer),
     picloud.picloud_match_kv_triggers(uuid, text, text),
     picloud.picloud_match_dead_letter_triggers(uuid, text, uuid),
     picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
@@ -92,6 +99,11 @@ GRANT EXECUTE ON FUNCTION
     picloud._pattern_match_key(text),
     picloud._collection_match_keys(text),
     picloud._trigger_infos(uuid),
+    picloud._cron_check(text, text),
+    picloud._cron_arm(text, text, timestamptz),
+    picloud._cron_next_after(text, text, timestamptz),
+    picloud._check_cron_options(text, integer),
+    picloud._wake_housekeeper_at_commit(),
     picloud._event_depth(integer),
     picloud._check_payload(jsonb),
     picloud._check_event_shape(text, text),
@@ -222,6 +234,13 @@ CREATE POLICY kv_trigger_details_writes ON picloud.kv_trigger_details FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
 
+ALTER TABLE picloud.cron_trigger_details ENABLE ROW LEVEL SECURITY;
+CREATE POLICY cron_trigger_details_visible ON picloud.cron_trigger_details FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY cron_trigger_details_writes ON picloud.cron_trigger_details FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
 ALTER TABLE picloud.dead_letter_trigger_details ENABLE ROW LEVEL SECURITY;
 CREATE POLICY dead_letter_trigger_details_visible ON picloud.dead_letter_trigger_details FOR SELECT
     USING (picloud.picloud_has_capability(app_id, 'enqueue'));
@@ -278,6 +297,7 @@ SELECT pg_catalog.pg_extension_config_dump('picloud.scripts', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.triggers', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.kv_trigger_details', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letter_trigger_details', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.cron_trigger_details', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.abandoned_executions', '');

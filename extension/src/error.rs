@@ -23,6 +23,16 @@ pub enum PicloudError {
     PrincipalCannotRun { event: String, problem: String },
     /// A tenant tried to take a table lock on picloud's tables.
     LockRefused { relation: String },
+    /// A cron schedule that does not parse, with the 1-based position of the problem.
+    InvalidSchedule {
+        schedule: String,
+        position: usize,
+        reason: String,
+    },
+    /// A time zone that is not an IANA name.
+    UnknownTimeZone { reason: String },
+    /// A required argument is NULL.
+    NullArgument { name: &'static str },
 }
 
 impl PicloudError {
@@ -37,6 +47,10 @@ impl PicloudError {
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             PicloudError::LockRefused { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            PicloudError::InvalidSchedule { .. } | PicloudError::UnknownTimeZone { .. } => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            PicloudError::NullArgument { .. } => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
 
@@ -55,6 +69,13 @@ impl PicloudError {
             PicloudError::LockRefused { relation } => format!(
                 "permission denied: LOCK TABLE on picloud table {relation} is reserved to picloud administrators"
             ),
+            PicloudError::InvalidSchedule {
+                schedule,
+                position,
+                reason,
+            } => format!("invalid schedule {schedule:?} at position {position}: {reason}"),
+            PicloudError::UnknownTimeZone { reason } => reason.clone(),
+            PicloudError::NullArgument { name } => format!("{name} must not be NULL"),
         }
     }
 
@@ -70,6 +91,13 @@ impl PicloudError {
             PicloudError::LockRefused { .. } => Some(
                 "A lock held by one tenant would stall every app; picloud's functions take the locks they need.",
             ),
+            PicloudError::InvalidSchedule { .. } => Some(
+                "A schedule is five cron fields (minute hour day-of-month month day-of-week), a nickname such as @hourly or @daily, or 'every N seconds|minutes|hours'.",
+            ),
+            PicloudError::UnknownTimeZone { .. } => {
+                Some("SELECT name FROM pg_timezone_names lists the zone names.")
+            }
+            PicloudError::NullArgument { .. } => None,
         }
     }
 

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 mod api;
 mod error;
 mod gucs;
+mod schedule;
 mod table_locks;
 mod worker;
 
@@ -71,9 +72,20 @@ extension_sql_file!(
     requires = ["dead_letters"]
 );
 extension_sql_file!(
+    "../../sql/055_cron.sql",
+    name = "cron",
+    requires = [
+        "housekeeping",
+        api::cron::picloud_cron_check,
+        api::cron::picloud_cron_next_after,
+        api::cron::picloud_cron_due,
+        worker::picloud_wake_housekeeper_at_commit
+    ]
+);
+extension_sql_file!(
     "../../sql/060_operations.sql",
     name = "operations",
-    requires = ["housekeeping"]
+    requires = ["cron"]
 );
 extension_sql_file!(
     "../../sql/070_signing.sql",

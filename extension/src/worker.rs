@@ -5,15 +5,28 @@
 //! keys. Each batch is its own short transaction and the SQL picks rows with
 //! `FOR UPDATE SKIP LOCKED`, so housekeeping never makes a claimer wait. The SQL functions it
 //! calls (`picloud._gc_*`) are the same ones `picloud_gc_pass()` runs on demand.
+//!
+//! It also makes the ticks of cron triggers (sql/055_cron.sql): it sleeps until the earliest
+//! tick is due (looking again at least every second, and woken at once when a cron trigger is
+//! created or changed) and enqueues the due ticks with `picloud._cron_fire`.
 
 use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PgAtomic};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 const WORKER_NAME: &str = "picloud housekeeper";
+
+/// The cron step: run whenever a tick may be due, not only once per pass.
+const CRON_STEP: &str = "picloud._cron_fire";
+
+/// Longest sleep without looking for due ticks, whatever the next known tick: a trigger
+/// created while the housekeeper could not be woken (another database's session, a server
+/// without the wake-up) is noticed within it.
+const CRON_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// The batch steps of one pass, in order. Lease rescue first: it is what unblocks work.
 const STEPS: &[&str] = &[
@@ -93,9 +106,62 @@ fn run_step(step: &str, batch_size: i32) -> i64 {
 static DATABASE_SEEN: PgAtomic<AtomicBool> =
     unsafe { PgAtomic::new(c"picloud_housekeeper_database_seen") };
 
-/// Sets up the shared flag (from `_PG_init`).
+/// The running housekeeper's process id (0: none), so that a session can wake it.
+// SAFETY: the name is unique to picloud within this cluster's shared memory.
+static HOUSEKEEPER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"picloud_housekeeper_pid") };
+
+/// Sets up the shared flags (from `_PG_init`).
 pub fn init_shared_memory() {
     pg_shmem_init!(DATABASE_SEEN);
+    pg_shmem_init!(HOUSEKEEPER_PID);
+}
+
+thread_local! {
+    /// Local transaction id for which the commit-time wake-up is already registered.
+    static WAKE_REGISTERED_FOR: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Wakes the housekeeper once the current transaction has committed, so that a new or changed
+/// cron trigger's next tick is known to it at once (internal; called by the cron functions).
+/// Returns true, so PL/pgSQL can call it as an expression.
+#[pg_extern(volatile, parallel_unsafe, name = "_wake_housekeeper_at_commit")]
+pub fn picloud_wake_housekeeper_at_commit() -> bool {
+    // SAFETY: MyProc is set for every backend before any SQL function can run.
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    if WAKE_REGISTERED_FOR.with(|registered| registered.replace(lxid)) == lxid {
+        return true;
+    }
+    register_xact_callback(PgXactCallbackEvent::Commit, || {
+        let pid = HOUSEKEEPER_PID.get().load(Ordering::Acquire);
+        if pid == 0 {
+            return;
+        }
+        // SAFETY: BackendPidGetProc returns the live PGPROC of that pid or NULL, under the
+        // ProcArray lock it takes itself; setting a process's latch is how Postgres wakes
+        // another process (a pid reused by another backend only gets a spurious wake-up).
+        unsafe {
+            let process = pg_sys::BackendPidGetProc(pid);
+            if !process.is_null() {
+                pg_sys::SetLatch(&mut (*process).procLatch);
+            }
+        }
+    });
+    true
+}
+
+/// How long until the earliest armed cron tick, if the schema has cron triggers and one is
+/// armed. Rounded up to the next millisecond: the latch's timeout is in whole milliseconds,
+/// and waking a little early would only look again.
+fn next_tick_in() -> Option<Duration> {
+    if !step_present(CRON_STEP) {
+        return None;
+    }
+    let ms = BackgroundWorker::transaction(|| {
+        Spi::get_one::<f64>("SELECT picloud._cron_next_fire_in_ms()")
+            .ok()
+            .flatten()
+    })?;
+    Some(Duration::from_millis(ms.max(0.0).ceil() as u64 + 1))
 }
 
 /// Does the database exist? Asked from a connection to no database (pg_database is a shared
@@ -158,6 +224,7 @@ fn wait_for_database(database: &str) -> ! {
 /// the second case, and starts nothing once a shutdown has begun. Exit code 0 would mean "done
 /// for good": leases of crashed supervisors would never be rescued again until a restart.
 fn leave() -> ! {
+    HOUSEKEEPER_PID.get().store(0, Ordering::Release);
     log!("{WORKER_NAME}: terminated; exiting with code 1 so that the postmaster starts a new one unless the server is shutting down");
     // SAFETY: ends this process the way Postgres processes end.
     unsafe { pg_sys::proc_exit(1) }
@@ -186,32 +253,51 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     DATABASE_SEEN.get().store(true, Ordering::Release);
     log!("{WORKER_NAME} started for database {database:?}");
+    // SAFETY: MyProcPid is this process's id, set before any worker code runs.
+    HOUSEKEEPER_PID
+        .get()
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
 
     let mut announced_waiting = false;
-    while BackgroundWorker::wait_latch(Some(Duration::from_millis(gucs::gc_interval_ms()))) {
+    let mut next_pass = Instant::now() + Duration::from_millis(gucs::gc_interval_ms());
+    let mut wait = CRON_LOOK_EVERY;
+    while BackgroundWorker::wait_latch(Some(wait)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereading postgresql.conf is what a backend does on SIGHUP; we are in the
             // worker's main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        let interval = Duration::from_millis(gucs::gc_interval_ms());
         if !extension_installed() {
             if !announced_waiting {
                 log!("{WORKER_NAME}: extension picloud is not installed in {database:?}; waiting");
                 announced_waiting = true;
             }
+            wait = interval.min(CRON_LOOK_EVERY);
             continue;
         }
         announced_waiting = false;
         let batch_size = gucs::gc_batch_size();
-        let mut report = Vec::new();
-        for step in STEPS {
-            let done = run_step(step, batch_size);
-            if done > 0 {
-                report.push(format!("{step}={done}"));
+        // Ticks are not logged: an every-second trigger would fill the log.
+        run_step(CRON_STEP, batch_size);
+        if Instant::now() >= next_pass {
+            let mut report = Vec::new();
+            for step in STEPS {
+                let done = run_step(step, batch_size);
+                if done > 0 {
+                    report.push(format!("{step}={done}"));
+                }
             }
+            if !report.is_empty() {
+                log!("{WORKER_NAME}: {}", report.join(" "));
+            }
+            next_pass = Instant::now() + interval;
         }
-        if !report.is_empty() {
-            log!("{WORKER_NAME}: {}", report.join(" "));
+        wait = next_pass
+            .saturating_duration_since(Instant::now())
+            .min(CRON_LOOK_EVERY);
+        if let Some(tick) = next_tick_in() {
+            wait = wait.min(tick);
         }
     }
     leave()

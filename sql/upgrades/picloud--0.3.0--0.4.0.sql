@@ -12,6 +12,7 @@
 --   * picloud_fail takes the earliest time of the next attempt (HTTP Retry-After).
 --   * Signing secrets for webhook deliveries (picloud.handler_secrets, picloud_set_handler_secret,
 --     picloud_clear_handler_secrets, picloud_signing_secrets).
+--   * Cron triggers (picloud.cron_trigger_details, picloud_create_cron_trigger and its kin).
 -- Frozen once released: later changes go in a new picloud--0.4.0--X.sql.
 \echo Use "ALTER EXTENSION picloud UPDATE TO '0.4.0'" to load this file. \quit
 
@@ -1054,6 +1055,382 @@ LANGUAGE sql STABLE AS $$
      AND (h.expires_at IS NULL OR h.expires_at > now())
     GROUP BY k.app_id, k.script_id
 $$;
+
+-- Cron triggers (sql/055_cron.sql) -------------------------------------------------------
+
+ALTER TABLE picloud.triggers DROP CONSTRAINT triggers_kind_valid;
+ALTER TABLE picloud.triggers ADD CONSTRAINT triggers_kind_valid CHECK (kind IN ('kv', 'dead_letter', 'cron'));
+
+-- Cron trigger details (sql/022_cron.sql): the schedule, and where it stands. next_fire_at is
+-- the first tick not yet enqueued (NULL: the schedule has no further tick); the housekeeper
+-- enqueues due ticks and moves next_fire_at past them in one transaction, on this row locked,
+-- so each tick is enqueued exactly once.
+CREATE TABLE picloud.cron_trigger_details (
+    app_id              uuid        NOT NULL,
+    trigger_id          uuid        NOT NULL,
+    schedule            text        NOT NULL,
+    timezone            text        NOT NULL,
+    payload             jsonb       NOT NULL,
+    catch_up            text        NOT NULL,
+    catch_up_limit      integer     NOT NULL,
+    skip_if_running     boolean     NOT NULL,
+    next_fire_at        picloud.event_time,
+    last_scheduled_for  timestamptz,
+    last_fired_at       timestamptz,
+    last_event_id       uuid,
+    fired_count         bigint      NOT NULL DEFAULT 0,
+    skipped_count       bigint      NOT NULL DEFAULT 0,
+    CONSTRAINT cron_trigger_details_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT cron_trigger_details_catch_up_valid CHECK (catch_up IN ('none', 'last', 'all')),
+    CONSTRAINT cron_trigger_details_catch_up_limit_valid CHECK (catch_up_limit BETWEEN 1 AND 10000),
+    CONSTRAINT cron_trigger_details_trigger_fkey FOREIGN KEY (app_id, trigger_id)
+        REFERENCES picloud.triggers (app_id, trigger_id) ON DELETE CASCADE
+);
+-- The housekeeper's look for the next due tick.
+CREATE INDEX cron_trigger_details_next_idx ON picloud.cron_trigger_details (next_fire_at);
+
+-- Schedules and ticks (Rust, extension/src/api/cron.rs and extension/src/worker.rs).
+CREATE FUNCTION picloud."_cron_check"(
+	"p_schedule" TEXT, /* Option < & str > */
+	"p_timezone" TEXT /* Option < & str > */
+) RETURNS void
+STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_cron_check_wrapper';
+
+CREATE FUNCTION picloud."_cron_next_after"(
+	"p_schedule" TEXT, /* & str */
+	"p_timezone" TEXT, /* & str */
+	"p_after" timestamp with time zone /* TimestampWithTimeZone */
+) RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_cron_next_after_wrapper';
+
+CREATE FUNCTION picloud."_cron_due"(
+	"p_schedule" TEXT, /* & str */
+	"p_timezone" TEXT, /* & str */
+	"p_from" timestamp with time zone, /* TimestampWithTimeZone */
+	"p_until" timestamp with time zone, /* TimestampWithTimeZone */
+	"p_limit" INT /* i32 */
+) RETURNS TABLE (
+	"ticks" timestamp with time zone[],  /* Vec < TimestampWithTimeZone > */
+	"earlier" bigint  /* i64 */
+)
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_cron_due_wrapper';
+
+CREATE FUNCTION picloud."picloud_cron_next"(
+	"p_schedule" TEXT, /* Option < & str > */
+	"p_timezone" TEXT DEFAULT 'UTC', /* Option < & str > */
+	"p_from" timestamp with time zone DEFAULT now(), /* Option < TimestampWithTimeZone > */
+	"p_n" INT DEFAULT 5 /* Option < i32 > */
+) RETURNS SETOF timestamp with time zone /* TimestampWithTimeZone */
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_cron_next_wrapper';
+
+CREATE FUNCTION picloud."_wake_housekeeper_at_commit"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_wake_housekeeper_at_commit_wrapper';
+
+-- Enabling a cron trigger starts it again from now.
+CREATE OR REPLACE FUNCTION picloud.picloud_set_trigger_enabled(p_app_id uuid, p_trigger_id uuid, p_enabled boolean)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_was_enabled boolean;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_trigger_id IS NULL OR p_enabled IS NULL THEN
+        PERFORM picloud._null_argument('{trigger_id,enabled}', ARRAY[p_trigger_id IS NULL, p_enabled IS NULL]);
+    END IF;
+    SELECT t.enabled INTO v_was_enabled FROM picloud.triggers t
+    WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'trigger % does not exist in app %', p_trigger_id, p_app_id USING ERRCODE = 'P0002';
+    END IF;
+    UPDATE picloud.triggers SET enabled = p_enabled, updated_at = now()
+    WHERE app_id = p_app_id AND trigger_id = p_trigger_id;
+    IF p_enabled AND NOT v_was_enabled THEN
+        -- A cron trigger starts again from now: ticks due while it was disabled are not caught up.
+        UPDATE picloud.cron_trigger_details d
+        SET next_fire_at = picloud._cron_arm(d.schedule, d.timezone, now())
+        WHERE d.app_id = p_app_id AND d.trigger_id = p_trigger_id;
+        IF FOUND THEN
+            PERFORM picloud._wake_housekeeper_at_commit();
+        END IF;
+    END IF;
+END
+$$;
+
+-- Cron triggers: handlers that run on a schedule (README, "Cron triggers").
+--
+-- Where ticks are made, and why each is enqueued exactly once: the housekeeper (the background
+-- worker inside Postgres, extension/src/worker.rs) calls picloud._cron_fire as soon as the
+-- earliest next_fire_at is due. For each due trigger it locks the trigger's
+-- cron_trigger_details row, inserts the tick's outbox event and moves next_fire_at past it in
+-- the same transaction. The tick and the move commit together or not at all (a crash, a killed
+-- housekeeper, a failover that loses the commit lose both, and the tick is made again from the
+-- state that survived); a second firer skips the locked row, and after the commit the row no
+-- longer qualifies (next_fire_at is in the future). Supervisors make no ticks, so their number
+-- does not matter. A clock that moves back makes no tick twice (next_fire_at only moves
+-- forward); a clock that jumps forward makes the skipped ticks missed ones, handled by the
+-- trigger's catch-up policy.
+
+-- A tick's time, or NULL past the outbox's time window (picloud.event_time): no further tick.
+CREATE FUNCTION picloud._cron_arm(p_schedule text, p_timezone text, p_after timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN n < '2200-01-01 00:00:00+00' THEN n END
+    FROM picloud._cron_next_after(p_schedule, p_timezone, p_after) AS n
+$$;
+
+CREATE FUNCTION picloud._check_cron_options(p_catch_up text, p_catch_up_limit integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_catch_up NOT IN ('none', 'last', 'all') THEN
+        PERFORM picloud._invalid(format('catch_up must be none, last or all, got %L', left(p_catch_up, 100)));
+    END IF;
+    IF p_catch_up_limit NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('catch_up_limit must be between 1 and 10000, got %s', p_catch_up_limit));
+    END IF;
+END
+$$;
+
+-- Registers a cron trigger: the handler runs, as the calling role, once per tick of the
+-- schedule, with the payload {"trigger_id", "scheduled_for", "payload"}.
+CREATE FUNCTION picloud.picloud_create_cron_trigger(
+    p_app_id uuid,
+    p_schedule text,
+    p_script_id uuid,
+    p_timezone text DEFAULT 'UTC',
+    p_payload jsonb DEFAULT '{}',
+    p_catch_up text DEFAULT 'last',
+    p_catch_up_limit integer DEFAULT 100,
+    p_skip_if_running boolean DEFAULT false,
+    p_enabled boolean DEFAULT true)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_trigger_id uuid := gen_random_uuid();
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_schedule IS NULL OR p_script_id IS NULL OR p_timezone IS NULL OR p_payload IS NULL
+       OR p_catch_up IS NULL OR p_catch_up_limit IS NULL OR p_skip_if_running IS NULL OR p_enabled IS NULL THEN
+        PERFORM picloud._null_argument(
+            '{schedule,script_id,timezone,payload,catch_up,catch_up_limit,skip_if_running,enabled}',
+            ARRAY[p_schedule IS NULL, p_script_id IS NULL, p_timezone IS NULL, p_payload IS NULL,
+                  p_catch_up IS NULL, p_catch_up_limit IS NULL, p_skip_if_running IS NULL, p_enabled IS NULL]);
+    END IF;
+    PERFORM picloud._cron_check(p_schedule, p_timezone);
+    PERFORM picloud._check_cron_options(p_catch_up, p_catch_up_limit);
+    PERFORM picloud._check_payload(p_payload);
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id, enabled)
+    VALUES (p_app_id, v_trigger_id, 'cron', p_script_id, p_enabled);
+    INSERT INTO picloud.cron_trigger_details (
+        app_id, trigger_id, schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running,
+        next_fire_at)
+    VALUES (
+        p_app_id, v_trigger_id, p_schedule, p_timezone, p_payload, p_catch_up, p_catch_up_limit,
+        p_skip_if_running, picloud._cron_arm(p_schedule, p_timezone, now()));
+    PERFORM picloud._wake_housekeeper_at_commit();
+    RETURN v_trigger_id;
+END
+$$;
+
+-- Changes what is given of a cron trigger (NULL keeps a value). A new schedule or time zone
+-- starts from now: its next tick is the first one after the call.
+CREATE FUNCTION picloud.picloud_alter_cron_trigger(
+    p_app_id uuid,
+    p_trigger_id uuid,
+    p_schedule text DEFAULT NULL,
+    p_timezone text DEFAULT NULL,
+    p_payload jsonb DEFAULT NULL,
+    p_catch_up text DEFAULT NULL,
+    p_catch_up_limit integer DEFAULT NULL,
+    p_skip_if_running boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    d picloud.cron_trigger_details;
+    v_schedule text;
+    v_timezone text;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_trigger_id IS NULL THEN PERFORM picloud._null_argument('{trigger_id}', '{t}'); END IF;
+    SELECT * INTO d FROM picloud.cron_trigger_details c
+    WHERE c.app_id = p_app_id AND c.trigger_id = p_trigger_id
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cron trigger % does not exist in app %', p_trigger_id, p_app_id USING ERRCODE = 'P0002';
+    END IF;
+    v_schedule := coalesce(p_schedule, d.schedule);
+    v_timezone := coalesce(p_timezone, d.timezone);
+    PERFORM picloud._cron_check(v_schedule, v_timezone);
+    PERFORM picloud._check_cron_options(coalesce(p_catch_up, d.catch_up), coalesce(p_catch_up_limit, d.catch_up_limit));
+    IF p_payload IS NOT NULL THEN
+        PERFORM picloud._check_payload(p_payload);
+    END IF;
+    UPDATE picloud.cron_trigger_details c SET
+        schedule = v_schedule,
+        timezone = v_timezone,
+        payload = coalesce(p_payload, c.payload),
+        catch_up = coalesce(p_catch_up, c.catch_up),
+        catch_up_limit = coalesce(p_catch_up_limit, c.catch_up_limit),
+        skip_if_running = coalesce(p_skip_if_running, c.skip_if_running),
+        next_fire_at = CASE WHEN v_schedule IS DISTINCT FROM d.schedule OR v_timezone IS DISTINCT FROM d.timezone
+                            THEN picloud._cron_arm(v_schedule, v_timezone, now())
+                            ELSE c.next_fire_at END
+    WHERE c.app_id = p_app_id AND c.trigger_id = p_trigger_id;
+    UPDATE picloud.triggers t SET updated_at = now()
+    WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id;
+    PERFORM picloud._wake_housekeeper_at_commit();
+END
+$$;
+
+-- The cron triggers of an app with where each stands: when it fires next, when it last fired
+-- and for which tick, whether that tick's event is still pending (queued, running or retrying),
+-- and how many ticks it fired and skipped. The rest of its story is in the stats, the outbox
+-- and the dead letters (trigger_id).
+CREATE FUNCTION picloud.picloud_list_cron_triggers(p_app_id uuid)
+RETURNS TABLE (
+    trigger_id uuid, script_id uuid, enabled boolean, schedule text, timezone text, payload jsonb,
+    catch_up text, catch_up_limit integer, skip_if_running boolean, next_fire_at timestamptz,
+    last_scheduled_for timestamptz, last_fired_at timestamptz, last_event_id uuid,
+    last_event_pending boolean, fired_count bigint, skipped_count bigint,
+    registered_by_principal name, created_at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    RETURN QUERY
+    SELECT d.trigger_id, t.script_id, t.enabled, d.schedule, d.timezone, d.payload, d.catch_up,
+           d.catch_up_limit, d.skip_if_running, d.next_fire_at::timestamptz, d.last_scheduled_for,
+           d.last_fired_at, d.last_event_id,
+           EXISTS (SELECT 1 FROM picloud.outbox o
+                   WHERE o.app_id = d.app_id AND o.event_id = d.last_event_id),
+           d.fired_count, d.skipped_count, t.registered_by_principal, t.created_at
+    FROM picloud.cron_trigger_details d
+    JOIN picloud.triggers t ON t.app_id = d.app_id AND t.trigger_id = d.trigger_id
+    WHERE d.app_id = p_app_id
+    ORDER BY t.created_at, d.trigger_id;
+END
+$$;
+
+-- Milliseconds until the earliest tick of an enabled trigger (negative if one is due), or NULL
+-- when none is armed: how long the housekeeper may sleep.
+CREATE FUNCTION picloud._cron_next_fire_in_ms() RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT extract(epoch FROM d.next_fire_at - clock_timestamp())::double precision * 1000
+    FROM picloud.cron_trigger_details d
+    WHERE d.next_fire_at IS NOT NULL
+      AND EXISTS (SELECT 1 FROM picloud.triggers t
+                  WHERE t.app_id = d.app_id AND t.trigger_id = d.trigger_id AND t.enabled)
+    ORDER BY d.next_fire_at
+    LIMIT 1
+$$;
+
+-- Enqueues the due ticks of up to p_batch triggers, each with its catch-up policy, and moves
+-- their next_fire_at past now (see the top of this file). Returns how many triggers it handled.
+-- A tick is due once its time has come; which of several due ticks fire:
+--   'all'  every one, the latest catch_up_limit of them (older ones are counted as skipped);
+--   'last' only the latest (the others are counted as skipped);
+--   'none' only the latest, and only if it is at most 10 seconds late (a tick due while the
+--          housekeeper was away is skipped; 10 seconds absorbs a busy housekeeper's delay).
+-- With skip_if_running, ticks are skipped while the trigger's last event is still pending.
+CREATE FUNCTION picloud._cron_fire(p_batch integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_ticks timestamptz[];
+    v_earlier bigint;
+    v_fire timestamptz[];
+    v_last_event uuid;
+    v_handled bigint := 0;
+    v_fired bigint := 0;
+BEGIN
+    FOR r IN
+        SELECT d.app_id, d.trigger_id, d.schedule, d.timezone, d.payload, d.catch_up,
+               d.catch_up_limit, d.skip_if_running, d.next_fire_at, d.last_event_id, t.script_id
+        FROM picloud.cron_trigger_details d
+        JOIN picloud.triggers t ON t.app_id = d.app_id AND t.trigger_id = d.trigger_id
+        WHERE d.next_fire_at <= now() AND t.enabled
+        ORDER BY d.next_fire_at
+        LIMIT p_batch
+        FOR UPDATE OF d SKIP LOCKED
+    LOOP
+        SELECT c.ticks, c.earlier INTO v_ticks, v_earlier
+        FROM picloud._cron_due(r.schedule, r.timezone, r.next_fire_at, now(),
+                               CASE WHEN r.catch_up = 'all' THEN r.catch_up_limit ELSE 1 END) AS c;
+        v_fire := v_ticks;
+        IF r.catch_up = 'none' AND cardinality(v_ticks) > 0
+           AND v_ticks[cardinality(v_ticks)] < now() - interval '10 seconds' THEN
+            v_fire := '{}';
+        END IF;
+        IF r.skip_if_running AND r.last_event_id IS NOT NULL AND EXISTS (
+            SELECT 1 FROM picloud.outbox o WHERE o.app_id = r.app_id AND o.event_id = r.last_event_id) THEN
+            v_fire := '{}';
+        END IF;
+        v_last_event := NULL;
+        IF cardinality(v_fire) > 0 THEN
+            WITH inserted AS (
+                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+                SELECT r.app_id, picloud._new_event_id(), 'cron', 'tick', r.trigger_id, r.script_id,
+                       jsonb_build_object('trigger_id', r.trigger_id, 'scheduled_for', f.tick,
+                                          'payload', r.payload),
+                       0
+                FROM unnest(v_fire) WITH ORDINALITY AS f(tick, n)
+                ORDER BY f.n
+                RETURNING event_id
+            )
+            -- Event ids grow with time: the greatest is the last tick's.
+            SELECT (array_agg(i.event_id ORDER BY i.event_id DESC))[1] INTO v_last_event FROM inserted i;
+        END IF;
+        UPDATE picloud.cron_trigger_details d SET
+            next_fire_at = picloud._cron_arm(r.schedule, r.timezone, now()),
+            last_scheduled_for = CASE WHEN cardinality(v_fire) > 0 THEN v_fire[cardinality(v_fire)]
+                                      ELSE d.last_scheduled_for END,
+            last_fired_at = CASE WHEN cardinality(v_fire) > 0 THEN now() ELSE d.last_fired_at END,
+            last_event_id = coalesce(v_last_event, d.last_event_id),
+            fired_count = d.fired_count + cardinality(v_fire),
+            skipped_count = d.skipped_count + v_earlier + cardinality(v_ticks) - cardinality(v_fire)
+        WHERE d.app_id = r.app_id AND d.trigger_id = r.trigger_id;
+        v_handled := v_handled + 1;
+        v_fired := v_fired + cardinality(v_fire);
+    END LOOP;
+    IF v_fired > 0 THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN v_handled;
+END
+$$;
+
+GRANT SELECT, INSERT, DELETE ON picloud.cron_trigger_details TO picloud_user;
+GRANT UPDATE (schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running, next_fire_at)
+    ON picloud.cron_trigger_details TO picloud_user;
+GRANT EXECUTE ON FUNCTION
+    picloud.picloud_create_cron_trigger(uuid, text, uuid, text, jsonb, text, integer, boolean, boolean),
+    picloud.picloud_alter_cron_trigger(uuid, uuid, text, text, jsonb, text, integer, boolean),
+    picloud.picloud_list_cron_triggers(uuid),
+    picloud.picloud_cron_next(text, text, timestamptz, integer),
+    picloud._cron_check(text, text),
+    picloud._cron_arm(text, text, timestamptz),
+    picloud._cron_next_after(text, text, timestamptz),
+    picloud._check_cron_options(text, integer),
+    picloud._wake_housekeeper_at_commit()
+TO picloud_user;
+ALTER TABLE picloud.cron_trigger_details ENABLE ROW LEVEL SECURITY;
+CREATE POLICY cron_trigger_details_visible ON picloud.cron_trigger_details FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY cron_trigger_details_writes ON picloud.cron_trigger_details FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+SELECT pg_catalog.pg_extension_config_dump('picloud.cron_trigger_details', '');
 
 -- Privileges --------------------------------------------------------------------------------
 

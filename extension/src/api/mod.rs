@@ -4,6 +4,7 @@ pub mod access;
 pub mod admission;
 pub mod backends;
 pub mod budget;
+pub mod cron;
 pub mod enqueue;
 pub mod event_json;
 pub mod matching;
