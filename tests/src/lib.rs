@@ -43,13 +43,14 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 }
 
 /// Every table the extension creates in schema picloud.
-pub const TABLES: [&str; 12] = [
+pub const TABLES: [&str; 13] = [
     "apps",
     "app_roles",
     "scripts",
     "triggers",
     "kv_trigger_details",
     "dead_letter_trigger_details",
+    "cron_trigger_details",
     "outbox",
     "idempotency_keys",
     "dead_letters",

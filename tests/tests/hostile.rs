@@ -45,6 +45,10 @@ const C_FUNCTIONS: &[&str] = &[
     "_backend_started(integer)",
     "_become_event(uuid,uuid)",
     "_collection_match_keys(text)",
+    // Schedule arithmetic (extension/src/api/cron.rs): no SQL.
+    "_cron_check(text,text)",
+    "_cron_due(text,text,timestamp with time zone,timestamp with time zone,integer)",
+    "_cron_next_after(text,text,timestamp with time zone)",
     "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text)",
     "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
     "_is_owner()",
@@ -56,7 +60,10 @@ const C_FUNCTIONS: &[&str] = &[
     "_role_standing(text)",
     "_unbecome(bigint)",
     "_wake_at_commit()",
+    // Sets the housekeeper's latch at commit: no SQL.
+    "_wake_housekeeper_at_commit()",
     "picloud_collection_matches(text,text)",
+    "picloud_cron_next(text,text,timestamp with time zone,integer)",
     "picloud_current_depth()",
     "picloud_enqueue(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text)",
     "picloud_supervisor_idle()",

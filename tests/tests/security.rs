@@ -291,6 +291,15 @@ impl Tenancy {
         (trigger, collection)
     }
 
+    /// An hourly cron trigger.
+    fn cron_trigger(&mut self, app: Uuid) -> Uuid {
+        let script = self.script(app);
+        id(
+            &mut self.su,
+            &format!("SELECT picloud_create_cron_trigger('{app}', '@hourly', '{script}')"),
+        )
+    }
+
     fn event(&mut self, app: Uuid) -> Uuid {
         let script = self.script(app);
         id(
@@ -746,6 +755,47 @@ fn specs() -> Vec<Spec> {
                     "SELECT NOT EXISTS (SELECT 1 FROM picloud.triggers WHERE trigger_id = '{tr}')
                         AND NOT EXISTS (SELECT 1 FROM picloud.kv_trigger_details WHERE trigger_id = '{tr}')"
                 ))
+            },
+        },
+        Spec {
+            func: "picloud_create_cron_trigger",
+            kind: TRIG,
+            build: |t, who, app| {
+                let s = t.script(app);
+                let me = t.role(who);
+                call(format!("SELECT picloud.picloud_create_cron_trigger('{app}', '@hourly', '{s}')::text")).check(format!(
+                    "SELECT EXISTS (SELECT 1 FROM picloud.triggers t JOIN picloud.cron_trigger_details d USING (app_id, trigger_id)
+                     WHERE t.app_id = '{app}' AND t.script_id = '{s}' AND t.kind = 'cron' AND t.registered_by_principal = '{me}'
+                       AND d.next_fire_at > now())"
+                ))
+            },
+        },
+        Spec {
+            func: "picloud_alter_cron_trigger",
+            kind: TRIG,
+            build: |t, _, app| {
+                let tr = t.cron_trigger(app);
+                call(format!(
+                    "SELECT picloud.picloud_alter_cron_trigger('{app}', '{tr}', p_schedule => '@daily')::text"
+                ))
+                .check(format!(
+                    "SELECT schedule = '@daily' FROM picloud.cron_trigger_details WHERE trigger_id = '{tr}'"
+                ))
+            },
+        },
+        Spec {
+            func: "picloud_list_cron_triggers",
+            kind: TRIG,
+            build: |t, _, app| {
+                let tr = t.cron_trigger(app);
+                call(format!("SELECT bool_or(trigger_id = '{tr}')::text FROM picloud.picloud_list_cron_triggers('{app}')")).value("true")
+            },
+        },
+        Spec {
+            func: "picloud_cron_next",
+            kind: Kind::Visible,
+            build: |_, _, _| {
+                call("SELECT count(*)::text FROM picloud.picloud_cron_next('@hourly', 'UTC', now(), 3)").value("3")
             },
         },
         Spec {
@@ -1425,6 +1475,11 @@ fn seed_tables(t: &mut Tenancy) {
                         SELECT '{app}', 'kv', script_id, '{owner}' FROM s RETURNING trigger_id),
                   d AS (INSERT INTO picloud.triggers (app_id, kind, script_id, registered_by_principal)
                         SELECT '{app}', 'dead_letter', script_id, '{owner}' FROM s RETURNING trigger_id),
+                  c AS (INSERT INTO picloud.triggers (app_id, kind, script_id, registered_by_principal)
+                        SELECT '{app}', 'cron', script_id, '{owner}' FROM s RETURNING trigger_id),
+                  cd AS (INSERT INTO picloud.cron_trigger_details (app_id, trigger_id, schedule, timezone, payload,
+                                                                  catch_up, catch_up_limit, skip_if_running, next_fire_at)
+                         SELECT '{app}', trigger_id, '@yearly', 'UTC', '{{}}', 'last', 1, false, now() + interval '1 day' FROM c),
                   kd AS (INSERT INTO picloud.kv_trigger_details (app_id, trigger_id, collection_pattern, match_key, ops)
                          SELECT '{app}', trigger_id, 'seed', '=seed', ARRAY['set'] FROM k),
                   dd AS (INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) SELECT '{app}', trigger_id FROM d)
@@ -1466,6 +1521,7 @@ fn tenant_may_insert(table: &str) -> bool {
             | "triggers"
             | "kv_trigger_details"
             | "dead_letter_trigger_details"
+            | "cron_trigger_details"
             | "inboxes"
             | "outbox"
             | "idempotency_keys"
@@ -1475,7 +1531,12 @@ fn tenant_may_insert(table: &str) -> bool {
 fn tenant_may_delete(table: &str) -> bool {
     matches!(
         table,
-        "scripts" | "triggers" | "kv_trigger_details" | "dead_letter_trigger_details" | "inboxes"
+        "scripts"
+            | "triggers"
+            | "kv_trigger_details"
+            | "dead_letter_trigger_details"
+            | "cron_trigger_details"
+            | "inboxes"
     )
 }
 
@@ -1483,6 +1544,9 @@ fn tenant_may_delete(table: &str) -> bool {
 fn tenant_update_columns(table: &str) -> Option<&'static str> {
     match table {
         "triggers" => Some("enabled,updated_at"),
+        "cron_trigger_details" => {
+            Some("catch_up,catch_up_limit,next_fire_at,payload,schedule,skip_if_running,timezone")
+        }
         "dead_letters" => Some("resolution,resolved_at,resolved_by"),
         _ => None,
     }
@@ -1680,7 +1744,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             "SELECT trigger_id FROM picloud.triggers WHERE app_id = '{b}' AND kind = 'dead_letter'"
         ),
     );
-    let (new_t1, new_t2) = (Uuid::new_v4(), Uuid::new_v4());
+    let (new_t1, new_t2, new_t3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let inserts: Vec<(&str, String, String)> = vec![
         (
             "apps",
@@ -1701,7 +1765,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             "triggers",
             format!(
                 "INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id) VALUES ('{a}', '{new_t1}', 'kv', '{script_a}'),
-                        ('{a}', '{new_t2}', 'dead_letter', '{script_a}')"
+                        ('{a}', '{new_t2}', 'dead_letter', '{script_a}'), ('{a}', '{new_t3}', 'cron', '{script_a}')"
             ),
             format!("INSERT INTO picloud.triggers (app_id, kind, script_id) VALUES ('{b}', 'kv', '{script_b}')"),
         ),
@@ -1721,6 +1785,17 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             format!("INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) VALUES ('{a}', '{new_t2}')"),
             format!(
                 "INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) VALUES ('{b}', '{trig_b}')"
+            ),
+        ),
+        (
+            "cron_trigger_details",
+            format!(
+                "INSERT INTO picloud.cron_trigger_details (app_id, trigger_id, schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running)
+                 VALUES ('{a}', '{new_t3}', '@daily', 'UTC', '{{}}', 'last', 1, false)"
+            ),
+            format!(
+                "INSERT INTO picloud.cron_trigger_details (app_id, trigger_id, schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running)
+                 VALUES ('{b}', '{trig_b}', '@daily', 'UTC', '{{}}', 'last', 1, false)"
             ),
         ),
         (
@@ -1842,6 +1917,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     let order = [
         "kv_trigger_details",
         "dead_letter_trigger_details",
+        "cron_trigger_details",
         "triggers",
         "scripts",
         "outbox",
@@ -1950,13 +2026,14 @@ fn outsiders_and_producers_reach_no_rows() {
     // A producer of app A sees app A's handlers and triggers (enqueue resolves them with its
     // rights) but not its pending events, dead letters or other callers' inboxes.
     let a = t.app_a;
-    let producer_sees: [(&str, i64); 11] = [
+    let producer_sees: [(&str, i64); 12] = [
         ("apps", 1),
         ("app_roles", 1),
         ("scripts", 1),
-        ("triggers", 2),
+        ("triggers", 3),
         ("kv_trigger_details", 1),
         ("dead_letter_trigger_details", 1),
+        ("cron_trigger_details", 1),
         ("outbox", 0),
         ("idempotency_keys", 1),
         ("dead_letters", 0),

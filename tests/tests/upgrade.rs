@@ -16,8 +16,8 @@ const CURRENT: &str = env!("CARGO_PKG_VERSION");
 /// Tables of the current schema that a released version does not have yet.
 fn added_since(version: &str) -> &'static [&'static str] {
     match version {
-        "0.1.0" => &["event_counts", "handler_secrets"],
-        _ => &["handler_secrets"],
+        "0.1.0" => &["event_counts", "handler_secrets", "cron_trigger_details"],
+        _ => &["handler_secrets", "cron_trigger_details"],
     }
 }
 
