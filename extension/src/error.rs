@@ -33,6 +33,8 @@ pub enum PicloudError {
     UnknownTimeZone { reason: String },
     /// A required argument is NULL.
     NullArgument { name: &'static str },
+    /// A text argument that is not valid UTF-8 (possible in a SQL_ASCII database).
+    InvalidUtf8 { at_byte: usize },
 }
 
 impl PicloudError {
@@ -51,6 +53,9 @@ impl PicloudError {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             PicloudError::NullArgument { .. } => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            PicloudError::InvalidUtf8 { .. } => {
+                PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE
+            }
         }
     }
 
@@ -76,6 +81,9 @@ impl PicloudError {
             } => format!("invalid schedule {schedule:?} at position {position}: {reason}"),
             PicloudError::UnknownTimeZone { reason } => reason.clone(),
             PicloudError::NullArgument { name } => format!("{name} must not be NULL"),
+            PicloudError::InvalidUtf8 { at_byte } => {
+                format!("invalid UTF-8 in a text argument at byte {at_byte}")
+            }
         }
     }
 
@@ -98,6 +106,9 @@ impl PicloudError {
                 Some("SELECT name FROM pg_timezone_names lists the zone names.")
             }
             PicloudError::NullArgument { .. } => None,
+            PicloudError::InvalidUtf8 { .. } => Some(
+                "picloud reads names, patterns and schedules as UTF-8; a SQL_ASCII database accepts other bytes.",
+            ),
         }
     }
 

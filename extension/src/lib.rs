@@ -11,6 +11,7 @@ mod error;
 mod gucs;
 mod schedule;
 mod table_locks;
+mod text;
 mod worker;
 
 pgrx::pg_module_magic!();

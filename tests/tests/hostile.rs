@@ -361,6 +361,56 @@ fn the_supervisor_role_reaches_no_table_and_no_role() {
     );
 }
 
+/// A payload nested deeper than the supervisor can read (serde_json stops at 128 levels) is
+/// refused on every path that writes one, with 22023 and nothing written; 100 levels run.
+#[test]
+fn payloads_nested_deeper_than_the_supervisor_reads_are_refused() {
+    let (db, mut c) = fresh_db("hostile_nesting");
+    let (app, script) = ledger_app(&mut c);
+    c.execute(
+        "SELECT picloud_create_kv_trigger($1, 'deep', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    let nested = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+    let deep = nested(101);
+    let calls = [
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3, p_run_at => now() + interval '1 hour')",
+        "SELECT count(*) FROM picloud_enqueue_bulk($1, 'queue', 'x', ARRAY[$2::text::jsonb], $3)",
+    ];
+    for call in calls {
+        let result = c.query(call, &[&app, &deep, &script]);
+        let message = error_message(c.query(call, &[&app, &deep, &script]));
+        assert_eq!(sqlstate(result), "22023", "{call}");
+        assert!(message.contains("nested more than 100 levels"), "{message}");
+    }
+    assert_eq!(
+        sqlstate(c.query(
+            "SELECT picloud_emit_kv($1, 'deep', 'set', 'k', $2::text::jsonb)",
+            &[&app, &deep]
+        )),
+        "22023"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+    let fine = nested(100);
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', $2::text::jsonb, $3)",
+        &[&app, &fine, &script],
+    )
+    .unwrap();
+    let sup = Supervisor::start(&db, &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || count(
+            &mut c,
+            "SELECT count(*) FROM ledger"
+        ) == 1),
+        "the 100-level payload ran; log: {}",
+        sup.log()
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 0);
+}
+
 #[test]
 fn outbox_values_are_bounded_whoever_writes_them() {
     let (db, mut su) = fresh_db("hostile_bounds");
@@ -794,10 +844,11 @@ fn a_handler_leaves_no_advisory_lock_in_the_supervisors_session() {
 }
 
 #[test]
-fn errors_carry_no_rust_backtrace() {
+fn text_that_is_not_utf8_is_refused_with_22021_and_no_backtrace() {
     // scripts/test.sh starts the cluster with RUST_BACKTRACE=1 in its environment, the setting
     // under which a panic's DETAIL would carry one. A database whose encoding lets text hold
-    // bytes that are not UTF-8 reaches a conversion that panics.
+    // bytes that are not UTF-8 reached a conversion that panicked (XX000) before text
+    // arguments were read through crate::text::Utf8.
     let name = format!("hostile_ascii_{}", std::process::id());
     let mut admin = connect("postgres");
     admin
@@ -810,18 +861,29 @@ fn errors_carry_no_rust_backtrace() {
         .unwrap();
     let mut c = connect(&name);
     c.batch_execute("CREATE EXTENSION picloud").unwrap();
-    let error = c
-        .query(
-            "SELECT picloud.picloud_collection_matches('*', convert_from('\\xff'::bytea, 'SQL_ASCII'))",
-            &[],
-        )
-        .expect_err("not UTF-8");
-    let db_error = error.as_db_error().expect("a database error");
-    let detail = db_error.detail().unwrap_or("");
-    assert!(
-        !detail.contains("rust_begin_unwind") && !detail.contains(".rs:"),
-        "DETAIL: {detail}"
-    );
+    // Every function that reads text in Rust refuses bytes that are not UTF-8 with 22021
+    // (as Postgres's own conversions do), not with an internal error.
+    let bad = "convert_from('\\xff'::bytea, 'SQL_ASCII')";
+    let calls = [
+        format!("SELECT picloud.picloud_collection_matches('*', {bad})"),
+        format!("SELECT picloud.picloud_collection_matches({bad}, 'x')"),
+        format!("SELECT picloud._pattern_match_key({bad})"),
+        format!("SELECT picloud._collection_match_keys({bad})"),
+        format!("SELECT picloud._role_standing({bad})"),
+        format!("SELECT picloud.picloud_cron_next({bad})"),
+        format!("SELECT picloud.picloud_cron_next('@daily', {bad})"),
+        format!("SELECT picloud._cron_check({bad}, 'UTC')"),
+    ];
+    for call in &calls {
+        let error = c.query(call.as_str(), &[]).expect_err("not UTF-8");
+        let db_error = error.as_db_error().expect("a database error");
+        assert_eq!(db_error.code().code(), "22021", "{call}: {}", db_error.message());
+        let detail = db_error.detail().unwrap_or("");
+        assert!(
+            !detail.contains("rust_begin_unwind") && !detail.contains(".rs:"),
+            "{call}: DETAIL: {detail}"
+        );
+    }
     drop(c);
     admin
         .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))

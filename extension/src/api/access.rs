@@ -2,6 +2,7 @@
 //! enqueue: `superuser()` and role membership are answered from backend caches, where the
 //! equivalent SQL would plan and run a catalog query each time.
 
+use crate::text::Utf8;
 use pgrx::prelude::*;
 
 /// True for superusers and members of `picloud_admin`: they act on every app (internal).
@@ -24,8 +25,8 @@ pub fn picloud_is_owner() -> bool {
 /// picloud_admin (may run any app's handlers), 2 = an ordinary role (needs the app's admin
 /// capability). Answered from backend caches, once per handler run.
 #[pg_extern(stable, parallel_safe, strict, name = "_role_standing")]
-pub fn picloud_role_standing(principal: &str) -> i32 {
-    let Ok(name) = std::ffi::CString::new(principal) else {
+pub fn picloud_role_standing(principal: Utf8) -> i32 {
+    let Ok(name) = std::ffi::CString::new(principal.0) else {
         return 0;
     };
     // SAFETY: get_role_oid with missing_ok returns InvalidOid instead of raising.

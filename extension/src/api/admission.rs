@@ -73,8 +73,54 @@ pub unsafe fn payload_bytes(payload: pg_sys::Datum) -> usize {
     unsafe { pg_sys::toast_raw_datum_size(payload) }
 }
 
+/// Deepest nesting of arrays and objects a payload may have. The supervisor reads every event
+/// document with serde_json, whose limit is 128 levels; the document adds one level around the
+/// payload and each dead-letter fan-out one more (at most `picloud.max_trigger_depth`, 8 by
+/// default), so 100 leaves room.
+pub const MAX_PAYLOAD_NESTING: u32 = 100;
+
+/// Every jsonb container takes at least a 4-byte header: a payload this small cannot be
+/// nested deeper than the limit, and is not walked.
+const MIN_BYTES_PER_LEVEL: usize = 4;
+
+/// How deep a jsonb payload of `raw_bytes` is nested, if deeper than `MAX_PAYLOAD_NESTING`.
+///
+/// # Safety
+/// `payload` must be a non-null jsonb datum.
+pub unsafe fn payload_too_deep(payload: pg_sys::Datum, raw_bytes: usize) -> Option<u32> {
+    if raw_bytes <= MAX_PAYLOAD_NESTING as usize * MIN_BYTES_PER_LEVEL {
+        return None;
+    }
+    use pg_sys::JsonbIteratorToken::{
+        WJB_BEGIN_ARRAY, WJB_BEGIN_OBJECT, WJB_DONE, WJB_END_ARRAY, WJB_END_OBJECT,
+    };
+    // SAFETY: the caller passes a jsonb datum; detoasting it yields a Jsonb whose root
+    // container the iterator walks (allocations in the current memory context).
+    unsafe {
+        let jsonb = pg_sys::pg_detoast_datum(payload.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
+        let mut iterator = pg_sys::JsonbIteratorInit(&mut (*jsonb).root);
+        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
+        let mut depth = 0u32;
+        loop {
+            match pg_sys::JsonbIteratorNext(&mut iterator, &mut value, false) {
+                WJB_DONE => return None,
+                WJB_BEGIN_ARRAY | WJB_BEGIN_OBJECT => {
+                    depth += 1;
+                    if depth > MAX_PAYLOAD_NESTING {
+                        return Some(depth);
+                    }
+                }
+                WJB_END_ARRAY | WJB_END_OBJECT => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// `picloud._payload_bytes(payload)` (internal): what `picloud.max_payload_bytes` limits, the
-/// payload's uncompressed size in bytes.
+/// payload's uncompressed size in bytes. Every path that writes a payload measures it here, so
+/// this is also where a jsonb payload nested deeper than `MAX_PAYLOAD_NESTING` is refused
+/// (22023): the supervisor could not read it.
 #[pg_extern(immutable, strict, parallel_safe, name = "_payload_bytes")]
 pub fn picloud_payload_bytes(payload: pgrx::AnyElement) -> i32 {
     // SAFETY: a non-null anyelement argument of a varlena type (jsonb at every call site); a
@@ -84,7 +130,20 @@ pub fn picloud_payload_bytes(payload: pgrx::AnyElement) -> i32 {
         return i32::from(typlen.max(0));
     }
     // SAFETY: checked above that it is a varlena.
-    i32::try_from(unsafe { payload_bytes(payload.datum()) }).unwrap_or(i32::MAX)
+    let bytes = unsafe { payload_bytes(payload.datum()) };
+    if payload.oid() == pg_sys::JSONBOID {
+        // SAFETY: a non-null jsonb datum.
+        if let Some(depth) = unsafe { payload_too_deep(payload.datum(), bytes) } {
+            crate::error::PicloudError::InvalidParameter {
+                what: "payload",
+                detail: format!(
+                    "nested more than {MAX_PAYLOAD_NESTING} levels deep (at least {depth})"
+                ),
+            }
+            .raise()
+        }
+    }
+    i32::try_from(bytes).unwrap_or(i32::MAX)
 }
 
 /// Admission of one event (internal): returns the depth the event gets, or -1 when the

@@ -4,6 +4,7 @@
 
 use crate::error::PicloudError;
 use crate::schedule::{self, Schedule};
+use crate::text::Utf8;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use pgrx::prelude::*;
@@ -61,14 +62,14 @@ fn required<T>(value: Option<T>, name: &'static str) -> T {
 /// The next `p_n` ticks of a schedule after `p_from`, in time order: a preview.
 #[pg_extern(stable, parallel_safe)]
 pub fn picloud_cron_next(
-    p_schedule: Option<&str>,
-    p_timezone: default!(Option<&str>, "'UTC'"),
+    p_schedule: Option<Utf8>,
+    p_timezone: default!(Option<Utf8>, "'UTC'"),
     p_from: default!(Option<TimestampWithTimeZone>, "now()"),
     p_n: default!(Option<i32>, 5),
 ) -> SetOfIterator<'static, TimestampWithTimeZone> {
     let (schedule, zone) = parsed(
-        required(p_schedule, "schedule"),
-        required(p_timezone, "timezone"),
+        &required(p_schedule, "schedule"),
+        &required(p_timezone, "timezone"),
     );
     let from = to_chrono(required(p_from, "from"), "from");
     let n = required(p_n, "n");
@@ -98,9 +99,9 @@ pub fn picloud_cron_next(
 
 /// Raises 22023 unless the schedule parses, its zone exists and it has a tick to come.
 #[pg_extern(stable, parallel_safe, name = "_cron_check")]
-pub fn picloud_cron_check(p_schedule: Option<&str>, p_timezone: Option<&str>) {
+pub fn picloud_cron_check(p_schedule: Option<Utf8>, p_timezone: Option<Utf8>) {
     let schedule_text = required(p_schedule, "schedule");
-    let (schedule, zone) = parsed(schedule_text, required(p_timezone, "timezone"));
+    let (schedule, zone) = parsed(&schedule_text, &required(p_timezone, "timezone"));
     // SAFETY: reads the system clock as a Postgres timestamp (microseconds since 2000).
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     let never = DateTime::<Utc>::from_timestamp_micros(now.saturating_add(POSTGRES_EPOCH_MICROS))
@@ -119,11 +120,11 @@ pub fn picloud_cron_check(p_schedule: Option<&str>, p_timezone: Option<&str>) {
 /// The first tick strictly after `p_after`, or NULL if there is none.
 #[pg_extern(stable, strict, parallel_safe, name = "_cron_next_after")]
 pub fn picloud_cron_next_after(
-    p_schedule: &str,
-    p_timezone: &str,
+    p_schedule: Utf8,
+    p_timezone: Utf8,
     p_after: TimestampWithTimeZone,
 ) -> Option<TimestampWithTimeZone> {
-    let (schedule, zone) = parsed(p_schedule, p_timezone);
+    let (schedule, zone) = parsed(&p_schedule, &p_timezone);
     schedule
         .next_after(zone, to_chrono(p_after, "after"))
         .and_then(to_postgres)
@@ -133,8 +134,8 @@ pub fn picloud_cron_next_after(
 /// ones were left out (cron expressions count at most 10,000 of them).
 #[pg_extern(stable, strict, parallel_safe, name = "_cron_due")]
 pub fn picloud_cron_due(
-    p_schedule: &str,
-    p_timezone: &str,
+    p_schedule: Utf8,
+    p_timezone: Utf8,
     p_from: TimestampWithTimeZone,
     p_until: TimestampWithTimeZone,
     p_limit: i32,
@@ -145,7 +146,7 @@ pub fn picloud_cron_due(
         name!(earlier, i64),
     ),
 > {
-    let (schedule, zone) = parsed(p_schedule, p_timezone);
+    let (schedule, zone) = parsed(&p_schedule, &p_timezone);
     let limit = usize::try_from(p_limit).unwrap_or(0).max(1);
     let (ticks, earlier) = schedule.due(
         zone,

@@ -195,6 +195,11 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     }
     // SAFETY: PAYLOAD is a non-null jsonb (varlena) datum.
     let payload_bytes = unsafe { admission::payload_bytes(args[PAYLOAD].value) };
+    // A payload nested too deep goes the general way, which refuses it with its error.
+    // SAFETY: PAYLOAD is a non-null jsonb datum.
+    if unsafe { admission::payload_too_deep(args[PAYLOAD].value, payload_bytes) }.is_some() {
+        return None;
+    }
     let requested_depth = if args[DEPTH].is_null {
         None
     } else {

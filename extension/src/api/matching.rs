@@ -8,6 +8,7 @@
 //! every pattern.
 
 use crate::error::PicloudError;
+use crate::text::Utf8;
 use pgrx::prelude::*;
 
 /// Longest accepted pattern, in bytes. Collections are table names or short keys; anything
@@ -101,20 +102,20 @@ fn parse_or_raise(pattern: &str) -> Pattern<'_> {
 /// Does `name` belong to the collections `pattern` selects? A malformed pattern is an error
 /// (SQLSTATE 22023), never a silent non-match.
 #[pg_extern(immutable, strict, parallel_safe)]
-pub fn picloud_collection_matches(pattern: &str, name: &str) -> bool {
-    parse_or_raise(pattern).matches(name)
+pub fn picloud_collection_matches(pattern: Utf8, name: Utf8) -> bool {
+    parse_or_raise(&pattern).matches(&name)
 }
 
 /// The `match_key` stored for a validated pattern (internal).
 #[pg_extern(immutable, strict, parallel_safe, name = "_pattern_match_key")]
-pub fn picloud_pattern_match_key(pattern: &str) -> String {
-    parse_or_raise(pattern).match_key()
+pub fn picloud_pattern_match_key(pattern: Utf8) -> String {
+    parse_or_raise(&pattern).match_key()
 }
 
 /// The match keys a collection name can be matched by (internal; see module docs).
 #[pg_extern(immutable, strict, parallel_safe, name = "_collection_match_keys")]
-pub fn picloud_collection_match_keys(name: &str) -> Vec<String> {
-    match_keys_of(name)
+pub fn picloud_collection_match_keys(name: Utf8) -> Vec<String> {
+    match_keys_of(&name)
 }
 
 #[cfg(any(test, feature = "pg_test"))]
