@@ -2,8 +2,9 @@
 --
 -- Where ticks are made, and why each is enqueued exactly once: the housekeeper (the background
 -- worker inside Postgres, extension/src/worker.rs) calls picloud._cron_fire as soon as the
--- earliest next_fire_at is due. For each due trigger it locks the trigger's
--- cron_trigger_details row, inserts the tick's outbox event and moves next_fire_at past it in
+-- earliest next_fire_at is within 200 ms. For each such trigger it locks the trigger's
+-- cron_trigger_details row, inserts the tick's outbox event, due at the tick's time (so the
+-- time the firing takes is not the handler's lateness), and moves next_fire_at past it in
 -- the same transaction. The tick and the move commit together or not at all (a crash, a killed
 -- housekeeper, a failover that loses the commit lose both, and the tick is made again from the
 -- state that survived); a second firer skips the locked row, and after the commit the row no
@@ -154,7 +155,7 @@ END
 $$;
 
 -- Milliseconds until the earliest tick of an enabled trigger (negative if one is due), or NULL
--- when none is armed: how long the housekeeper may sleep.
+-- when none is armed: the housekeeper sleeps until 200 ms before it (see _cron_fire).
 CREATE FUNCTION picloud._cron_next_fire_in_ms() RETURNS double precision
 LANGUAGE sql STABLE AS $$
     SELECT extract(epoch FROM d.next_fire_at - clock_timestamp())::double precision * 1000
@@ -167,13 +168,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Enqueues the due ticks of up to p_batch triggers, each with its catch-up policy, and moves
--- their next_fire_at past now (see the top of this file). Returns how many triggers it handled.
--- A tick is due once its time has come; which of several due ticks fire:
+-- their next_fire_at past them (see the top of this file). Returns how many triggers it
+-- handled. A tick is due 200 ms before its time (its event is then due at the tick's time);
+-- which of several due ticks fire:
 --   'all'  every one, the latest catch_up_limit of them (older ones are counted as skipped);
 --   'last' only the latest (the others are counted as skipped);
 --   'none' only the latest, and only if it is at most 10 seconds late (a tick due while the
 --          housekeeper was away is skipped; 10 seconds absorbs a busy housekeeper's delay).
--- With skip_if_running, ticks are skipped while the trigger's last event is still pending.
+-- With skip_if_running, ticks are skipped while the trigger's last event is still pending
+-- (queued, running or retrying) 200 ms before the tick.
 CREATE FUNCTION picloud._cron_fire(p_batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -184,19 +187,22 @@ DECLARE
     v_last_event uuid;
     v_handled bigint := 0;
     v_fired bigint := 0;
+    -- How early a tick is enqueued, due at its time: keep in step with CRON_LEAD in
+    -- extension/src/worker.rs.
+    v_until timestamptz := now() + interval '200 milliseconds';
 BEGIN
     FOR r IN
         SELECT d.app_id, d.trigger_id, d.schedule, d.timezone, d.payload, d.catch_up,
                d.catch_up_limit, d.skip_if_running, d.next_fire_at, d.last_event_id, t.script_id
         FROM picloud.cron_trigger_details d
         JOIN picloud.triggers t ON t.app_id = d.app_id AND t.trigger_id = d.trigger_id
-        WHERE d.next_fire_at <= now() AND t.enabled
+        WHERE d.next_fire_at <= v_until AND t.enabled
         ORDER BY d.next_fire_at
         LIMIT p_batch
         FOR UPDATE OF d SKIP LOCKED
     LOOP
         SELECT c.ticks, c.earlier INTO v_ticks, v_earlier
-        FROM picloud._cron_due(r.schedule, r.timezone, r.next_fire_at, now(),
+        FROM picloud._cron_due(r.schedule, r.timezone, r.next_fire_at, v_until,
                                CASE WHEN r.catch_up = 'all' THEN r.catch_up_limit ELSE 1 END) AS c;
         v_fire := v_ticks;
         IF r.catch_up = 'none' AND cardinality(v_ticks) > 0
@@ -210,11 +216,11 @@ BEGIN
         v_last_event := NULL;
         IF cardinality(v_fire) > 0 THEN
             WITH inserted AS (
-                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
                 SELECT r.app_id, picloud._new_event_id(), 'cron', 'tick', r.trigger_id, r.script_id,
                        jsonb_build_object('trigger_id', r.trigger_id, 'scheduled_for', f.tick,
                                           'payload', r.payload),
-                       0
+                       0, greatest(f.tick, now())
                 FROM unnest(v_fire) WITH ORDINALITY AS f(tick, n)
                 ORDER BY f.n
                 RETURNING event_id
@@ -223,7 +229,7 @@ BEGIN
             SELECT (array_agg(i.event_id ORDER BY i.event_id DESC))[1] INTO v_last_event FROM inserted i;
         END IF;
         UPDATE picloud.cron_trigger_details d SET
-            next_fire_at = picloud._cron_arm(r.schedule, r.timezone, now()),
+            next_fire_at = picloud._cron_arm(r.schedule, r.timezone, v_until),
             last_scheduled_for = CASE WHEN cardinality(v_fire) > 0 THEN v_fire[cardinality(v_fire)]
                                       ELSE d.last_scheduled_for END,
             last_fired_at = CASE WHEN cardinality(v_fire) > 0 THEN now() ELSE d.last_fired_at END,

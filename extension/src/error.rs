@@ -53,9 +53,7 @@ impl PicloudError {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             PicloudError::NullArgument { .. } => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            PicloudError::InvalidUtf8 { .. } => {
-                PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE
-            }
+            PicloudError::InvalidUtf8 { .. } => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
         }
     }
 

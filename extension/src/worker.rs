@@ -149,6 +149,11 @@ pub fn picloud_wake_housekeeper_at_commit() -> bool {
     true
 }
 
+/// How early the housekeeper makes a tick: its event is enqueued this long before the tick,
+/// due at the tick's time, so the firing transaction does not make handlers late. Keep in step
+/// with v_until in picloud._cron_fire (sql/055_cron.sql).
+const CRON_LEAD: Duration = Duration::from_millis(200);
+
 /// How long until the earliest armed cron tick, if the schema has cron triggers and one is
 /// armed. Rounded up to the next millisecond: the latch's timeout is in whole milliseconds,
 /// and waking a little early would only look again.
@@ -161,7 +166,7 @@ fn next_tick_in() -> Option<Duration> {
             .ok()
             .flatten()
     })?;
-    Some(Duration::from_millis(ms.max(0.0).ceil() as u64 + 1))
+    Some(Duration::from_millis(ms.max(0.0).ceil() as u64 + 1).saturating_sub(CRON_LEAD))
 }
 
 /// Does the database exist? Asked from a connection to no database (pg_database is a shared

@@ -408,7 +408,10 @@ fn payloads_nested_deeper_than_the_supervisor_reads_are_refused() {
         "the 100-level payload ran; log: {}",
         sup.log()
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.dead_letters"), 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        0
+    );
 }
 
 #[test]
@@ -877,7 +880,12 @@ fn text_that_is_not_utf8_is_refused_with_22021_and_no_backtrace() {
     for call in &calls {
         let error = c.query(call.as_str(), &[]).expect_err("not UTF-8");
         let db_error = error.as_db_error().expect("a database error");
-        assert_eq!(db_error.code().code(), "22021", "{call}: {}", db_error.message());
+        assert_eq!(
+            db_error.code().code(),
+            "22021",
+            "{call}: {}",
+            db_error.message()
+        );
         let detail = db_error.detail().unwrap_or("");
         assert!(
             !detail.contains("rust_begin_unwind") && !detail.contains(".rs:"),

@@ -2221,7 +2221,12 @@ fn main() {
         );
     }
     if cfg.wants("C2") {
-        record("C2", "cron triggers and enqueue", bench_c2(&cfg, &main_db), &mut rows);
+        record(
+            "C2",
+            "cron triggers and enqueue",
+            bench_c2(&cfg, &main_db),
+            &mut rows,
+        );
     }
     if cfg.wants("C1") {
         record("C1", "cron lateness", bench_c1(&cfg, &mut notes), &mut rows);
