@@ -147,10 +147,8 @@ unsafe extern "C-unwind" fn check_statement(pstmt: *mut pg_sys::PlannedStmt) {
                 relid.to_u32().to_string()
             } else {
                 // SAFETY: a NUL-terminated string from the syscache copy.
-                format!(
-                    "picloud.{}",
-                    unsafe { CStr::from_ptr(name) }.to_string_lossy()
-                )
+                let name = unsafe { CStr::from_ptr(name) };
+                format!("picloud.{}", name.to_string_lossy())
             };
             PicloudError::LockRefused { relation }.raise()
         }

@@ -376,3 +376,57 @@ fn collection_matching_agrees_with_the_model() {
         })
         .unwrap();
 }
+
+/// picloud's C-convention functions read their arguments by position as raw datums. A
+/// declaration out of step with their code (made by hand, or a reordered parameter) is refused
+/// with 42P13 and a message naming both signatures, never read as the wrong types.
+#[test]
+fn a_declaration_out_of_step_with_the_c_code_is_refused_not_a_crash() {
+    let (_db, mut c) = fresh_db("declaration");
+    let (app, script) = ledger_app(&mut c);
+    c.batch_execute(
+        "CREATE FUNCTION public.enqueue_swapped(text, uuid, text, jsonb, uuid, uuid, integer, timestamptz, text, text)
+             RETURNS uuid LANGUAGE c AS '$libdir/picloud', 'picloud_enqueue';
+         CREATE FUNCTION public.enqueue_short(uuid, text, text, jsonb, uuid)
+             RETURNS uuid LANGUAGE c AS '$libdir/picloud', 'picloud_enqueue';
+         CREATE FUNCTION public.event_swapped(uuid, uuid, text, text, jsonb, integer, integer, uuid, text)
+             RETURNS jsonb LANGUAGE c AS '$libdir/picloud', 'picloud_event_jsonb';",
+    )
+    .unwrap();
+    let swapped = c.query(
+        "SELECT public.enqueue_swapped('queue', $1, 'x', '{}', $2, NULL, NULL, NULL, NULL, NULL)",
+        &[&app, &script],
+    );
+    let message = error_message(c.query(
+        "SELECT public.enqueue_swapped('queue', $1, 'x', '{}', $2, NULL, NULL, NULL, NULL, NULL)",
+        &[&app, &script],
+    ));
+    assert_eq!(sqlstate(swapped), "42P13");
+    assert!(
+        message.contains("declared with arguments (text, uuid, text")
+            && message.contains("reads (uuid, text, text"),
+        "{message}"
+    );
+    assert_eq!(
+        sqlstate(c.query(
+            "SELECT public.enqueue_short($1, 'queue', 'x', '{}', $2)",
+            &[&app, &script]
+        )),
+        "42P13"
+    );
+    assert_eq!(
+        sqlstate(c.query(
+            "SELECT public.event_swapped(gen_random_uuid(), $1, 'queue', 'x', '{}', 0, 1, NULL, 'x')",
+            &[&app]
+        )),
+        "42P13"
+    );
+    // The backend is sound and the real declaration still works, on the same connection.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+    c.query_one(
+        "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+        &[&app, &script],
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
+}

@@ -44,6 +44,20 @@ const REPLY_TO: usize = 8;
 const IDEMPOTENCY_KEY: usize = 9;
 const ARGS: usize = 10;
 
+/// The SQL declaration's argument types, in order (checked against pg_proc: raw::arguments).
+const ARG_TYPES: [pg_sys::Oid; ARGS] = [
+    pg_sys::UUIDOID,        // APP
+    pg_sys::TEXTOID,        // SOURCE
+    pg_sys::TEXTOID,        // OP
+    pg_sys::JSONBOID,       // PAYLOAD
+    pg_sys::UUIDOID,        // SCRIPT
+    pg_sys::UUIDOID,        // TRIGGER
+    pg_sys::INT4OID,        // DEPTH
+    pg_sys::TIMESTAMPTZOID, // RUN_AT
+    pg_sys::TEXTOID,        // REPLY_TO
+    pg_sys::TEXTOID,        // IDEMPOTENCY_KEY
+];
+
 /// An op is 1 to 200 characters; no encoding needs more than 4 bytes per character.
 const MAX_OP_BYTES: usize = 200 * 4;
 
@@ -134,7 +148,7 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_fast(
 /// `fcinfo` must be valid.
 unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
     // SAFETY: fcinfo is valid.
-    let passed = unsafe { raw::arguments(fcinfo, ARGS, "picloud._enqueue_fast") };
+    let passed = unsafe { raw::arguments(fcinfo, &ARG_TYPES, "picloud._enqueue_fast") };
     let mut args = [Arg {
         value: pg_sys::Datum::from(0),
         is_null: true,
@@ -371,7 +385,7 @@ unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInf
     // SAFETY: fcinfo is valid; the records are allocated zeroed and fully set before use, as
     // InitFunctionCallInfoData does in C.
     unsafe {
-        let passed = raw::arguments(fcinfo, ARGS, "picloud.picloud_enqueue");
+        let passed = raw::arguments(fcinfo, &ARG_TYPES, "picloud.picloud_enqueue");
         let flinfo: *mut pg_sys::FmgrInfo =
             pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()).cast();
         pg_sys::fmgr_info(oid, flinfo);
@@ -411,17 +425,3 @@ fn general_path_oid() -> Option<pg_sys::Oid> {
     };
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
-
-/// picloud_enqueue's argument types, in order.
-const ARG_TYPES: [pg_sys::Oid; ARGS] = [
-    pg_sys::UUIDOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::UUIDOID,
-    pg_sys::UUIDOID,
-    pg_sys::INT4OID,
-    pg_sys::TIMESTAMPTZOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-];

@@ -23,6 +23,19 @@ const TRIGGER_ID: usize = 7;
 const SCRIPT_ID: usize = 8;
 const ARGS: usize = 9;
 
+/// The SQL declaration's argument types, in order (checked against pg_proc: raw::arguments).
+const ARG_TYPES: [pg_sys::Oid; ARGS] = [
+    pg_sys::UUIDOID,  // EVENT_ID
+    pg_sys::UUIDOID,  // APP_ID
+    pg_sys::TEXTOID,  // SOURCE
+    pg_sys::TEXTOID,  // OP
+    pg_sys::JSONBOID, // PAYLOAD
+    pg_sys::INT4OID,  // DEPTH
+    pg_sys::INT4OID,  // ATTEMPT
+    pg_sys::UUIDOID,  // TRIGGER_ID
+    pg_sys::UUIDOID,  // SCRIPT_ID
+];
+
 finfo_v1!(pg_finfo_picloud_event_jsonb);
 
 /// `picloud._event_jsonb(event_id uuid, app_id uuid, source text, op text, payload jsonb,
@@ -37,7 +50,7 @@ pub unsafe extern "C-unwind" fn picloud_event_jsonb(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     // SAFETY: fcinfo is valid.
-    let args = unsafe { raw::arguments(fcinfo, ARGS, "picloud._event_jsonb") };
+    let args = unsafe { raw::arguments(fcinfo, &ARG_TYPES, "picloud._event_jsonb") };
     let arg = |i: usize| (!args[i].isnull).then_some(args[i].value);
     let mut doc = Builder::new();
     // SAFETY: each argument carries the declared SQL type.
