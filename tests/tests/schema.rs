@@ -326,3 +326,69 @@ fn outbox_rows_hold_valid_values() {
     ))
     .expect("drop roles");
 }
+
+/// What distributing picloud by app (docs/scaling.md) needs of the schema: every primary key,
+/// unique constraint or index and foreign key of every picloud table leads with app_id, and every
+/// per-event function on the hot paths takes the app id first.
+#[test]
+fn every_key_and_hot_path_function_leads_with_app_id() {
+    let (_db, mut c) = fresh_db("distribution");
+    let rows = c
+        .query(
+            "SELECT r.relname || ' ' || c.conname,
+                    (SELECT a.attname FROM pg_attribute a
+                     WHERE a.attrelid = c.conrelid AND a.attnum = c.conkey[1])::text
+             FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
+             WHERE r.relnamespace = 'picloud'::regnamespace AND c.contype IN ('p', 'u', 'f')
+             UNION ALL
+             SELECT r.relname || ' ' || i.indexrelid::regclass::text,
+                    (SELECT a.attname FROM pg_attribute a
+                     WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0])::text
+             FROM pg_index i JOIN pg_class r ON r.oid = i.indrelid
+             WHERE r.relnamespace = 'picloud'::regnamespace AND i.indisunique",
+            &[],
+        )
+        .unwrap();
+    let keys: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let tables: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .filter_map(|(k, _)| k.split(' ').next())
+        .collect();
+    for table in TABLES.iter().chain(["handler_secrets"].iter()) {
+        assert!(tables.contains(table), "{table} has a key: {keys:?}");
+    }
+    let off: Vec<&(String, String)> = keys.iter().filter(|(_, first)| first != "app_id").collect();
+    assert!(off.is_empty(), "keys not led by app_id: {off:?}");
+
+    let hot = [
+        "picloud_enqueue",
+        "picloud_enqueue_bulk",
+        "picloud_emit_kv",
+        "picloud_complete",
+        "picloud_fail",
+        "picloud_extend_lease",
+        "picloud_release",
+        "picloud_run_sql_handler",
+        "picloud_record_abandoned_execution",
+        "picloud_replay_dead_letter",
+        "picloud_resolve_dead_letter",
+        "picloud_open_inbox",
+    ];
+    for name in hot {
+        let first: Vec<String> = c
+            .query(
+                "SELECT coalesce(p.proargnames[1], '') || ':' || format_type(p.proargtypes[0], NULL)
+                 FROM pg_proc p WHERE p.pronamespace = 'picloud'::regnamespace AND p.proname = $1",
+                &[&name],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!first.is_empty(), "{name} exists");
+        assert!(
+            first.iter().all(|f| f == "p_app_id:uuid"),
+            "{name} takes the app id first: {first:?}"
+        );
+    }
+}
