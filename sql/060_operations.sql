@@ -1,25 +1,8 @@
--- What an operator reads and runs from psql: outcome counting, the stats view, the
--- dead-letter runbook views and bulk resolution with a dry run.
+-- What an operator reads and runs from psql: the stats view, the dead-letter runbook views and
+-- bulk resolution with a dry run. (Outcomes are counted by sql/031_claims.sql.)
 --
 -- Every view is security_invoker: a tenant role sees only the apps it may manage (the
 -- row-level security of the tables underneath applies to the caller, not to the view's owner).
-
--- Counts one outcome in picloud.event_counts (see there). Called where an event completes,
--- fails an attempt, or is dead-lettered; the row belongs to this backend, so the upsert never
--- waits on another session.
-CREATE FUNCTION picloud._count_outcome(
-    p_app_id uuid, p_source text, p_completed integer, p_failed integer, p_dead_lettered integer)
-RETURNS void
-LANGUAGE sql AS $$
-    INSERT INTO picloud.event_counts AS c
-        (app_id, source, minute, backend_pid, completed, failed, dead_lettered)
-    VALUES (p_app_id, p_source, date_trunc('minute', now()), pg_backend_pid(),
-            p_completed, p_failed, p_dead_lettered)
-    ON CONFLICT ON CONSTRAINT event_counts_pkey DO UPDATE
-    SET completed = c.completed + EXCLUDED.completed,
-        failed = c.failed + EXCLUDED.failed,
-        dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
-$$;
 
 -- Stats --------------------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
-    "../../sql/030_outbox.sql",
-    name = "outbox",
+    "../../sql/030_enqueue.sql",
+    name = "enqueue",
     requires = [
         "triggers",
         api::wake::picloud_wake_at_commit,
@@ -58,9 +58,24 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../../sql/031_claims.sql",
+    name = "claims",
+    requires = ["enqueue"]
+);
+extension_sql_file!(
+    "../../sql/032_sql_handlers.sql",
+    name = "sql_handlers",
+    requires = ["claims"]
+);
+extension_sql_file!(
+    "../../sql/033_inboxes.sql",
+    name = "inboxes",
+    requires = ["sql_handlers"]
+);
+extension_sql_file!(
     "../../sql/035_sql_lane.sql",
     name = "sql_lane",
-    requires = ["outbox"]
+    requires = ["inboxes"]
 );
 extension_sql_file!(
     "../../sql/040_dead_letters.sql",

@@ -185,7 +185,7 @@ pub struct ClaimRequest<'a> {
     pub app_cap: i32,
 }
 
-/// Claims up to `request.batch` due rows, fairly between apps (sql/030_outbox.sql).
+/// Claims up to `request.batch` due rows, fairly between apps (sql/031_claims.sql).
 pub async fn claim(
     client: &Client,
     statements: &ClaimStatements,

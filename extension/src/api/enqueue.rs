@@ -31,7 +31,7 @@ use std::cell::Cell;
 use std::ffi::CStr;
 use std::thread::LocalKey;
 
-/// The SQL signature's argument positions (see sql/030_outbox.sql).
+/// The SQL signature's argument positions (see sql/030_enqueue.sql).
 const APP: usize = 0;
 const SOURCE: usize = 1;
 const OP: usize = 2;
@@ -121,7 +121,7 @@ impl Arg {
 
 finfo_v1!(pg_finfo_picloud_enqueue_fast);
 
-/// `picloud._enqueue_fast(...)`, declared in sql/030_outbox.sql with picloud_enqueue's
+/// `picloud._enqueue_fast(...)`, declared in sql/030_enqueue.sql with picloud_enqueue's
 /// arguments: the new event's id, or NULL when it wrote nothing (see the module comment).
 ///
 /// # Safety
@@ -327,7 +327,7 @@ unsafe fn kept_plan(
 
 finfo_v1!(pg_finfo_picloud_enqueue);
 
-/// `picloud.picloud_enqueue(...)`, declared in sql/030_outbox.sql: the common case written by
+/// `picloud.picloud_enqueue(...)`, declared in sql/030_enqueue.sql: the common case written by
 /// `picloud_enqueue_fast`, every other call handed to `picloud._enqueue_general` with the same
 /// arguments (see the module comment).
 ///

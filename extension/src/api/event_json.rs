@@ -40,7 +40,7 @@ finfo_v1!(pg_finfo_picloud_event_jsonb);
 
 /// `picloud._event_jsonb(event_id uuid, app_id uuid, source text, op text, payload jsonb,
 /// depth integer, attempt integer, trigger_id uuid, script_id uuid) RETURNS jsonb`, declared in
-/// sql/030_outbox.sql. A NULL argument becomes a JSON null.
+/// sql/032_sql_handlers.sql. A NULL argument becomes a JSON null.
 ///
 /// # Safety
 /// Called by Postgres' function manager with a valid `fcinfo` for that declaration.

@@ -1,0 +1,421 @@
+-- Claims and their reports (what the supervisor calls): the retry policy, claim under a
+-- lease, complete, fail with retry or dead-lettering, extend, release; outcome counting and
+-- the outbox listing.
+
+-- Retry policy ----------------------------------------------------------------------------
+
+-- Delay before the attempt after `p_attempt` failed attempts: base * 2^(attempt-1), plus up
+-- to 25% jitter, capped by picloud.retry_max_delay. Non-decreasing in the attempt number.
+CREATE FUNCTION picloud.picloud_retry_delay(p_attempt integer) RETURNS interval
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_base_ms double precision := extract(epoch FROM current_setting('picloud.retry_base_delay')::interval) * 1000;
+    v_max_ms double precision := extract(epoch FROM current_setting('picloud.retry_max_delay')::interval) * 1000;
+    v_exponent integer := least(greatest(coalesce(p_attempt, 1), 1) - 1, 40);
+BEGIN
+    RETURN make_interval(secs => least(v_max_ms, v_base_ms * power(2, v_exponent) * (1 + random() * 0.25)) / 1000);
+END
+$$;
+
+-- Claim, complete, fail (what the supervisor calls) -----------------------------------------
+
+-- Who a claimed event's handler runs as, or why it cannot run. The role comes from the
+-- trigger only when the event's handler is that trigger's handler: a row that pairs one
+-- registrant's trigger with another's handler must never borrow the trigger's rights.
+CREATE FUNCTION picloud._handler_principal(p_app_id uuid, p_trigger_id uuid, p_script_id uuid)
+RETURNS TABLE (principal name, problem text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_script_principal name;
+    v_trigger_principal name;
+    v_trigger_script uuid;
+BEGIN
+    SELECT s.registered_by_principal INTO v_script_principal
+    FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::name, 'the handler no longer exists'::text;
+        RETURN;
+    END IF;
+    IF p_trigger_id IS NOT NULL THEN
+        SELECT t.registered_by_principal, t.script_id INTO v_trigger_principal, v_trigger_script
+        FROM picloud.triggers t WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id;
+        IF FOUND THEN
+            IF v_trigger_script <> p_script_id THEN
+                RETURN QUERY SELECT NULL::name, format('handler %s is not the handler of trigger %s', p_script_id, p_trigger_id);
+                RETURN;
+            END IF;
+            RETURN QUERY SELECT v_trigger_principal, picloud._principal_problem(p_app_id, v_trigger_principal);
+            RETURN;
+        END IF;
+        -- The trigger was dropped after the event was enqueued: the handler's registrant runs it.
+    END IF;
+    RETURN QUERY SELECT v_script_principal, picloud._principal_problem(p_app_id, v_script_principal);
+END
+$$;
+
+-- What a claim answers for each row it claimed: the event, its handler (kind, target - the
+-- function for sql, the URL or command name otherwise - and timeout, 30 s if the handler is
+-- gone) and the principal it runs as, or why it cannot run. Shared by picloud_claim and
+-- picloud_claim_events.
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE sql STABLE AS $$
+    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
+           c.attempt_count, c.reply_to, s.kind,
+           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
+           coalesce(s.timeout_ms, 30000),
+           h.principal,
+           h.problem
+    FROM unnest(p_claimed) AS c
+    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
+$$;
+
+-- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
+-- with its handler and the principal it runs as.
+--
+-- Which events, fairly between apps (README, "Fairness between apps"):
+--   1. one event of each app that has a due one (round robin, starting from a random app, at
+--      most p_batch apps), the app's oldest by enqueue order (event_id) among its first 64
+--      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
+--      behind a backlog of its own;
+--   2. then the oldest due events by due time, to fill the batch.
+-- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
+-- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
+-- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
+-- one supervisor's executors, and adding supervisors adds capacity for every app.)
+-- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
+-- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
+-- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
+-- costs it a bounded scan.
+CREATE FUNCTION picloud.picloud_claim(
+    p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
+    p_app_cap integer DEFAULT NULL)
+RETURNS TABLE (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claimed integer;
+    v_running_apps uuid[] := '{}';
+    v_running_counts integer[] := '{}';
+    v_start uuid := gen_random_uuid();
+BEGIN
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
+    END IF;
+    IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
+    END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    IF p_app_cap IS NOT NULL AND p_app_cap NOT BETWEEN 1 AND 100000 THEN
+        PERFORM picloud._invalid(format('app_cap must be between 1 and 100000, got %s', p_app_cap));
+    END IF;
+    -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
+    -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
+    -- takes a disk flush off the path from enqueue to handler. (It applies to the rest of the
+    -- caller's transaction, which for the supervisor is this statement alone.)
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    IF p_app_cap IS NOT NULL THEN
+        -- What runs now, per app: the claimed rows, a few per running handler.
+        SELECT coalesce(array_agg(r.app_id), '{}'), coalesce(array_agg(r.n), '{}')
+        INTO v_running_apps, v_running_counts
+        FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
+              WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
+    END IF;
+    RETURN QUERY
+    WITH RECURSIVE apps (app_id, first_app, n) AS (
+        -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
+        -- of outbox_pkey each.
+        SELECT s.app_id, s.app_id, 1
+        FROM (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+        WHERE s.app_id IS NOT NULL
+        UNION ALL
+        SELECT nxt.app_id, a.first_app, a.n + 1
+        FROM apps a
+        CROSS JOIN LATERAL (SELECT coalesce(
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+        WHERE a.n < p_batch AND nxt.app_id <> a.first_app
+    ), room AS (
+        -- How many more events each app may have claimed (NULL: no cap).
+        SELECT a.app_id,
+               p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
+        FROM apps a
+    ), heads AS (
+        -- Each app's oldest claimable event by enqueue order, among its first 64 rows.
+        SELECT h.app_id, h.event_id, h.due_at
+        FROM room r
+        CROSS JOIN LATERAL (
+            SELECT w.app_id, w.event_id, w.due_at
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
+                         o.first_attempt_at, o.reply_to, o.script_id
+                  FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
+            WHERE w.claimed_by IS NULL AND w.due_at <= now()
+              AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
+                                    false))
+            ORDER BY w.event_id
+            LIMIT 1) h
+        WHERE r.left_ IS NULL OR r.left_ > 0
+    ), locked_heads AS (
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
+    ), fill AS (
+        -- The oldest due rows by due time, for the rest of the batch: one index scan, which
+        -- passes over rows other claimers hold.
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+                   AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+          AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                   AND coalesce((SELECT s.kind FROM picloud.scripts s
+                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
+                                false))
+          AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due rows.
+          AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
+                (SELECT w.due_at FROM picloud.outbox w
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+                'infinity'))
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED
+    ), ranked AS (
+        -- Within its cap, each app's rows in order: its head first, then by due time.
+        SELECT c.app_id, c.event_id, c.rank_, c.due_at,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
+              UNION ALL
+              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f) c
+    ), due AS (
+        SELECT k.app_id, k.event_id
+        FROM ranked k
+        WHERE p_app_cap IS NULL
+           OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0)
+        ORDER BY k.rank_, k.due_at
+        LIMIT p_batch
+    ), claimed AS (
+        UPDATE picloud.outbox o
+        SET claimed_by = p_worker,
+            lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0),
+            attempt_count = o.attempt_count + 1,
+            first_attempt_at = coalesce(o.first_attempt_at, now()),
+            last_attempt_at = now()
+        FROM due
+        WHERE o.app_id = due.app_id AND o.event_id = due.event_id
+        RETURNING o.*
+    )
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+    GET DIAGNOSTICS v_claimed = ROW_COUNT;
+    PERFORM picloud._note_claim(v_claimed);
+END
+$$;
+
+-- When the next unclaimed event becomes due (NULL when none is waiting). An idle supervisor
+-- sleeps until then rather than a whole poll interval, so retries and events scheduled with
+-- run_at start on time: no notification announces them. One probe of outbox_due_idx.
+CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL
+$$;
+
+CREATE FUNCTION picloud._lease_lost(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'worker "%" no longer holds the lease on event % of app %', p_worker, p_event_id, p_app_id
+        USING ERRCODE = 'PC002',
+              HINT = 'The lease expired and the event was returned to the queue or claimed by another worker.';
+END
+$$;
+
+-- Locks a claimed outbox row for its worker; PC002 if the worker no longer holds it.
+CREATE FUNCTION picloud._lock_claimed(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS picloud.outbox
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
+    END IF;
+    SELECT * INTO r FROM picloud.outbox o
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id FOR UPDATE;
+    IF NOT FOUND OR r.claimed_by IS DISTINCT FROM p_worker THEN
+        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- Counts one outcome in picloud.event_counts (see there). Called where an event completes,
+-- fails an attempt, or is dead-lettered; the row belongs to this backend, so the upsert never
+-- waits on another session.
+CREATE FUNCTION picloud._count_outcome(
+    p_app_id uuid, p_source text, p_completed integer, p_failed integer, p_dead_lettered integer)
+RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO picloud.event_counts AS c
+        (app_id, source, minute, backend_pid, completed, failed, dead_lettered)
+    VALUES (p_app_id, p_source, date_trunc('minute', now()), pg_backend_pid(),
+            p_completed, p_failed, p_dead_lettered)
+    ON CONFLICT ON CONSTRAINT event_counts_pkey DO UPDATE
+    SET completed = c.completed + EXCLUDED.completed,
+        failed = c.failed + EXCLUDED.failed,
+        dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
+$$;
+
+-- Completes a claimed event whose handler ran outside the database (http, command).
+CREATE FUNCTION picloud.picloud_complete(p_app_id uuid, p_event_id uuid, p_worker text, p_result jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
+    END IF;
+    DELETE FROM picloud.outbox o
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id AND o.claimed_by = p_worker
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
+    END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
+    IF r.reply_to IS NOT NULL THEN
+        PERFORM picloud._reply(r, true, p_result, NULL);
+    END IF;
+END
+$$;
+
+-- Settles a failed attempt of a locked outbox row: reschedule after p_delay, or - after the
+-- last attempt, or at once for a synchronous event - move it to the dead letters.
+CREATE FUNCTION picloud._settle_failure(r picloud.outbox, p_error text, p_delay interval,
+                                        p_not_before timestamptz DEFAULT NULL)
+RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_error text := left(coalesce(p_error, 'unknown error'), 4000);
+    v_due timestamptz;
+    v_dead_letter_id uuid;
+BEGIN
+    IF r.reply_to IS NOT NULL
+       OR r.attempt_count >= current_setting('picloud.retry_max_attempts')::integer THEN
+        v_dead_letter_id := picloud._dead_letter(r, v_error);
+        PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 1);
+        IF r.reply_to IS NOT NULL THEN
+            PERFORM picloud._reply(r, false, NULL, v_error);
+        END IF;
+        RETURN QUERY SELECT 'dead_letter'::text, NULL::timestamptz, v_dead_letter_id;
+        RETURN;
+    END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 0, 1, 0);
+    -- A server that asked to be left alone until p_not_before (HTTP Retry-After) gets that.
+    v_due := greatest(now() + p_delay, p_not_before);
+    UPDATE picloud.outbox o
+    SET claimed_by = NULL, lease_expires_at = NULL, due_at = v_due, last_error = v_error
+    WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
+    RETURN QUERY SELECT 'retry'::text, v_due, NULL::uuid;
+END
+$$;
+
+-- Reports a failed attempt. Returns 'retry' with the next due time, or 'dead_letter' with
+-- the new dead letter's id. p_retry_at, when given, is the earliest time the next attempt may
+-- run (what an HTTP server asked for with Retry-After); the retry policy's own delay applies
+-- when it is later.
+CREATE FUNCTION picloud.picloud_fail(p_app_id uuid, p_event_id uuid, p_worker text, p_error text,
+                                     p_retry_at timestamptz DEFAULT NULL)
+RETURNS TABLE (outcome text, next_due_at timestamptz, dead_letter_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_retry_at IS NOT NULL THEN
+        PERFORM picloud._check_run_at(p_retry_at);
+    END IF;
+    r := picloud._lock_claimed(p_app_id, p_event_id, p_worker);
+    RETURN QUERY SELECT * FROM picloud._settle_failure(r, p_error,
+        picloud.picloud_retry_delay(r.attempt_count), p_retry_at);
+END
+$$;
+
+-- Extends the lease of a claimed event; false when the worker no longer holds it.
+CREATE FUNCTION picloud.picloud_extend_lease(p_app_id uuid, p_event_id uuid, p_worker text, p_lease_ms integer)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL OR p_lease_ms IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker,lease_ms}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL, p_lease_ms IS NULL]);
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    UPDATE picloud.outbox o
+    SET lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0)
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id AND o.claimed_by = p_worker;
+    RETURN FOUND;
+END
+$$;
+
+-- Gives a claimed event back to the queue without counting the attempt (graceful shutdown).
+CREATE FUNCTION picloud.picloud_release(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE picloud.outbox o
+    SET claimed_by = NULL, lease_expires_at = NULL, due_at = now(),
+        attempt_count = greatest(o.attempt_count - 1, 0)
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id AND o.claimed_by = p_worker;
+    IF FOUND THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION picloud._check_page(p_limit integer, p_offset integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_limit IS NULL OR p_offset IS NULL THEN
+        PERFORM picloud._null_argument('{limit,offset}', ARRAY[p_limit IS NULL, p_offset IS NULL]);
+    END IF;
+    IF p_limit NOT BETWEEN 0 AND 10000 THEN
+        PERFORM picloud._invalid(format('limit must be between 0 and 10000, got %s', p_limit));
+    END IF;
+    IF p_offset < 0 THEN
+        PERFORM picloud._invalid(format('offset must not be negative, got %s', p_offset));
+    END IF;
+END
+$$;
+
+-- Pending events of an app (admins), soonest first.
+CREATE FUNCTION picloud.picloud_list_outbox(p_app_id uuid, p_limit integer DEFAULT 50, p_offset integer DEFAULT 0)
+RETURNS SETOF picloud.outbox
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_dead_letters');
+    PERFORM picloud._check_page(p_limit, p_offset);
+    RETURN QUERY SELECT * FROM picloud.outbox o WHERE o.app_id = p_app_id
+    ORDER BY o.due_at, o.event_id LIMIT p_limit OFFSET p_offset;
+END
+$$;
