@@ -147,10 +147,9 @@ BEGIN
     IF p_script_id IS NULL OR p_enabled IS NULL THEN
         PERFORM picloud._null_argument('{script_id,enabled}', ARRAY[p_script_id IS NULL, p_enabled IS NULL]);
     END IF;
-    IF p_source_filter IS NOT NULL AND p_source_filter NOT IN
-        ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue') THEN
+    IF p_source_filter IS NOT NULL AND p_source_filter <> ALL (picloud._event_sources()) THEN
         PERFORM picloud._invalid(format('unknown source %L', left(p_source_filter, 200)),
-            'Sources are kv, cron, pubsub, queue, email, dead_letter and enqueue.');
+            format('Sources are %s.', array_to_string(picloud._event_sources(), ', ')));
     END IF;
     PERFORM picloud._require_script(p_app_id, p_script_id);
     INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id, enabled)

@@ -44,9 +44,9 @@ $$;
 CREATE FUNCTION picloud._check_event_shape(p_source text, p_op text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue') THEN
+    IF p_source <> ALL (picloud._event_sources()) THEN
         PERFORM picloud._invalid(format('unknown source %L', left(p_source, 200)),
-            'Sources are kv, cron, pubsub, queue, email, dead_letter and enqueue.');
+            format('Sources are %s.', array_to_string(picloud._event_sources(), ', ')));
     END IF;
     IF length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._invalid(format('op must be 1 to 200 characters long, got %s', length(p_op)));
@@ -123,7 +123,7 @@ BEGIN
     IF NOT picloud._is_owner() THEN
         PERFORM picloud._require(p_app_id, 'enqueue');
     END IF;
-    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')
+    IF p_source <> ALL (picloud._event_sources())
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;

@@ -107,6 +107,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._event_depth(integer),
     picloud._check_payload(jsonb),
     picloud._check_event_shape(text, text),
+    picloud._event_sources(),
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),

@@ -36,6 +36,7 @@ extension_sql_file!(
     name = "triggers",
     requires = [
         "access",
+        api::admission::picloud_event_sources,
         api::matching::picloud_collection_match_keys,
         api::matching::picloud_pattern_match_key
     ]

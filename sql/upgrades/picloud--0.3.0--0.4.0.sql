@@ -105,7 +105,7 @@ BEGIN
     IF NOT picloud._is_owner() THEN
         PERFORM picloud._require(p_app_id, 'enqueue');
     END IF;
-    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'email', 'dead_letter', 'enqueue')
+    IF p_source <> ALL (picloud._event_sources())
        OR length(p_op) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._check_event_shape(p_source, p_op);
     END IF;
@@ -1136,6 +1136,13 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'picloud_wake_housekeeper_at_commit_wrapper';
 
+-- The one list of event sources, for the SQL functions that check one (Rust,
+-- extension/src/api/admission.rs).
+CREATE FUNCTION picloud."_event_sources"() RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_event_sources_wrapper';
+
 -- Enabling a cron trigger starts it again from now.
 CREATE OR REPLACE FUNCTION picloud.picloud_set_trigger_enabled(p_app_id uuid, p_trigger_id uuid, p_enabled boolean)
 RETURNS void
@@ -1428,7 +1435,8 @@ GRANT EXECUTE ON FUNCTION
     picloud._cron_arm(text, text, timestamptz),
     picloud._cron_next_after(text, text, timestamptz),
     picloud._check_cron_options(text, integer),
-    picloud._wake_housekeeper_at_commit()
+    picloud._wake_housekeeper_at_commit(),
+    picloud._event_sources()
 TO picloud_user;
 ALTER TABLE picloud.cron_trigger_details ENABLE ROW LEVEL SECURITY;
 CREATE POLICY cron_trigger_details_visible ON picloud.cron_trigger_details FOR SELECT
@@ -1437,6 +1445,47 @@ CREATE POLICY cron_trigger_details_writes ON picloud.cron_trigger_details FOR AL
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
 SELECT pg_catalog.pg_extension_config_dump('picloud.cron_trigger_details', '');
+
+CREATE OR REPLACE FUNCTION picloud._check_event_shape(p_source text, p_op text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_source <> ALL (picloud._event_sources()) THEN
+        PERFORM picloud._invalid(format('unknown source %L', left(p_source, 200)),
+            format('Sources are %s.', array_to_string(picloud._event_sources(), ', ')));
+    END IF;
+    IF length(p_op) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid(format('op must be 1 to 200 characters long, got %s', length(p_op)));
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_create_dead_letter_trigger(
+    p_app_id uuid,
+    p_script_id uuid,
+    p_source_filter text DEFAULT NULL,
+    p_script_filter uuid DEFAULT NULL,
+    p_enabled boolean DEFAULT true)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_trigger_id uuid := gen_random_uuid();
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_script_id IS NULL OR p_enabled IS NULL THEN
+        PERFORM picloud._null_argument('{script_id,enabled}', ARRAY[p_script_id IS NULL, p_enabled IS NULL]);
+    END IF;
+    IF p_source_filter IS NOT NULL AND p_source_filter <> ALL (picloud._event_sources()) THEN
+        PERFORM picloud._invalid(format('unknown source %L', left(p_source_filter, 200)),
+            format('Sources are %s.', array_to_string(picloud._event_sources(), ', ')));
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id, enabled)
+    VALUES (p_app_id, v_trigger_id, 'dead_letter', p_script_id, p_enabled);
+    INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id, source_filter, script_filter)
+    VALUES (p_app_id, v_trigger_id, p_source_filter, p_script_filter);
+    RETURN v_trigger_id;
+END
+$$;
 
 -- Privileges --------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ const C_FUNCTIONS: &[&str] = &[
     "_cron_next_after(text,text,timestamp with time zone)",
     "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text)",
     "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
+    // The list of event sources: no SQL.
+    "_event_sources()",
     "_is_owner()",
     "_my_backend_start()",
     "_new_event_id()",

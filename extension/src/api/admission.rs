@@ -293,9 +293,10 @@ mod tests {
     }
 }
 
-/// Sources an event may come from: the values of the outbox's `picloud.event_source` domain
-/// (sql/001_schema.sql; a test holds the two equal), also checked with a precise error by the
-/// enqueue paths.
+/// Sources an event may come from: the one list. The outbox's `picloud.event_source` domain
+/// (sql/001_schema.sql) spells it out, because a domain check cannot afford a function call per
+/// row, and a test holds the two equal; the SQL functions that check a source with a precise
+/// error read it through `picloud._event_sources()`.
 pub const EVENT_SOURCES: [&str; 7] = [
     "kv",
     "cron",
@@ -305,6 +306,13 @@ pub const EVENT_SOURCES: [&str; 7] = [
     "dead_letter",
     "enqueue",
 ];
+
+/// `picloud._event_sources()` (internal): EVENT_SOURCES, for the SQL functions that check a
+/// source. Immutable, so a constant call is folded when a statement is planned.
+#[pg_extern(immutable, parallel_safe, name = "_event_sources")]
+pub fn picloud_event_sources() -> Vec<String> {
+    EVENT_SOURCES.iter().map(|s| (*s).to_owned()).collect()
+}
 
 /// The outbox's row check of releases 0.1.0 and 0.2.0 (constraint `outbox_row_valid`): a known
 /// source, an op of 1 to 200 characters, depth and attempt count not negative, and a claim
