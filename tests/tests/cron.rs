@@ -633,3 +633,144 @@ fn bad_schedules_zones_and_options_are_refused_and_register_nothing() {
     );
     c.execute("SELECT picloud_drop_app($1)", &[&app]).unwrap();
 }
+
+#[test]
+fn terminating_the_housekeeper_loses_and_repeats_no_tick() {
+    let _s = serial();
+    let db = worker_db();
+    let mut c = connect(&db);
+    let (app, script, _table) = tick_app(&mut c, "cron_term");
+    let trigger: Uuid = c
+        .query_one(
+            "SELECT picloud_create_cron_trigger($1, 'every 1 second', $2, p_catch_up => 'all')",
+            &[&app, &script],
+        )
+        .unwrap()
+        .get(0);
+    // No supervisor: the ticks stay in the outbox. The housekeeper is terminated five times
+    // (it comes back a second later each time) while ticks fall due.
+    let mut terminated = 0;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(1300));
+        terminated += count(
+            &mut c,
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE backend_type = 'picloud housekeeper') t",
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    c.execute("SELECT picloud_disable_trigger($1, $2)", &[&app, &trigger])
+        .unwrap();
+    let ticks = queued_ticks(&mut c, trigger);
+    let (fired, skipped) = fired_count(&mut c, app, trigger);
+    println!(
+        "cron with the housekeeper terminated {terminated} times: fired {fired}, queued {}",
+        ticks.len()
+    );
+    assert!(terminated >= 4, "terminated {terminated} times");
+    assert_eq!((ticks.len() as i64, skipped), (fired, 0));
+    let gaps = seconds_between(&ticks);
+    assert!(
+        gaps.iter().all(|&ms| ms == 1000),
+        "every tick once, none missing: {gaps:?}"
+    );
+    assert!(fired >= 8, "fired {fired}");
+    c.execute("SELECT picloud_drop_app($1)", &[&app]).unwrap();
+}
+
+/// A cron event is an event like any other: its failures are retried, it ends as a dead letter
+/// with source cron, a dead-letter trigger filtered on cron fires for it, and the stats count it.
+#[test]
+fn a_failing_cron_handler_retries_and_dead_letters_like_any_event() {
+    let _s = serial();
+    let db = worker_db();
+    let mut c = connect(&db);
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET picloud.retry_max_attempts = 2;
+         ALTER DATABASE {db} SET picloud.retry_base_delay = '50ms';
+         DROP TABLE IF EXISTS cron_dead;
+         CREATE TABLE cron_dead (source text, op text, trigger_id uuid, attempts int);
+         CREATE OR REPLACE FUNCTION cron_fails(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'cron job failed on purpose'; END $$;
+         CREATE OR REPLACE FUNCTION cron_dead_handler(e jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO cron_dead VALUES (e->'payload'->>'source', e->'payload'->>'op',
+                 (e->'payload'->>'trigger_id')::uuid, (e->'payload'->>'attempt_count')::int) $$;"
+    ))
+    .unwrap();
+    let app: Uuid = c
+        .query_one(
+            &format!("SELECT picloud_create_app('cron-dead-{}')", Uuid::new_v4()),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let fails: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'fails', 'sql', 'cron_fails')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let dead: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'dead', 'sql', 'cron_dead_handler')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    c.execute(
+        "SELECT picloud_create_dead_letter_trigger($1, $2, p_source_filter => 'cron')",
+        &[&app, &dead],
+    )
+    .unwrap();
+    let sup = Supervisor::start(&db, &["--poll-interval-ms", "200"]);
+    let trigger: Uuid = c
+        .query_one(
+            "SELECT picloud_create_cron_trigger($1, 'every 1 second', $2)",
+            &[&app, &fails],
+        )
+        .unwrap()
+        .get(0);
+    let reached = eventually(Duration::from_secs(20), || {
+        count(&mut c, "SELECT count(*) FROM cron_dead") >= 1
+    });
+    c.execute("SELECT picloud_disable_trigger($1, $2)", &[&app, &trigger])
+        .unwrap();
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} RESET picloud.retry_max_attempts;
+         ALTER DATABASE {db} RESET picloud.retry_base_delay;"
+    ))
+    .unwrap();
+    assert!(reached, "a dead-letter trigger ran; log: {}", sup.log());
+    let row = c
+        .query_one(
+            "SELECT source, op, trigger_id, attempts FROM cron_dead LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    let seen: (String, String, Uuid, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(seen, ("cron".to_owned(), "tick".to_owned(), trigger, 2));
+    let letter = c
+        .query_one(
+            "SELECT source, last_error FROM picloud.dead_letters WHERE app_id = $1 AND trigger_id = $2 LIMIT 1",
+            &[&app, &trigger],
+        )
+        .unwrap();
+    let (source, error): (String, String) = (letter.get(0), letter.get(1));
+    assert_eq!(source, "cron");
+    assert!(error.contains("cron job failed on purpose"), "{error}");
+    let stats = c
+        .query_one(
+            "SELECT coalesce(sum(failed), 0)::bigint, coalesce(sum(dead_lettered), 0)::bigint
+             FROM picloud_stats() WHERE app_id = $1 AND source = 'cron'",
+            &[&app],
+        )
+        .unwrap();
+    let (failed, dead_lettered): (i64, i64) = (stats.get(0), stats.get(1));
+    assert!(
+        failed >= 2 && dead_lettered >= 1,
+        "stats: {failed} failed, {dead_lettered} dead-lettered"
+    );
+    drop(sup);
+    c.execute("SELECT picloud_drop_app($1)", &[&app]).unwrap();
+}
