@@ -53,23 +53,46 @@ BEGIN
 END
 $$;
 
--- What a claim answers for each row it claimed: the event, its handler (kind, target - the
--- function for sql, the URL or command name otherwise - and timeout, 30 s if the handler is
--- gone) and the principal it runs as, or why it cannot run. Shared by picloud_claim and
--- picloud_claim_events.
-CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
-RETURNS TABLE (
+-- The JSON document a handler receives for an event: event_id, app_id, source, op, payload,
+-- depth, attempt, trigger_id, script_id. Built in Rust (api/event_json.rs) because
+-- jsonb_build_object looks up each argument's type on every call, which was the largest
+-- per-event cost of a sql lane batch; the document is the same (internal).
+CREATE FUNCTION picloud._event_jsonb(
+    p_event_id uuid, p_app_id uuid, p_source text, p_op text, p_payload jsonb,
+    p_depth integer, p_attempt integer, p_trigger_id uuid, p_script_id uuid)
+RETURNS jsonb
+LANGUAGE c IMMUTABLE PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'picloud_event_jsonb';
+
+CREATE FUNCTION picloud._event_json(r picloud.outbox) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT picloud._event_jsonb(r.event_id, r.app_id, r.source, r.op, r.payload, r.depth,
+                                r.attempt_count, r.trigger_id, r.script_id)
+$$;
+
+-- The claimed event, as every claim answers it (picloud_claim, picloud_claim_events): the
+-- event, the document its handler receives (`event`, built here once; the supervisor hands it
+-- to http and command handlers as it is), its handler (kind, target - the function for sql,
+-- the URL or command name otherwise - and timeout, 30 s if the handler is gone) and the
+-- principal it runs as, or why it cannot run.
+CREATE TYPE picloud.claimed_event AS (
     app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
     payload jsonb, depth integer, attempt_count integer, reply_to text,
     handler_kind text, handler_target text, timeout_ms integer,
-    principal name, principal_error text)
+    principal name, principal_error text, event jsonb);
+
+-- What a claim answers for the rows it claimed.
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+RETURNS SETOF picloud.claimed_event
 LANGUAGE sql STABLE AS $$
     SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
            c.attempt_count, c.reply_to, s.kind,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
            coalesce(s.timeout_ms, 30000),
            h.principal,
-           h.problem
+           h.problem,
+           picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
+                                c.attempt_count, c.trigger_id, c.script_id)
     FROM unnest(p_claimed) AS c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
     CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
@@ -95,11 +118,7 @@ $$;
 CREATE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
     p_app_cap integer DEFAULT NULL)
-RETURNS TABLE (
-    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
-    payload jsonb, depth integer, attempt_count integer, reply_to text,
-    handler_kind text, handler_target text, timeout_ms integer,
-    principal name, principal_error text)
+RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql AS $$
 DECLARE
     v_claimed integer;

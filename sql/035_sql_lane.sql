@@ -178,7 +178,7 @@ AS $$
            array_agg(o.event_id),
            array_agg(o.ctid),
            array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
-                                          o.depth, 1, o.trigger_id, o.script_id))
+                                          o.depth, o.attempt_count + 1, o.trigger_id, o.script_id))
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
@@ -302,11 +302,7 @@ $$;
 -- picloud_claim's shape.
 CREATE FUNCTION picloud.picloud_claim_events(
     p_worker text, p_app_ids uuid[], p_event_ids uuid[], p_lease_ms integer)
-RETURNS TABLE (
-    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
-    payload jsonb, depth integer, attempt_count integer, reply_to text,
-    handler_kind text, handler_target text, timeout_ms integer,
-    principal name, principal_error text)
+RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL OR p_lease_ms IS NULL THEN

@@ -409,6 +409,36 @@ BEGIN
 END
 $$;
 DROP FUNCTION picloud.picloud_claim(text, integer, integer, boolean);
+DROP FUNCTION picloud._claim_answers(picloud.outbox[]);
+DROP FUNCTION picloud.picloud_claim_events(text, uuid[], uuid[], integer);
+-- The claimed event, as every claim answers it (picloud_claim, picloud_claim_events): the
+-- event, the document its handler receives (`event`, built here once; the supervisor hands it
+-- to http and command handlers as it is), its handler (kind, target - the function for sql,
+-- the URL or command name otherwise - and timeout, 30 s if the handler is gone) and the
+-- principal it runs as, or why it cannot run.
+CREATE TYPE picloud.claimed_event AS (
+    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
+    payload jsonb, depth integer, attempt_count integer, reply_to text,
+    handler_kind text, handler_target text, timeout_ms integer,
+    principal name, principal_error text, event jsonb);
+
+-- What a claim answers for the rows it claimed.
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+RETURNS SETOF picloud.claimed_event
+LANGUAGE sql STABLE AS $$
+    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
+           c.attempt_count, c.reply_to, s.kind,
+           CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
+           coalesce(s.timeout_ms, 30000),
+           h.principal,
+           h.problem,
+           picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
+                                c.attempt_count, c.trigger_id, c.script_id)
+    FROM unnest(p_claimed) AS c
+    LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
+    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
+$$;
+
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
 -- with its handler and the principal it runs as.
 --
@@ -429,11 +459,7 @@ DROP FUNCTION picloud.picloud_claim(text, integer, integer, boolean);
 CREATE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
     p_app_cap integer DEFAULT NULL)
-RETURNS TABLE (
-    app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
-    payload jsonb, depth integer, attempt_count integer, reply_to text,
-    handler_kind text, handler_target text, timeout_ms integer,
-    principal name, principal_error text)
+RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql AS $$
 DECLARE
     v_claimed integer;
@@ -709,7 +735,7 @@ AS $$
            array_agg(o.event_id),
            array_agg(o.ctid),
            array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
-                                          o.depth, 1, o.trigger_id, o.script_id))
+                                          o.depth, o.attempt_count + 1, o.trigger_id, o.script_id))
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
@@ -1484,6 +1510,63 @@ BEGIN
     INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id, source_filter, script_filter)
     VALUES (p_app_id, v_trigger_id, p_source_filter, p_script_filter);
     RETURN v_trigger_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_claim_events(
+    p_worker text, p_app_ids uuid[], p_event_ids uuid[], p_lease_ms integer)
+RETURNS SETOF picloud.claimed_event
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL OR p_lease_ms IS NULL THEN
+        PERFORM picloud._null_argument('{worker,app_ids,event_ids,lease_ms}',
+            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL, p_lease_ms IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
+        PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
+    END IF;
+    IF p_lease_ms NOT BETWEEN 100 AND 86400000 THEN
+        PERFORM picloud._invalid(format('lease_ms must be between 100 and 86400000, got %s', p_lease_ms));
+    END IF;
+    RETURN QUERY
+    WITH wanted AS (
+        SELECT o.app_id, o.event_id
+        FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+        JOIN picloud.outbox o ON o.app_id = k.app_id AND o.event_id = k.event_id
+        WHERE o.claimed_by IS NULL
+        FOR UPDATE OF o SKIP LOCKED
+    ), claimed AS (
+        UPDATE picloud.outbox o
+        SET claimed_by = p_worker,
+            lease_expires_at = now() + make_interval(secs => p_lease_ms / 1000.0),
+            attempt_count = o.attempt_count + 1,
+            first_attempt_at = coalesce(o.first_attempt_at, now()),
+            last_attempt_at = now()
+        FROM wanted
+        WHERE o.app_id = wanted.app_id AND o.event_id = wanted.event_id
+        RETURNING o.*
+    )
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_lane_locked()
+RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row_tids text := coalesce(current_setting('picloud.sql_lane_row_tids', true), '');
+    v_event_ids text := coalesce(current_setting('picloud.sql_lane_event_ids', true), '');
+BEGIN
+    IF v_row_tids = '' THEN
+        RETURN QUERY SELECT 0, '{}'::uuid[], '{}'::uuid[];
+        RETURN;
+    END IF;
+    PERFORM set_config('picloud.sql_lane_row_tids', '', true);
+    PERFORM set_config('picloud.sql_lane_event_ids', '', true);
+    RETURN QUERY SELECT * FROM picloud.picloud_run_sql_lane(v_event_ids::uuid[], v_row_tids::tid[]);
 END
 $$;
 

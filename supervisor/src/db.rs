@@ -33,6 +33,9 @@ pub struct Claim {
     pub timeout_ms: i32,
     pub principal: Option<String>,
     pub principal_error: Option<String>,
+    /// The document the handler receives, as the database built it (picloud.claimed_event's
+    /// `event`); None from a schema before 0.4.0, which has no such column.
+    pub event: Option<Value>,
 }
 
 impl Claim {
@@ -51,6 +54,11 @@ impl Claim {
             timeout_ms: column(row, "timeout_ms")?,
             principal: column(row, "principal")?,
             principal_error: column(row, "principal_error")?,
+            event: if row.columns().iter().any(|c| c.name() == "event") {
+                column(row, "event")?
+            } else {
+                None
+            },
         })
     }
 }

@@ -285,6 +285,7 @@ mod tests {
             timeout_ms: 1000,
             principal: Some("p".to_owned()),
             principal_error: None,
+            event: None,
         }
     }
 

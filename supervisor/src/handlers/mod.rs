@@ -37,8 +37,12 @@ impl From<String> for Failure {
     }
 }
 
-/// The event document given to http and command handlers.
+/// The event document given to http and command handlers: the one the claim brought (built in
+/// the database, sql/031_claims.sql), or, from a schema before 0.4.0, the same built here.
 pub fn event_json(claim: &Claim) -> Value {
+    if let Some(event) = &claim.event {
+        return event.clone();
+    }
     json!({
         "event_id": claim.event_id,
         "app_id": claim.app_id,
