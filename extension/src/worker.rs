@@ -163,6 +163,29 @@ fn leave() -> ! {
     unsafe { pg_sys::proc_exit(1) }
 }
 
+/// One pass over every step, unless the extension is not installed (said once until it is).
+fn housekeeping_pass(database: &str, announced_waiting: &mut bool) {
+    if !extension_installed() {
+        if !*announced_waiting {
+            log!("{WORKER_NAME}: extension picloud is not installed in {database:?}; waiting");
+            *announced_waiting = true;
+        }
+        return;
+    }
+    *announced_waiting = false;
+    let batch_size = gucs::gc_batch_size();
+    let mut report = Vec::new();
+    for step in STEPS {
+        let done = run_step(step, batch_size);
+        if done > 0 {
+            report.push(format!("{step}={done}"));
+        }
+    }
+    if !report.is_empty() {
+        log!("{WORKER_NAME}: {}", report.join(" "));
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
@@ -188,30 +211,17 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
     log!("{WORKER_NAME} started for database {database:?}");
 
     let mut announced_waiting = false;
-    while BackgroundWorker::wait_latch(Some(Duration::from_millis(gucs::gc_interval_ms()))) {
+    // The first pass runs at once, not an interval after start: after a promotion (the worker
+    // starts when recovery ends) or a restart, leases that expired meanwhile are rescued now.
+    loop {
+        housekeeping_pass(&database, &mut announced_waiting);
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(gucs::gc_interval_ms()))) {
+            break;
+        }
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereading postgresql.conf is what a backend does on SIGHUP; we are in the
             // worker's main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        if !extension_installed() {
-            if !announced_waiting {
-                log!("{WORKER_NAME}: extension picloud is not installed in {database:?}; waiting");
-                announced_waiting = true;
-            }
-            continue;
-        }
-        announced_waiting = false;
-        let batch_size = gucs::gc_batch_size();
-        let mut report = Vec::new();
-        for step in STEPS {
-            let done = run_step(step, batch_size);
-            if done > 0 {
-                report.push(format!("{step}={done}"));
-            }
-        }
-        if !report.is_empty() {
-            log!("{WORKER_NAME}: {}", report.join(" "));
         }
     }
     leave()
