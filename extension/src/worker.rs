@@ -235,6 +235,20 @@ fn leave() -> ! {
     unsafe { pg_sys::proc_exit(1) }
 }
 
+/// One pass over every housekeeping step, logging what each did.
+fn housekeeping_pass(batch_size: i32) {
+    let mut report = Vec::new();
+    for step in STEPS {
+        let done = run_step(step, batch_size);
+        if done > 0 {
+            report.push(format!("{step}={done}"));
+        }
+    }
+    if !report.is_empty() {
+        log!("{WORKER_NAME}: {}", report.join(" "));
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
@@ -264,8 +278,10 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
 
     let mut announced_waiting = false;
-    let mut next_pass = Instant::now() + Duration::from_millis(gucs::gc_interval_ms());
-    let mut wait = CRON_LOOK_EVERY;
+    let mut wait = Duration::ZERO;
+    // The first pass runs at once, not an interval after start: after a promotion (the worker
+    // starts when recovery ends) or a restart, leases that expired meanwhile are rescued now.
+    let mut next_pass = Instant::now();
     while BackgroundWorker::wait_latch(Some(wait)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereading postgresql.conf is what a backend does on SIGHUP; we are in the
@@ -286,16 +302,7 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
         // Ticks are not logged: an every-second trigger would fill the log.
         run_step(CRON_STEP, batch_size);
         if Instant::now() >= next_pass {
-            let mut report = Vec::new();
-            for step in STEPS {
-                let done = run_step(step, batch_size);
-                if done > 0 {
-                    report.push(format!("{step}={done}"));
-                }
-            }
-            if !report.is_empty() {
-                log!("{WORKER_NAME}: {}", report.join(" "));
-            }
+            housekeeping_pass(batch_size);
             next_pass = Instant::now() + interval;
         }
         wait = next_pass

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use rustls::pki_types::CertificateDer;
+use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::allow::AllowList;
 use crate::db::Database;
@@ -317,6 +318,19 @@ fn database(text: &str) -> Result<(Database, tls::SslMode), String> {
     if config.get_application_name().is_none() {
         config.application_name("picloud-supervisor");
     }
+    // Several hosts (a primary and its standbys) are only useful if the connection skips those
+    // that cannot take writes: libpq's default, any, would settle on the first host that
+    // answers, standby or not, and stay there. target_session_attrs=any written out is kept.
+    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+    let ports = config.get_ports().len();
+    if ports > 1 && ports != hosts {
+        return Err(invalid(format!(
+            "{hosts} hosts but {ports} ports (give one port for all hosts, or one per host)"
+        )));
+    }
+    if hosts > 1 && !split.rest.contains("target_session_attrs") {
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
@@ -324,10 +338,10 @@ fn database(text: &str) -> Result<(Database, tls::SslMode), String> {
     let client_config =
         tls::client_config(split.mode, split.root_cert.as_deref()).map_err(invalid)?;
     Ok((
-        Database {
+        Database::new(
             config,
-            tls: tokio_postgres_rustls::MakeRustlsConnect::new(client_config),
-        },
+            tokio_postgres_rustls::MakeRustlsConnect::new(client_config),
+        ),
         split.mode,
     ))
 }
@@ -531,6 +545,54 @@ mod tests {
             &[],
         );
         assert_eq!(c.commands.get("q").map(|s| s.args.len()), Some(2));
+    }
+
+    #[test]
+    fn multi_host_urls_look_for_the_primary() {
+        let cases = [
+            (
+                "host=a,b port=5432,5433 dbname=app sslmode=require",
+                "a:5432,b:5433",
+                TargetSessionAttrs::ReadWrite,
+            ),
+            (
+                "postgres://u@a:5432,b:5433/app?target_session_attrs=read-write&sslmode=disable",
+                "a:5432,b:5433",
+                TargetSessionAttrs::ReadWrite,
+            ),
+            (
+                "postgresql://u@a,b:6000/app?sslmode=prefer",
+                "a:5432,b:6000",
+                TargetSessionAttrs::ReadWrite,
+            ),
+            // Written out, any is kept (and the supervisor drops standbys it lands on itself).
+            (
+                "host=a,b target_session_attrs=any",
+                "a:5432,b:5432",
+                TargetSessionAttrs::Any,
+            ),
+            ("host=a port=6000", "a:6000", TargetSessionAttrs::Any),
+        ];
+        for (url, hosts, attrs) in cases {
+            let c = config(&["--database-url", url], &[]);
+            assert_eq!(c.database.hosts(), hosts, "{url}");
+            assert_eq!(c.database.config.get_target_session_attrs(), attrs, "{url}");
+        }
+        let c = config(
+            &["--database-url", "postgres://u@a:1,b:2/app?sslmode=require"],
+            &[],
+        );
+        assert_eq!(c.sslmode, tls::SslMode::Require);
+        for bad in [
+            "host=a,b port=1,2,3",
+            "postgres://u@a:1,b:x/app",
+            "host=a,b target_session_attrs=primary",
+        ] {
+            let error = parse(&["--database-url", bad], &[])
+                .err()
+                .unwrap_or_default();
+            assert!(error.contains("--database-url"), "{bad}: {error}");
+        }
     }
 
     #[test]

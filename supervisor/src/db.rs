@@ -2,10 +2,15 @@
 //! makes, schema-qualified, plus the classification of errors into what the
 //! supervisor does about them. No policy lives here; the database decides.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio_postgres::config::Host;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::FromSql;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
@@ -117,25 +122,185 @@ fn column<'a, T: FromSql<'a>>(row: &'a Row, name: &str) -> Result<T, String> {
     row.try_get(name).map_err(|e| format!("column {name}: {e}"))
 }
 
-/// Where the database is and how to speak TLS to it (see `tls`).
+/// Where the database is and how to speak TLS to it (see `tls`), and whether the supervisor is
+/// waiting for a primary.
 #[derive(Clone)]
 pub struct Database {
     pub config: tokio_postgres::Config,
     pub tls: MakeRustlsConnect,
+    /// Set while connections find only a standby, so that the dispatcher, the lanes and the
+    /// executors together say "waiting for a primary" once, not once per attempt each.
+    waiting_for_primary: Arc<AtomicBool>,
+}
+
+/// The connection task's type for a `Database` connection.
+pub type Connection =
+    tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+/// Why no usable connection was opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// No server could be reached, or it refused the connection (address, authentication,
+    /// certificate, ...).
+    Failed(tokio_postgres::Error),
+    /// The server reached is a standby (in recovery), or with `target_session_attrs=read-write`
+    /// the last host tried does not accept writes: nothing there can be claimed, and the
+    /// connection was closed.
+    Standby,
+}
+
+impl ConnectError {
+    pub fn is_certificate_error(&self) -> bool {
+        match self {
+            ConnectError::Failed(e) => crate::tls::is_certificate_error(e),
+            ConnectError::Standby => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Failed(e) => f.write_str(&error_text(e)),
+            ConnectError::Standby => f.write_str("the server is a standby (in recovery)"),
+        }
+    }
 }
 
 impl Database {
+    pub fn new(config: tokio_postgres::Config, tls: MakeRustlsConnect) -> Database {
+        Database {
+            config,
+            tls,
+            waiting_for_primary: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// Opens a connection whose connection task runs in the background; used for
     /// executor connections (the dispatcher's own connection is opened in `wake`).
-    pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let (client, connection) = self.open().await?;
+        let in_hot_standby = reported_standby(&connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %error_text(&e), "executor connection closed with an error");
             }
         });
+        self.admit(client, in_hot_standby).await
+    }
+
+    /// Connects to the first host of the connection string that answers (and, with
+    /// `target_session_attrs=read-write`, accepts writes). The caller spawns the connection task
+    /// and then passes the client through `admit`.
+    pub async fn open(&self) -> Result<(Client, Connection), ConnectError> {
+        match self.config.connect(self.tls.clone()).await {
+            Ok(opened) => Ok(opened),
+            Err(e) if is_read_only_refusal(&e) => {
+                self.note_standby();
+                Err(ConnectError::Standby)
+            }
+            Err(e) => Err(ConnectError::Failed(e)),
+        }
+    }
+
+    /// Keeps the client only if its server is a primary. A standby answers every claim with an
+    /// error (read-only transaction) and would never run anything, so its connection is
+    /// dropped at once: the caller retries with its backoff until a primary answers.
+    /// `in_hot_standby` is what the server reported at connect (PostgreSQL 14 and later);
+    /// older servers are asked.
+    pub async fn admit(
+        &self,
+        client: Client,
+        in_hot_standby: Option<bool>,
+    ) -> Result<Client, ConnectError> {
+        let standby = match in_hot_standby {
+            Some(standby) => standby,
+            None => client
+                .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+                .map_err(ConnectError::Failed)?,
+        };
+        if standby {
+            self.note_standby();
+            return Err(ConnectError::Standby);
+        }
+        if self.waiting_for_primary.swap(false, Ordering::AcqRel) {
+            tracing::info!(hosts = self.hosts(), "connected to a primary");
+        }
         Ok(client)
     }
+
+    /// One line for the whole wait, however many connections find the standby.
+    fn note_standby(&self) {
+        if !self.waiting_for_primary.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                hosts = self.hosts(),
+                "waiting for a primary: the database server is a standby (in recovery); nothing \
+                 is claimed until a primary answers, and connecting is retried with backoff"
+            );
+        }
+    }
+
+    /// The hosts and ports of the connection string, for logs (never the whole string: it may
+    /// hold a password).
+    pub fn hosts(&self) -> String {
+        let hosts: Vec<String> = if self.config.get_hosts().is_empty() {
+            self.config
+                .get_hostaddrs()
+                .iter()
+                .map(|addr| addr.to_string())
+                .collect()
+        } else {
+            self.config
+                .get_hosts()
+                .iter()
+                .map(|host| match host {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                })
+                .collect()
+        };
+        let ports = self.config.get_ports();
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports
+                    .get(i)
+                    .or_else(|| ports.first())
+                    .copied()
+                    .unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// What the server reported at connect about being a hot standby (PostgreSQL 14 and later
+/// send `in_hot_standby`); None when it did not say.
+pub fn reported_standby(connection: &Connection) -> Option<bool> {
+    connection
+        .parameter("in_hot_standby")
+        .map(|value| value == "on")
+}
+
+/// tokio-postgres's answer when `target_session_attrs=read-write` found only servers that do
+/// not accept writes (it asks `SHOW transaction_read_only` after connecting).
+fn is_read_only_refusal(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::PermissionDenied
+                && io.to_string().contains("does not allow writes")
+            {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Claims up to `batch` due rows for this worker. Rows that cannot be read
@@ -408,5 +573,33 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report whose connection broke (the primary died) is `Connection`: the executor never
+    /// repeats it, on this connection or a new one. The row either committed its outcome before
+    /// the failure (and, replicated, stays done on the new primary) or is still claimed there
+    /// and comes back when its lease expires: never reported twice.
+    #[tokio::test]
+    async fn a_report_on_a_lost_server_is_never_repeated() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        // Nothing listens there any more: the connection is refused, as by a dead primary.
+        drop(listener);
+        let url = format!("host=127.0.0.1 port={port} user=picloud connect_timeout=2");
+        let config: tokio_postgres::Config = url.parse().expect("config");
+        let error = match config.connect(tokio_postgres::NoTls).await {
+            Ok(_) => panic!("nothing listens on port {port}"),
+            Err(e) => e,
+        };
+        assert!(matches!(
+            ReportError::from_error(&error),
+            ReportError::Connection(_)
+        ));
+        assert!(!is_read_only_refusal(&error));
     }
 }

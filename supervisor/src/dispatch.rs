@@ -9,12 +9,11 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, Handler};
+use crate::db::{self, Claim, ConnectError, Handler};
 use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT};
 use crate::metrics::Connection;
 use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
-use crate::tls;
 use crate::wake::{self, WakeConnection};
 
 /// How the dispatcher ended.
@@ -45,6 +44,7 @@ pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ende
         if *phase.borrow() != Phase::Running {
             return Ended::Stopped;
         }
+        // None: only a standby answered, which `Database` has said once for every connection.
         let failure = match wake::connect(shared.pool.database(), true).await {
             Ok(connection) => {
                 shared.metrics.set_db_connected(true);
@@ -55,26 +55,29 @@ pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ende
                 }
                 match claim_loop(&shared, &connection, &mut phase, &mut backoff).await {
                     Ok(()) => return Ended::Stopped,
-                    Err(e) => format!("dispatcher connection failed: {}", db::error_text(&e)),
+                    Err(e) => Some(format!(
+                        "dispatcher connection failed: {}",
+                        db::error_text(&e)
+                    )),
                 }
             }
-            Err(e) if !ever_connected && tls::is_certificate_error(&e) => {
+            Err(e) if !ever_connected && e.is_certificate_error() => {
                 return Ended::Misconfigured(format!(
-                    "the database server's certificate does not verify (sslmode={}): {}",
+                    "the database server's certificate does not verify (sslmode={}): {e}",
                     shared.config.sslmode.as_str(),
-                    db::error_text(&e)
                 ));
             }
-            Err(e) => format!("dispatcher could not connect: {}", db::error_text(&e)),
+            Err(ConnectError::Standby) => None,
+            Err(e) => Some(format!("dispatcher could not connect: {e}")),
         };
         shared.metrics.set_db_connected(false);
         shared.metrics.reconnect(Connection::Dispatcher);
         let delay = backoff.next_delay();
-        tracing::warn!(
-            error = %failure,
-            retry_in_ms = delay.as_millis() as u64,
-            "dispatcher reconnecting"
-        );
+        let retry_in_ms = delay.as_millis() as u64;
+        match failure {
+            Some(error) => tracing::warn!(error, retry_in_ms, "dispatcher reconnecting"),
+            None => tracing::debug!(retry_in_ms, "dispatcher found a standby; reconnecting"),
+        }
         if sleep_unless_stopping(delay, &mut phase).await {
             return Ended::Stopped;
         }

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, Decision, Handler, ReportError};
+use crate::db::{self, Claim, ConnectError, Decision, Handler, ReportError};
 use crate::handlers::sql::{BatchOutcome, SqlOutcome};
 use crate::handlers::{self, bounded_error, Failure, HandlerResult};
 use crate::metrics::{Connection, Kind, Metrics};
@@ -186,11 +186,18 @@ async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Opti
             Err(e) => {
                 shared.metrics.reconnect(Connection::Executor);
                 let delay = backoff.next_delay();
-                tracing::warn!(
-                    error = %db::error_text(&e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "executor could not connect"
-                );
+                let retry_in_ms = delay.as_millis() as u64;
+                match e {
+                    // Said once for every connection by `Database`.
+                    ConnectError::Standby => {
+                        tracing::debug!(retry_in_ms, "executor found a standby")
+                    }
+                    ConnectError::Failed(_) => tracing::warn!(
+                        error = %e,
+                        retry_in_ms,
+                        "executor could not connect"
+                    ),
+                }
                 if Instant::now() + delay > give_up_at {
                     return None;
                 }

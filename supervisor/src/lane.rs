@@ -20,7 +20,7 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim};
+use crate::db::{self, Claim, ConnectError};
 use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait};
 use crate::metrics::{Connection, Kind, LaneConnected};
@@ -80,7 +80,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                     shared.lane_batches.disconnected(index);
                     match result {
                         Ok(()) => return,
-                        Err(e) => format!("sql lane connection failed: {e}"),
+                        Err(e) => Some(format!("sql lane connection failed: {e}")),
                     }
                 }
                 Ok(false) => {
@@ -91,21 +91,28 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
                     );
                     return;
                 }
-                Err(e) => format!(
+                Err(e) => Some(format!(
                     "sql lane could not check the schema: {}",
                     db::error_text(&e)
-                ),
+                )),
             },
-            Err(e) => format!("sql lane could not connect: {}", db::error_text(&e)),
+            Err(ConnectError::Standby) => None,
+            Err(e) => Some(format!("sql lane could not connect: {e}")),
         };
         shared.metrics.reconnect(Connection::Lane);
         let delay = backoff.next_delay();
-        tracing::warn!(
-            lane = index,
-            error = %failure,
-            retry_in_ms = delay.as_millis() as u64,
-            "sql lane reconnecting"
-        );
+        let retry_in_ms = delay.as_millis() as u64;
+        match failure {
+            Some(error) => {
+                tracing::warn!(lane = index, error, retry_in_ms, "sql lane reconnecting")
+            }
+            // Said once for every connection by `Database`.
+            None => tracing::debug!(
+                lane = index,
+                retry_in_ms,
+                "sql lane found a standby; reconnecting"
+            ),
+        }
         if sleep_unless_stopping(delay, &mut phase).await {
             return;
         }

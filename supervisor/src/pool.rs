@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio_postgres::Client;
 
-use crate::db::{self, Database};
+use crate::db::{ConnectError, Database};
 use crate::metrics::{Connection, Metrics};
 
 pub struct Pool {
@@ -29,7 +29,7 @@ impl Pool {
 
     /// An idle connection, or a new one. Broken idle connections are dropped
     /// here, which is how they get replaced.
-    pub async fn get(&self) -> Result<Client, tokio_postgres::Error> {
+    pub async fn get(&self) -> Result<Client, ConnectError> {
         while let Some(client) = self.pop_idle() {
             if !client.is_closed() {
                 return Ok(client);
@@ -48,10 +48,12 @@ impl Pool {
         for _ in 0..count {
             match self.database.connect().await {
                 Ok(client) => self.put(client),
+                // Said once for every connection by `Database`.
+                Err(ConnectError::Standby) => return,
                 Err(e) => {
                     self.metrics.reconnect(Connection::Executor);
                     tracing::warn!(
-                        error = %db::error_text(&e),
+                        error = %e,
                         "could not open an executor connection ahead of time"
                     );
                     return;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client};
 
-use crate::db::{self, Database};
+use crate::db::{self, ConnectError, Database};
 
 pub const WAKE_CHANNEL: &str = "picloud_wake";
 /// The channel of the start-up check that notifications reach this connection.
@@ -26,14 +26,12 @@ pub struct WakeConnection {
     probe: Arc<Notify>,
 }
 
-/// Connects and, with `listen`, starts listening. LISTEN is issued before the first claim so
-/// no wake-up sent after that claim can be missed. Without `listen`, `wake` is signalled only
-/// when the connection ends.
-pub async fn connect(
-    database: &Database,
-    listen: bool,
-) -> Result<WakeConnection, tokio_postgres::Error> {
-    let (client, mut connection) = database.config.connect(database.tls.clone()).await?;
+/// Connects to a primary (see `Database::admit`) and, with `listen`, starts listening. LISTEN is
+/// issued before the first claim so no wake-up sent after that claim can be missed. Without
+/// `listen`, `wake` is signalled only when the connection ends.
+pub async fn connect(database: &Database, listen: bool) -> Result<WakeConnection, ConnectError> {
+    let (client, mut connection) = database.open().await?;
+    let in_hot_standby = db::reported_standby(&connection);
     let wake = Arc::new(Notify::new());
     let probe = Arc::new(Notify::new());
     let (wake_sender, probe_sender) = (Arc::clone(&wake), Arc::clone(&probe));
@@ -63,10 +61,12 @@ pub async fn connect(
         }
         wake_sender.notify_one();
     });
+    let client = database.admit(client, in_hot_standby).await?;
     if listen {
         client
             .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
-            .await?;
+            .await
+            .map_err(ConnectError::Failed)?;
     }
     Ok(WakeConnection {
         client,
@@ -82,22 +82,26 @@ pub async fn connect(
 /// statements work at all). The check LISTENs on a probe channel and sends itself a NOTIFY
 /// from a second connection: through a direct or session-pooled connection it arrives at once.
 pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
+    let text = |e: tokio_postgres::Error| db::error_text(&e);
     let checked = async {
         connection
             .client
             .batch_execute(&format!("LISTEN {PROBE_CHANNEL}"))
-            .await?;
-        let other = database.connect().await?;
+            .await
+            .map_err(text)?;
+        let other = database.connect().await.map_err(|e| e.to_string())?;
         let arrived = connection.probe.notified();
         other
             .batch_execute(&format!("NOTIFY {PROBE_CHANNEL}"))
-            .await?;
+            .await
+            .map_err(text)?;
         let arrived = tokio::time::timeout(PROBE_WAIT, arrived).await.is_ok();
         connection
             .client
             .batch_execute(&format!("UNLISTEN {PROBE_CHANNEL}"))
-            .await?;
-        Ok::<bool, tokio_postgres::Error>(arrived)
+            .await
+            .map_err(text)?;
+        Ok::<bool, String>(arrived)
     };
     match checked.await {
         Ok(true) => tracing::debug!("notifications reach the listening connection"),
@@ -108,8 +112,8 @@ pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
              directly to Postgres or through a session-mode pool; producers may keep using \
              transaction pooling"
         ),
-        Err(e) => tracing::warn!(
-            error = %db::error_text(&e),
+        Err(error) => tracing::warn!(
+            error,
             "could not check that notifications reach the listening connection"
         ),
     }
