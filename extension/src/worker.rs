@@ -281,7 +281,9 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
     let mut wait = Duration::ZERO;
     // The first pass runs at once, not an interval after start: after a promotion (the worker
     // starts when recovery ends) or a restart, leases that expired meanwhile are rescued now.
-    let mut next_pass = Instant::now();
+    // The next is due an interval after the last, read afresh each time round so that a
+    // reloaded picloud.gc_interval applies at once.
+    let mut last_pass: Option<Instant> = None;
     while BackgroundWorker::wait_latch(Some(wait)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereading postgresql.conf is what a backend does on SIGHUP; we are in the
@@ -301,8 +303,10 @@ pub extern "C-unwind" fn picloud_worker_main(_arg: pg_sys::Datum) {
         let batch_size = gucs::gc_batch_size();
         // Ticks are not logged: an every-second trigger would fill the log.
         run_step(CRON_STEP, batch_size);
+        let mut next_pass = last_pass.map_or_else(Instant::now, |last| last + interval);
         if Instant::now() >= next_pass {
             housekeeping_pass(batch_size);
+            last_pass = Some(Instant::now());
             next_pass = Instant::now() + interval;
         }
         wait = next_pass
