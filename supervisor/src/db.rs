@@ -2,7 +2,7 @@
 //! makes, schema-qualified, plus the classification of errors into what the
 //! supervisor does about them. No policy lives here; the database decides.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +13,8 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Row, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
+
+use crate::schema::{Schema, Version};
 
 use crate::metrics::Kind;
 
@@ -131,6 +133,8 @@ pub struct Database {
     /// Set while connections find only a standby, so that the dispatcher, the lanes and the
     /// executors together say "waiting for a primary" once, not once per attempt each.
     waiting_for_primary: Arc<AtomicBool>,
+    /// The picloud version the last admitted connection found (`Version::pack`); see `schema`.
+    schema_version: Arc<AtomicU64>,
 }
 
 /// The connection task's type for a `Database` connection.
@@ -147,13 +151,15 @@ pub enum ConnectError {
     /// the last host tried does not accept writes: nothing there can be claimed, and the
     /// connection was closed.
     Standby,
+    /// The database has no picloud extension (not yet created, or dropped).
+    NoExtension,
 }
 
 impl ConnectError {
     pub fn is_certificate_error(&self) -> bool {
         match self {
             ConnectError::Failed(e) => crate::tls::is_certificate_error(e),
-            ConnectError::Standby => false,
+            ConnectError::Standby | ConnectError::NoExtension => false,
         }
     }
 }
@@ -163,6 +169,9 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Failed(e) => f.write_str(&error_text(e)),
             ConnectError::Standby => f.write_str("the server is a standby (in recovery)"),
+            ConnectError::NoExtension => {
+                f.write_str("the database has no picloud extension (CREATE EXTENSION picloud)")
+            }
         }
     }
 }
@@ -173,6 +182,7 @@ impl Database {
             config,
             tls,
             waiting_for_primary: Arc::new(AtomicBool::new(false)),
+            schema_version: Arc::new(AtomicU64::new(Version::CURRENT.pack())),
         }
     }
 
@@ -203,32 +213,69 @@ impl Database {
         }
     }
 
-    /// Keeps the client only if its server is a primary. A standby answers every claim with an
-    /// error (read-only transaction) and would never run anything, so its connection is
-    /// dropped at once: the caller retries with its backoff until a primary answers.
-    /// `in_hot_standby` is what the server reported at connect (PostgreSQL 14 and later);
-    /// older servers are asked.
+    /// Keeps the client only if its server is a primary, and reads which picloud version its
+    /// database runs (`schema`). A standby answers every claim with an error (read-only
+    /// transaction) and would never run anything, so its connection is dropped at once: the
+    /// caller retries with its backoff until a primary answers. `in_hot_standby` is what the
+    /// server reported at connect (PostgreSQL 14 and later); older servers are asked.
     pub async fn admit(
         &self,
         client: Client,
         in_hot_standby: Option<bool>,
     ) -> Result<Client, ConnectError> {
-        let standby = match in_hot_standby {
-            Some(standby) => standby,
-            None => client
-                .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
-                .await
-                .and_then(|row| row.try_get::<_, bool>(0))
-                .map_err(ConnectError::Failed)?,
-        };
-        if standby {
+        let row = client
+            .query_one(
+                &format!("SELECT pg_catalog.pg_is_in_recovery(), ({})", Schema::QUERY),
+                &[],
+            )
+            .await
+            .map_err(ConnectError::Failed)?;
+        let in_recovery: bool = row.try_get(0).map_err(ConnectError::Failed)?;
+        if in_hot_standby.unwrap_or(in_recovery) {
             self.note_standby();
             return Err(ConnectError::Standby);
         }
         if self.waiting_for_primary.swap(false, Ordering::AcqRel) {
             tracing::info!(hosts = self.hosts(), "connected to a primary");
         }
+        let version: Option<String> = row.try_get(1).map_err(ConnectError::Failed)?;
+        let version = version.ok_or(ConnectError::NoExtension)?;
+        self.note_schema(&version);
         Ok(client)
+    }
+
+    /// What the database's picloud schema offers, as the last connection admitted found it.
+    pub fn schema(&self) -> Schema {
+        Schema {
+            version: Version::unpack(self.schema_version.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Records the version a connection found; says so when it changes (at start-up against
+    /// an older schema, and once `ALTER EXTENSION picloud UPDATE` has run).
+    fn note_schema(&self, text: &str) {
+        let version = Version::parse(text).unwrap_or_else(|| {
+            tracing::warn!(
+                extversion = text,
+                "unrecognised picloud version; assuming {}",
+                Version::CURRENT
+            );
+            Version::CURRENT
+        });
+        let before = Version::unpack(self.schema_version.swap(version.pack(), Ordering::AcqRel));
+        if before == version {
+            return;
+        }
+        if version < Version::CURRENT {
+            tracing::warn!(
+                schema = %version,
+                supervisor = %Version::CURRENT,
+                "the database's picloud schema is older than this supervisor: running with what \
+                 it offers (run ALTER EXTENSION picloud UPDATE)"
+            );
+        } else {
+            tracing::info!(schema = %version, "picloud schema");
+        }
     }
 
     /// One line for the whole wait, however many connections find the standby.
@@ -316,27 +363,34 @@ pub struct ClaimStatements {
 }
 
 impl ClaimStatements {
-    pub async fn prepare(client: &Client) -> Result<ClaimStatements, tokio_postgres::Error> {
-        let capped = match client
-            .prepare(
-                "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, $4::bool, $5::int4)",
+    pub async fn prepare(
+        client: &Client,
+        schema: Schema,
+    ) -> Result<ClaimStatements, tokio_postgres::Error> {
+        let capped = if schema.per_app_cap() {
+            Some(
+                client
+                    .prepare(
+                        "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, $4::bool, $5::int4)",
+                    )
+                    .await?,
             )
-            .await
-        {
-            Ok(statement) => Some(statement),
-            Err(e) if is_undefined_function(&e) => None,
-            Err(e) => return Err(e),
+        } else {
+            None
         };
         let all = client
             .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)")
             .await?;
-        let outside_lane = match client
-            .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, true)")
-            .await
-        {
-            Ok(statement) => Some(statement),
-            Err(e) if is_undefined_function(&e) => None,
-            Err(e) => return Err(e),
+        let outside_lane = if schema.claim_leaves_sql_lane() {
+            Some(
+                client
+                    .prepare(
+                        "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, true)",
+                    )
+                    .await?,
+            )
+        } else {
+            None
         };
         Ok(ClaimStatements {
             capped,
@@ -396,12 +450,6 @@ pub async fn next_due_in_ms(client: &Client) -> Result<Option<f64>, tokio_postgr
         )
         .await?;
     row.try_get(0)
-}
-
-/// The function does not exist: the database runs an older picloud schema.
-pub fn is_undefined_function(e: &tokio_postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|code| *code == tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
 }
 
 /// Why a report (complete, fail, release) did not go through.

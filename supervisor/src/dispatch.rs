@@ -93,13 +93,12 @@ async fn claim_loop(
 ) -> Result<(), tokio_postgres::Error> {
     let config = &shared.config;
     let metrics = &shared.metrics;
-    let claim_statements = db::ClaimStatements::prepare(&connection.client).await?;
+    let schema = shared.pool.database().schema();
+    let claim_statements = db::ClaimStatements::prepare(&connection.client, schema).await?;
     let mut rechecked = false;
     // While events are due but none is claimable (sql lanes hold them, or another claimer),
     // each look costs a claim: wait longer and longer, up to the poll interval.
     let mut due_wait = DueWait::new(DUE_BUT_LOCKED_WAIT, config.poll_interval);
-    // Cleared for good if the database's picloud schema predates picloud_next_due_at.
-    let mut next_due_known = true;
     loop {
         // Wait for a free executor slot before claiming anything. Not claiming then is
         // by design, which /health must know.
@@ -211,12 +210,7 @@ async fn claim_loop(
             continue;
         }
         rechecked = false;
-        let wait = idle_wait(
-            &connection.client,
-            config.poll_interval,
-            &mut next_due_known,
-        )
-        .await?;
+        let wait = idle_wait(&connection.client, config.poll_interval, schema).await?;
         let wait = due_wait.stretch(wait);
         tokio::select! {
             _ = connection.wake.notified() => due_wait.reset(),

@@ -192,7 +192,7 @@ async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Opti
                     ConnectError::Standby => {
                         tracing::debug!(retry_in_ms, "executor found a standby")
                     }
-                    ConnectError::Failed(_) => tracing::warn!(
+                    ConnectError::Failed(_) | ConnectError::NoExtension => tracing::warn!(
                         error = %e,
                         retry_in_ms,
                         "executor could not connect"
@@ -322,13 +322,18 @@ async fn run_external(
     let handler = async {
         match &claim.handler {
             Handler::Http { url } => {
-                let secrets = match shared.http.secrets(client, claim).await {
-                    Ok(secrets) => secrets,
-                    Err(e) => {
-                        return Err(Failure::from(format!(
-                            "signing secrets could not be read: {}",
-                            db::error_text(&e)
-                        )))
+                // A schema without picloud_signing_secrets signs nothing.
+                let secrets = if !shared.pool.database().schema().signing_secrets() {
+                    Arc::new(Vec::new())
+                } else {
+                    match shared.http.secrets(client, claim).await {
+                        Ok(secrets) => secrets,
+                        Err(e) => {
+                            return Err(Failure::from(format!(
+                                "signing secrets could not be read: {}",
+                                db::error_text(&e)
+                            )))
+                        }
                     }
                 };
                 shared

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::db;
+use crate::schema::Schema;
 
 /// Shortest idle wait when an unclaimed event is already due but the claim found none (another
 /// claimer holds its row lock for a moment): short, but not a busy loop.
@@ -15,23 +16,15 @@ pub const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);
 pub async fn idle_wait(
     client: &tokio_postgres::Client,
     poll_interval: Duration,
-    next_due_known: &mut bool,
+    schema: Schema,
 ) -> Result<Duration, tokio_postgres::Error> {
-    if !*next_due_known {
+    // A schema without picloud_next_due_at: retries and scheduled events may start up to one
+    // poll interval late.
+    if !schema.next_due_at() {
         return Ok(poll_interval);
     }
-    match db::next_due_in_ms(client).await {
-        Ok(next_due) => Ok(wait_for(next_due, poll_interval)),
-        Err(e) if db::is_undefined_function(&e) => {
-            *next_due_known = false;
-            tracing::warn!(
-                "picloud_next_due_at is missing (run ALTER EXTENSION picloud UPDATE); \
-                 retries and scheduled events may start up to one poll interval late"
-            );
-            Ok(poll_interval)
-        }
-        Err(e) => Err(e),
-    }
+    let next_due = db::next_due_in_ms(client).await?;
+    Ok(wait_for(next_due, poll_interval))
 }
 
 fn wait_for(next_due_in_ms: Option<f64>, poll_interval: Duration) -> Duration {

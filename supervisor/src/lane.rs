@@ -24,6 +24,7 @@ use crate::db::{self, Claim, ConnectError};
 use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait};
 use crate::metrics::{Connection, Kind, LaneConnected};
+use crate::schema::Schema;
 use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
 
@@ -60,42 +61,36 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
         }
         let listens = index == 0;
         let failure = match wake::connect(shared.pool.database(), listens).await {
-            Ok(connection) => match lane_available(&connection.client).await {
-                Ok(true) => {
-                    // Counted while this lane runs: dropped when it returns, fails or panics.
-                    let connected = LaneConnected::new(&shared.metrics);
-                    shared.lane_batches.connected(index);
-                    tracing::info!(lane = index, "sql lane connected");
-                    let result = lane_loop(
-                        &shared,
-                        index,
-                        &connection,
-                        listens,
-                        &mut phase,
-                        &mut backoff,
-                        &mut stranded,
-                    )
-                    .await;
-                    drop(connected);
-                    shared.lane_batches.disconnected(index);
-                    match result {
-                        Ok(()) => return,
-                        Err(e) => Some(format!("sql lane connection failed: {e}")),
-                    }
+            Ok(_) if !shared.pool.database().schema().sql_lanes() => {
+                tracing::warn!(
+                    lane = index,
+                    "the database's picloud schema has no sql lanes (run ALTER EXTENSION \
+                     picloud UPDATE); every event runs through claims"
+                );
+                return;
+            }
+            Ok(connection) => {
+                // Counted while this lane runs: dropped when it returns, fails or panics.
+                let connected = LaneConnected::new(&shared.metrics);
+                shared.lane_batches.connected(index);
+                tracing::info!(lane = index, "sql lane connected");
+                let result = lane_loop(
+                    &shared,
+                    index,
+                    &connection,
+                    listens,
+                    &mut phase,
+                    &mut backoff,
+                    &mut stranded,
+                )
+                .await;
+                drop(connected);
+                shared.lane_batches.disconnected(index);
+                match result {
+                    Ok(()) => return,
+                    Err(e) => Some(format!("sql lane connection failed: {e}")),
                 }
-                Ok(false) => {
-                    tracing::warn!(
-                        lane = index,
-                        "the database's picloud schema has no sql lanes (run ALTER EXTENSION \
-                         picloud UPDATE); every event runs through claims"
-                    );
-                    return;
-                }
-                Err(e) => Some(format!(
-                    "sql lane could not check the schema: {}",
-                    db::error_text(&e)
-                )),
-            },
+            }
             Err(ConnectError::Standby) => None,
             Err(e) => Some(format!("sql lane could not connect: {e}")),
         };
@@ -119,16 +114,6 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
     }
 }
 
-async fn lane_available(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT to_regprocedure('picloud.picloud_run_sql_lane_locked()') IS NOT NULL",
-            &[],
-        )
-        .await?;
-    row.try_get(0)
-}
-
 async fn lane_loop(
     shared: &Arc<Shared>,
     index: usize,
@@ -140,11 +125,11 @@ async fn lane_loop(
 ) -> Result<(), String> {
     let client = &connection.client;
     let batch = shared.config.sql_lane_batch;
-    let statements = Statements::prepare(client)
+    let schema = shared.pool.database().schema();
+    let statements = Statements::prepare(client, schema)
         .await
         .map_err(|e| db::error_text(&e))?;
     let mut rechecked = false;
-    let mut next_due_known = true;
     let mut others_due = DueWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval);
     loop {
         if let Some(locked) = stranded.take() {
@@ -216,7 +201,7 @@ async fn lane_loop(
             continue;
         }
         rechecked = false;
-        let wait = idle_wait(client, shared.config.poll_interval, &mut next_due_known)
+        let wait = idle_wait(client, shared.config.poll_interval, schema)
             .await
             .map_err(|e| db::error_text(&e))?;
         let wait = others_due.stretch(wait);
@@ -239,7 +224,7 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+    async fn prepare(client: &Client, schema: Schema) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
             lock: client
                 .prepare("SELECT app_id, event_id FROM picloud.picloud_lock_sql_lane_for_run($1)")
@@ -250,13 +235,14 @@ impl Statements {
                      FROM picloud.picloud_run_sql_lane_locked()",
                 )
                 .await?,
-            leave: match client
-                .prepare("SELECT picloud.picloud_leave_sql_lane($1, $2)")
-                .await
-            {
-                Ok(statement) => Some(statement),
-                Err(e) if db::is_undefined_function(&e) => None,
-                Err(e) => return Err(e),
+            leave: if schema.leave_sql_lane() {
+                Some(
+                    client
+                        .prepare("SELECT picloud.picloud_leave_sql_lane($1, $2)")
+                        .await?,
+                )
+            } else {
+                None
             },
         })
     }

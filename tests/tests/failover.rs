@@ -247,11 +247,20 @@ impl Pair {
     fn promote(&self) -> String {
         let standby = self.standby_dir().to_string_lossy().into_owned();
         as_postgres("pg_ctl", &["-D", &standby, "-w", "-t", "60", "promote"]);
+        // pg_ctl returns when the control file says "in production", which the server writes
+        // a moment before it logs the line.
+        let ready = |log: &str| {
+            log.lines()
+                .rev()
+                .find(|line| line.contains("database system is ready to accept connections"))
+                .map(str::to_owned)
+        };
+        let found = eventually(Duration::from_secs(10), || {
+            ready(&self.standby_log()).is_some()
+        });
         let log = self.standby_log();
-        let line = log
-            .lines()
-            .rev()
-            .find(|line| line.contains("database system is ready to accept connections"))
+        let line = ready(&log)
+            .filter(|_| found)
             .unwrap_or_else(|| panic!("promotion not in the standby's log: {log}"));
         // "2026-12-05 05:59:35.768 UTC [pid] LOG: ..."
         line.split(" [").next().unwrap_or_default().to_owned()

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{excerpt, result_from_output, signing, Failure, HandlerResult};
 use crate::allow::{AllowList, Host};
-use crate::db::{self, Claim};
+use crate::db::Claim;
 
 /// How much of a non-2xx body goes into the error text.
 const ERROR_BODY_BYTES: usize = 512;
@@ -180,7 +180,6 @@ impl HttpClient {
         {
             Ok(Some(row)) => row.try_get::<_, Option<Vec<String>>>(0)?.unwrap_or_default(),
             Ok(None) => Vec::new(),
-            Err(e) if db::is_undefined_function(&e) => Vec::new(),
             Err(e) => return Err(e),
         };
         let secrets = Arc::new(secrets);
