@@ -11,9 +11,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use crate::backoff::Backoff;
 use crate::db::{self, Claim, ConnectError, Handler};
 use crate::executor::{self, accept_claimed};
-use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT};
+use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT, RECHECK_DELAY};
 use crate::metrics::Connection;
-use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::state::{pause_before_reconnect, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
 
 /// How the dispatcher ended.
@@ -24,12 +24,6 @@ pub enum Ended {
     /// would not help.
     Misconfigured(String),
 }
-
-/// After an empty claim the extension starts sending wake-ups for this worker;
-/// an event enqueued just before that would get none, so claim once more
-/// shortly after to close that window. The window is one commit's WAL flush, so a few
-/// milliseconds cover it.
-const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// How long every sql lane must have been in its current batch before claims take sql events
 /// too. A lane batch of fast handlers takes tens of milliseconds.
@@ -71,14 +65,16 @@ pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ende
             Err(e) => Some(format!("dispatcher could not connect: {e}")),
         };
         shared.metrics.set_db_connected(false);
-        shared.metrics.reconnect(Connection::Dispatcher);
-        let delay = backoff.next_delay();
-        let retry_in_ms = delay.as_millis() as u64;
-        match failure {
-            Some(error) => tracing::warn!(error, retry_in_ms, "dispatcher reconnecting"),
-            None => tracing::debug!(retry_in_ms, "dispatcher found a standby; reconnecting"),
-        }
-        if sleep_unless_stopping(delay, &mut phase).await {
+        if pause_before_reconnect(
+            &shared,
+            Connection::Dispatcher,
+            "dispatcher",
+            failure,
+            &mut backoff,
+            &mut phase,
+        )
+        .await
+        {
             return Ended::Stopped;
         }
     }

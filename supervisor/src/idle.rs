@@ -7,6 +7,12 @@ use std::time::Duration;
 use crate::db;
 use crate::schema::Schema;
 
+/// After an empty claim (by the dispatcher or a lane) the extension starts sending wake-ups
+/// for this worker; an event enqueued just before that would get none, so claim once more
+/// shortly after to close that window. The window is one commit's WAL flush, so a few
+/// milliseconds cover it.
+pub const RECHECK_DELAY: Duration = Duration::from_millis(3);
+
 /// Shortest idle wait when an unclaimed event is already due but the claim found none (another
 /// claimer holds its row lock for a moment): short, but not a busy loop.
 pub const DUE_BUT_LOCKED_WAIT: Duration = Duration::from_millis(5);

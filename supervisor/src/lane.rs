@@ -22,15 +22,11 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::db::{self, Claim, ConnectError};
 use crate::executor::{self, accept_claimed};
-use crate::idle::{idle_wait, DueWait};
+use crate::idle::{idle_wait, DueWait, RECHECK_DELAY};
 use crate::metrics::{Connection, Kind, LaneConnected};
 use crate::schema::Schema;
-use crate::state::{sleep_unless_stopping, stopping, Phase, Shared};
+use crate::state::{pause_before_reconnect, stopping, Phase, Shared};
 use crate::wake::{self, WakeConnection};
-
-/// As for the dispatcher: claim once more shortly after coming back empty, to close the window
-/// in which an enqueue saw no idle claimer and sent no wake-up.
-const RECHECK_DELAY: Duration = Duration::from_millis(3);
 
 /// First idle wait while events are due but none is for a lane: the dispatcher is working
 /// through them, and each look scans past them (see `idle::DueWait`).
@@ -94,21 +90,17 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             Err(ConnectError::Standby) => None,
             Err(e) => Some(format!("sql lane could not connect: {e}")),
         };
-        shared.metrics.reconnect(Connection::Lane);
-        let delay = backoff.next_delay();
-        let retry_in_ms = delay.as_millis() as u64;
-        match failure {
-            Some(error) => {
-                tracing::warn!(lane = index, error, retry_in_ms, "sql lane reconnecting")
-            }
-            // Said once for every connection by `Database`.
-            None => tracing::debug!(
-                lane = index,
-                retry_in_ms,
-                "sql lane found a standby; reconnecting"
-            ),
-        }
-        if sleep_unless_stopping(delay, &mut phase).await {
+        let who = format!("sql lane {index}");
+        if pause_before_reconnect(
+            &shared,
+            Connection::Lane,
+            &who,
+            failure,
+            &mut backoff,
+            &mut phase,
+        )
+        .await
+        {
             return;
         }
     }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify, Semaphore};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::handlers::http::HttpClient;
-use crate::metrics::Metrics;
+use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
 
 /// Lifecycle phase, broadcast to the dispatcher, the lanes and every executor task.
@@ -128,6 +129,28 @@ pub async fn sleep_unless_stopping(delay: Duration, phase: &mut watch::Receiver<
         _ = tokio::time::sleep(delay) => *phase.borrow() != Phase::Running,
         _ = stopping(phase) => true,
     }
+}
+
+/// Between a connection of the dispatcher or a lane (`who`) that failed (`Some(error)`) or
+/// found only a standby (`None`: `Database` says that once for every connection) and the
+/// next attempt: counts the reconnect, logs it, and waits the next backoff step. True if the
+/// supervisor began stopping meanwhile.
+pub async fn pause_before_reconnect(
+    shared: &Shared,
+    connection: Connection,
+    who: &str,
+    failure: Option<String>,
+    backoff: &mut Backoff,
+    phase: &mut watch::Receiver<Phase>,
+) -> bool {
+    shared.metrics.reconnect(connection);
+    let delay = backoff.next_delay();
+    let retry_in_ms = delay.as_millis() as u64;
+    match failure {
+        Some(error) => tracing::warn!(error, retry_in_ms, "{who} reconnecting"),
+        None => tracing::debug!(retry_in_ms, "{who} found a standby; reconnecting"),
+    }
+    sleep_unless_stopping(delay, phase).await
 }
 
 #[cfg(test)]
