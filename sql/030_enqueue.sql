@@ -2,7 +2,7 @@
 -- Claims and their reports are in 031_claims.sql, handlers run in the database in
 -- 032_sql_handlers.sql, synchronous-call inboxes in 033_inboxes.sql.
 --
--- Project SQLSTATEs (class PC, see README):
+-- Project SQLSTATEs (class PC, see docs/sql-api.md, "Errors"):
 --   PC001 depth exceeded      PC002 lease lost       PC003 dead letter already resolved
 --   PC004 payload too large   PC005 principal cannot run the handler
 

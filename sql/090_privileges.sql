@@ -4,7 +4,7 @@
 -- picloud_grant_app_role), and row-level security narrows every table to the apps the role
 -- holds a capability in. Superusers and picloud_admin members pass every policy.
 --
--- The one door (README, Security): tenants read through row-level security and write only
+-- The one door (docs/security.md): tenants read through row-level security and write only
 -- what the API's own statements write, with column privileges that leave out everything the
 -- API never writes at enqueue (claims, leases, attempt counts); explicit table locks on
 -- picloud's tables are refused to them (extension/src/table_locks.rs). The supervisor's role

@@ -1,6 +1,6 @@
 //! picloud's errors raised from Rust, each mapped to one SQLSTATE.
 //!
-//! Errors raised from the SQL files use the project class `PC` (see README); the Rust side only
+//! Errors raised from the SQL files use the project class `PC` (see docs/sql-api.md, "Errors"); the Rust side only
 //! needs standard codes.
 
 use pgrx::pg_sys::elog::PgLogLevel;

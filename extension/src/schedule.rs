@@ -1,6 +1,6 @@
 //! Cron schedules: what a cron trigger's `schedule` and `timezone` mean, and its ticks.
 //!
-//! Two forms (README, "Cron triggers"):
+//! Two forms (docs/sql-api.md, "Cron triggers"):
 //! - the standard five fields (minute hour day-of-month month day-of-week, with ranges, lists,
 //!   steps and names) and the `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly` (and
 //!   `@annually`, `@midnight`) nicknames, read in the trigger's IANA time zone. Parsing and

@@ -1200,7 +1200,7 @@ BEGIN
 END
 $$;
 
--- Cron triggers: handlers that run on a schedule (README, "Cron triggers").
+-- Cron triggers: handlers that run on a schedule (docs/sql-api.md, "Cron triggers").
 --
 -- Where ticks are made, and why each is enqueued exactly once: the housekeeper (the background
 -- worker inside Postgres, extension/src/worker.rs) calls picloud._cron_fire as soon as the

@@ -1,10 +1,10 @@
 //! What the database's picloud schema offers, decided in one place from its `extversion`.
 //!
 //! A supervisor meets older schemas during an upgrade: packages are installed and the
-//! supervisors restarted before `ALTER EXTENSION picloud UPDATE` has run everywhere (README,
-//! "Upgrade"). Every connection reads the version once when it is admitted (`db::Database`),
-//! and each difference between releases is a method here, instead of each caller probing for a
-//! missing function by catching its error.
+//! supervisors restarted before `ALTER EXTENSION picloud UPDATE` has run everywhere
+//! (docs/operations.md, "Upgrade"). Every connection reads the version once when it is
+//! admitted (`db::Database`), and each difference between releases is a method here, instead
+//! of each caller probing for a missing function by catching its error.
 
 use std::fmt;
 

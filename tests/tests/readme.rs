@@ -1,6 +1,8 @@
-//! The README is the user's guide. Its tour, pasted into psql against a database set up like
-//! the one scripts/run.sh serves, with a real supervisor attached, runs line by line and ends
-//! in the state it describes; its SQL API reference names every public function and view.
+//! The README is the front door and docs/ the guides. The README's tour, pasted into psql
+//! against a database set up like the one scripts/run.sh serves, with a real supervisor
+//! attached, runs line by line and ends in the state it describes; the SQL API reference
+//! (docs/sql-api.md) names every public function and view, and every link between the
+//! documents leads to a file and heading that exist.
 
 use picloud_tests::*;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,11 @@ fn repo() -> PathBuf {
 }
 
 fn readme() -> String {
-    std::fs::read_to_string(repo().join("README.md")).expect("README.md")
+    read("README.md")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// The SQL between `<!-- tour:begin -->` and `<!-- tour:end -->`, without the code fences.
@@ -117,7 +123,7 @@ fn readme_tour_runs_line_by_line() {
 #[test]
 fn readme_reference_names_every_public_function_and_view() {
     let (_db, mut c) = fresh_db("reference");
-    let text = readme();
+    let text = read("docs/sql-api.md");
     let names: Vec<String> = c
         .query(
             "SELECT DISTINCT proname::text FROM pg_proc
@@ -143,5 +149,79 @@ fn readme_reference_names_every_public_function_and_view() {
         })
     };
     let missing: Vec<&String> = names.iter().filter(|name| !documented(name)).collect();
-    assert!(missing.is_empty(), "README does not document: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/sql-api.md does not document: {missing:?}"
+    );
+}
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors of a Markdown file's headings (outside code blocks).
+fn anchors(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut found = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            found.push(anchor(line.trim_start_matches('#')));
+        }
+    }
+    found
+}
+
+#[test]
+fn links_between_the_documents_lead_somewhere() {
+    let documents = [
+        "README.md",
+        "docs/sql-api.md",
+        "docs/operations.md",
+        "docs/security.md",
+        "docs/benchmarks.md",
+        "docs/layout.md",
+        "docs/scaling.md",
+    ];
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for document in documents {
+        let text = read(document);
+        let dir = Path::new(document).parent().unwrap_or(Path::new(""));
+        // Every `](target)` that is not a web address.
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            if target.starts_with("http") || target.contains(' ') {
+                continue;
+            }
+            let (file, fragment) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() {
+                PathBuf::from(document)
+            } else {
+                dir.join(file)
+            };
+            checked += 1;
+            let Ok(linked) = std::fs::read(repo().join(&path)) else {
+                broken.push(format!("{document}: {target} (no such file)"));
+                continue;
+            };
+            if !fragment.is_empty()
+                && !anchors(&String::from_utf8_lossy(&linked)).contains(&fragment.to_owned())
+            {
+                broken.push(format!("{document}: {target} (no such heading)"));
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} links found");
+    assert!(broken.is_empty(), "broken links: {broken:#?}");
 }
