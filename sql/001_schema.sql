@@ -79,7 +79,12 @@ CREATE TABLE picloud.kv_trigger_details (
     collection_pattern  text   NOT NULL,
     match_key           text   NOT NULL,
     ops                 text[] NOT NULL,
+    -- Ordered delivery (docs/sql-api.md, "Ordered delivery"): events take the ordering key
+    -- collection || ':' || key; on_dead_letter says whether a dead-lettered event blocks it.
+    ordered             boolean NOT NULL DEFAULT false,
+    on_dead_letter      text   NOT NULL DEFAULT 'continue',
     CONSTRAINT kv_trigger_details_pkey PRIMARY KEY (app_id, trigger_id),
+    CONSTRAINT kv_trigger_details_on_dead_letter_valid CHECK (on_dead_letter IN ('continue', 'block')),
     CONSTRAINT kv_trigger_details_ops_valid
         CHECK (cardinality(ops) >= 1 AND ops <@ ARRAY['insert', 'update', 'delete', 'set']::text[]),
     CONSTRAINT kv_trigger_details_trigger_fkey FOREIGN KEY (app_id, trigger_id)
@@ -169,6 +174,12 @@ CREATE TABLE picloud.outbox (
     last_error        text,
     reply_to          text,
     created_at        timestamptz NOT NULL DEFAULT now(),
+    -- Ordered delivery: events of one (app_id, ordering_key) run one at a time in ordering_seq
+    -- order (picloud.ordering_seq, taken at enqueue under the key's lock); ordering_blocks:
+    -- once dead-lettered, the event blocks its key until the dead letter is resolved.
+    ordering_key      text,
+    ordering_seq      bigint,
+    ordering_blocks   boolean,
     CONSTRAINT outbox_pkey PRIMARY KEY (app_id, event_id)
 ) WITH (
     -- A queue table churns: every row is inserted, updated once or twice and deleted.
@@ -188,6 +199,13 @@ CREATE TABLE picloud.outbox (
 CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
 -- Lease rescue: claimed rows by lease expiry.
 CREATE INDEX outbox_lease_idx ON picloud.outbox (lease_expires_at) WHERE claimed_by IS NOT NULL;
+-- Ordered delivery: an event of a key may run only when no earlier event of its key is in the
+-- outbox, one probe of this index.
+CREATE INDEX outbox_ordering_idx ON picloud.outbox (app_id, ordering_key, ordering_seq)
+    WHERE ordering_key IS NOT NULL;
+-- Order of the events of each key, across apps and sessions: nextval is taken while the
+-- enqueueing transaction holds its key's lock, so per key it is commit order.
+CREATE SEQUENCE picloud.ordering_seq;
 
 -- Idempotency keys outlive their outbox row (which is deleted on completion), so a retry of
 -- the same request after the event ran still enqueues nothing.
@@ -220,6 +238,10 @@ CREATE TABLE picloud.dead_letters (
     resolved_at        timestamptz,
     resolved_by        name,
     resolution         text,
+    -- The ordered event's key and place (see the outbox), kept for a replay.
+    ordering_key       text,
+    ordering_seq       bigint,
+    ordering_blocks    boolean,
     CONSTRAINT dead_letters_pkey PRIMARY KEY (app_id, dead_letter_id),
     CONSTRAINT dead_letters_resolution_valid
         CHECK (resolution IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed')),
@@ -234,6 +256,19 @@ CREATE INDEX dead_letters_unresolved_idx ON picloud.dead_letters (app_id, create
 CREATE INDEX dead_letters_app_created_idx ON picloud.dead_letters (app_id, created_at);
 -- Retention GC by age (only resolved rows are ever collected).
 CREATE INDEX dead_letters_gc_idx ON picloud.dead_letters (created_at) WHERE resolved_at IS NOT NULL;
+
+-- Ordering keys held back by a dead letter (on_dead_letter 'block') until it is resolved: its
+-- replay runs first, any other resolution releases the key. Read through picloud.blocked_keys.
+CREATE TABLE picloud.key_blocks (
+    app_id          uuid        NOT NULL,
+    ordering_key    text        NOT NULL,
+    dead_letter_id  uuid        NOT NULL,
+    blocked_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT key_blocks_pkey PRIMARY KEY (app_id, ordering_key),
+    CONSTRAINT key_blocks_dead_letter_fkey FOREIGN KEY (app_id, dead_letter_id)
+        REFERENCES picloud.dead_letters (app_id, dead_letter_id) ON DELETE CASCADE
+);
+CREATE INDEX key_blocks_dead_letter_idx ON picloud.key_blocks (app_id, dead_letter_id);
 
 -- Synchronous-call inboxes: a caller LISTENs on channel and waits until expires_at. The
 -- owner's backend pid and start time tell whether the caller is still connected.

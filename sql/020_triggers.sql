@@ -103,7 +103,9 @@ CREATE FUNCTION picloud.picloud_create_kv_trigger(
     p_collection_pattern text,
     p_script_id uuid,
     p_ops text[] DEFAULT ARRAY['insert', 'update', 'delete', 'set'],
-    p_enabled boolean DEFAULT true)
+    p_enabled boolean DEFAULT true,
+    p_ordered boolean DEFAULT false,
+    p_on_dead_letter text DEFAULT 'continue')
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -111,9 +113,14 @@ DECLARE
     v_match_key text;
 BEGIN
     PERFORM picloud._require(p_app_id, 'manage_triggers');
-    IF p_collection_pattern IS NULL OR p_script_id IS NULL OR p_ops IS NULL OR p_enabled IS NULL THEN
-        PERFORM picloud._null_argument('{collection_pattern,script_id,ops,enabled}',
-            ARRAY[p_collection_pattern IS NULL, p_script_id IS NULL, p_ops IS NULL, p_enabled IS NULL]);
+    IF p_collection_pattern IS NULL OR p_script_id IS NULL OR p_ops IS NULL OR p_enabled IS NULL
+       OR p_ordered IS NULL OR p_on_dead_letter IS NULL THEN
+        PERFORM picloud._null_argument('{collection_pattern,script_id,ops,enabled,ordered,on_dead_letter}',
+            ARRAY[p_collection_pattern IS NULL, p_script_id IS NULL, p_ops IS NULL, p_enabled IS NULL,
+                  p_ordered IS NULL, p_on_dead_letter IS NULL]);
+    END IF;
+    IF p_on_dead_letter NOT IN ('continue', 'block') THEN
+        PERFORM picloud._check_ordering(NULL, p_on_dead_letter);
     END IF;
     v_match_key := picloud._pattern_match_key(p_collection_pattern);
     IF cardinality(p_ops) = 0 OR array_position(p_ops, NULL) IS NOT NULL
@@ -123,9 +130,10 @@ BEGIN
     PERFORM picloud._require_script(p_app_id, p_script_id);
     INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id, enabled)
     VALUES (p_app_id, v_trigger_id, 'kv', p_script_id, p_enabled);
-    INSERT INTO picloud.kv_trigger_details (app_id, trigger_id, collection_pattern, match_key, ops)
+    INSERT INTO picloud.kv_trigger_details (app_id, trigger_id, collection_pattern, match_key, ops,
+                                            ordered, on_dead_letter)
     VALUES (p_app_id, v_trigger_id, p_collection_pattern, v_match_key,
-            ARRAY(SELECT DISTINCT unnest(p_ops) ORDER BY 1));
+            ARRAY(SELECT DISTINCT unnest(p_ops) ORDER BY 1), p_ordered, p_on_dead_letter);
     RETURN v_trigger_id;
 END
 $$;

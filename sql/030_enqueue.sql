@@ -93,6 +93,41 @@ $$;
 
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
+-- Refuses an ordering key that is not 1 to 4096 characters long and an on_dead_letter that
+-- is not 'continue' or 'block', or given without a key (22023).
+CREATE FUNCTION picloud._check_ordering(p_ordering_key text, p_on_dead_letter text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_on_dead_letter IS NOT NULL AND p_on_dead_letter NOT IN ('continue', 'block') THEN
+        PERFORM picloud._invalid(format('unknown on_dead_letter %L', left(p_on_dead_letter, 200)),
+            'on_dead_letter is continue (the key goes on past a dead letter) or block (it waits until the dead letter is resolved).');
+    END IF;
+    IF p_ordering_key IS NULL THEN
+        IF p_on_dead_letter IS NOT NULL THEN
+            PERFORM picloud._invalid('on_dead_letter applies only to events with an ordering key');
+        END IF;
+        RETURN;
+    END IF;
+    IF length(p_ordering_key) NOT BETWEEN 1 AND 4096 THEN
+        PERFORM picloud._invalid(format('ordering_key must be 1 to 4096 characters long, got %s', length(p_ordering_key)));
+    END IF;
+END
+$$;
+
+-- The next place in an ordering key (internal). Waits for the key's lock, held until the
+-- caller's transaction ends, so that the places of one key's events follow the order in
+-- which their transactions commit, and no event can run before an earlier one of its key
+-- that had not yet committed. (Two transactions that take the same two keys in opposite
+-- orders can deadlock, 40P01, as with row locks.) The two-integer lock form with picloud's
+-- own class keeps these locks apart from an application's advisory locks.
+CREATE FUNCTION picloud._order_event(p_app_id uuid, p_ordering_key text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885954924, pg_catalog.hashtext(p_app_id::text || ':' || p_ordering_key));
+    RETURN pg_catalog.nextval('picloud.ordering_seq');
+END
+$$;
+
 CREATE FUNCTION picloud._enqueue_general(
     p_app_id uuid,
     p_source text,
@@ -103,11 +138,14 @@ CREATE FUNCTION picloud._enqueue_general(
     p_depth integer,
     p_run_at timestamptz,
     p_reply_to text,
-    p_idempotency_key text)
+    p_idempotency_key text,
+    p_ordering_key text,
+    p_on_dead_letter text)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event_id uuid := picloud._new_event_id();
+    v_ordering_seq bigint;
     v_existing uuid;
     v_script_id uuid := p_script_id;
     v_depth integer;
@@ -149,6 +187,9 @@ BEGIN
         PERFORM picloud._invalid(format('reply_to %L is not an open inbox of app %s', left(p_reply_to, 200), p_app_id),
             'Open one with picloud_open_inbox and LISTEN on the channel it returns.');
     END IF;
+    IF p_ordering_key IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
+        PERFORM picloud._check_ordering(p_ordering_key, p_on_dead_letter);
+    END IF;
     IF p_idempotency_key IS NOT NULL THEN
         IF length(p_idempotency_key) NOT BETWEEN 1 AND 512 THEN
             PERFORM picloud._invalid(format('idempotency_key must be 1 to 512 characters long, got %s', length(p_idempotency_key)));
@@ -162,9 +203,14 @@ BEGIN
             RETURN v_existing;
         END IF;
     END IF;
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    IF p_ordering_key IS NOT NULL THEN
+        v_ordering_seq := picloud._order_event(p_app_id, p_ordering_key);
+    END IF;
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
+                                ordering_key, ordering_seq, ordering_blocks)
     VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
-            coalesce(p_run_at, now()), p_reply_to);
+            coalesce(p_run_at, now()), p_reply_to,
+            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END);
     v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
@@ -183,7 +229,9 @@ CREATE FUNCTION picloud._enqueue_fast(
     p_depth integer,
     p_run_at timestamptz,
     p_reply_to text,
-    p_idempotency_key text)
+    p_idempotency_key text,
+    p_ordering_key text,
+    p_on_dead_letter text)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
@@ -191,7 +239,8 @@ AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
 -- Enqueues one event in the caller's transaction and returns its id. It is delivered when
 -- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
 -- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
--- event's id and enqueues nothing.
+-- event's id and enqueues nothing; events of one ordering_key run one at a time in enqueue
+-- order, and on_dead_letter ('continue' or 'block') says what a dead letter does to the key.
 -- The common case costs one call of Rust (picloud._enqueue_fast's) and no PL/pgSQL; every
 -- other call runs picloud._enqueue_general with the same arguments (see api/enqueue.rs).
 CREATE FUNCTION picloud.picloud_enqueue(
@@ -204,7 +253,9 @@ CREATE FUNCTION picloud.picloud_enqueue(
     p_depth integer DEFAULT NULL,
     p_run_at timestamptz DEFAULT NULL,
     p_reply_to text DEFAULT NULL,
-    p_idempotency_key text DEFAULT NULL)
+    p_idempotency_key text DEFAULT NULL,
+    p_ordering_key text DEFAULT NULL,
+    p_on_dead_letter text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue';
@@ -219,10 +270,13 @@ CREATE FUNCTION picloud.picloud_enqueue_bulk(
     p_script_id uuid DEFAULT NULL,
     p_trigger_id uuid DEFAULT NULL,
     p_depth integer DEFAULT NULL,
-    p_run_at timestamptz DEFAULT NULL)
+    p_run_at timestamptz DEFAULT NULL,
+    p_ordering_keys text[] DEFAULT NULL,
+    p_on_dead_letter text DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_ordering_seqs bigint[];
     v_script_id uuid;
     v_depth integer;
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
@@ -248,13 +302,34 @@ BEGIN
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    IF p_ordering_keys IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
+        -- Refuses an unknown on_dead_letter, or one without any key.
+        IF p_ordering_keys IS NULL OR p_on_dead_letter NOT IN ('continue', 'block') THEN
+            PERFORM picloud._check_ordering(NULL, p_on_dead_letter);
+        END IF;
+        IF cardinality(p_ordering_keys) <> cardinality(p_payloads) THEN
+            PERFORM picloud._invalid(format('ordering_keys must have one entry (or NULL) per payload: %s keys for %s payloads',
+                cardinality(p_ordering_keys), cardinality(p_payloads)));
+        END IF;
+        -- Places in payload order, each under its key's lock (a key given twice takes two).
+        v_ordering_seqs := array_fill(NULL::bigint, ARRAY[cardinality(p_payloads)]);
+        FOR i IN 1 .. cardinality(p_ordering_keys) LOOP
+            IF p_ordering_keys[i] IS NOT NULL THEN
+                PERFORM picloud._check_ordering(p_ordering_keys[i], p_on_dead_letter);
+                v_ordering_seqs[i] := picloud._order_event(p_app_id, p_ordering_keys[i]);
+            END IF;
+        END LOOP;
+    END IF;
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
     v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
+                                ordering_key, ordering_seq, ordering_blocks)
     SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
-           coalesce(p_run_at, now())
-    FROM unnest(p_payloads, v_ids) AS p(payload, event_id);
+           coalesce(p_run_at, now()),
+           p.ordering_key, p.ordering_seq,
+           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END
+    FROM unnest(p_payloads, v_ids, p_ordering_keys, v_ordering_seqs) AS p(payload, event_id, ordering_key, ordering_seq);
     IF cardinality(p_payloads) > 0 THEN
         PERFORM picloud._wake_at_commit();
     END IF;
@@ -310,9 +385,18 @@ BEGIN
         PERFORM picloud._event_depth(p_depth);
     END IF;
     v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
-    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
-    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
+    -- An ordered trigger's event takes the key collection:key, and its place under that key's
+    -- lock; the row lock a captured table's writers hold makes that their commit order.
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
+                                ordering_key, ordering_seq, ordering_blocks)
+    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth,
+           k.ordering_key,
+           CASE WHEN k.ordering_key IS NOT NULL THEN picloud._order_event(p_app_id, k.ordering_key) END,
+           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END
+    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m
+    JOIN picloud.kv_trigger_details d ON d.app_id = p_app_id AND d.trigger_id = m.trigger_id
+    CROSS JOIN LATERAL (SELECT CASE WHEN d.ordered THEN p_collection || ':' || coalesce(p_key, '') END
+                        AS ordering_key) k;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;
     IF v_enqueued > 0 THEN
         IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN

@@ -107,6 +107,9 @@ $$;
 --      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
 --      behind a backlog of its own;
 --   2. then the oldest due events by due time, to fill the batch.
+-- An event with an ordering key is taken only when no earlier event of its key is still in the
+-- outbox (claimed, retrying or waiting) and the key is not blocked by a dead letter: one event
+-- of a key runs at a time, in order. Those are left to claims, never to the sql lanes.
 -- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
 -- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
 -- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
@@ -182,13 +185,20 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id
+                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key, o.ordering_seq
                   FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
             WHERE w.claimed_by IS NULL AND w.due_at <= now()
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND w.ordering_key IS NULL
                        AND coalesce((SELECT s.kind FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
                                     false))
+              AND (w.ordering_key IS NULL OR (
+                   NOT EXISTS (SELECT 1 FROM picloud.outbox p
+                               WHERE p.app_id = w.app_id AND p.ordering_key = w.ordering_key
+                                 AND p.ordering_seq < w.ordering_seq)
+                   AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                                   WHERE b.app_id = w.app_id AND b.ordering_key = w.ordering_key)))
             ORDER BY w.event_id
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
@@ -206,14 +216,23 @@ BEGIN
           AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
           AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                   AND o.ordering_key IS NULL
                    AND coalesce((SELECT s.kind FROM picloud.scripts s
                                  WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
                                 false))
+          AND (o.ordering_key IS NULL OR (
+               NOT EXISTS (SELECT 1 FROM picloud.outbox p
+                           WHERE p.app_id = o.app_id AND p.ordering_key = o.ordering_key
+                             AND p.ordering_seq < o.ordering_seq)
+               AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                               WHERE b.app_id = o.app_id AND b.ordering_key = o.ordering_key)))
           AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
-          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due rows.
+          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
+          -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
+          -- heads of their keys may lie behind any number of rows waiting for their turn).
           AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
                 (SELECT w.due_at FROM picloud.outbox w
-                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
                  ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
                 'infinity'))
         ORDER BY o.due_at
@@ -323,6 +342,10 @@ BEGIN
     PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
     IF r.reply_to IS NOT NULL THEN
         PERFORM picloud._reply(r, true, p_result, NULL);
+    END IF;
+    IF r.ordering_key IS NOT NULL THEN
+        -- The next event of the key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
     END IF;
 END
 $$;

@@ -51,6 +51,10 @@ BEGIN
     IF r.reply_to IS NOT NULL THEN
         PERFORM picloud._reply(r, true, v_result, NULL);
     END IF;
+    IF r.ordering_key IS NOT NULL THEN
+        -- The next event of the key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
+    END IF;
     RETURN v_result;
 END
 $$;

@@ -12,7 +12,7 @@
 -- and the supervisor claims the left-out ones with picloud_claim_events and runs them the
 -- ordinary way - attempts counted, retries and dead letters as usual. A batch that fails as a
 -- whole (its statement timeout, a lost connection) is rolled back and all its events go that
--- way. Only first attempts of asynchronous events with a sql handler enter the lane (no
+-- way. Only first attempts of asynchronous, unordered events with a sql handler enter the lane (no
 -- attempt counted, no first_attempt_at); retries and synchronous calls never do, nor events
 -- a lane gave up on (picloud_leave_sql_lane).
 
@@ -73,11 +73,12 @@ BEGIN
         WHERE EXISTS (
             SELECT 1
             FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
-                         o.reply_to
+                         o.reply_to, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
-              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND s.kind = 'sql')
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND w.ordering_key IS NULL
+              AND s.kind = 'sql')
     LOOP
         PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
@@ -98,6 +99,8 @@ BEGIN
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
         WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          -- Ordered events go through claims, which take one event of a key at a time.
+          AND o.ordering_key IS NULL
           AND s.kind = 'sql'
         ORDER BY o.due_at
         LIMIT p_batch

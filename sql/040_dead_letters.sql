@@ -13,11 +13,24 @@ DECLARE
 BEGIN
     INSERT INTO picloud.dead_letters (
         app_id, dead_letter_id, original_event_id, source, op, trigger_id, script_id, payload, depth,
-        attempt_count, first_attempt_at, last_attempt_at, last_error, reply_to)
+        attempt_count, first_attempt_at, last_attempt_at, last_error, reply_to,
+        ordering_key, ordering_seq, ordering_blocks)
     VALUES (
         r.app_id, v_dead_letter_id, r.event_id, r.source, r.op, r.trigger_id, r.script_id, r.payload, r.depth,
-        r.attempt_count, r.first_attempt_at, r.last_attempt_at, p_error, r.reply_to);
+        r.attempt_count, r.first_attempt_at, r.last_attempt_at, p_error, r.reply_to,
+        r.ordering_key, r.ordering_seq, r.ordering_blocks);
     DELETE FROM picloud.outbox o WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
+    IF r.ordering_key IS NOT NULL THEN
+        IF r.ordering_blocks THEN
+            -- The key waits for this dead letter's resolution (picloud.blocked_keys).
+            INSERT INTO picloud.key_blocks (app_id, ordering_key, dead_letter_id)
+            VALUES (r.app_id, r.ordering_key, v_dead_letter_id)
+            ON CONFLICT ON CONSTRAINT key_blocks_pkey DO NOTHING;
+        ELSE
+            -- The key goes on: its next event can run now.
+            PERFORM picloud._wake_at_commit();
+        END IF;
+    END IF;
 
     IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
         IF EXISTS (SELECT 1 FROM picloud.picloud_match_dead_letter_triggers(r.app_id, r.source, r.script_id)) THEN
@@ -138,17 +151,26 @@ END
 $$;
 
 -- Re-enqueues a locked, unresolved dead letter with fresh attempts and marks it replayed.
+-- An ordered event keeps its key: if it blocks the key it keeps its place too (it runs before
+-- the events it held back, and resolving it releases the key); under 'continue' it takes a
+-- new place at the end of its key.
 CREATE FUNCTION picloud._replay(d picloud.dead_letters) RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event_id uuid := picloud._new_event_id();
+    v_ordering_seq bigint := d.ordering_seq;
 BEGIN
     IF d.script_id IS NULL THEN
         PERFORM picloud._invalid(format('dead letter %s has no handler to replay', d.dead_letter_id));
     END IF;
+    IF d.ordering_key IS NOT NULL AND NOT d.ordering_blocks THEN
+        v_ordering_seq := picloud._order_event(d.app_id, d.ordering_key);
+    END IF;
     -- A synchronous caller is long gone: the replay runs asynchronously.
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
-    VALUES (d.app_id, v_event_id, d.source, d.op, d.trigger_id, d.script_id, d.payload, d.depth);
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
+                                ordering_key, ordering_seq, ordering_blocks)
+    VALUES (d.app_id, v_event_id, d.source, d.op, d.trigger_id, d.script_id, d.payload, d.depth,
+            d.ordering_key, v_ordering_seq, d.ordering_blocks);
     UPDATE picloud.dead_letters
     SET resolution = 'replayed', resolved_at = now(), resolved_by = current_user
     WHERE app_id = d.app_id AND dead_letter_id = d.dead_letter_id;
@@ -218,6 +240,26 @@ BEGIN
     RETURN v_count;
 END
 $$;
+
+-- Resolving a dead letter, by any path (the functions above, picloud_resolve_dead_letters, an
+-- UPDATE of the table), releases the ordering key it blocked. A replay has put the event back
+-- at its place first, so it still runs before the events it held back.
+CREATE FUNCTION picloud._release_key() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM picloud.key_blocks b
+    WHERE b.app_id = NEW.app_id AND b.dead_letter_id = NEW.dead_letter_id;
+    IF FOUND THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER dead_letters_release_key
+    AFTER UPDATE OF resolved_at ON picloud.dead_letters
+    FOR EACH ROW WHEN (NEW.resolved_at IS NOT NULL AND NEW.ordering_blocks)
+    EXECUTE FUNCTION picloud._release_key();
 
 -- Abandoned executions ------------------------------------------------------------------------
 

@@ -137,6 +137,21 @@ CREATE VIEW picloud.dead_letters_by_trigger WITH (security_invoker = true) AS
     LEFT JOIN picloud.scripts s ON s.app_id = d.app_id AND s.script_id = d.script_id
     GROUP BY a.app_id, a.name, d.trigger_id, t.kind, k.collection_pattern, d.script_id, s.name;
 
+-- Ordering keys held back by a dead letter (on_dead_letter 'block'), with how many events wait
+-- behind each and the dead letter to resolve or replay to release it.
+CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
+    SELECT b.app_id,
+           a.name AS app_name,
+           b.ordering_key,
+           b.dead_letter_id,
+           b.blocked_at,
+           d.last_error,
+           (SELECT count(*) FROM picloud.outbox o
+            WHERE o.app_id = b.app_id AND o.ordering_key = b.ordering_key) AS held_events
+    FROM picloud.key_blocks b
+    JOIN picloud.apps a ON a.app_id = b.app_id
+    JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
+
 -- Resolves every unresolved dead letter of an app that matches all the given filters (NULL =
 -- any): p_resolution 'replayed' re-enqueues each with fresh attempts; the other three only
 -- mark them. Returns one row per dead letter with what was done, or with p_dry_run what would

@@ -30,8 +30,13 @@ GRANT UPDATE (schedule, timezone, payload, catch_up, catch_up_limit, skip_if_run
 GRANT UPDATE (enabled, updated_at) ON picloud.triggers TO picloud_user;
 -- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
 -- creation time is never the producer's to choose.
-GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
+               ordering_key, ordering_seq, ordering_blocks)
     ON picloud.outbox TO picloud_user;
+-- An ordered enqueue takes its place in picloud.ordering_seq with the caller's rights.
+GRANT USAGE ON SEQUENCE picloud.ordering_seq TO picloud_user, picloud_admin, picloud_owner;
+-- Resolving a dead letter releases the key it blocked, with the resolver's rights.
+GRANT DELETE ON picloud.key_blocks TO picloud_user;
 GRANT INSERT ON picloud.idempotency_keys TO picloud_user;
 GRANT UPDATE (resolution, resolved_at, resolved_by) ON picloud.dead_letters TO picloud_user;
 -- Signing secrets are write-only: admins add and expire them but read back only their
@@ -57,7 +62,7 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_create_script(uuid, text, text, text, integer),
     picloud.picloud_list_scripts(uuid),
     picloud.picloud_drop_script(uuid, uuid),
-    picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean),
+    picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean, boolean, text),
     picloud.picloud_create_dead_letter_trigger(uuid, uuid, text, uuid, boolean),
     picloud.picloud_get_trigger(uuid, uuid),
     picloud.picloud_list_triggers(uuid),
@@ -71,8 +76,8 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_cron_next(text, text, timestamptz, integer),
     picloud.picloud_match_kv_triggers(uuid, text, text),
     picloud.picloud_match_dead_letter_triggers(uuid, text, uuid),
-    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
-    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz),
+    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text),
     picloud.picloud_emit_kv(uuid, text, text, text, jsonb, integer),
     picloud.capture(),
     picloud.picloud_retry_delay(integer),
@@ -111,8 +116,11 @@ GRANT EXECUTE ON FUNCTION
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
-    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
-    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud._check_ordering(text, text),
+    picloud._order_event(uuid, text),
+    picloud._release_key(),
     picloud._check_page(integer, integer),
     picloud._wake_at_commit(),
     picloud._new_event_id(),
@@ -273,6 +281,12 @@ CREATE POLICY dead_letters_admin ON picloud.dead_letters FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
 
+-- Blocked ordering keys: seen and released by those who manage the app's dead letters.
+ALTER TABLE picloud.key_blocks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY key_blocks_admin ON picloud.key_blocks FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+
 ALTER TABLE picloud.abandoned_executions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY abandoned_executions_admin ON picloud.abandoned_executions FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
@@ -303,6 +317,8 @@ SELECT pg_catalog.pg_extension_config_dump('picloud.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.abandoned_executions', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.handler_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.key_blocks', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.ordering_seq', '');
 
 -- A fixed search_path for every function written in SQL or PL/pgSQL: names they do not qualify
 -- resolve in pg_catalog and picloud only, never in a schema a tenant can create objects in,

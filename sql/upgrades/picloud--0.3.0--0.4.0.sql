@@ -73,6 +73,39 @@ BEGIN
     END IF;
 END
 $$;
+-- Ordered delivery: ordering keys on the outbox and the dead letters, ordered KV triggers,
+-- blocked keys, and the enqueue functions' new arguments (p_ordering_key, p_on_dead_letter).
+ALTER TABLE picloud.outbox
+    ADD COLUMN ordering_key text,
+    ADD COLUMN ordering_seq bigint,
+    ADD COLUMN ordering_blocks boolean;
+CREATE INDEX outbox_ordering_idx ON picloud.outbox (app_id, ordering_key, ordering_seq)
+    WHERE ordering_key IS NOT NULL;
+CREATE SEQUENCE picloud.ordering_seq;
+ALTER TABLE picloud.dead_letters
+    ADD COLUMN ordering_key text,
+    ADD COLUMN ordering_seq bigint,
+    ADD COLUMN ordering_blocks boolean;
+ALTER TABLE picloud.kv_trigger_details
+    ADD COLUMN ordered boolean NOT NULL DEFAULT false,
+    ADD COLUMN on_dead_letter text NOT NULL DEFAULT 'continue',
+    ADD CONSTRAINT kv_trigger_details_on_dead_letter_valid CHECK (on_dead_letter IN ('continue', 'block'));
+CREATE TABLE picloud.key_blocks (
+    app_id          uuid        NOT NULL,
+    ordering_key    text        NOT NULL,
+    dead_letter_id  uuid        NOT NULL,
+    blocked_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT key_blocks_pkey PRIMARY KEY (app_id, ordering_key),
+    CONSTRAINT key_blocks_dead_letter_fkey FOREIGN KEY (app_id, dead_letter_id)
+        REFERENCES picloud.dead_letters (app_id, dead_letter_id) ON DELETE CASCADE
+);
+CREATE INDEX key_blocks_dead_letter_idx ON picloud.key_blocks (app_id, dead_letter_id);
+DROP FUNCTION picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
+DROP FUNCTION picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
+DROP FUNCTION picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
+DROP FUNCTION picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz);
+DROP FUNCTION picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean);
+
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 CREATE OR REPLACE FUNCTION picloud._enqueue_general(
@@ -85,11 +118,14 @@ CREATE OR REPLACE FUNCTION picloud._enqueue_general(
     p_depth integer,
     p_run_at timestamptz,
     p_reply_to text,
-    p_idempotency_key text)
+    p_idempotency_key text,
+    p_ordering_key text,
+    p_on_dead_letter text)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
     v_event_id uuid := picloud._new_event_id();
+    v_ordering_seq bigint;
     v_existing uuid;
     v_script_id uuid := p_script_id;
     v_depth integer;
@@ -131,6 +167,9 @@ BEGIN
         PERFORM picloud._invalid(format('reply_to %L is not an open inbox of app %s', left(p_reply_to, 200), p_app_id),
             'Open one with picloud_open_inbox and LISTEN on the channel it returns.');
     END IF;
+    IF p_ordering_key IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
+        PERFORM picloud._check_ordering(p_ordering_key, p_on_dead_letter);
+    END IF;
     IF p_idempotency_key IS NOT NULL THEN
         IF length(p_idempotency_key) NOT BETWEEN 1 AND 512 THEN
             PERFORM picloud._invalid(format('idempotency_key must be 1 to 512 characters long, got %s', length(p_idempotency_key)));
@@ -144,9 +183,14 @@ BEGIN
             RETURN v_existing;
         END IF;
     END IF;
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+    IF p_ordering_key IS NOT NULL THEN
+        v_ordering_seq := picloud._order_event(p_app_id, p_ordering_key);
+    END IF;
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
+                                ordering_key, ordering_seq, ordering_blocks)
     VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
-            coalesce(p_run_at, now()), p_reply_to);
+            coalesce(p_run_at, now()), p_reply_to,
+            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END);
     v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
@@ -161,10 +205,13 @@ CREATE OR REPLACE FUNCTION picloud.picloud_enqueue_bulk(
     p_script_id uuid DEFAULT NULL,
     p_trigger_id uuid DEFAULT NULL,
     p_depth integer DEFAULT NULL,
-    p_run_at timestamptz DEFAULT NULL)
+    p_run_at timestamptz DEFAULT NULL,
+    p_ordering_keys text[] DEFAULT NULL,
+    p_on_dead_letter text DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_ordering_seqs bigint[];
     v_script_id uuid;
     v_depth integer;
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
@@ -190,13 +237,34 @@ BEGIN
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    IF p_ordering_keys IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
+        -- Refuses an unknown on_dead_letter, or one without any key.
+        IF p_ordering_keys IS NULL OR p_on_dead_letter NOT IN ('continue', 'block') THEN
+            PERFORM picloud._check_ordering(NULL, p_on_dead_letter);
+        END IF;
+        IF cardinality(p_ordering_keys) <> cardinality(p_payloads) THEN
+            PERFORM picloud._invalid(format('ordering_keys must have one entry (or NULL) per payload: %s keys for %s payloads',
+                cardinality(p_ordering_keys), cardinality(p_payloads)));
+        END IF;
+        -- Places in payload order, each under its key's lock (a key given twice takes two).
+        v_ordering_seqs := array_fill(NULL::bigint, ARRAY[cardinality(p_payloads)]);
+        FOR i IN 1 .. cardinality(p_ordering_keys) LOOP
+            IF p_ordering_keys[i] IS NOT NULL THEN
+                PERFORM picloud._check_ordering(p_ordering_keys[i], p_on_dead_letter);
+                v_ordering_seqs[i] := picloud._order_event(p_app_id, p_ordering_keys[i]);
+            END IF;
+        END LOOP;
+    END IF;
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
     v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
+                                ordering_key, ordering_seq, ordering_blocks)
     SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
-           coalesce(p_run_at, now())
-    FROM unnest(p_payloads, v_ids) AS p(payload, event_id);
+           coalesce(p_run_at, now()),
+           p.ordering_key, p.ordering_seq,
+           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END
+    FROM unnest(p_payloads, v_ids, p_ordering_keys, v_ordering_seqs) AS p(payload, event_id, ordering_key, ordering_seq);
     IF cardinality(p_payloads) > 0 THEN
         PERFORM picloud._wake_at_commit();
     END IF;
@@ -251,9 +319,18 @@ BEGIN
         PERFORM picloud._event_depth(p_depth);
     END IF;
     v_depth := greatest(coalesce(p_depth, 0), picloud.picloud_current_depth());
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
-    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth
-    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m;
+    -- An ordered trigger's event takes the key collection:key, and its place under that key's
+    -- lock; the row lock a captured table's writers hold makes that their commit order.
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
+                                ordering_key, ordering_seq, ordering_blocks)
+    SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth,
+           k.ordering_key,
+           CASE WHEN k.ordering_key IS NOT NULL THEN picloud._order_event(p_app_id, k.ordering_key) END,
+           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END
+    FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m
+    JOIN picloud.kv_trigger_details d ON d.app_id = p_app_id AND d.trigger_id = m.trigger_id
+    CROSS JOIN LATERAL (SELECT CASE WHEN d.ordered THEN p_collection || ':' || coalesce(p_key, '') END
+                        AS ordering_key) k;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;
     IF v_enqueued > 0 THEN
         IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
@@ -312,6 +389,10 @@ BEGIN
     PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
     IF r.reply_to IS NOT NULL THEN
         PERFORM picloud._reply(r, true, v_result, NULL);
+    END IF;
+    IF r.ordering_key IS NOT NULL THEN
+        -- The next event of the key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
     END IF;
     RETURN v_result;
 END
@@ -456,7 +537,7 @@ $$;
 -- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
 -- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
 -- costs it a bounded scan.
-CREATE FUNCTION picloud.picloud_claim(
+CREATE OR REPLACE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
     p_app_cap integer DEFAULT NULL)
 RETURNS SETOF picloud.claimed_event
@@ -523,13 +604,20 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id
+                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key, o.ordering_seq
                   FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
             WHERE w.claimed_by IS NULL AND w.due_at <= now()
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND w.ordering_key IS NULL
                        AND coalesce((SELECT s.kind FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
                                     false))
+              AND (w.ordering_key IS NULL OR (
+                   NOT EXISTS (SELECT 1 FROM picloud.outbox p
+                               WHERE p.app_id = w.app_id AND p.ordering_key = w.ordering_key
+                                 AND p.ordering_seq < w.ordering_seq)
+                   AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                                   WHERE b.app_id = w.app_id AND b.ordering_key = w.ordering_key)))
             ORDER BY w.event_id
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
@@ -547,14 +635,23 @@ BEGIN
           AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
           AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                   AND o.ordering_key IS NULL
                    AND coalesce((SELECT s.kind FROM picloud.scripts s
                                  WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
                                 false))
+          AND (o.ordering_key IS NULL OR (
+               NOT EXISTS (SELECT 1 FROM picloud.outbox p
+                           WHERE p.app_id = o.app_id AND p.ordering_key = o.ordering_key
+                             AND p.ordering_seq < o.ordering_seq)
+               AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                               WHERE b.app_id = o.app_id AND b.ordering_key = o.ordering_key)))
           AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
-          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due rows.
+          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
+          -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
+          -- heads of their keys may lie behind any number of rows waiting for their turn).
           AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
                 (SELECT w.due_at FROM picloud.outbox w
-                 WHERE w.claimed_by IS NULL AND w.due_at <= now()
+                 WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
                  ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
                 'infinity'))
         ORDER BY o.due_at
@@ -914,11 +1011,12 @@ BEGIN
         WHERE EXISTS (
             SELECT 1
             FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
-                         o.reply_to
+                         o.reply_to, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
-              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND s.kind = 'sql')
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND w.ordering_key IS NULL
+              AND s.kind = 'sql')
     LOOP
         PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
@@ -939,6 +1037,8 @@ BEGIN
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
         WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          -- Ordered events go through claims, which take one event of a key at a time.
+          AND o.ordering_key IS NULL
           AND s.kind = 'sql'
         ORDER BY o.due_at
         LIMIT p_batch
@@ -1570,6 +1670,242 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION picloud._check_ordering(p_ordering_key text, p_on_dead_letter text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_on_dead_letter IS NOT NULL AND p_on_dead_letter NOT IN ('continue', 'block') THEN
+        PERFORM picloud._invalid(format('unknown on_dead_letter %L', left(p_on_dead_letter, 200)),
+            'on_dead_letter is continue (the key goes on past a dead letter) or block (it waits until the dead letter is resolved).');
+    END IF;
+    IF p_ordering_key IS NULL THEN
+        IF p_on_dead_letter IS NOT NULL THEN
+            PERFORM picloud._invalid('on_dead_letter applies only to events with an ordering key');
+        END IF;
+        RETURN;
+    END IF;
+    IF length(p_ordering_key) NOT BETWEEN 1 AND 4096 THEN
+        PERFORM picloud._invalid(format('ordering_key must be 1 to 4096 characters long, got %s', length(p_ordering_key)));
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._order_event(p_app_id uuid, p_ordering_key text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885954924, pg_catalog.hashtext(p_app_id::text || ':' || p_ordering_key));
+    RETURN pg_catalog.nextval('picloud.ordering_seq');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._enqueue_fast(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid,
+    p_trigger_id uuid,
+    p_depth integer,
+    p_run_at timestamptz,
+    p_reply_to text,
+    p_idempotency_key text,
+    p_ordering_key text,
+    p_on_dead_letter text)
+RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
+
+CREATE OR REPLACE FUNCTION picloud.picloud_enqueue(
+    p_app_id uuid,
+    p_source text,
+    p_op text,
+    p_payload jsonb,
+    p_script_id uuid DEFAULT NULL,
+    p_trigger_id uuid DEFAULT NULL,
+    p_depth integer DEFAULT NULL,
+    p_run_at timestamptz DEFAULT NULL,
+    p_reply_to text DEFAULT NULL,
+    p_idempotency_key text DEFAULT NULL,
+    p_ordering_key text DEFAULT NULL,
+    p_on_dead_letter text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'picloud_enqueue';
+
+CREATE OR REPLACE FUNCTION picloud.picloud_create_kv_trigger(
+    p_app_id uuid,
+    p_collection_pattern text,
+    p_script_id uuid,
+    p_ops text[] DEFAULT ARRAY['insert', 'update', 'delete', 'set'],
+    p_enabled boolean DEFAULT true,
+    p_ordered boolean DEFAULT false,
+    p_on_dead_letter text DEFAULT 'continue')
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_trigger_id uuid := gen_random_uuid();
+    v_match_key text;
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_collection_pattern IS NULL OR p_script_id IS NULL OR p_ops IS NULL OR p_enabled IS NULL
+       OR p_ordered IS NULL OR p_on_dead_letter IS NULL THEN
+        PERFORM picloud._null_argument('{collection_pattern,script_id,ops,enabled,ordered,on_dead_letter}',
+            ARRAY[p_collection_pattern IS NULL, p_script_id IS NULL, p_ops IS NULL, p_enabled IS NULL,
+                  p_ordered IS NULL, p_on_dead_letter IS NULL]);
+    END IF;
+    IF p_on_dead_letter NOT IN ('continue', 'block') THEN
+        PERFORM picloud._check_ordering(NULL, p_on_dead_letter);
+    END IF;
+    v_match_key := picloud._pattern_match_key(p_collection_pattern);
+    IF cardinality(p_ops) = 0 OR array_position(p_ops, NULL) IS NOT NULL
+       OR NOT p_ops <@ ARRAY['insert', 'update', 'delete', 'set'] THEN
+        PERFORM picloud._invalid(format('ops %s must be a non-empty list of insert, update, delete, set', p_ops));
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    INSERT INTO picloud.triggers (app_id, trigger_id, kind, script_id, enabled)
+    VALUES (p_app_id, v_trigger_id, 'kv', p_script_id, p_enabled);
+    INSERT INTO picloud.kv_trigger_details (app_id, trigger_id, collection_pattern, match_key, ops,
+                                            ordered, on_dead_letter)
+    VALUES (p_app_id, v_trigger_id, p_collection_pattern, v_match_key,
+            ARRAY(SELECT DISTINCT unnest(p_ops) ORDER BY 1), p_ordered, p_on_dead_letter);
+    RETURN v_trigger_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_complete(p_app_id uuid, p_event_id uuid, p_worker text, p_result jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r picloud.outbox;
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id,worker}',
+            ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
+    END IF;
+    DELETE FROM picloud.outbox o
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id AND o.claimed_by = p_worker
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
+    END IF;
+    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
+    IF r.reply_to IS NOT NULL THEN
+        PERFORM picloud._reply(r, true, p_result, NULL);
+    END IF;
+    IF r.ordering_key IS NOT NULL THEN
+        -- The next event of the key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._dead_letter(r picloud.outbox, p_error text) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_dead_letter_id uuid := gen_random_uuid();
+    v_depth integer := r.depth + 1;
+    v_fanned integer;
+BEGIN
+    INSERT INTO picloud.dead_letters (
+        app_id, dead_letter_id, original_event_id, source, op, trigger_id, script_id, payload, depth,
+        attempt_count, first_attempt_at, last_attempt_at, last_error, reply_to,
+        ordering_key, ordering_seq, ordering_blocks)
+    VALUES (
+        r.app_id, v_dead_letter_id, r.event_id, r.source, r.op, r.trigger_id, r.script_id, r.payload, r.depth,
+        r.attempt_count, r.first_attempt_at, r.last_attempt_at, p_error, r.reply_to,
+        r.ordering_key, r.ordering_seq, r.ordering_blocks);
+    DELETE FROM picloud.outbox o WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
+    IF r.ordering_key IS NOT NULL THEN
+        IF r.ordering_blocks THEN
+            -- The key waits for this dead letter's resolution (picloud.blocked_keys).
+            INSERT INTO picloud.key_blocks (app_id, ordering_key, dead_letter_id)
+            VALUES (r.app_id, r.ordering_key, v_dead_letter_id)
+            ON CONFLICT ON CONSTRAINT key_blocks_pkey DO NOTHING;
+        ELSE
+            -- The key goes on: its next event can run now.
+            PERFORM picloud._wake_at_commit();
+        END IF;
+    END IF;
+
+    IF v_depth > current_setting('picloud.max_trigger_depth')::integer THEN
+        IF EXISTS (SELECT 1 FROM picloud.picloud_match_dead_letter_triggers(r.app_id, r.source, r.script_id)) THEN
+            RAISE WARNING 'dead letter % of app % not fanned out: depth % exceeds picloud.max_trigger_depth',
+                v_dead_letter_id, r.app_id, v_depth;
+        END IF;
+        RETURN v_dead_letter_id;
+    END IF;
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+    SELECT r.app_id, picloud._new_event_id(), 'dead_letter', r.op, m.trigger_id, m.script_id,
+           jsonb_build_object(
+               'dead_letter_id', v_dead_letter_id, 'original_event_id', r.event_id,
+               'source', r.source, 'op', r.op, 'trigger_id', r.trigger_id, 'script_id', r.script_id,
+               'payload', r.payload, 'attempt_count', r.attempt_count, 'last_error', p_error),
+           v_depth
+    FROM picloud.picloud_match_dead_letter_triggers(r.app_id, r.source, r.script_id) m;
+    GET DIAGNOSTICS v_fanned = ROW_COUNT;
+    IF v_fanned > 0 THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN v_dead_letter_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._replay(d picloud.dead_letters) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event_id uuid := picloud._new_event_id();
+    v_ordering_seq bigint := d.ordering_seq;
+BEGIN
+    IF d.script_id IS NULL THEN
+        PERFORM picloud._invalid(format('dead letter %s has no handler to replay', d.dead_letter_id));
+    END IF;
+    IF d.ordering_key IS NOT NULL AND NOT d.ordering_blocks THEN
+        v_ordering_seq := picloud._order_event(d.app_id, d.ordering_key);
+    END IF;
+    -- A synchronous caller is long gone: the replay runs asynchronously.
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
+                                ordering_key, ordering_seq, ordering_blocks)
+    VALUES (d.app_id, v_event_id, d.source, d.op, d.trigger_id, d.script_id, d.payload, d.depth,
+            d.ordering_key, v_ordering_seq, d.ordering_blocks);
+    UPDATE picloud.dead_letters
+    SET resolution = 'replayed', resolved_at = now(), resolved_by = current_user
+    WHERE app_id = d.app_id AND dead_letter_id = d.dead_letter_id;
+    PERFORM picloud._wake_at_commit();
+    RETURN v_event_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._release_key() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM picloud.key_blocks b
+    WHERE b.app_id = NEW.app_id AND b.dead_letter_id = NEW.dead_letter_id;
+    IF FOUND THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER dead_letters_release_key
+    AFTER UPDATE OF resolved_at ON picloud.dead_letters
+    FOR EACH ROW WHEN (NEW.resolved_at IS NOT NULL AND NEW.ordering_blocks)
+    EXECUTE FUNCTION picloud._release_key();
+
+-- Ordering keys held back by a dead letter (on_dead_letter 'block'), with how many events wait
+-- behind each and the dead letter to resolve or replay to release it.
+CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
+    SELECT b.app_id,
+           a.name AS app_name,
+           b.ordering_key,
+           b.dead_letter_id,
+           b.blocked_at,
+           d.last_error,
+           (SELECT count(*) FROM picloud.outbox o
+            WHERE o.app_id = b.app_id AND o.ordering_key = b.ordering_key) AS held_events
+    FROM picloud.key_blocks b
+    JOIN picloud.apps a ON a.app_id = b.app_id
+    JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
+
 -- Privileges --------------------------------------------------------------------------------
 
 GRANT USAGE ON SCHEMA picloud TO picloud_owner;
@@ -1579,8 +1915,14 @@ REVOKE ALL ON ALL TABLES IN SCHEMA picloud FROM picloud_supervisor;
 REVOKE INSERT ON picloud.outbox FROM picloud_user;
 -- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
 -- creation time is never the producer's to choose.
-GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to)
+GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
+               ordering_key, ordering_seq, ordering_blocks)
     ON picloud.outbox TO picloud_user;
+-- An ordered enqueue takes its place in picloud.ordering_seq with the caller's rights.
+GRANT USAGE ON SEQUENCE picloud.ordering_seq TO picloud_user, picloud_admin, picloud_owner;
+-- Resolving a dead letter releases the key it blocked, with the resolver's rights.
+GRANT SELECT, DELETE ON picloud.key_blocks TO picloud_user;
+GRANT SELECT ON picloud.blocked_keys TO picloud_user;
 GRANT INSERT ON picloud.idempotency_keys TO picloud_user;
 GRANT UPDATE (resolution, resolved_at, resolved_by) ON picloud.dead_letters TO picloud_user;
 -- Signing secrets are write-only: admins add and expire them but read back only their
@@ -1594,6 +1936,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_
 GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
+    picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean, boolean, text),
+    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud._check_ordering(text, text),
+    picloud._order_event(uuid, text),
+    picloud._release_key(),
     picloud.picloud_set_handler_secret(uuid, uuid, text, interval),
     picloud.picloud_clear_handler_secrets(uuid, uuid)
 TO picloud_user;
@@ -1647,6 +1997,14 @@ $supervisor$;
 -- picloud_owner runs the functions above and whatever they call; _become_event, which switches
 -- to an event's principal, is granted to nobody else.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_owner;
+
+-- Blocked ordering keys: seen and released by those who manage the app's dead letters.
+ALTER TABLE picloud.key_blocks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY key_blocks_admin ON picloud.key_blocks FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+SELECT pg_catalog.pg_extension_config_dump('picloud.key_blocks', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.ordering_seq', '');
 
 -- The signing secrets' bookkeeping follows the app's triggers.
 ALTER TABLE picloud.handler_secrets ENABLE ROW LEVEL SECURITY;

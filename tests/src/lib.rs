@@ -43,7 +43,7 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 }
 
 /// Every table the extension creates in schema picloud.
-pub const TABLES: [&str; 13] = [
+pub const TABLES: [&str; 14] = [
     "apps",
     "app_roles",
     "scripts",
@@ -57,6 +57,7 @@ pub const TABLES: [&str; 13] = [
     "inboxes",
     "abandoned_executions",
     "event_counts",
+    "key_blocks",
 ];
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);

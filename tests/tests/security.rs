@@ -1485,8 +1485,11 @@ fn seed_tables(t: &mut Tenancy) {
                   dd AS (INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) SELECT '{app}', trigger_id FROM d)
              INSERT INTO picloud.outbox (app_id, source, op, script_id, payload) SELECT '{app}', 'queue', 'seed', script_id, '{{}}' FROM s;
              INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id) VALUES ('{app}', 'seed', gen_random_uuid());
-             INSERT INTO picloud.dead_letters (app_id, original_event_id, source, op, payload, attempt_count)
-               VALUES ('{app}', gen_random_uuid(), 'queue', 'seed', '{{}}', 1);
+             WITH dl AS (INSERT INTO picloud.dead_letters (app_id, original_event_id, source, op, payload, attempt_count,
+                                                           ordering_key, ordering_seq, ordering_blocks)
+                         VALUES ('{app}', gen_random_uuid(), 'queue', 'seed', '{{}}', 1, 'seed', 1, true)
+                         RETURNING app_id, dead_letter_id)
+             INSERT INTO picloud.key_blocks (app_id, ordering_key, dead_letter_id) SELECT app_id, 'seed', dead_letter_id FROM dl;
              INSERT INTO picloud.inboxes (app_id, channel, owner_role, owner_pid, owner_started, expires_at)
                VALUES ('{app}', 'seed', '{owner}', 0, now(), now() + interval '1 hour');
              INSERT INTO picloud.abandoned_executions (app_id, event_id, reply_to, succeeded, reason)
@@ -1537,6 +1540,8 @@ fn tenant_may_delete(table: &str) -> bool {
             | "dead_letter_trigger_details"
             | "cron_trigger_details"
             | "inboxes"
+            // Resolving a dead letter releases the ordering key it blocked.
+            | "key_blocks"
     )
 }
 
@@ -1626,7 +1631,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         if table == "outbox" {
             // Only the columns an enqueue writes: never a claim, a lease or an attempt count.
             want.push(
-                "INSERT(app_id,depth,due_at,event_id,op,payload,reply_to,script_id,source,trigger_id)"
+                "INSERT(app_id,depth,due_at,event_id,op,ordering_blocks,ordering_key,ordering_seq,payload,reply_to,script_id,source,trigger_id)"
                     .to_string(),
             );
         }
@@ -1915,6 +1920,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     // DELETE everything tenant_a can: only app A's rows go (children before parents). Where
     // tenants may not delete, even app A's own rows are refused and stay.
     let order = [
+        "key_blocks",
         "kv_trigger_details",
         "dead_letter_trigger_details",
         "cron_trigger_details",
@@ -2026,7 +2032,7 @@ fn outsiders_and_producers_reach_no_rows() {
     // A producer of app A sees app A's handlers and triggers (enqueue resolves them with its
     // rights) but not its pending events, dead letters or other callers' inboxes.
     let a = t.app_a;
-    let producer_sees: [(&str, i64); 12] = [
+    let producer_sees: [(&str, i64); 13] = [
         ("apps", 1),
         ("app_roles", 1),
         ("scripts", 1),
@@ -2039,6 +2045,7 @@ fn outsiders_and_producers_reach_no_rows() {
         ("dead_letters", 0),
         ("inboxes", 1),
         ("abandoned_executions", 0),
+        ("key_blocks", 0),
     ];
     for (table, want) in producer_sees {
         let all = count(

@@ -16,8 +16,13 @@ const CURRENT: &str = env!("CARGO_PKG_VERSION");
 /// Tables of the current schema that a released version does not have yet.
 fn added_since(version: &str) -> &'static [&'static str] {
     match version {
-        "0.1.0" => &["event_counts", "handler_secrets", "cron_trigger_details"],
-        _ => &["handler_secrets", "cron_trigger_details"],
+        "0.1.0" => &[
+            "event_counts",
+            "handler_secrets",
+            "cron_trigger_details",
+            "key_blocks",
+        ],
+        _ => &["handler_secrets", "cron_trigger_details", "key_blocks"],
     }
 }
 
@@ -42,14 +47,29 @@ fn catalog(c: &mut postgres::Client) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every row of every table the version has, as text, per table.
+/// Every row of every table the version has, as text, per table: the columns that version's
+/// tables have (in the database as it is now), so that columns an upgrade adds, with their
+/// defaults, do not count as changes.
 fn contents(c: &mut postgres::Client, version: &str) -> Vec<(String, i64, String)> {
     tables_of(version)
         .map(|t| {
+            let columns: Vec<String> = c
+                .query(
+                    "SELECT quote_ident(attname) FROM pg_attribute
+                     WHERE attrelid = ('picloud.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
+                       AND attname <> ALL ($2)
+                     ORDER BY attnum",
+                    &[&t, &ADDED_IN_0_4_0.as_slice()],
+                )
+                .expect("columns")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let row = format!("row({})::text", columns.join(", "));
             let r = c
                 .query_one(
                     &format!(
-                        "SELECT count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM picloud.{t} x"
+                        "SELECT count(*), md5(coalesce(string_agg({row}, '|' ORDER BY {row}), '')) FROM picloud.{t} x"
                     ),
                     &[],
                 )
@@ -58,6 +78,16 @@ fn contents(c: &mut postgres::Client, version: &str) -> Vec<(String, i64, String
         })
         .collect()
 }
+
+/// Columns the upgrade to 0.4.0 adds to existing tables (ordered delivery), with their
+/// defaults; checked apart after the upgrade.
+const ADDED_IN_0_4_0: [&str; 5] = [
+    "ordering_key",
+    "ordering_seq",
+    "ordering_blocks",
+    "ordered",
+    "on_dead_letter",
+];
 
 fn version(c: &mut postgres::Client) -> String {
     c.query_one(
@@ -203,6 +233,16 @@ fn upgrade_from(previous: &str) {
         before,
         "no row lost or changed by the upgrade"
     );
+    // What the upgrade added holds its defaults: every event and trigger from before is
+    // unordered, and no key is blocked.
+    for (what, sql) in [
+        ("outbox", "SELECT count(*) FROM picloud.outbox WHERE ordering_key IS NOT NULL OR ordering_seq IS NOT NULL OR ordering_blocks IS NOT NULL"),
+        ("dead letters", "SELECT count(*) FROM picloud.dead_letters WHERE ordering_key IS NOT NULL OR ordering_seq IS NOT NULL OR ordering_blocks IS NOT NULL"),
+        ("kv triggers", "SELECT count(*) FROM picloud.kv_trigger_details WHERE ordered OR on_dead_letter <> 'continue'"),
+        ("blocked keys", "SELECT count(*) FROM picloud.key_blocks"),
+    ] {
+        assert_eq!(count(&mut c, sql), 0, "{what} after the upgrade");
+    }
 
     // The upgraded schema is the fresh install's, object for object (definitions, columns,
     // constraints, indexes, views, policies, privileges, extension membership).

@@ -4,7 +4,7 @@
 //! transaction, and an application typically enqueues one event per transaction, so that
 //! set-up was most of an enqueue's cost (about 20 µs of 35–50 µs on the benchmark machine).
 //!
-//! The common case — a handler given directly; no trigger, inbox or idempotency key; a known
+//! The common case — a handler given directly; no trigger, inbox, idempotency or ordering key; a known
 //! source, a valid op, payload and depth within the limits — is checked here from the
 //! arguments and written with one INSERT prepared once per backend and kept. The INSERT reads
 //! the handler's row (and, for a caller that is not a picloud owner, its producer or admin
@@ -42,7 +42,12 @@ const DEPTH: usize = 6;
 const RUN_AT: usize = 7;
 const REPLY_TO: usize = 8;
 const IDEMPOTENCY_KEY: usize = 9;
-const ARGS: usize = 10;
+const ORDERING_KEY: usize = 10;
+const ON_DEAD_LETTER: usize = 11;
+const ARGS: usize = 12;
+/// Arguments of the declaration a 0.3.0 schema makes (up to IDEMPOTENCY_KEY): taken until
+/// `ALTER EXTENSION picloud UPDATE` has run, the missing ones read as NULL.
+const ARGS_0_3: usize = 10;
 
 /// The SQL declaration's argument types, in order (checked against pg_proc: raw::arguments).
 const ARG_TYPES: [pg_sys::Oid; ARGS] = [
@@ -56,6 +61,8 @@ const ARG_TYPES: [pg_sys::Oid; ARGS] = [
     pg_sys::TIMESTAMPTZOID, // RUN_AT
     pg_sys::TEXTOID,        // REPLY_TO
     pg_sys::TEXTOID,        // IDEMPOTENCY_KEY
+    pg_sys::TEXTOID,        // ORDERING_KEY
+    pg_sys::TEXTOID,        // ON_DEAD_LETTER
 ];
 
 /// An op is 1 to 200 characters; no encoding needs more than 4 bytes per character.
@@ -148,7 +155,7 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_fast(
 /// `fcinfo` must be valid.
 unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
     // SAFETY: fcinfo is valid.
-    let passed = unsafe { raw::arguments(fcinfo, &ARG_TYPES, "picloud._enqueue_fast") };
+    let passed = unsafe { raw::arguments(fcinfo, &ARG_TYPES, ARGS_0_3, "picloud._enqueue_fast") };
     let mut args = [Arg {
         value: pg_sys::Datum::from(0),
         is_null: true,
@@ -194,7 +201,14 @@ fn run_at_in_window(run_at: i64) -> bool {
 /// `args` must carry the SQL signature's types.
 unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     let required = [APP, SOURCE, OP, PAYLOAD, SCRIPT];
-    let absent = [TRIGGER, REPLY_TO, IDEMPOTENCY_KEY];
+    // An ordered event takes its place under its key's lock: the general path's work.
+    let absent = [
+        TRIGGER,
+        REPLY_TO,
+        IDEMPOTENCY_KEY,
+        ORDERING_KEY,
+        ON_DEAD_LETTER,
+    ];
     if required.iter().any(|&i| args[i].is_null) || absent.iter().any(|&i| !args[i].is_null) {
         return None;
     }
@@ -375,17 +389,18 @@ struct GeneralCall {
 /// `fcinfo` must be picloud_enqueue's valid call information.
 #[pg_guard]
 unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInfo) -> GeneralCall {
-    let Some(oid) = general_path_oid() else {
-        ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
-            "picloud._enqueue_general does not exist: run ALTER EXTENSION picloud UPDATE"
-        );
-    };
     // SAFETY: fcinfo is valid; the records are allocated zeroed and fully set before use, as
     // InitFunctionCallInfoData does in C.
     unsafe {
-        let passed = raw::arguments(fcinfo, &ARG_TYPES, "picloud.picloud_enqueue");
+        let passed = raw::arguments(fcinfo, &ARG_TYPES, ARGS_0_3, "picloud.picloud_enqueue");
+        // The general path of the same schema takes the same arguments.
+        let Some(oid) = general_path_oid(passed.len()) else {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                "picloud._enqueue_general does not exist: run ALTER EXTENSION picloud UPDATE"
+            );
+        };
         let flinfo: *mut pg_sys::FmgrInfo =
             pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()).cast();
         pg_sys::fmgr_info(oid, flinfo);
@@ -396,21 +411,22 @@ unsafe extern "C-unwind" fn prepare_general_call(fcinfo: pg_sys::FunctionCallInf
                 "picloud._enqueue_general has no entry point"
             );
         };
+        let nargs = passed.len();
         let size = std::mem::offset_of!(pg_sys::FunctionCallInfoBaseData, args)
-            + ARGS * std::mem::size_of::<pg_sys::NullableDatum>();
+            + std::mem::size_of_val(passed);
         let call: pg_sys::FunctionCallInfo = pg_sys::palloc0(size).cast();
         (*call).flinfo = flinfo;
         (*call).fncollation = (*fcinfo).fncollation;
-        (*call).nargs = ARGS as i16;
-        let args = (*call).args.as_mut_slice(ARGS);
+        (*call).nargs = nargs as i16;
+        let args = (*call).args.as_mut_slice(nargs);
         args.copy_from_slice(passed);
         GeneralCall { call, invoke }
     }
 }
 
-/// The oid of `picloud._enqueue_general` (picloud_enqueue's argument types; the extension is not
-/// relocatable, so always in schema picloud), if it exists.
-fn general_path_oid() -> Option<pg_sys::Oid> {
+/// The oid of `picloud._enqueue_general` with the first `nargs` of picloud_enqueue's argument
+/// types (the extension is not relocatable, so always in schema picloud), if it exists.
+fn general_path_oid(nargs: usize) -> Option<pg_sys::Oid> {
     // SAFETY: builds a qualified name list in the current memory context; LookupFuncName with
     // missing_ok answers InvalidOid instead of raising.
     let oid = unsafe {
@@ -421,7 +437,7 @@ fn general_path_oid() -> Option<pg_sys::Oid> {
             ),
             pg_sys::makeString(pg_sys::pstrdup(c"_enqueue_general".as_ptr())).cast(),
         );
-        pg_sys::LookupFuncName(names, ARGS as i32, ARG_TYPES.as_ptr(), true)
+        pg_sys::LookupFuncName(names, nargs as i32, ARG_TYPES.as_ptr(), true)
     };
     (oid != pg_sys::InvalidOid).then_some(oid)
 }

@@ -50,7 +50,8 @@ pub unsafe extern "C-unwind" fn picloud_event_jsonb(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
     // SAFETY: fcinfo is valid.
-    let args = unsafe { raw::arguments(fcinfo, &ARG_TYPES, "picloud._event_jsonb") };
+    let args =
+        unsafe { raw::arguments(fcinfo, &ARG_TYPES, ARG_TYPES.len(), "picloud._event_jsonb") };
     let arg = |i: usize| (!args[i].isnull).then_some(args[i].value);
     let mut doc = Builder::new();
     // SAFETY: each argument carries the declared SQL type.

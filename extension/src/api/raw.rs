@@ -25,31 +25,37 @@ thread_local! {
     static CHECKED: std::cell::RefCell<Vec<pg_sys::Oid>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The call's arguments, whose declared types (in pg_proc) must be exactly `expected`. These
-/// functions read their arguments by position as raw datums: a declaration out of step with
-/// the Rust side (a parameter reordered or retyped by hand) would read one type as another and
-/// could crash the server, so it is refused instead (42P13), checked once per backend and
-/// function.
+/// The call's arguments, whose declared types (in pg_proc) must be the first `nargs` of
+/// `expected`, for `oldest` <= `nargs` <= `expected.len()`: the declaration a schema of an
+/// earlier release made is a prefix of today's (new parameters are added at the end, and read
+/// as NULL when absent), which keeps the library working between a server restart and
+/// `ALTER EXTENSION picloud UPDATE`. These functions read their arguments by position as raw
+/// datums: a declaration out of step with the Rust side (a parameter reordered or retyped by
+/// hand) would read one type as another and could crash the server, so it is refused instead
+/// (42P13), checked once per backend and function.
 ///
 /// # Safety
 /// `fcinfo` must be the valid call information Postgres passed in.
 pub unsafe fn arguments<'a>(
     fcinfo: pg_sys::FunctionCallInfo,
     expected: &[pg_sys::Oid],
+    oldest: usize,
     function: &str,
 ) -> &'a [pg_sys::NullableDatum] {
     // SAFETY: fcinfo is valid; `args` is a flexible array member with `nargs` entries.
     unsafe {
         let nargs = usize::try_from((*fcinfo).nargs).unwrap_or(0);
-        if nargs != expected.len() {
+        if nargs < oldest || nargs > expected.len() {
             // Only a hand-made declaration with another signature could get here.
+            let wanted = if oldest == expected.len() {
+                oldest.to_string()
+            } else {
+                format!("{oldest} to {}", expected.len())
+            };
             ereport!(
                 ERROR,
                 PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
-                format!(
-                    "{function} expects {} arguments, got {nargs}",
-                    expected.len()
-                )
+                format!("{function} expects {wanted} arguments, got {nargs}")
             );
         }
         let oid = if (*fcinfo).flinfo.is_null() {
@@ -58,7 +64,7 @@ pub unsafe fn arguments<'a>(
             (*(*fcinfo).flinfo).fn_oid
         };
         if !CHECKED.with(|checked| checked.borrow().contains(&oid)) {
-            check_declaration(oid, expected, function);
+            check_declaration(oid, &expected[..nargs], function);
             CHECKED.with(|checked| checked.borrow_mut().push(oid));
         }
         (*fcinfo).args.as_slice(nargs)
