@@ -302,7 +302,10 @@ fn drop_and_create_extension_again() {
         .zip([(fast, json!({"n": 1})), (general, json!({"n": 2}))])
     {
         assert_eq!((*id, *app_id), (expected, again));
-        assert_eq!((kind.as_str(), target.as_str()), ("sql", "public.ledger_handler(jsonb)"));
+        assert_eq!(
+            (kind.as_str(), target.as_str()),
+            ("sql", "public.ledger_handler(jsonb)")
+        );
         assert_eq!(event["event_id"], json!(expected.to_string()));
         assert_eq!(event["app_id"], json!(again.to_string()));
         assert_eq!(event["payload"], payload);
