@@ -75,8 +75,8 @@ fn scripts_validate_their_target() {
 }
 
 #[test]
-fn kv_triggers_register_match_and_toggle() {
-    let (_db, mut c) = fresh_db("kvtrig");
+fn kv_trigger_bad_patterns_ops_and_handlers_are_refused() {
+    let (_db, mut c) = fresh_db("kvtrig_bad");
     let (app, script) = ledger_app(&mut c);
     let create = "SELECT picloud_create_kv_trigger($1, $2, $3)";
     for bad in ["", "a*b", "**", "user*", ":*", "*:*"] {
@@ -105,35 +105,59 @@ fn kv_triggers_register_match_and_toggle() {
         "22023"
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.triggers"), 0);
+}
 
-    let all = uuid_of(&mut c, create, &[&app, &"*", &script]);
-    let prefix = uuid_of(&mut c, create, &[&app, &"user:*", &script]);
+/// Three KV triggers of `app`: on every collection, on the `user:` prefix, and on inserts into
+/// `orders` only. Returns (all, prefix, exact).
+fn three_kv_triggers(c: &mut Client, app: Uuid, script: Uuid) -> (Uuid, Uuid, Uuid) {
+    let create = "SELECT picloud_create_kv_trigger($1, $2, $3)";
+    let all = uuid_of(c, create, &[&app, &"*", &script]);
+    let prefix = uuid_of(c, create, &[&app, &"user:*", &script]);
     let exact = uuid_of(
-        &mut c,
+        c,
         "SELECT picloud_create_kv_trigger($1, 'orders', $2, ARRAY['insert'])",
         &[&app, &script],
     );
-    let matching = |c: &mut Client, coll: &str, op: &str| -> HashSet<Uuid> {
-        c.query(
-            "SELECT trigger_id FROM picloud_match_kv_triggers($1, $2, $3)",
-            &[&app, &coll, &op],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
+    (all, prefix, exact)
+}
+
+/// The triggers of `app` that picloud_match_kv_triggers finds for a write.
+fn matching(c: &mut Client, app: Uuid, coll: &str, op: &str) -> HashSet<Uuid> {
+    c.query(
+        "SELECT trigger_id FROM picloud_match_kv_triggers($1, $2, $3)",
+        &[&app, &coll, &op],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn kv_triggers_match_by_exact_prefix_and_wildcard_pattern() {
+    let (_db, mut c) = fresh_db("kvtrig_match");
+    let (app, script) = ledger_app(&mut c);
+    let (all, prefix, exact) = three_kv_triggers(&mut c, app, script);
     assert_eq!(
-        matching(&mut c, "orders", "insert"),
+        matching(&mut c, app, "orders", "insert"),
         HashSet::from([all, exact])
     );
-    assert_eq!(matching(&mut c, "orders", "delete"), HashSet::from([all]));
     assert_eq!(
-        matching(&mut c, "user:42", "set"),
+        matching(&mut c, app, "orders", "delete"),
+        HashSet::from([all])
+    );
+    assert_eq!(
+        matching(&mut c, app, "user:42", "set"),
         HashSet::from([all, prefix])
     );
-    assert_eq!(matching(&mut c, "user", "set"), HashSet::from([all]));
+    assert_eq!(matching(&mut c, app, "user", "set"), HashSet::from([all]));
+}
 
+#[test]
+fn kv_triggers_are_read_back_and_listed() {
+    let (_db, mut c) = fresh_db("kvtrig_get");
+    let (app, script) = ledger_app(&mut c);
+    let (_, _, exact) = three_kv_triggers(&mut c, app, script);
     let info = c.query_one("SELECT kind, collection_pattern, ops, registered_by_principal::text, enabled FROM picloud_get_trigger($1, $2)", &[&app, &exact]).unwrap();
     assert_eq!(info.get::<_, String>(0), "kv");
     assert_eq!(info.get::<_, String>(1), "orders");
@@ -154,14 +178,23 @@ fn kv_triggers_register_match_and_toggle() {
         ),
         3
     );
+}
 
+#[test]
+fn disabled_kv_triggers_do_not_match_until_enabled() {
+    let (_db, mut c) = fresh_db("kvtrig_toggle");
+    let (app, script) = ledger_app(&mut c);
+    let (all, _, exact) = three_kv_triggers(&mut c, app, script);
     c.execute("SELECT picloud_disable_trigger($1, $2)", &[&app, &all])
         .unwrap();
-    assert_eq!(matching(&mut c, "orders", "insert"), HashSet::from([exact]));
+    assert_eq!(
+        matching(&mut c, app, "orders", "insert"),
+        HashSet::from([exact])
+    );
     c.execute("SELECT picloud_enable_trigger($1, $2)", &[&app, &all])
         .unwrap();
     assert_eq!(
-        matching(&mut c, "orders", "insert"),
+        matching(&mut c, app, "orders", "insert"),
         HashSet::from([all, exact])
     );
     assert_eq!(
@@ -171,7 +204,13 @@ fn kv_triggers_register_match_and_toggle() {
         )),
         "P0002"
     );
+}
 
+#[test]
+fn emit_kv_enqueues_an_event_per_matching_trigger() {
+    let (_db, mut c) = fresh_db("kvtrig_emit");
+    let (app, script) = ledger_app(&mut c);
+    three_kv_triggers(&mut c, app, script);
     let n: i32 = c
         .query_one(
             "SELECT picloud_emit_kv($1, 'user:7', 'set', 'k', '{\"v\":1}')",
@@ -250,7 +289,7 @@ fn matching_uses_the_index_with_100k_triggers() {
 }
 
 #[test]
-fn enqueue_validates_and_records() {
+fn enqueue_records_a_due_unclaimed_event_of_depth_zero() {
     let (_db, mut c) = fresh_db("enqueue");
     let (app, script) = ledger_app(&mut c);
     let id = uuid_of(
@@ -266,7 +305,12 @@ fn enqueue_validates_and_records() {
     assert_eq!(row.get::<_, i32>(2), 0);
     assert_eq!(row.get::<_, i32>(3), 0);
     assert!(row.get::<_, bool>(4) && row.get::<_, bool>(5));
+}
 
+#[test]
+fn enqueue_refuses_bad_arguments_with_their_sqlstate() {
+    let (_db, mut c) = fresh_db("enqueue_bad");
+    let (app, script) = ledger_app(&mut c);
     let e = "SELECT picloud_enqueue($1, $2, $3, $4::text::jsonb, $5)";
     let bad: &[(&str, &str, &str, &str)] =
         &[("nope", "x", "{}", "22023"), ("queue", "", "{}", "22023")];
@@ -317,7 +361,13 @@ fn enqueue_validates_and_records() {
         )),
         "22023"
     );
-    // Payload limit.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+}
+
+#[test]
+fn enqueue_refuses_payloads_over_the_limit() {
+    let (_db, mut c) = fresh_db("enqueue_limit");
+    let (app, script) = ledger_app(&mut c);
     c.batch_execute("SET picloud.max_payload_bytes = 2048")
         .unwrap();
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(10_000));
@@ -327,9 +377,13 @@ fn enqueue_validates_and_records() {
     );
     assert_eq!(sqlstate(err), "PC004");
     c.batch_execute("RESET picloud.max_payload_bytes").unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+}
 
-    // Depth beyond the limit names the depth and the limit.
+#[test]
+fn enqueue_beyond_the_depth_limit_is_refused_naming_depth_and_limit() {
+    let (_db, mut c) = fresh_db("enqueue_depth");
+    let (app, script) = ledger_app(&mut c);
     c.batch_execute("SET picloud.max_trigger_depth = 3")
         .unwrap();
     uuid_of(
@@ -353,9 +407,13 @@ fn enqueue_validates_and_records() {
         message.contains("depth 4") && message.contains("(3)"),
         "{message}"
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 2);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
+}
 
-    // Delayed delivery.
+#[test]
+fn enqueue_with_run_at_is_due_then() {
+    let (_db, mut c) = fresh_db("enqueue_later");
+    let (app, script) = ledger_app(&mut c);
     let later = uuid_of(
         &mut c,
         "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_run_at => now() + interval '1 hour')",
@@ -366,9 +424,14 @@ fn enqueue_validates_and_records() {
         .unwrap()
         .get(0);
     assert!((3590.0..=3600.0).contains(&delay), "{delay}");
+}
 
-    // Idempotency: the second enqueue returns the first id and enqueues nothing, even after
-    // the first event ran.
+/// The second enqueue with a key returns the first id and enqueues nothing, even after the
+/// first event ran.
+#[test]
+fn enqueue_with_an_idempotency_key_returns_the_first_event_even_after_it_ran() {
+    let (_db, mut c) = fresh_db("enqueue_key");
+    let (app, script) = ledger_app(&mut c);
     let q = "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_idempotency_key => 'order-17')";
     let first = uuid_of(&mut c, q, &[&app, &script]);
     let before = count(&mut c, "SELECT count(*) FROM picloud.outbox");
@@ -697,10 +760,11 @@ fn a_self_feeding_chain_stops_at_the_depth_limit() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
 }
 
-#[test]
-fn dead_letter_operations() {
-    let _serial = claimers();
-    let (_db, mut c) = fresh_db("deadletters");
+/// A database whose app has a dead-letter trigger on queue events and five queue events that
+/// each failed once with retries off: five dead letters, each fanned out to the trigger.
+/// Returns (client, app, script, dead-letter trigger). Callers hold `claimers()`.
+fn five_dead_letters(tag: &str) -> (Client, Uuid, Uuid, Uuid) {
+    let (_db, mut c) = fresh_db(tag);
     let (app, script) = ledger_app(&mut c);
     c.batch_execute("SET picloud.retry_max_attempts = 1")
         .unwrap();
@@ -729,7 +793,34 @@ fn dead_letter_operations() {
         )
         .unwrap();
     }
-    // Each dead letter fanned out to the dead-letter trigger, one level deeper.
+    (c, app, script, dl_trigger)
+}
+
+/// Two of the app's dead letters, by picloud_list_dead_letters (first page of two).
+fn two_dead_letters(c: &mut Client, app: Uuid) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = c
+        .query(
+            "SELECT dead_letter_id FROM picloud_list_dead_letters($1, true, 2, 0)",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    ids
+}
+
+fn dead_letter_count(c: &mut Client, app: Uuid) -> i64 {
+    c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
+        .unwrap()
+        .get::<_, i64>(0)
+}
+
+#[test]
+fn dead_letters_fan_out_to_the_dead_letter_trigger_one_level_deeper() {
+    let _serial = claimers();
+    let (mut c, _, _, dl_trigger) = five_dead_letters("dl_fanout");
     let fanned = c
         .query(
             "SELECT source, depth, trigger_id, payload->>'last_error' FROM picloud.outbox",
@@ -743,24 +834,14 @@ fn dead_letter_operations() {
         assert_eq!(r.get::<_, Uuid>(2), dl_trigger);
         assert_eq!(r.get::<_, String>(3), "nope");
     }
-    c.execute("DELETE FROM picloud.outbox", &[]).unwrap();
+}
 
-    assert_eq!(
-        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
-            .unwrap()
-            .get::<_, i64>(0),
-        5
-    );
-    let ids: Vec<Uuid> = c
-        .query(
-            "SELECT dead_letter_id FROM picloud_list_dead_letters($1, true, 2, 0)",
-            &[&app],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids.len(), 2);
+#[test]
+fn dead_letters_are_counted_listed_in_pages_and_fetched() {
+    let _serial = claimers();
+    let (mut c, app, _, _) = five_dead_letters("dl_list");
+    assert_eq!(dead_letter_count(&mut c, app), 5);
+    let ids = two_dead_letters(&mut c, app);
     assert_eq!(
         sqlstate(c.query(
             "SELECT * FROM picloud_list_dead_letters($1, true, -1, 0)",
@@ -790,7 +871,15 @@ fn dead_letter_operations() {
         )),
         "P0002"
     );
+}
 
+/// A resolution must be a known one; a resolved dead letter can be neither resolved again nor
+/// replayed.
+#[test]
+fn a_dead_letter_is_resolved_once() {
+    let _serial = claimers();
+    let (mut c, app, _, _) = five_dead_letters("dl_resolve");
+    let ids = two_dead_letters(&mut c, app);
     let resolve = "SELECT picloud_resolve_dead_letter($1, $2, $3)";
     assert_eq!(
         sqlstate(c.execute(resolve, &[&app, &ids[0], &"lost"])),
@@ -813,7 +902,15 @@ fn dead_letter_operations() {
         )),
         "PC003"
     );
+    assert_eq!(dead_letter_count(&mut c, app), 4);
+}
 
+#[test]
+fn a_replayed_dead_letter_is_enqueued_afresh_and_marked_replayed() {
+    let _serial = claimers();
+    let (mut c, app, script, _) = five_dead_letters("dl_replay");
+    c.execute("DELETE FROM picloud.outbox", &[]).unwrap();
+    let ids = two_dead_letters(&mut c, app);
     let new_event = uuid_of(
         &mut c,
         "SELECT picloud_replay_dead_letter($1, $2)",
@@ -835,13 +932,28 @@ fn dead_letter_operations() {
         .unwrap()
         .get(0);
     assert_eq!(res, "replayed");
-    assert_eq!(
-        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
-            .unwrap()
-            .get::<_, i64>(0),
-        3
-    );
+    assert_eq!(dead_letter_count(&mut c, app), 4);
+}
 
+/// After one is resolved and one replayed, ignoring by a source with no dead letters ignores
+/// none, and replaying by source replays the other three.
+#[test]
+fn dead_letters_are_ignored_and_replayed_in_bulk_by_source() {
+    let _serial = claimers();
+    let (mut c, app, _, _) = five_dead_letters("dl_bulk");
+    c.execute("DELETE FROM picloud.outbox", &[]).unwrap();
+    let ids = two_dead_letters(&mut c, app);
+    c.execute(
+        "SELECT picloud_resolve_dead_letter($1, $2, 'handled_by_script')",
+        &[&app, &ids[0]],
+    )
+    .unwrap();
+    uuid_of(
+        &mut c,
+        "SELECT picloud_replay_dead_letter($1, $2)",
+        &[&app, &ids[1]],
+    );
+    assert_eq!(dead_letter_count(&mut c, app), 3);
     let ignored: i32 = c
         .query_one(
             "SELECT picloud_ignore_dead_letters($1, p_source => 'kv')",
@@ -855,12 +967,7 @@ fn dead_letter_operations() {
         .unwrap()
         .get(0);
     assert_eq!(replayed, 3);
-    assert_eq!(
-        c.query_one("SELECT picloud_dead_letter_count($1)", &[&app])
-            .unwrap()
-            .get::<_, i64>(0),
-        0
-    );
+    assert_eq!(dead_letter_count(&mut c, app), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 4);
 }
 
@@ -921,13 +1028,9 @@ fn capture_trigger_turns_row_changes_into_events() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 3);
 }
 
-#[test]
-fn synchronous_answers_and_abandoned_executions() {
-    let _serial = claimers();
-    let (db, mut c) = fresh_db("sync");
-    let (app, script) = ledger_app(&mut c);
-    // A live caller gets the answer on its inbox channel.
-    let mut caller = connect(&db);
+/// A caller connection listening on a fresh inbox of `app`; returns it and the inbox.
+fn listening_caller(db: &str, app: Uuid) -> (Client, String) {
+    let mut caller = connect(db);
     let inbox: String = caller
         .query_one("SELECT picloud_open_inbox($1)", &[&app])
         .unwrap()
@@ -935,6 +1038,26 @@ fn synchronous_answers_and_abandoned_executions() {
     caller
         .batch_execute(&format!("LISTEN \"{inbox}\""))
         .unwrap();
+    (caller, inbox)
+}
+
+/// The answers that reach `caller` within two seconds.
+fn answers(caller: &mut Client) -> Vec<serde_json::Value> {
+    let mut answers = Vec::new();
+    let mut notes = caller.notifications();
+    let mut it = notes.timeout_iter(Duration::from_secs(2));
+    while let Ok(Some(n)) = it.next() {
+        answers.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap());
+    }
+    answers
+}
+
+#[test]
+fn a_synchronous_call_gets_its_answer_on_the_inbox() {
+    let _serial = claimers();
+    let (db, mut c) = fresh_db("sync");
+    let (app, script) = ledger_app(&mut c);
+    let (mut caller, inbox) = listening_caller(&db, app);
     let id = uuid_of(
         &mut caller,
         "SELECT picloud_enqueue($1, 'queue', 'x', '{\"q\":1}', $2, p_reply_to => $3)",
@@ -946,20 +1069,19 @@ fn synchronous_answers_and_abandoned_executions() {
     tx.query_one("SELECT picloud_run_sql_handler($1, $2, 'w')", &[&app, &id])
         .unwrap();
     tx.commit().unwrap();
-    let mut answers = Vec::new();
-    {
-        let mut notes = caller.notifications();
-        let mut it = notes.timeout_iter(Duration::from_secs(2));
-        while let Ok(Some(n)) = it.next() {
-            answers.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap());
-        }
-    }
+    let answers = answers(&mut caller);
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0]["ok"], json!(true));
     assert_eq!(answers[0]["event_id"], json!(id.to_string()));
     assert_eq!(answers[0]["result"], json!({"echo": {"q": 1}}));
+}
 
-    // A failing synchronous call is dead-lettered at once and the error is the answer.
+#[test]
+fn a_failing_synchronous_call_is_dead_lettered_at_once_and_answers_the_error() {
+    let _serial = claimers();
+    let (db, mut c) = fresh_db("sync_fail");
+    let (app, script) = ledger_app(&mut c);
+    let (mut caller, inbox) = listening_caller(&db, app);
     let id = uuid_of(
         &mut caller,
         "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)",
@@ -975,19 +1097,18 @@ fn synchronous_answers_and_abandoned_executions() {
         .unwrap()
         .get(0);
     assert_eq!(outcome, "dead_letter");
-    let mut answers = Vec::new();
-    {
-        let mut notes = caller.notifications();
-        let mut it = notes.timeout_iter(Duration::from_secs(2));
-        while let Ok(Some(n)) = it.next() {
-            answers.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap());
-        }
-    }
+    let answers = answers(&mut caller);
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0]["ok"], json!(false));
     assert_eq!(answers[0]["error"], json!("bad input"));
+}
 
-    // A caller that disconnected before the answer yields an abandoned execution.
+#[test]
+fn an_answer_to_a_disconnected_caller_is_recorded_as_abandoned() {
+    let _serial = claimers();
+    let (db, mut c) = fresh_db("sync_gone");
+    let (app, script) = ledger_app(&mut c);
+    let (mut caller, inbox) = listening_caller(&db, app);
     let id = uuid_of(
         &mut caller,
         "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2, p_reply_to => $3)",

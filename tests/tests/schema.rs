@@ -1,6 +1,8 @@
 //! The schema CREATE EXTENSION lays down, and its constraints.
 
 use picloud_tests::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
 
 #[test]
 fn preloaded_and_schema_complete() {
@@ -178,24 +180,160 @@ fn deleting_a_trigger_removes_its_details() {
     );
 }
 
+/// DROP and CREATE EXTENSION in a session that has already enqueued: the same session then
+/// enqueues again, through picloud_enqueue's fast path (whose statements it prepared and kept
+/// before the drop) and its general path, and the events are stored, claimed and run as in a
+/// fresh database.
 #[test]
 fn drop_and_create_extension_again() {
     let (_db, mut c) = fresh_db("recreate");
+    let uuid_of = |c: &mut postgres::Client,
+                   sql: &str,
+                   params: &[&(dyn postgres::types::ToSql + Sync)]|
+     -> Uuid {
+        c.query_one(sql, params)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    };
     let (app, script) = ledger_app(&mut c);
-    c.query_one(
+    let before = uuid_of(
+        &mut c,
         "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
         &[&app, &script],
-    )
-    .unwrap();
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1);
     c.batch_execute("DROP EXTENSION picloud; CREATE EXTENSION picloud")
         .unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
-    let app: uuid::Uuid = c
-        .query_one("SELECT picloud_create_app('again')", &[])
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.apps"), 0);
+
+    // The user sees the new app listed under its name, with nothing else left from before.
+    let (again, script) = ledger_app(&mut c);
+    assert_ne!(again, app);
+    let apps: Vec<(Uuid, String)> = c
+        .query("SELECT app_id, name FROM picloud_list_apps()", &[])
         .unwrap()
-        .get(0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.apps"), 1);
-    assert!(!app.is_nil());
+        .iter()
+        .map(|r| (r.get("app_id"), r.get("name")))
+        .collect();
+    assert_eq!(apps, vec![(again, "ledger".to_string())]);
+
+    // Same session: the fast path (its kept plans) and the general path (an idempotency key).
+    let fast = uuid_of(
+        &mut c,
+        "SELECT picloud_enqueue($1, 'queue', 'fast', '{\"n\": 1}', $2)",
+        &[&again, &script],
+    );
+    let general = uuid_of(
+        &mut c,
+        "SELECT picloud_enqueue($1, 'queue', 'general', '{\"n\": 2}', $2,
+                                p_idempotency_key => 'after-recreate')",
+        &[&again, &script],
+    );
+    assert_ne!(fast, before);
+    assert_eq!(
+        uuid_of(
+            &mut c,
+            "SELECT picloud_enqueue($1, 'queue', 'general', '{\"n\": 2}', $2,
+                                    p_idempotency_key => 'after-recreate')",
+            &[&again, &script],
+        ),
+        general,
+        "the idempotency key answers the first event"
+    );
+    let stored: Vec<(Uuid, Uuid, Uuid, String, String, Value, i32)> = c
+        .query(
+            "SELECT event_id, app_id, script_id, source, op, payload, attempt_count
+             FROM picloud.outbox ORDER BY op",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            (
+                fast,
+                again,
+                script,
+                "queue".into(),
+                "fast".into(),
+                json!({"n": 1}),
+                0
+            ),
+            (
+                general,
+                again,
+                script,
+                "queue".into(),
+                "general".into(),
+                json!({"n": 2}),
+                0
+            ),
+        ]
+    );
+
+    // Both are claimed with their event documents and run by their SQL handler, once.
+    let claimed: Vec<(Uuid, Uuid, String, String, Value)> = c
+        .query(
+            "SELECT event_id, app_id, handler_kind, handler_target, event
+             FROM picloud_claim('w', 10, 60000) ORDER BY op",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    for ((id, app_id, kind, target, event), (expected, payload)) in claimed
+        .iter()
+        .zip([(fast, json!({"n": 1})), (general, json!({"n": 2}))])
+    {
+        assert_eq!((*id, *app_id), (expected, again));
+        assert_eq!(
+            (kind.as_str(), target.as_str()),
+            ("sql", "public.ledger_handler(jsonb)")
+        );
+        assert_eq!(event["event_id"], json!(expected.to_string()));
+        assert_eq!(event["app_id"], json!(again.to_string()));
+        assert_eq!(event["payload"], payload);
+        assert_eq!(event["attempt"], json!(1), "{event}");
+    }
+    for id in [fast, general] {
+        let mut tx = c.transaction().unwrap();
+        tx.query_one(
+            "SELECT picloud_run_sql_handler($1, $2, 'w')",
+            &[&again, &id],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let ledger: Vec<(Uuid, Value)> = c
+        .query(
+            "SELECT event_id, payload FROM ledger ORDER BY payload->>'n'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        ledger,
+        vec![(fast, json!({"n": 1})), (general, json!({"n": 2}))]
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
 }
 
 #[test]

@@ -452,31 +452,324 @@ fn synchronous_call_gets_its_answer_and_a_gone_caller_is_recorded() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
 }
 
+/// The supervisor's log as JSON objects, one per line.
+fn log_lines(sup: &Supervisor) -> Vec<Value> {
+    sup.log()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// The ids of the per-event log lines with this outcome (debug level).
+fn events_with_outcome(lines: &[Value], outcome: &str) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = lines
+        .iter()
+        .filter(|l| l["msg"] == "event" && l["outcome"] == outcome)
+        .map(|l| l["event_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The sum of one count over every summary line.
+fn summary_total(lines: &[Value], name: &str) -> u64 {
+    lines
+        .iter()
+        .filter(|l| l["msg"] == "summary")
+        .map(|l| l[name].as_u64().unwrap())
+        .sum()
+}
+
+/// Event ids written, one event document per line, by the paced command below.
+fn command_ids(path: &std::path::Path) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let event: Value = serde_json::from_str(l).unwrap();
+            event["event_id"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// SIGTERM with handlers in flight: no more claims; handlers that finish within the grace
+/// period complete (drain); sql and command handlers still running at its end are cancelled
+/// or killed and their rows released (unclaimed, the attempt not counted); the process exits
+/// 0. A second supervisor then runs the released events, and every event has run exactly once.
 #[test]
-fn sigterm_stops_cleanly_and_releases_nothing_twice() {
+fn sigterm_drains_then_releases_running_handlers_and_each_event_runs_once() {
     let (db, mut c) = fresh_db("e2e_term");
-    let (app, script) = ledger_app(&mut c);
-    let mut sup = Supervisor::start(&db, FAST);
-    for _ in 0..50 {
-        c.query_one(
-            "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
-            &[&app, &script],
+    let (app, fast) = ledger_app(&mut c);
+    // Handlers are slow while `pace` says so; they read it when they start.
+    c.batch_execute(
+        "CREATE TABLE pace (slow boolean NOT NULL);
+         INSERT INTO pace VALUES (true);
+         CREATE FUNCTION paced(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF (SELECT slow FROM pace) THEN
+                 PERFORM pg_sleep((e->'payload'->>'secs')::float8);
+             END IF;
+             INSERT INTO ledger (event_id, payload) VALUES ((e->>'event_id')::uuid, e->'payload');
+         END $$;",
+    )
+    .unwrap();
+    let paced_sql: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'paced', 'sql', 'paced', 120000)",
+            &[&app],
         )
+        .unwrap()
+        .get(0);
+    // The command writes its event to `started`, its pid to `pids`, waits `pace` tenths of a
+    // second and only then writes the event to `done`: killed before, it leaves no trace there.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../target/it-term-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (started, done, pids, pace) = (
+        dir.join("started"),
+        dir.join("done"),
+        dir.join("pids"),
+        dir.join("pace"),
+    );
+    std::fs::write(&pace, "600").unwrap();
+    let program = dir.join("paced.sh");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\nevent=$(cat)\necho \"$event\" >> \"$1/started\"\necho $$ >> \"$1/pids\"\n\
+         i=0\nn=$(cat \"$1/pace\")\nwhile [ \"$i\" -lt \"$n\" ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo \"$event\" >> \"$1/done\"\necho '{}'\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&program)
+        .status()
         .unwrap();
-    }
-    assert!(eventually(Duration::from_secs(20), || count(
-        &mut c,
-        "SELECT count(*) FROM ledger"
-    ) == 50));
-    let status = sup
-        .terminate(Duration::from_secs(15))
-        .expect("exits within the grace period");
+    let paced_cmd: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'paced-cmd', 'command', 'paced', 120000)",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let command = format!("paced={} {}", program.display(), dir.display());
+    // No lanes and no sql batches: every sql event runs on its own claim, the path that
+    // cancels and releases at shutdown.
+    let args = [
+        "--poll-interval-ms",
+        "500",
+        "--log-level",
+        "debug",
+        "--sql-lanes",
+        "0",
+        "--sql-batch",
+        "1",
+        "--shutdown-grace-ms",
+        "8000",
+        "--command",
+        &command,
+    ];
+    let mut first = Supervisor::start(&db, &args);
+    let enqueue = |c: &mut postgres::Client, script: Uuid, payload: Value| -> Uuid {
+        c.query_one(
+            "SELECT picloud_enqueue($1, 'queue', 'x', $2, $3)",
+            &[&app, &payload, &script],
+        )
+        .unwrap()
+        .get(0)
+    };
+
+    // Quick events finish long before the signal.
+    let mut quick: Vec<Uuid> = (0..10)
+        .map(|i| enqueue(&mut c, fast, json!({ "i": i })))
+        .collect();
+    quick.sort();
+    assert!(
+        eventually(Duration::from_secs(20), || count(
+            &mut c,
+            "SELECT count(*) FROM ledger"
+        ) == 10),
+        "log: {}",
+        first.log()
+    );
+
+    // In flight at the signal: two sql handlers that end within the grace period, three that
+    // would sleep a minute and three commands that would run a minute.
+    let mut medium: Vec<Uuid> = (0..2)
+        .map(|_| enqueue(&mut c, paced_sql, json!({ "secs": 4 })))
+        .collect();
+    let slow_sql: Vec<Uuid> = (0..3)
+        .map(|_| enqueue(&mut c, paced_sql, json!({ "secs": 60 })))
+        .collect();
+    let slow_cmd: Vec<Uuid> = (0..3)
+        .map(|_| enqueue(&mut c, paced_cmd, json!({})))
+        .collect();
+    medium.sort();
+    let mut slow: Vec<Uuid> = slow_sql.iter().chain(&slow_cmd).copied().collect();
+    slow.sort();
+    let sleeping = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND wait_event = 'PgSleep'"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || count(&mut c, &sleeping) == 5
+            && command_ids(&started).len() == 3),
+        "handlers in flight: {} sql, {} commands; log: {}",
+        count(&mut c, &sleeping),
+        command_ids(&started).len(),
+        first.log()
+    );
+    let command_pids: Vec<u32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    assert_eq!(command_pids.len(), 3);
+    let signalled_at: std::time::SystemTime =
+        c.query_one("SELECT clock_timestamp()", &[]).unwrap().get(0);
+
+    let status = first
+        .terminate(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("exits within the grace period; log: {}", first.log()));
     assert!(
         status.success(),
         "exit status {status:?}; log: {}",
-        sup.log()
+        first.log()
     );
-    assert!(sup.log().contains("\"level\""), "structured log lines");
+
+    // What the first supervisor says it did: stopped claiming, let the two short handlers
+    // finish, released the six others (each once, none lost or unreported).
+    let lines = log_lines(&first);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["msg"] == "shutdown requested; no more claims"
+                && l["signal"] == "SIGTERM"
+                && l["grace_ms"] == 8000),
+        "log: {}",
+        first.log()
+    );
+    let releasing: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["msg"] == "releasing unfinished events")
+        .collect();
+    assert_eq!(releasing.len(), 1, "log: {}", first.log());
+    assert_eq!(releasing[0]["in_flight"], 6, "log: {}", first.log());
+    assert_eq!(events_with_outcome(&lines, "released"), slow);
+    let completed = events_with_outcome(&lines, "completed");
+    let mut expected: Vec<Uuid> = quick.iter().chain(&medium).copied().collect();
+    expected.sort();
+    assert_eq!(completed, expected);
+    assert_eq!(summary_total(&lines, "released"), 6);
+    assert_eq!(summary_total(&lines, "completed"), 12);
+    assert_eq!(summary_total(&lines, "lease_lost"), 0);
+    assert_eq!(summary_total(&lines, "unreported"), 0);
+    assert!(
+        !first.log().contains("exiting with events unreported"),
+        "{}",
+        first.log()
+    );
+    assert!(lines.iter().any(|l| l["msg"] == "stopped"));
+
+    // What the database holds: the short handlers committed after the signal (they were
+    // drained, not cut off); the released rows are back in the queue unclaimed, with no
+    // attempt counted and nothing of their handlers committed.
+    let drained: Vec<(Uuid, std::time::SystemTime)> = c
+        .query(
+            "SELECT event_id, at FROM ledger WHERE payload ? 'secs' ORDER BY event_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        drained.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        medium
+    );
+    assert!(
+        drained.iter().all(|(_, at)| *at > signalled_at),
+        "the short handlers finished during the grace period"
+    );
+    let queued: Vec<(Uuid, Option<String>, bool, i32)> = c
+        .query(
+            "SELECT event_id, claimed_by, lease_expires_at IS NULL, attempt_count
+             FROM picloud.outbox ORDER BY event_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        queued,
+        slow.iter()
+            .map(|id| (*id, None, true, 0))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ledger"), 12);
+    assert_eq!(
+        count(&mut c, &sleeping),
+        0,
+        "the sql handlers were cancelled"
+    );
+    assert!(command_ids(&done).is_empty(), "no command ran to its end");
+    let gone = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+            .unwrap_or(true)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || command_pids.iter().all(gone)),
+        "the commands were killed"
+    );
+
+    // A second supervisor, with the handlers fast again, runs the released events.
+    c.batch_execute("UPDATE pace SET slow = false").unwrap();
+    std::fs::write(&pace, "0").unwrap();
+    let second = Supervisor::start(&db, &args);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox"
+        ) == 0),
+        "log: {}",
+        second.log()
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM picloud.dead_letters"),
+        0
+    );
+    // Each event ran to its end exactly once over both supervisors.
+    let mut all_sql: Vec<Uuid> = quick
+        .iter()
+        .chain(&medium)
+        .chain(&slow_sql)
+        .copied()
+        .collect();
+    all_sql.sort();
+    let ledger: Vec<Uuid> = c
+        .query("SELECT event_id FROM ledger ORDER BY event_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ledger, all_sql);
+    let mut slow_cmd_sorted = slow_cmd.clone();
+    slow_cmd_sorted.sort();
+    assert!(eventually(Duration::from_secs(5), || command_ids(&done)
+        == slow_cmd_sorted));
+    // The second supervisor ran just the released events, each as its first attempt.
+    let lines = log_lines(&second);
+    assert_eq!(events_with_outcome(&lines, "completed"), slow);
+    assert!(events_with_outcome(&lines, "released").is_empty());
+    assert!(lines
+        .iter()
+        .filter(|l| l["msg"] == "event")
+        .all(|l| l["attempt"] == 1));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

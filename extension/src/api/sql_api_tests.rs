@@ -14,6 +14,10 @@ mod tests {
             "CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
              BEGIN EXECUTE q; RETURN '00000';
              EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
+             CREATE FUNCTION pg_temp.value_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+             DECLARE v text;
+             BEGIN EXECUTE q INTO STRICT v; RETURN coalesce(v, 'NULL');
+             EXCEPTION WHEN OTHERS THEN RETURN 'error ' || SQLSTATE || ': ' || SQLERRM; END $$;
              CREATE FUNCTION public.fx_handler(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT e $$;
              CREATE TEMP TABLE fx AS
                SELECT a AS app FROM picloud.picloud_create_app('fixture') a;
@@ -31,9 +35,9 @@ mod tests {
         .expect("fixture");
     }
 
-    /// Runs each call (with {app}, {script}, {trig}, {dl}, {ev} substituted) and asserts its
-    /// SQLSTATE ('00000' for success).
-    fn expect(cases: &[(&str, &str)]) {
+    /// The call with the fixture's ids substituted for {app}, {script}, {trig}, {dl} and {ev},
+    /// and the nil uuid for {none}.
+    fn with_ids(call: &str) -> String {
         let ids = Spi::get_three::<pgrx::Uuid, pgrx::Uuid, pgrx::Uuid>(
             "SELECT app, script, trig FROM fx",
         )
@@ -43,16 +47,35 @@ mod tests {
         let text = |u: Option<pgrx::Uuid>| u.map(|u| u.to_string()).unwrap_or_default();
         let (app, script, trig) = (text(ids.0), text(ids.1), text(ids.2));
         let (dl, ev) = (text(more.0), text(more.1));
+        call.replace("{app}", &format!("'{app}'::uuid"))
+            .replace("{script}", &format!("'{script}'::uuid"))
+            .replace("{trig}", &format!("'{trig}'::uuid"))
+            .replace("{dl}", &format!("'{dl}'::uuid"))
+            .replace("{ev}", &format!("'{ev}'::uuid"))
+            .replace("{none}", "'00000000-0000-0000-0000-000000000000'::uuid")
+    }
+
+    /// Runs each call (fixture ids substituted, see `with_ids`) and asserts its SQLSTATE
+    /// ('00000' for success).
+    fn expect(cases: &[(&str, &str)]) {
         for (call, expected) in cases {
-            let sql = call
-                .replace("{app}", &format!("'{app}'::uuid"))
-                .replace("{script}", &format!("'{script}'::uuid"))
-                .replace("{trig}", &format!("'{trig}'::uuid"))
-                .replace("{dl}", &format!("'{dl}'::uuid"))
-                .replace("{ev}", &format!("'{ev}'::uuid"))
-                .replace("{none}", "'00000000-0000-0000-0000-000000000000'::uuid");
+            let sql = with_ids(call);
             let got = Spi::get_one_with_args::<String>(
                 "SELECT pg_temp.sqlstate_of($1)",
+                &[sql.clone().into()],
+            );
+            assert_eq!(got, Ok(Some(expected.to_string())), "{sql}");
+        }
+    }
+
+    /// Runs each call (fixture ids substituted, see `with_ids`), which must succeed with
+    /// exactly one row, and asserts that row's first column as text ('NULL' for NULL). A call
+    /// that fails shows as 'error SQLSTATE: message'.
+    fn expect_values(cases: &[(&str, &str)]) {
+        for (call, expected) in cases {
+            let sql = with_ids(call);
+            let got = Spi::get_one_with_args::<String>(
+                "SELECT pg_temp.value_of($1)",
                 &[sql.clone().into()],
             );
             assert_eq!(got, Ok(Some(expected.to_string())), "{sql}");
@@ -62,15 +85,29 @@ mod tests {
     #[pg_test]
     fn apps_and_roles() {
         fixture();
+        expect_values(&[
+            // A new app, not the fixture's, listed by its name.
+            (
+                "SELECT (picloud.picloud_create_app('x') <> {app})::text",
+                "true",
+            ),
+            (
+                "SELECT string_agg(name, ',' ORDER BY name) FROM picloud.picloud_list_apps()",
+                "fixture,x",
+            ),
+        ]);
         expect(&[
-            ("SELECT picloud.picloud_create_app('x')", "00000"),
             ("SELECT picloud.picloud_create_app(NULL)", "22004"),
             ("SELECT picloud.picloud_create_app('')", "22023"),
-            ("SELECT * FROM picloud.picloud_list_apps()", "00000"),
+        ]);
+        expect_values(&[
+            // The extension's owner holds every capability.
             (
-                "SELECT picloud.picloud_has_capability({app}, 'enqueue')",
-                "00000",
+                "SELECT picloud.picloud_has_capability({app}, 'enqueue')::text",
+                "true",
             ),
+        ]);
+        expect(&[
             (
                 "SELECT picloud.picloud_grant_app_role({app}, 'no_such_role_zz', 'admin')",
                 "42704",
@@ -83,12 +120,44 @@ mod tests {
                 "SELECT picloud.picloud_grant_app_role({none}, current_user, 'admin')",
                 "P0002",
             ),
+        ]);
+        expect_values(&[
+            // Nothing was granted, so there is nothing to revoke.
             (
-                "SELECT picloud.picloud_revoke_app_role({app}, current_user, 'admin')",
-                "00000",
+                "SELECT picloud.picloud_revoke_app_role({app}, current_user, 'admin')::text",
+                "false",
             ),
-            ("SELECT picloud.picloud_drop_app({none})", "P0002"),
-            ("SELECT picloud.picloud_gc_pass()", "00000"),
+            (
+                "SELECT count(*)::text FROM picloud.app_roles WHERE app_id = {app}",
+                "0",
+            ),
+            // A granted capability is listed, then revoked once.
+            (
+                "SELECT 'granted' FROM picloud.picloud_grant_app_role({app}, current_user, 'producer')",
+                "granted",
+            ),
+            (
+                "SELECT string_agg(capability, ',') FROM picloud.app_roles
+                 WHERE app_id = {app} AND role_name = current_user",
+                "producer",
+            ),
+            (
+                "SELECT picloud.picloud_revoke_app_role({app}, current_user, 'producer')::text",
+                "true",
+            ),
+            (
+                "SELECT picloud.picloud_revoke_app_role({app}, current_user, 'producer')::text",
+                "false",
+            ),
+        ]);
+        expect(&[("SELECT picloud.picloud_drop_app({none})", "P0002")]);
+        expect_values(&[
+            // Every housekeeping step runs, and the fresh fixture leaves nothing to remove.
+            (
+                "SELECT string_agg(kind || '=' || removed, ',') FROM picloud.picloud_gc_pass()",
+                "rescue_leases=0,dead_letters=0,abandoned_executions=0,inboxes=0,\
+                 idempotency_keys=0,event_counts=0",
+            ),
         ]);
     }
 
@@ -308,22 +377,85 @@ mod tests {
         fixture();
         expect(&[
             ("SELECT * FROM picloud.picloud_claim('w', 0, 1000)", "22023"),
-            ("SELECT * FROM picloud.picloud_claim(NULL, 1, 1000)", "22004"),
+            (
+                "SELECT * FROM picloud.picloud_claim(NULL, 1, 1000)",
+                "22004",
+            ),
             ("SELECT * FROM picloud.picloud_claim('w', 1, 50)", "22023"),
-            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 30000)", "00000"),
-            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 1)", "22023"),
-            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', NULL)", "22004"),
-            ("SELECT picloud.picloud_extend_lease({app}, NULL, 'w', 30000)", "22004"),
-            ("SELECT picloud.picloud_complete({app}, {ev}, 'intruder')", "PC002"),
-            ("SELECT * FROM picloud.picloud_fail({app}, {ev}, 'intruder', 'x')", "PC002"),
-            ("SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'intruder')", "PC002"),
-            ("SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'w')", "00000"),
-            ("SELECT picloud.picloud_complete({app}, {ev}, 'w')", "PC002"),
-            ("SELECT picloud.picloud_release({app}, {none}, 'w')", "00000"),
-            ("SELECT picloud.picloud_record_abandoned_execution({app}, {ev}, 'gone', true, NULL, NULL, 'test')", "00000"),
-            ("SELECT picloud.picloud_record_abandoned_execution({app}, {ev}, NULL, true, NULL, NULL, 'test')", "22004"),
-            ("SELECT * FROM picloud.picloud_list_abandoned_executions({app})", "00000"),
         ]);
+        expect_values(&[
+            // The claim holder extends its lease; anyone else extends and releases nothing.
+            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 30000)::text", "true"),
+            (
+                "SELECT (lease_expires_at > now() + interval '29 seconds')::text
+                 FROM picloud.outbox WHERE event_id = {ev}",
+                "true",
+            ),
+            ("SELECT picloud.picloud_extend_lease({app}, {ev}, 'intruder', 30000)::text", "false"),
+            ("SELECT picloud.picloud_release({app}, {ev}, 'intruder')::text", "false"),
+            ("SELECT picloud.picloud_release({app}, {none}, 'w')::text", "false"),
+            (
+                "SELECT claimed_by || ' ' || attempt_count FROM picloud.outbox WHERE event_id = {ev}",
+                "w 1",
+            ),
+        ]);
+        expect(&[
+            (
+                "SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', 1)",
+                "22023",
+            ),
+            (
+                "SELECT picloud.picloud_extend_lease({app}, {ev}, 'w', NULL)",
+                "22004",
+            ),
+            (
+                "SELECT picloud.picloud_extend_lease({app}, NULL, 'w', 30000)",
+                "22004",
+            ),
+            (
+                "SELECT picloud.picloud_complete({app}, {ev}, 'intruder')",
+                "PC002",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_fail({app}, {ev}, 'intruder', 'x')",
+                "PC002",
+            ),
+            (
+                "SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'intruder')",
+                "PC002",
+            ),
+        ]);
+        expect_values(&[
+            // The handler runs and its event leaves the outbox; without reply_to there is no
+            // answer to return.
+            (
+                "SELECT picloud.picloud_run_sql_handler({app}, {ev}, 'w')::text",
+                "NULL",
+            ),
+            (
+                "SELECT count(*)::text FROM picloud.outbox WHERE event_id = {ev}",
+                "0",
+            ),
+        ]);
+        expect(&[("SELECT picloud.picloud_complete({app}, {ev}, 'w')", "PC002")]);
+        expect_values(&[
+            // A completed event is no longer held: nothing to release.
+            ("SELECT picloud.picloud_release({app}, {ev}, 'w')::text", "false"),
+            (
+                "SELECT (picloud.picloud_record_abandoned_execution({app}, {ev}, 'gone', true, NULL, NULL, 'test') IS NOT NULL)::text",
+                "true",
+            ),
+        ]);
+        expect(&[(
+            "SELECT picloud.picloud_record_abandoned_execution({app}, {ev}, NULL, true, NULL, NULL, 'test')",
+            "22004",
+        )]);
+        expect_values(&[(
+            "SELECT string_agg(format('%s %s %s %s %s', event_id = {ev}, reply_to, succeeded,
+                                      error IS NULL, reason), ',')
+             FROM picloud.picloud_list_abandoned_executions({app})",
+            "t gone t t test",
+        )]);
     }
 
     /// Every event in `lane_locked` ran its handler (a row in `lane_seen`) and left the outbox.

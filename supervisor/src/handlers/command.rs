@@ -187,6 +187,7 @@ async fn read_capped<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handlers::test_support::block_on;
     use serde_json::json;
 
     #[test]
@@ -225,16 +226,6 @@ mod tests {
     fn commands(items: &[&str]) -> Commands {
         let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
         parse_specs(&items).unwrap_or_default()
-    }
-
-    fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime.block_on(future),
-            Err(e) => panic!("runtime: {e}"),
-        }
     }
 
     const SECOND: Duration = Duration::from_secs(5);

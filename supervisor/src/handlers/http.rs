@@ -347,6 +347,7 @@ fn retry_at(status: StatusCode, headers: &HeaderMap, now: DateTime<Utc>) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handlers::test_support::block_on;
 
     fn headers(retry_after: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -401,16 +402,6 @@ mod tests {
         );
         assert!(parse("ftp://example.com/").is_err());
         assert!(parse("http://user:pw@example.com/").is_err());
-    }
-
-    fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime.block_on(future),
-            Err(e) => panic!("runtime: {e}"),
-        }
     }
 
     fn client(allow: &[&str]) -> HttpClient {

@@ -5,6 +5,8 @@ pub mod command;
 pub mod http;
 pub mod signing;
 pub mod sql;
+#[cfg(test)]
+mod test_support;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
