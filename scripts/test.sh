@@ -26,7 +26,7 @@ cargo pgrx test pg15 -p picloud --runas postgres --pgdata "$root/target/pgrx-tes
 
 echo "== integration tests"
 bash scripts/install-extension.sh
-cargo build -q -p picloud-supervisor
+cargo build -q -p picloud-supervisor -p picloud-console
 # A cluster left over from an interrupted run is stopped and started afresh so it loads the
 # library just installed.
 bash scripts/cluster.sh stop "$cluster"
