@@ -357,6 +357,9 @@ impl Browser {
             .enable_all()
             .build()
             .expect("runtime");
+        // The WebDriver client's https support needs a process-wide provider; already
+        // installed is fine.
+        rustls::crypto::ring::default_provider().install_default().ok();
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),

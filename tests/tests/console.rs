@@ -353,7 +353,7 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
 }
 
 #[test]
-fn sign_ins_are_rate_limited_and_a_trusting_database_keeps_the_console_on_loopback() {
+fn sign_ins_are_rate_limited_a_trusting_database_keeps_the_console_on_loopback_and_https_works() {
     let cluster = ScramCluster::start("console-guard", 55482);
     cluster.create_role("admin_a");
     let console = Console::start(&cluster.url(), 55483, &["--probe-role", "admin_a", "--login-per-minute", "3"]);
@@ -374,4 +374,227 @@ fn sign_ins_are_rate_limited_and_a_trusting_database_keeps_the_console_on_loopba
     // On loopback it starts, and says why it stays there.
     let trusting = Console::start(&cluster.url(), 55485, &["--probe-role", "postgres"]);
     assert!(trusting.log().contains("loopback only"), "{}", trusting.log());
+    drop(trusting);
+
+    // https with rustls: the session cookie is then Secure too. (55484 was never bound: the
+    // refusal above comes before the listener.)
+    let ca = TestCa::new("console test CA");
+    let (cert, key) = ca.server_cert(&["127.0.0.1", "localhost"]);
+    let dir = scratch_dir("console-https-files");
+    std::fs::write(dir.join("console.crt"), cert).unwrap();
+    std::fs::write(dir.join("console.key"), key).unwrap();
+    let cert_path = dir.join("console.crt").to_string_lossy().into_owned();
+    let key_path = dir.join("console.key").to_string_lossy().into_owned();
+    let https = Console::start(
+        &cluster.url(),
+        55484,
+        &["--probe-role", "admin_a", "--console-tls-cert", &cert_path, "--console-tls-key", &key_path],
+    );
+    assert!(https.base.starts_with("https://"));
+    let mut client = ApiClient::new(&https.base);
+    let answer = client.sign_in("admin_a", PASSWORD);
+    expect(&answer, 200, None);
+    assert!(answer.set_cookie.join(";").contains("Secure"), "{:?}", answer.set_cookie);
+    expect(&client.get("/api/session"), 200, None);
+    // A role without rights in picloud is refused by Postgres itself.
+    expect(&client.get("/api/apps"), 403, Some("42501"));
+    // Plain http to the https port gets no answer the client could use.
+    assert!(reqwest::blocking::get("http://127.0.0.1:55484/api/apps").map(|r| r.status().is_success()).unwrap_or(false) == false);
+}
+
+/// Waits until `sql` (a count) reaches `n`.
+fn wait_count(su: &mut postgres::Client, sql: &str, n: i64) {
+    assert!(
+        eventually(Duration::from_secs(60), || count(su, sql) == n),
+        "{sql} stayed at {} (wanted {n})",
+        count(su, sql)
+    );
+}
+
+#[test]
+fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
+    let cluster = ScramCluster::start("console-browser", 55486);
+    let t = tenants(&cluster);
+    let mut su = cluster.superuser();
+    su.batch_execute(&format!(
+        "ALTER DATABASE {db} SET picloud.retry_max_attempts = 2;
+         ALTER DATABASE {db} SET picloud.retry_base_delay = '50ms';
+         ALTER DATABASE {db} SET picloud.retry_max_delay = '100ms';",
+        db = cluster.db
+    ))
+    .unwrap();
+    let _supervisor = Supervisor::start_url(
+        &format!("{} user=postgres", cluster.url()),
+        "console-browser",
+        &["--poll-interval-ms", "200"],
+    );
+    let mut admin_a = cluster.connect_as("admin_a");
+    for order in 1..=5 {
+        admin_a
+            .execute(
+                "SELECT picloud_enqueue($1, 'queue', 'order', jsonb_build_object('order', $2::int), $3)",
+                &[&t.a, &order, &t.script_a],
+            )
+            .unwrap();
+    }
+    admin_a
+        .execute(
+            "SELECT picloud_enqueue($1, 'queue', 'order', '{\"order\": 6, \"note\": \"<script>document.title=\\\"pwned\\\"</script><img src=x onerror=alert(1)>\"}', $2)",
+            &[&t.a, &t.script_a],
+        )
+        .unwrap();
+    // The handler refuses every order: all six end in the dead letters.
+    wait_count(&mut su, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{}'", t.a), 6);
+    let letter = |su: &mut postgres::Client, order: i32| -> Uuid {
+        su.query_one(
+            "SELECT dead_letter_id FROM picloud.dead_letters WHERE app_id = $1 AND (payload->>'order')::int = $2",
+            &[&t.a, &order],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let hostile = letter(&mut su, 6);
+    let first = letter(&mut su, 1);
+
+    let console = Console::start(&cluster.url(), 55487, &["--probe-role", "admin_a", "--login-per-minute", "1000"]);
+    let driver = Chromedriver::start(55488);
+
+    // Sign in as A's admin: the badge is picloud_dead_letter_count.
+    let browser = Browser::open(&driver, &console.base);
+    browser.sign_in("admin_a", "wrong password");
+    assert!(browser.text("#login-error").contains("wrong"), "{}", browser.source());
+    browser.sign_in("admin_a", PASSWORD);
+    assert_eq!(browser.path(), "/apps");
+    let badge = format!("#badge-{}", t.a);
+    assert_eq!(browser.text(&badge), count_as(&cluster, "admin_a", t.a).to_string());
+    assert_eq!(browser.text(&badge), "6");
+    assert!(!browser.exists(&format!("#badge-{}", t.b)), "B is not A's admin's to see");
+    browser.screenshot("apps.png");
+
+    // The app's dead letters, grouped, with the list below.
+    browser.click(&format!("a[href=\"/apps/{}\"]", t.a));
+    assert_eq!(browser.count("#dead-letters tbody tr"), 6);
+    assert!(browser.body_text().contains("flaky handler refused order"));
+    browser.screenshot("dead-letters.png");
+
+    // A payload with markup is shown as text, and nothing of it runs.
+    browser.goto(&format!("/apps/{}/dead-letters/{hostile}", t.a));
+    assert!(browser.text("#payload").contains(r#"<script>document.title=\"pwned\"</script><img src=x onerror=alert(1)>"#), "{}", browser.text("#payload"));
+    assert_eq!(browser.count("script"), 0);
+    assert_eq!(browser.count("#payload img"), 0);
+    assert!(browser.source().contains("&lt;script&gt;"));
+    assert!(!browser.source().contains("<title>pwned"));
+    browser.screenshot("dead-letter.png");
+
+    // A state-changing request without the CSRF token is refused and changes nothing.
+    let mut http = ApiClient::signed_in(&console.base, "admin_a");
+    let (status, body) = http.post_form(&format!("/apps/{}/dead-letters/{first}/resolve", t.a), &[("resolution", "ignored")]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CSRF"), "{body}");
+    let (status, _) = http.post_form(&format!("/apps/{}/dead-letters/{first}/replay", t.a), &[("csrf", "guessed")]);
+    assert_eq!(status, 403);
+    http.csrf = None;
+    expect(&http.post(&format!("/api/apps/{}/dead-letters/{first}/replay", t.a), json!({})), 403, None);
+    assert_eq!(count_as(&cluster, "admin_a", t.a), 6);
+
+    // Replay one after the fault is fixed: the handler's effect lands and the badge drops.
+    su.batch_execute("UPDATE switch SET ok = true").unwrap();
+    browser.goto(&format!("/apps/{}/dead-letters/{first}", t.a));
+    browser.click("#replay");
+    assert!(browser.path().ends_with("/confirm?action=replay"), "{}", browser.path());
+    browser.screenshot("confirm.png");
+    browser.click("#confirm");
+    assert!(browser.text("#notice").contains("Replayed"), "{}", browser.source());
+    assert!(browser.text("#status").contains("replayed"));
+    wait_count(&mut su, "SELECT count(*) FROM effects WHERE payload->>'order' = '1'", 1);
+    browser.goto("/apps");
+    assert_eq!(browser.text(&badge), "5");
+    assert_eq!(count_as(&cluster, "admin_a", t.a), 5);
+
+    // Bulk resolution shows the dry run's rows first, then applies exactly those.
+    browser.goto(&format!("/apps/{}/bulk", t.a));
+    browser.select("#bulk-resolution", "ignored");
+    browser.fill("#bulk-error-contains", "refused order");
+    browser.click("#dry-run");
+    assert!(browser.text("#dry-run-summary").contains("5 dead letter(s) would be resolved as ignored"), "{}", browser.source());
+    assert_eq!(browser.count("#bulk-rows tbody tr"), 5);
+    assert_eq!(count_as(&cluster, "admin_a", t.a), 5, "a dry run changes nothing");
+    browser.screenshot("bulk-dry-run.png");
+    browser.click("#apply");
+    assert!(browser.text("#applied-summary").contains("5 dead letter(s) resolved as ignored"), "{}", browser.source());
+    assert_eq!(count_as(&cluster, "admin_a", t.a), 0);
+    assert_eq!(
+        count(&mut su, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{}' AND resolution = 'ignored'", t.a)),
+        5
+    );
+    browser.goto("/apps");
+    assert_eq!(browser.text(&badge), "0");
+
+    // The outbox, the stats chart, the triggers.
+    for order in [7, 8] {
+        admin_a
+            .execute(
+                "SELECT picloud_enqueue($1, 'queue', 'order', jsonb_build_object('order', $2::int), $3, p_run_at => now() + interval '1 hour')",
+                &[&t.a, &order, &t.script_a],
+            )
+            .unwrap();
+    }
+    browser.goto(&format!("/apps/{}/outbox", t.a));
+    assert_eq!(browser.text("#count-scheduled"), "2");
+    assert_eq!(browser.count("#outbox tbody tr"), 2);
+    browser.screenshot("outbox.png");
+    browser.goto(&format!("/apps/{}/stats", t.a));
+    assert_eq!(browser.count("#chart polyline"), 3);
+    assert!(browser.body_text().contains("dead-lettered 6"), "{}", browser.body_text());
+    browser.screenshot("stats.png");
+    browser.goto(&format!("/apps/{}/triggers", t.a));
+    browser.click("#triggers button");
+    let enabled: bool = su
+        .query_one("SELECT enabled FROM picloud.triggers WHERE trigger_id = $1", &[&t.trigger_a])
+        .unwrap()
+        .get(0);
+    assert!(!enabled, "the Disable button disabled the trigger");
+    browser.screenshot("triggers.png");
+    browser.set_size(390, 844);
+    browser.goto(&format!("/apps/{}", t.a));
+    browser.screenshot("dead-letters-phone.png");
+    browser.click("header button");
+    assert_eq!(browser.path(), "/login");
+    drop(browser);
+
+    // A producer of A and the admin of B see none of A's dead letters, by link or by guess.
+    let guesses = [
+        format!("/apps/{}", t.a),
+        format!("/apps/{}/dead-letters?status=all", t.a),
+        format!("/apps/{}/dead-letters/{hostile}", t.a),
+        format!("/apps/{}/dead-letters/{first}/confirm?action=replay", t.a),
+        format!("/apps/{}/outbox", t.a),
+        format!("/apps/{}/stats", t.a),
+        format!("/apps/{}/triggers", t.a),
+    ];
+    for role in ["producer_a", "admin_b"] {
+        let b = Browser::open(&driver, &console.base);
+        b.sign_in(role, PASSWORD);
+        assert_eq!(b.path(), "/apps");
+        assert!(!b.exists(&badge), "{role} sees no badge of A");
+        for path in &guesses {
+            b.goto(path);
+            let source = b.source();
+            assert!(b.text("#error-sqlstate") == "42501", "{role} {path}: {source}");
+            for secret in [hostile.to_string(), first.to_string(), "refused order".to_string()] {
+                assert!(!source.contains(&secret), "{role} {path} shows {secret}");
+            }
+        }
+        let api = ApiClient::signed_in(&console.base, role);
+        expect(&api.get(&format!("/api/apps/{}/dead-letters?status=all", t.a)), 403, Some("42501"));
+        expect(&api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.a)), 403, Some("42501"));
+        if role == "admin_b" {
+            b.goto(&format!("/apps/{}/dead-letters/{hostile}", t.b));
+            assert_eq!(b.text("#error-sqlstate"), "P0002");
+            assert!(!b.source().contains("pwned"));
+            expect(&api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.b)), 404, Some("P0002"));
+        } else {
+            assert!(b.body_text().contains("not yours to see") || { b.goto("/apps"); b.body_text().contains("not yours to see") });
+        }
+    }
 }
