@@ -156,7 +156,7 @@ async fn dead_letters_page(
     let fail = |e| failure(&state, Some(&s), e);
     let filter = inputs::dead_letter_filter(&q).map_err(fail)?;
     let page = queries::dead_letters(&s.client, app_id, &filter).await.map_err(fail)?;
-    let unresolved = queries::dead_letter_count(&s.client, app_id).await.map_err(fail)?;
+    let (unresolved, unresolved_more) = queries::badge(&s.client, app_id).await.map_err(fail)?;
     let groups = match with_groups {
         true => Some(queries::groups(&s.client, app_id).await.map_err(fail)?),
         false => None,
@@ -178,7 +178,7 @@ async fn dead_letters_page(
         "dead_letters.html",
         merge(
             base,
-            json!({"page": page, "groups": groups, "unresolved": unresolved, "filter": filter_values,
+            json!({"page": page, "groups": groups, "unresolved": unresolved, "unresolved_more": unresolved_more, "filter": filter_values,
                    "next_url": next_url, "first_url": first_url}),
         ),
     )

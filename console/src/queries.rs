@@ -42,8 +42,11 @@ pub struct App {
     pub app_id: Uuid,
     pub name: String,
     pub created_at: DateTime<Utc>,
-    /// The unresolved dead letters (the badge); None where the role may not see them.
+    /// The unresolved dead letters (the badge), counted up to BADGE_CAP; None where the role
+    /// may not see them.
     pub unresolved: Option<i64>,
+    /// True when there are more than BADGE_CAP (`unresolved` is then BADGE_CAP).
+    pub unresolved_more: bool,
     pub manages_dead_letters: bool,
     pub manages_triggers: bool,
 }
@@ -55,18 +58,23 @@ pub async fn apps(client: &Client) -> Result<Vec<App>> {
                     picloud.picloud_has_capability(a.app_id, 'manage_dead_letters') AS dl,
                     picloud.picloud_has_capability(a.app_id, 'manage_triggers') AS tr,
                     CASE WHEN picloud.picloud_has_capability(a.app_id, 'manage_dead_letters')
-                         THEN picloud.picloud_dead_letter_count(a.app_id) END AS unresolved
+                         THEN (SELECT count(*) FROM (
+                                  SELECT 1 FROM picloud.dead_letters d
+                                  WHERE d.app_id = a.app_id AND d.resolved_at IS NULL
+                                  LIMIT $1) AS capped) END AS unresolved
              FROM picloud.picloud_list_apps() a",
-            &[],
+            &[&(BADGE_CAP + 1)],
         )
         .await?;
     rows.iter()
         .map(|r| {
+            let counted: Option<i64> = r.try_get("unresolved")?;
             Ok(App {
                 app_id: r.try_get("app_id")?,
                 name: r.try_get("name")?,
                 created_at: r.try_get("created_at")?,
-                unresolved: r.try_get("unresolved")?,
+                unresolved: counted.map(|n| n.min(BADGE_CAP)),
+                unresolved_more: counted.is_some_and(|n| n > BADGE_CAP),
                 manages_dead_letters: r.try_get("dl")?,
                 manages_triggers: r.try_get("tr")?,
             })
@@ -85,6 +93,27 @@ pub async fn app_name(client: &Client, app: Uuid) -> Result<Option<String>> {
     })
 }
 
+/// Badges count at most this many unresolved dead letters, then show "1000+". An exact count
+/// reads every unresolved row, and row-level security evaluates its policy on each one for a
+/// tenant role (about 9 s at 1,000,000 here, against 0.14 s for an owner); the exact figure
+/// stays one request away (`/dead-letters/count`, picloud_dead_letter_count).
+pub const BADGE_CAP: i64 = 1000;
+
+/// The badge of one app: (unresolved up to BADGE_CAP, whether there are more).
+pub async fn badge(client: &Client, app: Uuid) -> Result<(i64, bool)> {
+    require(client, app, "manage_dead_letters").await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM picloud.dead_letters d
+                                   WHERE d.app_id = $1 AND d.resolved_at IS NULL LIMIT $2) AS capped",
+            &[&app, &(BADGE_CAP + 1)],
+        )
+        .await?;
+    let n: i64 = row.try_get(0)?;
+    Ok((n.min(BADGE_CAP), n > BADGE_CAP))
+}
+
+/// The exact unresolved count: picloud_dead_letter_count.
 pub async fn dead_letter_count(client: &Client, app: Uuid) -> Result<i64> {
     let row = client
         .query_one("SELECT picloud.picloud_dead_letter_count($1)", &[&app])

@@ -358,7 +358,8 @@ impl Browser {
             .build()
             .expect("runtime");
         // The WebDriver client's https support needs a process-wide provider; already
-        // installed is fine.
+        // installed is fine. ring, as everywhere in picloud (supervisor/src/tls.rs says why).
+        #[allow(deprecated)]
         rustls::crypto::ring::default_provider().install_default().ok();
         let mut caps = serde_json::Map::new();
         caps.insert(
@@ -481,5 +482,27 @@ impl Drop for Browser {
         if let Some(client) = self.client.take() {
             self.rt.block_on(client.close()).ok();
         }
+    }
+}
+
+impl ApiClient {
+    /// A GET's status, the console's own time (Server-Timing) and the round trip, in ms.
+    pub fn timed_get(&self, path: &str) -> (u16, f64, f64) {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        let start = std::time::Instant::now();
+        let response = request.send().expect("request to the console");
+        let status = response.status().as_u16();
+        let server = response
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split("dur=").nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        response.bytes().ok();
+        (status, server, start.elapsed().as_secs_f64() * 1000.0)
     }
 }

@@ -339,6 +339,15 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     assert_eq!(count_as(&cluster, "admin_a", t.a), 108, "nothing the others tried changed anything");
     // The owner sees both apps.
     assert_eq!(owner.get("/api/apps").body["apps"].as_array().unwrap().len(), 2);
+    // Badges count up to 1000 ("1000+"); the exact count is its own request.
+    dead_letters(&mut su, t.b, t.script_b, None, 1001);
+    let b_apps = b_admin.get("/api/apps");
+    assert_eq!(b_apps.body["apps"][0]["unresolved"], json!(1000));
+    assert_eq!(b_apps.body["apps"][0]["unresolved_more"], json!(true));
+    assert_eq!(a.get("/api/apps").body["apps"][0]["unresolved_more"], json!(false));
+    assert_eq!(b_admin.get(&format!("/api/apps/{}/dead-letters/count", t.b)).body["unresolved"], json!(1006));
+    let (_, page) = b_admin.get_text(&format!("/apps/{}", t.b));
+    assert!(page.contains(">1000+</span>"), "{page}");
 
     // Signing out needs the token too, and ends the session.
     // A cross-site form cannot sign anyone in: sign-in takes JSON only.
