@@ -30,6 +30,12 @@ impl Target {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("picloud-console");
+        // No page or API call may hold a backend for long (the whole-app groups of a huge
+        // app come closest); a statement past this fails with 57014, answered as 503. JIT
+        // off: the console's statements are short, and the badge query's estimate (a row per
+        // app times a capped count) made Postgres spend 150 ms compiling it at 1,000,000
+        // dead letters for an 8 ms run.
+        config.options("-c statement_timeout=30000 -c jit=off");
         let client_config = pg_tls::client_config(split.mode, split.root_cert.as_deref())?;
         let default_user = config.get_user().map(str::to_string);
         // Never the password: this string is logged.

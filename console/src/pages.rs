@@ -105,8 +105,15 @@ async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     jar: SignedCookieJar,
+    headers: axum::http::HeaderMap,
     Form(form): Form<Fields>,
 ) -> Page {
+    // Another site must not sign a visitor in to a session of its choosing (login CSRF):
+    // browsers mark such a form post cross-site.
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if matches!(fetch_site, Some("cross-site") | Some("same-site")) {
+        return Err(failure(&state, None, ConsoleError::csrf()));
+    }
     let role = form.get("role").cloned().unwrap_or_default();
     let password = form.get("password").cloned().unwrap_or_default();
     match signin::sign_in(&state, peer.ip(), role.trim(), &password).await {

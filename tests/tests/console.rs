@@ -183,6 +183,8 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     assert_eq!(groups.body["by_error_class"][0]["error_class"], "flaky handler refused order <id>");
     assert_eq!(groups.body["by_error_class"][0]["unresolved"], json!(80));
     assert_eq!(groups.body["by_trigger"].as_array().unwrap().len(), 2);
+    assert_eq!(groups.body["grouped"], json!(120));
+    assert_eq!(groups.body["sampled"], json!(false));
 
     // One dead letter, resolve, replay.
     let first = list("").body["items"][0]["dead_letter_id"].as_str().unwrap().to_string();
