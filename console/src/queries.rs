@@ -458,7 +458,7 @@ pub async fn resolve_bulk(client: &Client, app: Uuid, b: &BulkRequest) -> Result
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ErrorGroup {
     pub error_class: String,
     pub unresolved: i64,
@@ -466,7 +466,7 @@ pub struct ErrorGroup {
     pub latest_dead_letter_id: Uuid,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct TriggerGroup {
     pub trigger_id: Option<Uuid>,
     pub trigger_kind: Option<String>,
@@ -496,70 +496,59 @@ pub const GROUPS_SAMPLE: i64 = 10_000;
 /// them) and by trigger and handler (as picloud.dead_letters_by_trigger), worst first, 50 each.
 pub async fn groups(client: &Client, app: Uuid) -> Result<Groups> {
     require(client, app, "manage_dead_letters").await?;
-    let sample = "SELECT d.dead_letter_id, d.trigger_id, d.script_id, d.created_at, d.last_error
-                  FROM picloud.dead_letters d
-                  WHERE d.app_id = $1 AND d.resolved_at IS NULL
-                  ORDER BY d.created_at DESC LIMIT $2";
-    let grouped: i64 = client
-        .query_one(&format!("SELECT count(*) FROM ({sample}) s"), &[&app, &(GROUPS_SAMPLE + 1)])
-        .await?
-        .try_get(0)?;
-    let errors = client
-        .query(
-            &format!(
-                "SELECT picloud.picloud_error_class(s.last_error) AS error_class, count(*) AS unresolved,
-                        max(s.created_at) AS last_at,
-                        (array_agg(s.dead_letter_id ORDER BY s.created_at DESC, s.dead_letter_id))[1] AS latest
-                 FROM ({sample}) s GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50"
-            ),
+    // One read of the sample (each row passes row-level security once), both groupings built
+    // from it in the same statement.
+    let row = client
+        .query_one(
+            "WITH s AS MATERIALIZED (
+                 SELECT d.dead_letter_id, d.trigger_id, d.script_id, d.created_at, d.last_error
+                 FROM picloud.dead_letters d
+                 WHERE d.app_id = $1 AND d.resolved_at IS NULL
+                 ORDER BY d.created_at DESC LIMIT $2::bigint + 1
+             ), kept AS (
+                 SELECT * FROM s ORDER BY s.created_at DESC LIMIT $2::bigint
+             )
+             SELECT (SELECT count(*) FROM s) AS grouped,
+                    (SELECT coalesce(jsonb_agg(e), '[]') FROM (
+                         SELECT picloud.picloud_error_class(k.last_error) AS error_class, count(*) AS unresolved,
+                                max(k.created_at) AS last_at,
+                                (array_agg(k.dead_letter_id ORDER BY k.created_at DESC, k.dead_letter_id))[1]
+                                    AS latest_dead_letter_id
+                         FROM kept k GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50) e) AS by_error_class,
+                    (SELECT coalesce(jsonb_agg(g), '[]') FROM (
+                         SELECT k.trigger_id, t.kind AS trigger_kind,
+                                coalesce(kv.collection_pattern,
+                                         CASE WHEN t.kind = 'dead_letter' THEN 'dead letters' END) AS pattern,
+                                k.script_id, sc.name AS script_name, count(*) AS unresolved,
+                                max(k.created_at) AS last_at
+                         FROM kept k
+                         LEFT JOIN picloud.triggers t ON t.app_id = $1 AND t.trigger_id = k.trigger_id
+                         LEFT JOIN picloud.kv_trigger_details kv ON kv.app_id = $1 AND kv.trigger_id = k.trigger_id
+                         LEFT JOIN picloud.scripts sc ON sc.app_id = $1 AND sc.script_id = k.script_id
+                         GROUP BY k.trigger_id, t.kind, kv.collection_pattern, k.script_id, sc.name
+                         ORDER BY unresolved DESC, last_at DESC LIMIT 50) g) AS by_trigger",
             &[&app, &GROUPS_SAMPLE],
         )
         .await?;
-    let triggers = client
-        .query(
-            &format!(
-                "SELECT s.trigger_id, t.kind AS trigger_kind,
-                        coalesce(k.collection_pattern, CASE WHEN t.kind = 'dead_letter' THEN 'dead letters' END) AS pattern,
-                        s.script_id, sc.name AS script_name, count(*) AS unresolved, max(s.created_at) AS last_at
-                 FROM ({sample}) s
-                 LEFT JOIN picloud.triggers t ON t.app_id = $1 AND t.trigger_id = s.trigger_id
-                 LEFT JOIN picloud.kv_trigger_details k ON k.app_id = $1 AND k.trigger_id = s.trigger_id
-                 LEFT JOIN picloud.scripts sc ON sc.app_id = $1 AND sc.script_id = s.script_id
-                 GROUP BY s.trigger_id, t.kind, k.collection_pattern, s.script_id, sc.name
-                 ORDER BY unresolved DESC, last_at DESC LIMIT 50"
-            ),
-            &[&app, &GROUPS_SAMPLE],
-        )
-        .await?;
+    let grouped: i64 = row.try_get("grouped")?;
+    let decode = |column: &str| -> Result<serde_json::Value> { Ok(row.try_get(column)?) };
+    let by_error_class: Vec<ErrorGroup> = serde_json::from_value(decode("by_error_class")?).map_err(unexpected)?;
+    let by_trigger: Vec<TriggerGroup> = serde_json::from_value(decode("by_trigger")?).map_err(unexpected)?;
     Ok(Groups {
         grouped: grouped.min(GROUPS_SAMPLE),
         sampled: grouped > GROUPS_SAMPLE,
-        by_error_class: errors
-            .iter()
-            .map(|r| {
-                Ok(ErrorGroup {
-                    error_class: r.try_get("error_class")?,
-                    unresolved: r.try_get("unresolved")?,
-                    last_at: r.try_get("last_at")?,
-                    latest_dead_letter_id: r.try_get("latest")?,
-                })
-            })
-            .collect::<Result<_>>()?,
-        by_trigger: triggers
-            .iter()
-            .map(|r| {
-                Ok(TriggerGroup {
-                    trigger_id: r.try_get("trigger_id")?,
-                    trigger_kind: r.try_get("trigger_kind")?,
-                    pattern: r.try_get("pattern")?,
-                    script_id: r.try_get("script_id")?,
-                    script_name: r.try_get("script_name")?,
-                    unresolved: r.try_get("unresolved")?,
-                    last_at: r.try_get("last_at")?,
-                })
-            })
-            .collect::<Result<_>>()?,
+        by_error_class,
+        by_trigger,
     })
+}
+
+fn unexpected(e: serde_json::Error) -> ConsoleError {
+    tracing::error!(error = %e, "an answer of the database had an unexpected shape");
+    ConsoleError::console(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "unexpected_answer",
+        "the database's answer had an unexpected shape",
+    )
 }
 
 // Outbox --------------------------------------------------------------------------------------
