@@ -109,6 +109,7 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     // Signing in: Postgres checks the password; nothing works without a session.
     let mut anon = ApiClient::new(&base);
     expect(&anon.get("/api/apps"), 401, None);
+    expect(&anon.get("/api/session"), 401, None);
     assert_eq!(anon.get("/api/apps").code(), Some("not_signed_in"));
     expect(&anon.sign_in("admin_a", "wrong"), 401, Some("28P01"));
     expect(&anon.sign_in("nobody_here", "wrong"), 401, None);
