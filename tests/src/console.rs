@@ -426,9 +426,20 @@ impl Browser {
             .unwrap_or(0)
     }
 
+    /// Clicks and waits for the page the click leads to (every click of these tests submits
+    /// a form or follows a link): until the old page's root element is gone and the new one
+    /// has loaded, at most 10 s.
     pub fn click(&self, css: &str) {
+        let old_root = self.find("html");
         let el = self.find(css);
         self.rt.block_on(el.click()).unwrap_or_else(|e| panic!("click {css}: {e}"));
+        eventually(Duration::from_secs(10), || self.rt.block_on(old_root.text()).is_err());
+        eventually(Duration::from_secs(10), || {
+            self.rt
+                .block_on(self.c().execute("return document.readyState", Vec::new()))
+                .map(|state| state == "complete")
+                .unwrap_or(false)
+        });
     }
 
     pub fn fill(&self, css: &str, text: &str) {
@@ -460,11 +471,16 @@ impl Browser {
         self.rt.block_on(self.c().set_window_size(width, height)).expect("window size");
     }
 
-    /// Saves a PNG of the page under docs/console/.
+    /// Saves a PNG of the page under target/console-screenshots/, or under docs/console/ (the
+    /// README's pictures) with PICLOUD_UPDATE_SCREENSHOTS=1, so an ordinary test run leaves the
+    /// committed pictures alone.
     pub fn screenshot(&self, name: &str) {
         let png = self.rt.block_on(self.c().screenshot()).expect("screenshot");
-        let dir = root().join("docs/console");
-        std::fs::create_dir_all(&dir).expect("docs/console");
+        let dir = match std::env::var("PICLOUD_UPDATE_SCREENSHOTS").as_deref() {
+            Ok("1") => root().join("docs/console"),
+            _ => root().join("target/console-screenshots"),
+        };
+        std::fs::create_dir_all(&dir).expect("screenshot directory");
         std::fs::write(dir.join(name), png).expect("save screenshot");
     }
 

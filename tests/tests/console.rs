@@ -587,7 +587,7 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
     for role in ["producer_a", "admin_b"] {
         let b = Browser::open(&driver, &console.base);
         b.sign_in(role, PASSWORD);
-        assert_eq!(b.path(), "/apps");
+        assert_eq!(b.path(), "/apps", "{role}: {}", b.body_text());
         assert!(!b.exists(&badge), "{role} sees no badge of A");
         for path in &guesses {
             b.goto(path);
