@@ -1,6 +1,9 @@
 //! The server-rendered dashboard: the same queries as the API, as HTML. Forms post with the
 //! session's CSRF token in a hidden field; every value is escaped by the templates.
 
+// A page handler fails with the error page itself (an axum Response), as axum handlers do.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
