@@ -319,19 +319,32 @@ pub struct Chromedriver {
 }
 
 impl Chromedriver {
+    /// Starts chromedriver on `port`. It binds without SO_REUSEADDR, so right after an earlier
+    /// run the port can be held by that run's connections in TIME_WAIT for up to a minute:
+    /// it is tried again until it binds, for at most 90 s.
     pub fn start(port: u16) -> Chromedriver {
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver (scripts/setup.sh installs chromium-driver)");
-        let up = eventually(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(up, "chromedriver did not start on port {port}");
-        Chromedriver { child, port }
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut child = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver (scripts/setup.sh installs chromium-driver)");
+            let mut exited = false;
+            let up = eventually(Duration::from_secs(20), || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up && !exited {
+                return Chromedriver { child, port };
+            }
+            child.kill().ok();
+            child.wait().ok();
+            assert!(std::time::Instant::now() < deadline, "chromedriver did not start on port {port}");
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 }
 
@@ -482,6 +495,18 @@ impl Browser {
         };
         std::fs::create_dir_all(&dir).expect("screenshot directory");
         std::fs::write(dir.join(name), png).expect("save screenshot");
+    }
+
+    /// Signs in with the keyboard alone: type the role, Tab to the password, Enter.
+    pub fn sign_in_with_keyboard(&self, role: &str, password: &str) {
+        self.goto("/login");
+        let old_root = self.find("html");
+        let field = self.find("#role");
+        self.rt
+            .block_on(field.send_keys(&format!("{role}\u{E004}{password}\u{E007}")))
+            .expect("type");
+        eventually(Duration::from_secs(10), || self.rt.block_on(old_root.text()).is_err());
+        eventually(Duration::from_secs(10), || self.exists("main"));
     }
 
     /// Signs in through the form.

@@ -586,7 +586,8 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
     ];
     for role in ["producer_a", "admin_b"] {
         let b = Browser::open(&driver, &console.base);
-        b.sign_in(role, PASSWORD);
+        // The sign-in works from the keyboard alone (no pointer, no script).
+        b.sign_in_with_keyboard(role, PASSWORD);
         assert_eq!(b.path(), "/apps", "{role}: {}", b.body_text());
         assert!(!b.exists(&badge), "{role} sees no badge of A");
         for path in &guesses {
