@@ -113,3 +113,25 @@ impl IntoResponse for ConsoleError {
         (self.status, Json(self)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_the_statuses_the_readme_lists() {
+        for (sqlstate, status) in [
+            ("42501", 403),
+            ("P0002", 404),
+            ("PC003", 409),
+            ("22023", 422),
+            ("23514", 422),
+            ("22004", 422),
+            ("28P01", 401),
+            ("57014", 503),
+            ("XX000", 500),
+        ] {
+            assert_eq!(status_for(sqlstate).as_u16(), status, "{sqlstate}");
+        }
+    }
+}

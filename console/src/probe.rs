@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use crate::db::Target;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The server refused the wrong password (28P01): passwords are checked.
     PasswordsChecked,
@@ -44,5 +44,26 @@ pub fn allows(verdict: &Verdict, listen: SocketAddr, role: &str) -> Result<(), S
              password for role \"{role}\" ({why}). Pass --probe-role with a role that exists, or \
              listen on 127.0.0.1"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_checked_password_opens_more_than_loopback() {
+        let loopback: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let v6_loopback: SocketAddr = "[::1]:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let unknown = Verdict::Unknown("connection refused".into());
+        for verdict in [Verdict::PasswordsChecked, Verdict::PasswordsIgnored, unknown.clone()] {
+            assert!(allows(&verdict, loopback, "r").is_ok());
+            assert!(allows(&verdict, v6_loopback, "r").is_ok());
+        }
+        assert!(allows(&Verdict::PasswordsChecked, any, "r").is_ok());
+        let refused = allows(&Verdict::PasswordsIgnored, any, "r").unwrap_err();
+        assert!(refused.contains("wrong password"), "{refused}");
+        assert!(allows(&unknown, any, "r").is_err());
     }
 }
