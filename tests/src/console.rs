@@ -51,6 +51,17 @@ impl ScramCluster {
         cluster
     }
 
+    /// The data directory (owned by the postgres OS user).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Replaces pg_hba.conf and reloads.
+    pub fn set_hba(&self, text: &str) {
+        std::fs::write(self.data.join("pg_hba.conf"), text).expect("write pg_hba.conf");
+        self.superuser().batch_execute("SELECT pg_reload_conf()").expect("reload");
+    }
+
     /// `postgres`, trusted: sets up what the tests look at.
     pub fn superuser(&self) -> postgres::Client {
         let mut client = postgres::Client::connect(

@@ -365,7 +365,7 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
 }
 
 #[test]
-fn sign_ins_are_rate_limited_a_trusting_database_keeps_the_console_on_loopback_and_https_works() {
+fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_and_postgres_tls_is_negotiated() {
     let cluster = ScramCluster::start("console-guard", 55482);
     cluster.create_role("admin_a");
     let console = Console::start(&cluster.url(), 55483, &["--probe-role", "admin_a", "--login-per-minute", "3"]);
@@ -410,6 +410,45 @@ fn sign_ins_are_rate_limited_a_trusting_database_keeps_the_console_on_loopback_a
     expect(&client.get("/api/session"), 200, None);
     // A role without rights in picloud is refused by Postgres itself.
     expect(&client.get("/api/apps"), 403, Some("42501"));
+    // TLS to Postgres when the database asks for it: the signing-in roles may connect only
+    // over TLS (hostssl), and the console's default sslmode (prefer) negotiates it.
+    let (pg_cert, pg_key) = ca.server_cert(&["localhost"]);
+    for (name, text) in [("server.crt", pg_cert), ("server.key", pg_key)] {
+        let path = cluster.data_dir().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new("chown").arg("postgres:postgres").arg(&path).status().unwrap();
+        std::process::Command::new("chmod").arg("600").arg(&path).status().unwrap();
+    }
+    let mut su = cluster.superuser();
+    su.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    cluster.set_hba(
+        "local all all trust\n\
+         host all postgres 127.0.0.1/32 trust\n\
+         hostssl all all 127.0.0.1/32 scram-sha-256\n",
+    );
+    let url = format!("host=127.0.0.1 port={} dbname={}", cluster.port, cluster.db);
+    let over_tls = Console::start(&url, 55485, &["--probe-role", "admin_a"]);
+    let mut client = ApiClient::new(&over_tls.base);
+    expect(&client.sign_in("admin_a", PASSWORD), 200, None);
+    let encrypted: bool = cluster
+        .superuser()
+        .query_one(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.usename = 'admin_a' AND a.application_name = 'picloud-console'
+             ORDER BY a.backend_start DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(encrypted, "the session's connection is encrypted");
+    drop(over_tls);
+    // Without TLS the same role is turned away by the database, and the console says so.
+    let plain = Console::start(&format!("{url} sslmode=disable"), 55485, &["--probe-role", "admin_a"]);
+    let mut client = ApiClient::new(&plain.base);
+    expect(&client.sign_in("admin_a", PASSWORD), 401, Some("28000"));
+    drop(plain);
+
     // Plain http to the https port gets no answer the client could use.
     assert!(reqwest::blocking::get("http://127.0.0.1:55484/api/apps").map(|r| r.status().is_success()).unwrap_or(false) == false);
 }
