@@ -361,7 +361,12 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     expect(&a.delete("/api/session"), 204, None);
     expect(&a.get("/api/apps"), 401, None);
     expect(&a.get("/api/nothing"), 404, None);
-    assert!(!console.log().contains(PASSWORD), "the password must never be logged");
+    let log = console.log();
+    assert!(log.contains("signed in") && log.contains("replayed a dead letter"), "{log}");
+    assert!(!log.contains(PASSWORD), "the password must never be logged");
+    for secret in [a.csrf.clone().unwrap(), cookie.trim_start_matches("picloud_session=").to_string()] {
+        assert!(!log.contains(&secret), "a session secret in the log");
+    }
 }
 
 #[test]
