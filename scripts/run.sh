@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs picloud locally: a throwaway PostgreSQL 15 cluster under .picloud/ with the extension
-# preloaded and created in database "picloud", and picloud-supervisor attached in the
-# foreground. Ctrl-C (or SIGTERM) stops the supervisor and the cluster.
+# preloaded and created in database "picloud", picloud-console (the admin API and dashboard)
+# in the background, and picloud-supervisor attached in the foreground. Ctrl-C (or SIGTERM)
+# stops the supervisor, the console and the cluster.
 #   PICLOUD_PORT          port of the local cluster (default 55433)
 #   PICLOUD_METRICS_PORT  port of the supervisor's metrics and health endpoint (default 55434)
+#   PICLOUD_CONSOLE_PORT  port of the console on 127.0.0.1 (default 55435)
 #   PICLOUD_KEEP=1        keep the cluster of the previous run instead of starting afresh
 #   scripts/run.sh stop    stops a cluster left running
 set -euo pipefail
@@ -11,6 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 port=${PICLOUD_PORT:-55433}
 metrics_port=${PICLOUD_METRICS_PORT:-55434}
+console_port=${PICLOUD_CONSOLE_PORT:-55435}
 data="$root/.picloud/data"
 
 if [ "${1:-}" = "stop" ]; then
@@ -23,7 +26,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "building picloud (release)..."
 bash scripts/install-extension.sh --release
-cargo build -q --release -p picloud-supervisor
+cargo build -q --release -p picloud-supervisor -p picloud-console
 
 mkdir -p "$root/.picloud"
 bash scripts/cluster.sh reach "$root/.picloud"
@@ -40,7 +43,15 @@ psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc "CREATE EXTENSION IF NOT
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -qc "ALTER EXTENSION picloud UPDATE" >/dev/null
 psql -h 127.0.0.1 -p "$port" -U postgres -d picloud -q -v ON_ERROR_STOP=1 -f scripts/dev-database.sql >/dev/null
 
+# The console listens on loopback only: this throwaway cluster trusts every local connection
+# (no password is checked), which the console finds out at start-up and says in its log.
+"$root/target/release/picloud-console" \
+  --database-url "host=127.0.0.1 port=$port dbname=picloud sslmode=disable" \
+  --listen "127.0.0.1:$console_port" 2>"$root/.picloud/console.log" &
+console=$!
+
 cleanup() {
+  kill -TERM "$console" 2>/dev/null || true
   bash scripts/cluster.sh stop "$data"
   echo "picloud stopped"
 }
@@ -53,6 +64,7 @@ picloud is running.
   connect:    psql -h 127.0.0.1 -p $port -U postgres picloud
   log:        $data/postgres.log
   metrics:    curl -s 127.0.0.1:$metrics_port/metrics   (health: curl -s 127.0.0.1:$metrics_port/health)
+  console:    http://127.0.0.1:$console_port/   (sign in with a Postgres role; log: .picloud/console.log)
   supervisor: attached below; Ctrl-C stops it and the cluster.
 
 Try:

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pgbouncer python3; do
+# chromium and chromium-driver: the console's browser tests (tests/tests/console.rs).
+for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pgbouncer python3 chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every picloud test on this machine, installing what is missing first:
-#   1. supervisor unit tests;
+#   1. supervisor and console unit tests;
 #   2. the extension's #[pg_test]s (pgrx starts its own cluster as the postgres user);
 #   3. integration tests under tests/ against a throwaway cluster with picloud preloaded and
 #      real picloud-supervisor processes.
@@ -16,8 +16,8 @@ mkdir -p "$root/target"
 # The postgres OS user must reach the data directories under the repository.
 bash scripts/cluster.sh reach "$root/target"
 
-echo "== supervisor unit tests"
-cargo test -q -p picloud-supervisor
+echo "== supervisor and console unit tests"
+cargo test -q -p picloud-supervisor -p picloud-console
 
 echo "== extension tests (pgrx)"
 mkdir -p "$root/target/pgrx-test-data"
@@ -26,7 +26,7 @@ cargo pgrx test pg15 -p picloud --runas postgres --pgdata "$root/target/pgrx-tes
 
 echo "== integration tests"
 bash scripts/install-extension.sh
-cargo build -q -p picloud-supervisor
+cargo build -q -p picloud-supervisor -p picloud-console
 # A cluster left over from an interrupted run is stopped and started afresh so it loads the
 # library just installed.
 bash scripts/cluster.sh stop "$cluster"

@@ -14,6 +14,8 @@ pub use postgres;
 pub use serde_json;
 pub use uuid;
 
+pub mod console;
+
 pub fn port() -> u16 {
     std::env::var("PICLOUD_TEST_PORT")
         .ok()
