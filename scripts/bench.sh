@@ -6,7 +6,7 @@
 #   BENCH_RUNS=N         runs per case (default 3)
 #   PICLOUD_BENCH_PORT   cluster port (default 55450)
 # A full run takes about 9 minutes on 2 cores; BENCH_QUICK=1 takes about 4.
-# Diagnosis knobs (see tests/src/bin/picloud-bench.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
+# Diagnosis knobs (see tests/src/bin/picloud-bench/main.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
