@@ -61,7 +61,7 @@ impl Cfg {
                 .unwrap_or_else(|| root.join("target/bench")),
             e1_secs: pick(quick, 3, 20),
             e2_events: pick(quick, 20_000, 100_000),
-            p1_events: pick(quick, 5_000, 50_000),
+            p1_events: pick(quick, 5_000, 200_000),
             p1_http_events: pick(quick, 2_000, 20_000),
             l1_samples: pick(quick, 60, 200),
             m1_secs: pick(quick, 3, 10),

@@ -86,6 +86,21 @@ pub fn pgbench(
     jobs: u32,
     secs: u32,
 ) -> Res<Pgbench> {
+    pgbench_protocol(cfg, db, name, script, clients, jobs, secs, "simple")
+}
+
+/// pgbench with the query protocol `protocol` (-M simple, extended or prepared).
+#[allow(clippy::too_many_arguments)]
+pub fn pgbench_protocol(
+    cfg: &Cfg,
+    db: &str,
+    name: &str,
+    script: &str,
+    clients: u32,
+    jobs: u32,
+    secs: u32,
+    protocol: &str,
+) -> Res<Pgbench> {
     let dir = cfg.out.join("tmp");
     std::fs::create_dir_all(&dir).map_err(err("create tmp dir"))?;
     let path = dir.join(format!("{name}.sql"));
@@ -108,6 +123,7 @@ pub fn pgbench(
             "-T",
             &secs.to_string(),
         ])
+        .args(["-M", protocol])
         .arg("-f")
         .arg(&path)
         .arg(db)
@@ -138,4 +154,73 @@ pub fn pgbench(
         txns: field("number of transactions actually processed:").unwrap_or(f64::NAN) as i64,
         failed: field("number of failed transactions:").unwrap_or(0.0) as i64,
     })
+}
+
+/// The cluster's current WAL insert position, in bytes.
+pub fn wal_lsn(c: &mut Client) -> Res<f64> {
+    Ok(
+        c.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+            .map_err(pg_err("pg_current_wal_lsn"))?
+            .get(0),
+    )
+}
+
+/// CPU seconds the whole machine has spent busy since boot (every CPU's user, nice, system,
+/// irq, softirq and steal time in /proc/stat; idle and iowait left out). The difference over
+/// a run counts postgres, the supervisor, the bench's clients and pgbench alike, and also
+/// whatever else the machine runs meanwhile.
+pub fn busy_cpu_secs() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    });
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    busy / ticks
+}
+
+/// WAL bytes and busy CPU seconds over a stretch of work: `Meter::start`, the work, `finish`.
+pub struct Meter {
+    lsn: f64,
+    cpu: f64,
+}
+
+impl Meter {
+    pub fn start(c: &mut Client) -> Res<Meter> {
+        Ok(Meter {
+            lsn: wal_lsn(c)?,
+            cpu: busy_cpu_secs(),
+        })
+    }
+
+    /// (WAL bytes written, busy CPU seconds) since `start`.
+    pub fn finish(&self, c: &mut Client) -> Res<(f64, f64)> {
+        let cpu = busy_cpu_secs() - self.cpu;
+        Ok((wal_lsn(c)? - self.lsn, cpu))
+    }
 }

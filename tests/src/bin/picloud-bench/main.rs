@@ -165,7 +165,6 @@ fn main() {
             }
         ),
     );
-    notes.push("P1 baseline adds WHERE due_at <= now() to the DELETE's sub-select so the partial index on due rows (predicate due_at IS NOT NULL) can serve it, as picloud's claim does.".into());
 
     let table = text_table(&rows);
     println!("{table}");

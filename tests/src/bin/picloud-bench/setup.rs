@@ -20,7 +20,14 @@ pub fn setup_main(cfg: &Cfg) -> Res<Main> {
     let server = start_http_server(&cfg.out)?;
     exec(
         &mut c,
-        "DROP TABLE IF EXISTS bench_plain_outbox, lat, lat_sent;
+        "DROP TABLE IF EXISTS bench_outbox, bench_plain_outbox, lat, lat_sent, lat_plain, lat_plain_sent;
+         -- The plain outbox the targets compare with: the strongest a user would write by
+         -- hand (a bigserial key, so every insert appends to the right of both indexes).
+         CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload jsonb NOT NULL,
+                                    run_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX bench_outbox_run_at_idx ON bench_outbox (run_at);
+         -- The earlier baseline, kept as a second reference: a random UUID key (every insert
+         -- lands on a random page of the primary key).
          CREATE TABLE bench_plain_outbox (
              id uuid DEFAULT gen_random_uuid() PRIMARY KEY,
              app_id uuid, source text, op text, payload jsonb,
@@ -31,6 +38,11 @@ pub fn setup_main(cfg: &Cfg) -> Res<Main> {
          CREATE INDEX bench_plain_outbox_due_idx ON bench_plain_outbox (due_at) WHERE due_at IS NOT NULL;
          CREATE TABLE lat (event_id uuid PRIMARY KEY, started timestamptz NOT NULL);
          CREATE TABLE lat_sent (event_id uuid PRIMARY KEY, sent timestamptz NOT NULL);
+         -- L1's minimal LISTEN/NOTIFY worker on bench_outbox: its handler and its stamps.
+         CREATE TABLE lat_plain (id bigint PRIMARY KEY, started timestamptz NOT NULL);
+         CREATE TABLE lat_plain_sent (id bigint PRIMARY KEY, sent timestamptz NOT NULL);
+         CREATE OR REPLACE FUNCTION stamp_plain(id bigint, payload jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO lat_plain(id, started) VALUES (id, clock_timestamp()) $$;
          CREATE OR REPLACE FUNCTION noop(e jsonb) RETURNS void LANGUAGE sql AS '';
          CREATE OR REPLACE FUNCTION stamp(e jsonb) RETURNS void LANGUAGE sql AS $$
              INSERT INTO lat(event_id, started) VALUES ((e->>'event_id')::uuid, clock_timestamp()) $$;
@@ -74,7 +86,10 @@ pub fn setup_main(cfg: &Cfg) -> Res<Main> {
 }
 
 pub fn reset_queues(c: &mut Client) -> Res<()> {
-    exec(c, "TRUNCATE picloud.outbox; TRUNCATE bench_plain_outbox")
+    exec(
+        c,
+        "TRUNCATE picloud.outbox; TRUNCATE bench_plain_outbox; TRUNCATE bench_outbox",
+    )
 }
 
 /// Enqueues `n` events for `script` with picloud_enqueue_bulk, 10,000 per statement.
@@ -100,5 +115,16 @@ pub fn plain_fill(c: &mut Client, app: Uuid, n: i64) -> Res<()> {
         &[&app, &n],
     )
     .map_err(pg_err("fill plain outbox"))?;
+    Ok(())
+}
+
+/// Fills the bigserial plain outbox with `n` rows of the same payloads.
+pub fn bigserial_fill(c: &mut Client, n: i64) -> Res<()> {
+    c.execute(
+        "INSERT INTO bench_outbox (payload)
+         SELECT jsonb_build_object('i', g) FROM generate_series(1, $1::bigint) g",
+        &[&n],
+    )
+    .map_err(pg_err("fill bigserial outbox"))?;
     Ok(())
 }

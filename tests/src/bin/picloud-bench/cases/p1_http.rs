@@ -29,7 +29,7 @@ pub fn drain_http(
     exec(c, "ANALYZE picloud.outbox")?;
     settle(c)?;
     let before = m.server.hits.load(Ordering::Relaxed);
-    let rate = drain_with_supervisor(cfg, c, tag, n, extra, notes)?;
+    let (rate, _) = drain_with_supervisor(cfg, c, tag, n, extra, notes)?;
     let hits = m.server.hits.load(Ordering::Relaxed) - before;
     let dead = count(c, "SELECT count(*) FROM picloud.dead_letters")?;
     if hits as i64 != n || dead > 0 {
