@@ -5,7 +5,7 @@
 #   BENCH_QUICK=1        short smoke run (seconds per case, fewer events)
 #   BENCH_RUNS=N         runs per case (default 3)
 #   PICLOUD_BENCH_PORT   cluster port (default 55450)
-# A full run takes about 9 minutes on 2 cores; BENCH_QUICK=1 takes about 4.
+# A full run takes about 14 minutes on 2 cores (estimated); BENCH_QUICK=1 a few.
 # Diagnosis knobs (see tests/src/bin/picloud-bench/main.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
