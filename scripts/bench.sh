@@ -88,7 +88,7 @@ def bars(ax, labels, stats, colors, unit):
 
 p1 = chart.get("p1")
 if p1:
-    bars(ax1, ["picloud SQL", "picloud HTTP", "plain DELETE"],
+    bars(ax1, ["picloud SQL", "picloud HTTP", "plain DELETE (bigserial)"],
          [p1.get("picloud_sql"), p1.get("picloud_http"), p1.get("plain")],
          ["#4c72b0", "#55a868", "#8c8c8c"], "events/s")
 ax1.set_title("P1 processing throughput" + quick)
