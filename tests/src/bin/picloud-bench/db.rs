@@ -77,21 +77,10 @@ pub struct Pgbench {
     pub failed: i64,
 }
 
-pub fn pgbench(
-    cfg: &Cfg,
-    db: &str,
-    name: &str,
-    script: &str,
-    clients: u32,
-    jobs: u32,
-    secs: u32,
-) -> Res<Pgbench> {
-    pgbench_protocol(cfg, db, name, script, clients, jobs, secs, "simple")
-}
-
-/// pgbench with the query protocol `protocol` (-M simple, extended or prepared).
+/// Runs pgbench with `script` in the query protocol `protocol` (-M simple, extended or
+/// prepared).
 #[allow(clippy::too_many_arguments)]
-pub fn pgbench_protocol(
+pub fn pgbench(
     cfg: &Cfg,
     db: &str,
     name: &str,

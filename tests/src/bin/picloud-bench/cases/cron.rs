@@ -115,7 +115,7 @@ pub fn bench_c2(cfg: &Cfg, m: &Main) -> Res<Vec<Row>> {
             }
             settle(&mut c)?;
             let name = if side == 0 { "c2_with" } else { "c2_without" };
-            let r = pgbench(cfg, &cfg.db, name, &script, 4, 2, cfg.e1_secs)?;
+            let r = pgbench(cfg, &cfg.db, name, &script, 4, 2, cfg.e1_secs, "simple")?;
             progress(&format!("C2 run {} {name}: {:.0} tps", run + 1, r.tps));
             if side == 0 {
                 with.push(r.tps)

@@ -4,7 +4,7 @@
 
 use super::order;
 use crate::config::{progress, Cfg, Res};
-use crate::db::{connect, pgbench, pgbench_protocol, settle, supervisor_idle, Meter};
+use crate::db::{connect, pgbench, settle, supervisor_idle, Meter};
 use crate::report::{fmt_num, Row};
 use crate::setup::{reset_queues, Main};
 use crate::stats::{median_ratio, stat};
@@ -45,7 +45,7 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         ("e1_warm_up_uuid", &uuid_script),
     ] {
         reset_queues(&mut c)?;
-        pgbench(cfg, &cfg.db, name, script, 4, 2, warm_up_secs)?;
+        pgbench(cfg, &cfg.db, name, script, 4, 2, warm_up_secs, "simple")?;
     }
     notes.push(format!(
         "E1: every side warmed up first, untimed ({warm_up_secs} s each)."
@@ -80,7 +80,7 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
             reset_queues(&mut c)?;
             settle(&mut c)?;
             let meter = Meter::start(&mut c)?;
-            let r = pgbench_protocol(cfg, &cfg.db, &name, script, 4, 2, cfg.e1_secs, protocol)?;
+            let r = pgbench(cfg, &cfg.db, &name, script, 4, 2, cfg.e1_secs, protocol)?;
             let (wal, cpu) = meter.finish(&mut c)?;
             if r.failed > 0 {
                 notes.push(format!(

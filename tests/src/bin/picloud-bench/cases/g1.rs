@@ -80,7 +80,10 @@ pub fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let (mut rates, mut worst, mut batch_med, mut worst_before) = (vec![], vec![], vec![], vec![]);
     let mut pass_runs = 0;
     for run in 0..cfg.runs {
-        exec(&mut c, "TRUNCATE picloud.dead_letters, picloud.outbox CASCADE")?;
+        exec(
+            &mut c,
+            "TRUNCATE picloud.dead_letters, picloud.outbox CASCADE",
+        )?;
         c.execute(
             "INSERT INTO picloud.dead_letters (app_id, dead_letter_id, original_event_id, source, op, script_id, payload,
                  depth, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at,
@@ -161,7 +164,10 @@ pub fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         "G1: worst claim in the second before GC started (no GC running): median {} ms.",
         fmt_num(stat(&worst_before).median)
     ));
-    exec(&mut c, "TRUNCATE picloud.dead_letters, picloud.outbox CASCADE")?;
+    exec(
+        &mut c,
+        "TRUNCATE picloud.dead_letters, picloud.outbox CASCADE",
+    )?;
     let rate = stat(&rates).median;
     Ok(vec![
         Row::new(

@@ -10,8 +10,8 @@ use crate::report::{fmt_num, Row};
 use crate::setup::{reset_queues, Main};
 use crate::stats::{median_ratio, percentile, stat, stat_json};
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::FromSql;
-use postgres::{Client, Transaction};
+use postgres::types::{FromSql, ToSql};
+use postgres::Client;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -54,21 +54,31 @@ struct Samples {
     post: Vec<f64>,
 }
 
-/// Sends `cfg.l1_samples` events, one per transaction, `cfg.l1_gap_ms` apart: `enqueue` runs
-/// the enqueue and records clock_timestamp() in the side's sent table before COMMIT, returning
-/// the event's key. Then waits (up to 30 s) until the first query of `reads` counts every
-/// event, and reads the second: key, ms from sent to the handler's stamp, the stamp (epoch ms).
+/// One side of L1: how it enqueues and where its stamps are.
+struct Side<'a> {
+    label: &'a str,
+    /// The enqueue statement; returns the event's key.
+    enqueue: &'a str,
+    params: &'a [&'a (dyn ToSql + Sync)],
+    /// Records clock_timestamp() for the key ($1) as the last statement before COMMIT.
+    sent: &'a str,
+    /// Counts the events handled.
+    handled: &'a str,
+    /// Per handled event: key, ms from `sent` to the handler's stamp, the stamp (epoch ms).
+    rows: &'a str,
+}
+
+/// Sends `cfg.l1_samples` events of `side`, one per transaction, `cfg.l1_gap_ms` apart, then
+/// waits (up to 30 s) until every one is handled and reads their stamps.
 fn sample<K>(
     cfg: &Cfg,
     c: &mut Client,
-    label: &str,
+    side: &Side,
     run: usize,
     notes: &mut Vec<String>,
-    mut enqueue: impl FnMut(&mut Transaction) -> Res<K>,
-    reads: (&str, &str),
 ) -> Res<Samples>
 where
-    K: Eq + Hash + Copy + for<'a> FromSql<'a>,
+    K: Eq + Hash + Copy + ToSql + Sync + for<'a> FromSql<'a>,
 {
     let mut sent: Vec<(K, f64, f64)> = Vec::with_capacity(cfg.l1_samples);
     let t0 = Instant::now();
@@ -79,21 +89,26 @@ where
         }
         let mut tx = c.transaction().map_err(pg_err("begin"))?;
         let before = epoch_ms(SystemTime::now());
-        let key = enqueue(&mut tx)?;
+        let key: K = tx
+            .query_one(side.enqueue, side.params)
+            .map_err(pg_err("enqueue"))?
+            .get(0);
+        tx.execute(side.sent, &[&key])
+            .map_err(pg_err("record send time"))?;
         tx.commit().map_err(pg_err("commit"))?;
         sent.push((key, before, epoch_ms(SystemTime::now())));
     }
-    let (handled, rows) = reads;
     let done = Instant::now();
     let n = cfg.l1_samples as i64;
-    while count(c, handled)? < n && done.elapsed() < Duration::from_secs(30) {
+    while count(c, side.handled)? < n && done.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rows = c.query(rows, &[]).map_err(pg_err("read latencies"))?;
+    let rows = c.query(side.rows, &[]).map_err(pg_err("read latencies"))?;
     if (rows.len() as i64) < n {
         notes.push(format!(
-            "L1 run {} {label}: only {} of {n} events were handled within 30 s",
+            "L1 run {} {}: only {} of {n} events were handled within 30 s",
             run + 1,
+            side.label,
             rows.len()
         ));
     }
@@ -128,34 +143,17 @@ fn picloud_run(
     if let Some(e) = harness::exited(&mut sup) {
         return Err(e);
     }
-    let samples = sample(
-        cfg,
-        c,
-        "picloud",
-        run,
-        notes,
-        |tx| {
-            let id: Uuid = tx
-                .query_one(
-                    "SELECT picloud.picloud_enqueue($1, 'queue', 'lat', '{}'::jsonb, $2)",
-                    &[&m.app, &m.stamp],
-                )
-                .map_err(pg_err("enqueue"))?
-                .get(0);
-            tx.execute(
-                "INSERT INTO lat_sent (event_id, sent) VALUES ($1, clock_timestamp())",
-                &[&id],
-            )
-            .map_err(pg_err("record send time"))?;
-            Ok(id)
-        },
-        (
-            "SELECT count(*) FROM lat",
-            "SELECT s.event_id, extract(epoch FROM l.started - s.sent)::float8 * 1000,
-                extract(epoch FROM l.started)::float8 * 1000
-         FROM lat_sent s JOIN lat l USING (event_id)",
-        ),
-    );
+    let side = Side {
+        label: "picloud",
+        enqueue: "SELECT picloud.picloud_enqueue($1, 'queue', 'lat', '{}'::jsonb, $2)",
+        params: &[&m.app, &m.stamp],
+        sent: "INSERT INTO lat_sent (event_id, sent) VALUES ($1, clock_timestamp())",
+        handled: "SELECT count(*) FROM lat",
+        rows: "SELECT s.event_id, extract(epoch FROM l.started - s.sent)::float8 * 1000,
+                      extract(epoch FROM l.started)::float8 * 1000
+               FROM lat_sent s JOIN lat l USING (event_id)",
+    };
+    let samples = sample::<Uuid>(cfg, c, &side, run, notes);
     harness::stop(&mut sup);
     for problem in sup.problems().iter().take(1) {
         notes.push(format!("L1 run {}: supervisor logged: {problem}", run + 1));
@@ -215,35 +213,18 @@ fn worker_run(cfg: &Cfg, c: &mut Client, run: usize, notes: &mut Vec<String>) ->
     let stop = Arc::new(AtomicBool::new(false));
     let worker = start_worker(cfg, Arc::clone(&stop))?;
     std::thread::sleep(Duration::from_millis(500));
-    let samples = sample(
-        cfg,
-        c,
-        "worker",
-        run,
-        notes,
-        |tx| {
-            let id: i64 = tx
-                .query_one(
-                    "WITH i AS (INSERT INTO bench_outbox (payload) VALUES ('{}'::jsonb) RETURNING id)
-                     SELECT id, pg_notify('bench_outbox', '') FROM i",
-                    &[],
-                )
-                .map_err(pg_err("plain enqueue"))?
-                .get(0);
-            tx.execute(
-                "INSERT INTO lat_plain_sent (id, sent) VALUES ($1, clock_timestamp())",
-                &[&id],
-            )
-            .map_err(pg_err("record send time"))?;
-            Ok(id)
-        },
-        (
-            "SELECT count(*) FROM lat_plain",
-            "SELECT s.id, extract(epoch FROM l.started - s.sent)::float8 * 1000,
-                extract(epoch FROM l.started)::float8 * 1000
-         FROM lat_plain_sent s JOIN lat_plain l USING (id)",
-        ),
-    );
+    let side = Side {
+        label: "worker",
+        enqueue: "WITH i AS (INSERT INTO bench_outbox (payload) VALUES ('{}'::jsonb) RETURNING id)
+                  SELECT id, pg_notify('bench_outbox', '') FROM i",
+        params: &[],
+        sent: "INSERT INTO lat_plain_sent (id, sent) VALUES ($1, clock_timestamp())",
+        handled: "SELECT count(*) FROM lat_plain",
+        rows: "SELECT s.id, extract(epoch FROM l.started - s.sent)::float8 * 1000,
+                      extract(epoch FROM l.started)::float8 * 1000
+               FROM lat_plain_sent s JOIN lat_plain l USING (id)",
+    };
+    let samples = sample::<i64>(cfg, c, &side, run, notes);
     stop.store(true, Ordering::Relaxed);
     worker
         .join()

@@ -88,7 +88,16 @@ pub fn bench_m1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
             exec(c, "TRUNCATE picloud.outbox")?;
             settle(c)?;
             let script = format!("SELECT picloud.picloud_emit_kv('{app}'::uuid, 'c10', 'set', 'k', '{{}}'::jsonb);\n");
-            let r = pgbench(cfg, db, &format!("m1_{side}"), &script, 4, 2, cfg.m1_secs)?;
+            let r = pgbench(
+                cfg,
+                db,
+                &format!("m1_{side}"),
+                &script,
+                4,
+                2,
+                cfg.m1_secs,
+                "simple",
+            )?;
             let rows = count(c, "SELECT count(*) FROM picloud.outbox")?;
             if rows != r.txns || r.failed > 0 {
                 notes.push(format!(
