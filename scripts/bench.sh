@@ -5,8 +5,8 @@
 #   BENCH_QUICK=1        short smoke run (seconds per case, fewer events)
 #   BENCH_RUNS=N         runs per case (default 3)
 #   PICLOUD_BENCH_PORT   cluster port (default 55450)
-# A full run takes about 9 minutes on 2 cores; BENCH_QUICK=1 takes about 4.
-# Diagnosis knobs (see tests/src/bin/picloud-bench.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
+# A full run takes about 14 minutes on 2 cores (estimated); BENCH_QUICK=1 a few.
+# Diagnosis knobs (see tests/src/bin/picloud-bench/main.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -88,7 +88,7 @@ def bars(ax, labels, stats, colors, unit):
 
 p1 = chart.get("p1")
 if p1:
-    bars(ax1, ["picloud SQL", "picloud HTTP", "plain DELETE"],
+    bars(ax1, ["picloud SQL", "picloud HTTP", "plain DELETE (bigserial)"],
          [p1.get("picloud_sql"), p1.get("picloud_http"), p1.get("plain")],
          ["#4c72b0", "#55a868", "#8c8c8c"], "events/s")
 ax1.set_title("P1 processing throughput" + quick)

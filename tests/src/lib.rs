@@ -162,17 +162,28 @@ impl Supervisor {
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let log_path = log_dir.join(format!("supervisor-{tag}-{n}.log"));
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(supervisor_bin())
+        Supervisor::spawn(&supervisor_bin(), database_url, log_path, extra)
+            .expect("start picloud-supervisor (build it first: cargo build -p picloud-supervisor)")
+    }
+
+    /// Starts the supervisor binary `bin` (e.g. a release build) on any connection string,
+    /// its stderr written to `log_path`; an error instead of a panic if it cannot start.
+    pub fn spawn(
+        bin: &str,
+        database_url: &str,
+        log_path: std::path::PathBuf,
+        extra: &[&str],
+    ) -> std::io::Result<Supervisor> {
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(bin)
             .arg("--database-url")
             .arg(database_url)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()
-            .expect("start picloud-supervisor (build it first: cargo build -p picloud-supervisor)");
-        Supervisor { child, log_path }
+            .spawn()?;
+        Ok(Supervisor { child, log_path })
     }
 
     pub fn pid(&self) -> u32 {
@@ -211,6 +222,32 @@ impl Supervisor {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM unless it has already exited, then SIGKILL if it is still running after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if self.terminate(grace).is_none() {
+            self.kill();
+        }
+    }
+
+    /// The last `n` lines of its log, joined by " / ".
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log();
+        let lines: Vec<&str> = text.lines().rev().take(n).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    }
+
+    /// The warning and error lines of its (JSON) log.
+    pub fn problems(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"level\":\"error\"") || l.contains("\"level\":\"warn\""))
+            .map(String::from)
+            .collect()
     }
 }
 
