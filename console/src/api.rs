@@ -78,7 +78,11 @@ async fn sign_in(
     }
     let credentials: Credentials = inputs::json(&body)?;
     let s = signin::sign_in(&state, peer.ip(), &credentials.role, &credentials.password).await?;
-    let jar = jar.add(session::cookie(s.id.clone(), state.sessions.lifetime(), state.secure_cookies));
+    let jar = jar.add(session::cookie(
+        s.id.clone(),
+        state.sessions.lifetime(),
+        state.secure_cookies,
+    ));
     Ok((
         jar,
         Json(json!({
@@ -94,18 +98,31 @@ async fn whoami(ApiSession(s): ApiSession) -> ApiResult {
     Ok(Json(json!({"role": s.role, "csrf_token": s.csrf})).into_response())
 }
 
-async fn sign_out(State(state): State<AppState>, ApiSession(s): ApiSession, jar: SignedCookieJar, headers: HeaderMap) -> ApiResult {
+async fn sign_out(
+    State(state): State<AppState>,
+    ApiSession(s): ApiSession,
+    jar: SignedCookieJar,
+    headers: HeaderMap,
+) -> ApiResult {
     csrf(&s, &headers)?;
     state.sessions.close(&s.id);
     tracing::info!(role = %s.role, "signed out");
-    Ok((jar.remove(session::removal_cookie()), StatusCode::NO_CONTENT).into_response())
+    Ok((
+        jar.remove(session::removal_cookie()),
+        StatusCode::NO_CONTENT,
+    )
+        .into_response())
 }
 
 async fn apps(ApiSession(s): ApiSession) -> ApiResult {
     Ok(Json(json!({"apps": queries::apps(&s.client).await?})).into_response())
 }
 
-async fn dead_letters(ApiSession(s): ApiSession, Path(app): Path<String>, Query(q): Query<Fields>) -> ApiResult {
+async fn dead_letters(
+    ApiSession(s): ApiSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> ApiResult {
     let app = inputs::uuid("app", &app)?;
     let filter = inputs::dead_letter_filter(&q)?;
     Ok(Json(queries::dead_letters(&s.client, app, &filter).await?).into_response())
@@ -122,7 +139,10 @@ async fn groups(ApiSession(s): ApiSession, Path(app): Path<String>) -> ApiResult
     Ok(Json(queries::groups(&s.client, app).await?).into_response())
 }
 
-async fn dead_letter(ApiSession(s): ApiSession, Path((app, id)): Path<(String, String)>) -> ApiResult {
+async fn dead_letter(
+    ApiSession(s): ApiSession,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult {
     let app = inputs::uuid("app", &app)?;
     let id = inputs::uuid("dead letter", &id)?;
     Ok(Json(queries::dead_letter(&s.client, app, id).await?).into_response())
@@ -145,16 +165,28 @@ async fn resolve(
     Ok(Json(json!({"dead_letter_id": id, "resolution": resolution})).into_response())
 }
 
-async fn replay(ApiSession(s): ApiSession, Path((app, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+async fn replay(
+    ApiSession(s): ApiSession,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
     csrf(&s, &headers)?;
     let app = inputs::uuid("app", &app)?;
     let id = inputs::uuid("dead letter", &id)?;
     let event_id = queries::replay(&s.client, app, id).await?;
     tracing::info!(role = %s.role, %app, dead_letter = %id, %event_id, "replayed a dead letter");
-    Ok(Json(json!({"dead_letter_id": id, "resolution": "replayed", "event_id": event_id})).into_response())
+    Ok(
+        Json(json!({"dead_letter_id": id, "resolution": "replayed", "event_id": event_id}))
+            .into_response(),
+    )
 }
 
-async fn resolve_bulk(ApiSession(s): ApiSession, Path(app): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult {
+async fn resolve_bulk(
+    ApiSession(s): ApiSession,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     csrf(&s, &headers)?;
     let app = inputs::uuid("app", &app)?;
     let fields = inputs::json_fields(&body)?;
@@ -167,7 +199,11 @@ async fn resolve_bulk(ApiSession(s): ApiSession, Path(app): Path<String>, header
     Ok(Json(result).into_response())
 }
 
-async fn outbox(ApiSession(s): ApiSession, Path(app): Path<String>, Query(q): Query<Fields>) -> ApiResult {
+async fn outbox(
+    ApiSession(s): ApiSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> ApiResult {
     let app = inputs::uuid("app", &app)?;
     let limit = match inputs::field(&q, "limit") {
         None => 100,
@@ -175,9 +211,17 @@ async fn outbox(ApiSession(s): ApiSession, Path(app): Path<String>, Query(q): Qu
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=inputs::MAX_PAGE).contains(n))
-            .ok_or_else(|| ConsoleError::invalid_input(format!("limit {t:?} is not between 1 and {}", inputs::MAX_PAGE)))?,
+            .ok_or_else(|| {
+                ConsoleError::invalid_input(format!(
+                    "limit {t:?} is not between 1 and {}",
+                    inputs::MAX_PAGE
+                ))
+            })?,
     };
-    Ok(Json(queries::outbox(&s.client, app, inputs::field(&q, "state"), limit).await?).into_response())
+    Ok(
+        Json(queries::outbox(&s.client, app, inputs::field(&q, "state"), limit).await?)
+            .into_response(),
+    )
 }
 
 async fn triggers(ApiSession(s): ApiSession, Path(app): Path<String>) -> ApiResult {
@@ -185,7 +229,13 @@ async fn triggers(ApiSession(s): ApiSession, Path(app): Path<String>) -> ApiResu
     Ok(Json(json!({"triggers": queries::triggers(&s.client, app).await?})).into_response())
 }
 
-async fn set_enabled(s: &session::Session, app: String, id: String, headers: &HeaderMap, enabled: bool) -> ApiResult {
+async fn set_enabled(
+    s: &session::Session,
+    app: String,
+    id: String,
+    headers: &HeaderMap,
+    enabled: bool,
+) -> ApiResult {
     csrf(s, headers)?;
     let app = inputs::uuid("app", &app)?;
     let id = inputs::uuid("trigger", &id)?;
@@ -194,11 +244,19 @@ async fn set_enabled(s: &session::Session, app: String, id: String, headers: &He
     Ok(Json(json!({"trigger_id": id, "enabled": enabled})).into_response())
 }
 
-async fn enable(ApiSession(s): ApiSession, Path((app, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+async fn enable(
+    ApiSession(s): ApiSession,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
     set_enabled(&s, app, id, &headers, true).await
 }
 
-async fn disable(ApiSession(s): ApiSession, Path((app, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+async fn disable(
+    ApiSession(s): ApiSession,
+    Path((app, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
     set_enabled(&s, app, id, &headers, false).await
 }
 
@@ -214,11 +272,17 @@ pub fn stats_minutes(q: &Fields) -> Result<i32, ConsoleError> {
             .parse::<i32>()
             .ok()
             .filter(|n| (1..=1440).contains(n))
-            .ok_or_else(|| ConsoleError::invalid_input(format!("minutes {t:?} is not between 1 and 1440"))),
+            .ok_or_else(|| {
+                ConsoleError::invalid_input(format!("minutes {t:?} is not between 1 and 1440"))
+            }),
     }
 }
 
-async fn stats(ApiSession(s): ApiSession, Path(app): Path<String>, Query(q): Query<Fields>) -> ApiResult {
+async fn stats(
+    ApiSession(s): ApiSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> ApiResult {
     let app = inputs::uuid("app", &app)?;
     let minutes = stats_minutes(&q)?;
     Ok(Json(queries::stats(&s.client, app, minutes).await?).into_response())

@@ -19,7 +19,11 @@ pub struct Config {
 
     /// Where the console listens. Anything but a loopback address is refused when the
     /// database accepts a wrong password (see --probe-role).
-    #[arg(long, env = "PICLOUD_CONSOLE_LISTEN", default_value = "127.0.0.1:55435")]
+    #[arg(
+        long,
+        env = "PICLOUD_CONSOLE_LISTEN",
+        default_value = "127.0.0.1:55435"
+    )]
     pub listen: SocketAddr,
 
     /// The role whose sign-in is tried with a wrong password at start-up: if the database

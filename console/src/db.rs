@@ -63,7 +63,11 @@ impl Target {
     }
 
     /// Connects as `role` with `password`; the connection runs until the client is dropped.
-    pub async fn connect_as(&self, role: &str, password: &str) -> Result<Client, tokio_postgres::Error> {
+    pub async fn connect_as(
+        &self,
+        role: &str,
+        password: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
         let mut config = self.config.clone();
         config.user(role).password(password);
         let (client, connection) = config.connect(self.tls.clone()).await?;

@@ -43,7 +43,9 @@ fn opt_time(fields: &Fields, name: &str) -> Result<Option<DateTime<Utc>>, Consol
         None => Ok(None),
         Some(t) => DateTime::parse_from_rfc3339(t)
             .map(|d| Some(d.with_timezone(&Utc)))
-            .map_err(|_| ConsoleError::invalid_input(format!("{name} {t:?} is not an RFC 3339 time"))),
+            .map_err(|_| {
+                ConsoleError::invalid_input(format!("{name} {t:?} is not an RFC 3339 time"))
+            }),
     }
 }
 
@@ -63,10 +65,9 @@ pub fn dead_letter_filter(fields: &Fields) -> Result<DeadLetterFilter, ConsoleEr
     };
     let after = match field(fields, "after") {
         None => None,
-        Some(t) => Some(
-            Cursor::decode(t)
-                .ok_or_else(|| ConsoleError::invalid_input(format!("after {t:?} is not a page cursor")))?,
-        ),
+        Some(t) => Some(Cursor::decode(t).ok_or_else(|| {
+            ConsoleError::invalid_input(format!("after {t:?} is not a page cursor"))
+        })?),
     };
     let minutes = |name| opt_int(fields, name, 0, 60 * 24 * 3650).map(|m| m.map(|m| m as i32));
     Ok(DeadLetterFilter {
@@ -95,7 +96,10 @@ pub fn bulk_request(fields: &Fields, dry_run: bool) -> Result<BulkRequest, Conso
         source: field(fields, "source").map(str::to_string),
         script_id: opt_uuid(fields, "script_id")?,
         trigger_id: opt_uuid(fields, "trigger_id")?,
-        error_contains: fields.get("error_contains").filter(|s| !s.is_empty()).cloned(),
+        error_contains: fields
+            .get("error_contains")
+            .filter(|s| !s.is_empty())
+            .cloned(),
         created_before: opt_time(fields, "created_before")?,
         limit: opt_int(fields, "limit", 1, MAX_BULK)?.unwrap_or(MAX_BULK) as i32,
         dry_run,
@@ -108,7 +112,9 @@ pub fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ConsoleError> {
         return serde_json::from_slice(b"{}")
             .map_err(|e| ConsoleError::invalid_input(format!("a JSON body is needed: {e}")));
     }
-    serde_json::from_slice(body).map_err(|e| ConsoleError::invalid_input(format!("the body is not valid JSON for this request: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ConsoleError::invalid_input(format!("the body is not valid JSON for this request: {e}"))
+    })
 }
 
 /// A JSON object's values as strings (numbers, booleans and strings; null means absent).
@@ -127,7 +133,11 @@ pub fn json_fields(body: &[u8]) -> Result<Fields, ConsoleError> {
             serde_json::Value::Bool(b) => {
                 fields.insert(k, b.to_string());
             }
-            _ => return Err(ConsoleError::invalid_input(format!("{k} must be a string, number or boolean"))),
+            _ => {
+                return Err(ConsoleError::invalid_input(format!(
+                    "{k} must be a string, number or boolean"
+                )))
+            }
         }
     }
     Ok(fields)
@@ -137,7 +147,9 @@ pub fn bool_field(fields: &Fields, name: &str) -> Result<bool, ConsoleError> {
     match field(fields, name) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(other) => Err(ConsoleError::invalid_input(format!("{name} {other:?} is not true or false"))),
+        Some(other) => Err(ConsoleError::invalid_input(format!(
+            "{name} {other:?} is not true or false"
+        ))),
     }
 }
 
@@ -152,7 +164,13 @@ mod tests {
             dead_letter_id: Uuid::nil(),
         };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for bad in ["", "_", "x_y", "1_notauuid", "99999999999999999999_00000000-0000-0000-0000-000000000000"] {
+        for bad in [
+            "",
+            "_",
+            "x_y",
+            "1_notauuid",
+            "99999999999999999999_00000000-0000-0000-0000-000000000000",
+        ] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
     }
@@ -168,6 +186,9 @@ mod tests {
         assert_eq!(parsed.limit, 7);
         assert_eq!(parsed.source, None);
         f.insert("limit".into(), "501".into());
-        assert_eq!(dead_letter_filter(&f).unwrap_err().sqlstate.as_deref(), Some("22P02"));
+        assert_eq!(
+            dead_letter_filter(&f).unwrap_err().sqlstate.as_deref(),
+            Some("22P02")
+        );
     }
 }

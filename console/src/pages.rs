@@ -68,7 +68,12 @@ fn failure(state: &AppState, s: Option<&Session>, e: ConsoleError) -> Response {
 }
 
 /// The context every page of an app shares.
-async fn app_context(state: &AppState, s: &Session, app: &str, section: &str) -> Result<(Uuid, Value), Response> {
+async fn app_context(
+    state: &AppState,
+    s: &Session,
+    app: &str,
+    section: &str,
+) -> Result<(Uuid, Value), Response> {
     let app_id = inputs::uuid("app", app).map_err(|e| failure(state, Some(s), e))?;
     let name = queries::app_name(&s.client, app_id)
         .await
@@ -121,33 +126,61 @@ async fn login(
     let password = form.get("password").cloned().unwrap_or_default();
     match signin::sign_in(&state, peer.ip(), role.trim(), &password).await {
         Ok(s) => {
-            let jar = jar.add(session::cookie(s.id.clone(), state.sessions.lifetime(), state.secure_cookies));
+            let jar = jar.add(session::cookie(
+                s.id.clone(),
+                state.sessions.lifetime(),
+                state.secure_cookies,
+            ));
             Ok((jar, Redirect::to("/apps")).into_response())
         }
         Err(e) => {
             let page = state
                 .views
-                .render("login.html", json!({"error": e.message, "role_value": role}))
+                .render(
+                    "login.html",
+                    json!({"error": e.message, "role_value": role}),
+                )
                 .map_err(IntoResponse::into_response)?;
             Ok((e.status, page).into_response())
         }
     }
 }
 
-async fn logout(State(state): State<AppState>, PageSession(s): PageSession, jar: SignedCookieJar, Form(form): Form<Fields>) -> Page {
-    session::check_csrf(&s, form.get("csrf").map(String::as_str)).map_err(|e| failure(&state, Some(&s), e))?;
+async fn logout(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    jar: SignedCookieJar,
+    Form(form): Form<Fields>,
+) -> Page {
+    session::check_csrf(&s, form.get("csrf").map(String::as_str))
+        .map_err(|e| failure(&state, Some(&s), e))?;
     state.sessions.close(&s.id);
-    Ok((jar.remove(session::removal_cookie()), Redirect::to("/login")).into_response())
+    Ok((
+        jar.remove(session::removal_cookie()),
+        Redirect::to("/login"),
+    )
+        .into_response())
 }
 
 // Apps and dead letters -----------------------------------------------------------------------
 
 async fn apps(State(state): State<AppState>, PageSession(s): PageSession) -> Page {
-    let apps = queries::apps(&s.client).await.map_err(|e| failure(&state, Some(&s), e))?;
-    render(&state, "apps.html", json!({"role": s.role, "csrf": s.csrf, "apps": apps}))
+    let apps = queries::apps(&s.client)
+        .await
+        .map_err(|e| failure(&state, Some(&s), e))?;
+    render(
+        &state,
+        "apps.html",
+        json!({"role": s.role, "csrf": s.csrf, "apps": apps}),
+    )
 }
 
-async fn overview(state: State<AppState>, s: PageSession, app: Path<String>, q: Query<Fields>) -> Page {
+async fn overview(
+    state: State<AppState>,
+    s: PageSession,
+    app: Path<String>,
+    q: Query<Fields>,
+) -> Page {
     dead_letters_page(state, s, app, q, true).await
 }
 
@@ -165,24 +198,39 @@ async fn dead_letters_page(
     let (app_id, base) = app_context(&state, &s, &app, "dead_letters").await?;
     let fail = |e| failure(&state, Some(&s), e);
     let filter = inputs::dead_letter_filter(&q).map_err(fail)?;
-    let page = queries::dead_letters(&s.client, app_id, &filter).await.map_err(fail)?;
+    let page = queries::dead_letters(&s.client, app_id, &filter)
+        .await
+        .map_err(fail)?;
     let (unresolved, unresolved_more) = queries::badge(&s.client, app_id).await.map_err(fail)?;
     let groups = match with_groups {
         true => Some(queries::groups(&s.client, app_id).await.map_err(fail)?),
         false => None,
     };
-    let keep: Vec<(&str, String)> = ["status", "error_class", "trigger_id", "source", "older_than_minutes", "newer_than_minutes", "limit"]
-        .into_iter()
-        .map(|k| (k, inputs::field(&q, k).unwrap_or_default().to_string()))
-        .collect();
+    let keep: Vec<(&str, String)> = [
+        "status",
+        "error_class",
+        "trigger_id",
+        "source",
+        "older_than_minutes",
+        "newer_than_minutes",
+        "limit",
+    ]
+    .into_iter()
+    .map(|k| (k, inputs::field(&q, k).unwrap_or_default().to_string()))
+    .collect();
     let list_url = format!("/apps/{app_id}/dead-letters");
     let next_url = page.next.as_ref().map(|next| {
         let mut fields = keep.clone();
         fields.push(("after", next.clone()));
         format!("{list_url}?{}", query_string(&fields))
     });
-    let first_url = filter.after.map(|_| format!("{list_url}?{}", query_string(&keep)));
-    let filter_values: serde_json::Map<String, Value> = keep.into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect();
+    let first_url = filter
+        .after
+        .map(|_| format!("{list_url}?{}", query_string(&keep)));
+    let filter_values: serde_json::Map<String, Value> = keep
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v)))
+        .collect();
     render(
         &state,
         "dead_letters.html",
@@ -214,8 +262,11 @@ async fn detail(
     let (app_id, base) = app_context(&state, &s, &app, "dead_letters").await?;
     let fail = |e| failure(&state, Some(&s), e);
     let id = inputs::uuid("dead letter", &id).map_err(fail)?;
-    let d = queries::dead_letter(&s.client, app_id, id).await.map_err(fail)?;
-    let payload_pretty = serde_json::to_string_pretty(&d.payload).unwrap_or_else(|_| d.payload.to_string());
+    let d = queries::dead_letter(&s.client, app_id, id)
+        .await
+        .map_err(fail)?;
+    let payload_pretty =
+        serde_json::to_string_pretty(&d.payload).unwrap_or_else(|_| d.payload.to_string());
     render(
         &state,
         "dead_letter.html",
@@ -236,7 +287,9 @@ async fn confirm(
     let fail = |e| failure(&state, Some(&s), e);
     let id = inputs::uuid("dead letter", &id).map_err(fail)?;
     // Reading it first: a dead letter the role may not see gets its 403/404 here already.
-    let d = queries::dead_letter(&s.client, app_id, id).await.map_err(fail)?;
+    let d = queries::dead_letter(&s.client, app_id, id)
+        .await
+        .map_err(fail)?;
     let (question, button, action_url, resolution) = match inputs::field(&q, "action") {
         Some("replay") => (
             "Replay this dead letter? Its handler runs again with the same payload.".to_string(),
@@ -253,7 +306,11 @@ async fn confirm(
                 Some(r.to_string()),
             )
         }
-        _ => return Err(fail(ConsoleError::invalid_input("action is neither replay nor resolve"))),
+        _ => {
+            return Err(fail(ConsoleError::invalid_input(
+                "action is neither replay nor resolve",
+            )))
+        }
     };
     render(
         &state,
@@ -278,7 +335,10 @@ async fn replay(
     let id = inputs::uuid("dead letter", &id).map_err(fail)?;
     let event = queries::replay(&s.client, app_id, id).await.map_err(fail)?;
     tracing::info!(role = %s.role, app = %app_id, dead_letter = %id, %event, "replayed a dead letter");
-    Ok(Redirect::to(&format!("/apps/{app_id}/dead-letters/{id}?notice=replayed&event={event}")).into_response())
+    Ok(Redirect::to(&format!(
+        "/apps/{app_id}/dead-letters/{id}?notice=replayed&event={event}"
+    ))
+    .into_response())
 }
 
 async fn resolve(
@@ -292,7 +352,9 @@ async fn resolve(
     let app_id = inputs::uuid("app", &app).map_err(fail)?;
     let id = inputs::uuid("dead letter", &id).map_err(fail)?;
     let resolution = inputs::field(&form, "resolution").unwrap_or("");
-    queries::resolve(&s.client, app_id, id, resolution).await.map_err(fail)?;
+    queries::resolve(&s.client, app_id, id, resolution)
+        .await
+        .map_err(fail)?;
     tracing::info!(role = %s.role, app = %app_id, dead_letter = %id, resolution, "resolved a dead letter");
     let notice = utf8_percent_encode(resolution, NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("/apps/{app_id}/dead-letters/{id}?notice={notice}")).into_response())
@@ -300,19 +362,32 @@ async fn resolve(
 
 // Bulk resolution -----------------------------------------------------------------------------
 
-async fn bulk_form(State(state): State<AppState>, PageSession(s): PageSession, Path(app): Path<String>, Query(q): Query<Fields>) -> Page {
+async fn bulk_form(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> Page {
     let (_, base) = app_context(&state, &s, &app, "bulk").await?;
     render(
         &state,
         "bulk.html",
-        merge(base, json!({"form": q, "resolutions": queries::RESOLUTIONS, "max_bulk": inputs::MAX_BULK})),
+        merge(
+            base,
+            json!({"form": q, "resolutions": queries::RESOLUTIONS, "max_bulk": inputs::MAX_BULK}),
+        ),
     )
 }
 
 /// `step=dry_run` shows what would be resolved and a button to apply exactly that (the
 /// dry run's time becomes `created_before`, so later dead letters are not swept in);
 /// `step=apply` resolves.
-async fn bulk(State(state): State<AppState>, PageSession(s): PageSession, Path(app): Path<String>, Form(form): Form<Fields>) -> Page {
+async fn bulk(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    Path(app): Path<String>,
+    Form(form): Form<Fields>,
+) -> Page {
     let (app_id, base) = app_context(&state, &s, &app, "bulk").await?;
     let fail = |e| failure(&state, Some(&s), e);
     session::check_csrf(&s, form.get("csrf").map(String::as_str)).map_err(fail)?;
@@ -321,7 +396,9 @@ async fn bulk(State(state): State<AppState>, PageSession(s): PageSession, Path(a
     if dry_run && request.created_before.is_none() {
         request.created_before = Some(chrono::Utc::now());
     }
-    let result = queries::resolve_bulk(&s.client, app_id, &request).await.map_err(fail)?;
+    let result = queries::resolve_bulk(&s.client, app_id, &request)
+        .await
+        .map_err(fail)?;
     if !dry_run {
         tracing::info!(role = %s.role, app = %app_id, count = result.count, resolution = %request.resolution, "bulk-resolved dead letters");
     }
@@ -336,25 +413,45 @@ async fn bulk(State(state): State<AppState>, PageSession(s): PageSession, Path(a
 }
 
 fn form_without_secret(form: &Fields) -> Fields {
-    form.iter().filter(|(k, _)| k.as_str() != "csrf").map(|(k, v)| (k.clone(), v.clone())).collect()
+    form.iter()
+        .filter(|(k, _)| k.as_str() != "csrf")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 // Outbox, triggers, stats ---------------------------------------------------------------------
 
-async fn outbox(State(state): State<AppState>, PageSession(s): PageSession, Path(app): Path<String>, Query(q): Query<Fields>) -> Page {
+async fn outbox(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> Page {
     let (app_id, base) = app_context(&state, &s, &app, "outbox").await?;
     let outbox = queries::outbox(&s.client, app_id, inputs::field(&q, "state"), 200)
         .await
         .map_err(|e| failure(&state, Some(&s), e))?;
-    render(&state, "outbox.html", merge(base, json!({"outbox": outbox})))
+    render(
+        &state,
+        "outbox.html",
+        merge(base, json!({"outbox": outbox})),
+    )
 }
 
-async fn triggers(State(state): State<AppState>, PageSession(s): PageSession, Path(app): Path<String>) -> Page {
+async fn triggers(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    Path(app): Path<String>,
+) -> Page {
     let (app_id, base) = app_context(&state, &s, &app, "triggers").await?;
     let fail = |e| failure(&state, Some(&s), e);
     let triggers = queries::triggers(&s.client, app_id).await.map_err(fail)?;
     let handlers = queries::handlers(&s.client, app_id).await.map_err(fail)?;
-    render(&state, "triggers.html", merge(base, json!({"triggers": triggers, "handlers": handlers})))
+    render(
+        &state,
+        "triggers.html",
+        merge(base, json!({"triggers": triggers, "handlers": handlers})),
+    )
 }
 
 async fn set_enabled(
@@ -370,20 +467,39 @@ async fn set_enabled(
     let enabled = match action.as_str() {
         "enable" => true,
         "disable" => false,
-        _ => return Err(fail(ConsoleError::console(StatusCode::NOT_FOUND, "not_found", "no such action"))),
+        _ => {
+            return Err(fail(ConsoleError::console(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such action",
+            )))
+        }
     };
-    queries::set_trigger_enabled(&s.client, app_id, id, enabled).await.map_err(fail)?;
+    queries::set_trigger_enabled(&s.client, app_id, id, enabled)
+        .await
+        .map_err(fail)?;
     tracing::info!(role = %s.role, app = %app_id, trigger = %id, enabled, "set a trigger's enabled flag");
     Ok(Redirect::to(&format!("/apps/{app_id}/triggers")).into_response())
 }
 
-async fn stats(State(state): State<AppState>, PageSession(s): PageSession, Path(app): Path<String>, Query(q): Query<Fields>) -> Page {
+async fn stats(
+    State(state): State<AppState>,
+    PageSession(s): PageSession,
+    Path(app): Path<String>,
+    Query(q): Query<Fields>,
+) -> Page {
     let (app_id, base) = app_context(&state, &s, &app, "stats").await?;
     let fail = |e| failure(&state, Some(&s), e);
     let minutes = crate::api::stats_minutes(&q).map_err(fail)?;
-    let stats = queries::stats(&s.client, app_id, minutes).await.map_err(fail)?;
+    let stats = queries::stats(&s.client, app_id, minutes)
+        .await
+        .map_err(fail)?;
     let chart = chart(&stats);
-    render(&state, "stats.html", merge(base, json!({"stats": stats, "chart": chart})))
+    render(
+        &state,
+        "stats.html",
+        merge(base, json!({"stats": stats, "chart": chart})),
+    )
 }
 
 /// The chart's geometry: one polyline per outcome, scaled to the busiest minute.
@@ -396,7 +512,11 @@ fn chart(stats: &Stats) -> Value {
         .max()
         .unwrap_or(0)
         .max(1);
-    let step = if points.len() > 1 { (right - left) / (points.len() - 1) as f64 } else { 0.0 };
+    let step = if points.len() > 1 {
+        (right - left) / (points.len() - 1) as f64
+    } else {
+        0.0
+    };
     let line = |value: fn(&queries::Minute) -> i64| {
         points
             .iter()
@@ -409,7 +529,10 @@ fn chart(stats: &Stats) -> Value {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let label = |m: Option<&queries::Minute>| m.map(|m| m.minute.format("%H:%M").to_string()).unwrap_or_default();
+    let label = |m: Option<&queries::Minute>| {
+        m.map(|m| m.minute.format("%H:%M").to_string())
+            .unwrap_or_default()
+    };
     json!({
         "width": width, "height": height, "left": left, "right": right, "top": top, "bottom": bottom,
         "max": max,

@@ -57,7 +57,11 @@ mod tests {
         let v6_loopback: SocketAddr = "[::1]:1".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
         let unknown = Verdict::Unknown("connection refused".into());
-        for verdict in [Verdict::PasswordsChecked, Verdict::PasswordsIgnored, unknown.clone()] {
+        for verdict in [
+            Verdict::PasswordsChecked,
+            Verdict::PasswordsIgnored,
+            unknown.clone(),
+        ] {
             assert!(allows(&verdict, loopback, "r").is_ok());
             assert!(allows(&verdict, v6_loopback, "r").is_ok());
         }

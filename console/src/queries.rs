@@ -25,7 +25,10 @@ pub async fn require(client: &Client, app: Uuid, capability: &str) -> Result<()>
 }
 
 async fn query(client: &Client, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
     Ok(client.query(sql, &refs).await?)
 }
 
@@ -85,7 +88,10 @@ pub async fn apps(client: &Client) -> Result<Vec<App>> {
 /// The app's name as the role sees it (None when the app is not visible to it).
 pub async fn app_name(client: &Client, app: Uuid) -> Result<Option<String>> {
     let row = client
-        .query_opt("SELECT a.name FROM picloud.picloud_list_apps() a WHERE a.app_id = $1", &[&app])
+        .query_opt(
+            "SELECT a.name FROM picloud.picloud_list_apps() a WHERE a.app_id = $1",
+            &[&app],
+        )
         .await?;
     Ok(match row {
         Some(r) => Some(r.try_get(0)?),
@@ -133,7 +139,11 @@ pub struct Cursor {
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        format!("{}_{}", self.created_at.timestamp_micros(), self.dead_letter_id)
+        format!(
+            "{}_{}",
+            self.created_at.timestamp_micros(),
+            self.dead_letter_id
+        )
     }
 
     pub fn decode(text: &str) -> Option<Cursor> {
@@ -188,7 +198,11 @@ pub struct DeadLetterPage {
 /// One page of the app's dead letters, newest first (created_at DESC, dead_letter_id DESC).
 /// Served by the indexes on (app_id, created_at): unresolved only uses the partial index of
 /// unresolved rows, and the cursor makes every page an index range scan of `limit` rows.
-pub async fn dead_letters(client: &Client, app: Uuid, f: &DeadLetterFilter) -> Result<DeadLetterPage> {
+pub async fn dead_letters(
+    client: &Client,
+    app: Uuid,
+    f: &DeadLetterFilter,
+) -> Result<DeadLetterPage> {
     require(client, app, "manage_dead_letters").await?;
     let mut params: Vec<Param> = Vec::new();
     let app_p = bind(&mut params, app);
@@ -205,7 +219,9 @@ pub async fn dead_letters(client: &Client, app: Uuid, f: &DeadLetterFilter) -> R
     }
     if let Some(class) = &f.error_class {
         let p = bind(&mut params, class.clone());
-        sql.push_str(&format!(" AND picloud.picloud_error_class(d.last_error) = {p}"));
+        sql.push_str(&format!(
+            " AND picloud.picloud_error_class(d.last_error) = {p}"
+        ));
     }
     if let Some(trigger) = f.trigger_id {
         let p = bind(&mut params, trigger);
@@ -217,11 +233,15 @@ pub async fn dead_letters(client: &Client, app: Uuid, f: &DeadLetterFilter) -> R
     }
     if let Some(minutes) = f.older_than_minutes {
         let p = bind(&mut params, minutes);
-        sql.push_str(&format!(" AND d.created_at <= now() - {p}::integer * interval '1 minute'"));
+        sql.push_str(&format!(
+            " AND d.created_at <= now() - {p}::integer * interval '1 minute'"
+        ));
     }
     if let Some(minutes) = f.newer_than_minutes {
         let p = bind(&mut params, minutes);
-        sql.push_str(&format!(" AND d.created_at >= now() - {p}::integer * interval '1 minute'"));
+        sql.push_str(&format!(
+            " AND d.created_at >= now() - {p}::integer * interval '1 minute'"
+        ));
     }
     if let Some(after) = f.after {
         let at = bind(&mut params, after.created_at);
@@ -232,7 +252,9 @@ pub async fn dead_letters(client: &Client, app: Uuid, f: &DeadLetterFilter) -> R
         ));
     }
     let limit = bind(&mut params, f.limit + 1);
-    sql.push_str(&format!(" ORDER BY d.created_at DESC, d.dead_letter_id DESC LIMIT {limit}"));
+    sql.push_str(&format!(
+        " ORDER BY d.created_at DESC, d.dead_letter_id DESC LIMIT {limit}"
+    ));
     let rows = query(client, &sql, &params).await?;
     let mut items = rows
         .iter()
@@ -337,7 +359,10 @@ pub async fn dead_letter(client: &Client, app: Uuid, id: Uuid) -> Result<DeadLet
     };
     let mut history = Vec::new();
     if let Some(at) = d.first_attempt_at {
-        history.push(HistoryEntry { at, what: format!("first attempt of event {}", d.original_event_id) });
+        history.push(HistoryEntry {
+            at,
+            what: format!("first attempt of event {}", d.original_event_id),
+        });
     }
     if let Some(at) = d.last_attempt_at {
         history.push(HistoryEntry {
@@ -345,7 +370,10 @@ pub async fn dead_letter(client: &Client, app: Uuid, id: Uuid) -> Result<DeadLet
             what: format!("attempt {} failed: the last one", d.attempt_count),
         });
     }
-    history.push(HistoryEntry { at: d.created_at, what: "dead-lettered".into() });
+    history.push(HistoryEntry {
+        at: d.created_at,
+        what: "dead-lettered".into(),
+    });
     if let (Some(at), Some(resolution)) = (d.resolved_at, &d.resolution) {
         history.push(HistoryEntry {
             at,
@@ -375,7 +403,10 @@ pub async fn resolve(client: &Client, app: Uuid, id: Uuid, resolution: &str) -> 
 /// Replays one dead letter; the new event's id.
 pub async fn replay(client: &Client, app: Uuid, id: Uuid) -> Result<Uuid> {
     let row = client
-        .query_one("SELECT picloud.picloud_replay_dead_letter($1, $2)", &[&app, &id])
+        .query_one(
+            "SELECT picloud.picloud_replay_dead_letter($1, $2)",
+            &[&app, &id],
+        )
         .await?;
     Ok(row.try_get(0)?)
 }
@@ -533,8 +564,10 @@ pub async fn groups(client: &Client, app: Uuid) -> Result<Groups> {
         .await?;
     let grouped: i64 = row.try_get("grouped")?;
     let decode = |column: &str| -> Result<serde_json::Value> { Ok(row.try_get(column)?) };
-    let by_error_class: Vec<ErrorGroup> = serde_json::from_value(decode("by_error_class")?).map_err(unexpected)?;
-    let by_trigger: Vec<TriggerGroup> = serde_json::from_value(decode("by_trigger")?).map_err(unexpected)?;
+    let by_error_class: Vec<ErrorGroup> =
+        serde_json::from_value(decode("by_error_class")?).map_err(unexpected)?;
+    let by_trigger: Vec<TriggerGroup> =
+        serde_json::from_value(decode("by_trigger")?).map_err(unexpected)?;
     Ok(Groups {
         grouped: grouped.min(GROUPS_SAMPLE),
         sampled: grouped > GROUPS_SAMPLE,
@@ -647,7 +680,8 @@ pub async fn outbox(client: &Client, app: Uuid, state: Option<&str>, limit: i64)
                 "SELECT {} FROM picloud.outbox o WHERE o.app_id = $1",
                 OUTBOX_STATES
                     .iter()
-                    .filter_map(|s| outbox_condition(s).map(|c| format!("count(*) FILTER (WHERE {c}) AS {s}")))
+                    .filter_map(|s| outbox_condition(s)
+                        .map(|c| format!("count(*) FILTER (WHERE {c}) AS {s}")))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -715,7 +749,12 @@ pub async fn triggers(client: &Client, app: Uuid) -> Result<Vec<Trigger>> {
         .collect()
 }
 
-pub async fn set_trigger_enabled(client: &Client, app: Uuid, trigger: Uuid, enabled: bool) -> Result<()> {
+pub async fn set_trigger_enabled(
+    client: &Client,
+    app: Uuid,
+    trigger: Uuid,
+    enabled: bool,
+) -> Result<()> {
     client
         .execute(
             "SELECT picloud.picloud_set_trigger_enabled($1, $2, $3)",

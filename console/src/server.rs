@@ -53,7 +53,10 @@ pub fn router(state: AppState) -> Router {
 
 /// `Server-Timing: app;dur=<ms>`: how long the console took, database included (what the
 /// benchmark reads; browsers show it in their network panel).
-async fn server_timing(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+async fn server_timing(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let start = std::time::Instant::now();
     let mut response = next.run(request).await;
     let ms = start.elapsed().as_secs_f64() * 1000.0;

@@ -97,7 +97,8 @@ impl Sessions {
     /// Drops expired sessions (and with them their connections).
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain(|_, s| s.expires_at > now && !s.client.is_closed());
+        self.lock()
+            .retain(|_, s| s.expires_at > now && !s.client.is_closed());
     }
 }
 
@@ -130,7 +131,9 @@ pub fn check_csrf(session: &Session, presented: Option<&str>) -> Result<(), Cons
 }
 
 async fn lookup(parts: &mut Parts, state: &AppState) -> Option<Arc<Session>> {
-    let jar = SignedCookieJar::<Key>::from_request_parts(parts, state).await.ok()?;
+    let jar = SignedCookieJar::<Key>::from_request_parts(parts, state)
+        .await
+        .ok()?;
     let id = jar.get(COOKIE)?;
     state.sessions.get(id.value())
 }
@@ -141,7 +144,10 @@ pub struct ApiSession(pub Arc<Session>);
 impl FromRequestParts<AppState> for ApiSession {
     type Rejection = ConsoleError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         lookup(parts, state)
             .await
             .map(ApiSession)
@@ -163,7 +169,10 @@ impl IntoResponse for ToSignIn {
 impl FromRequestParts<AppState> for PageSession {
     type Rejection = ToSignIn;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         lookup(parts, state).await.map(PageSession).ok_or(ToSignIn)
     }
 }

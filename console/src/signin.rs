@@ -36,7 +36,12 @@ impl LoginLimiter {
     }
 }
 
-pub async fn sign_in(state: &AppState, ip: IpAddr, role: &str, password: &str) -> Result<Arc<Session>, ConsoleError> {
+pub async fn sign_in(
+    state: &AppState,
+    ip: IpAddr,
+    role: &str,
+    password: &str,
+) -> Result<Arc<Session>, ConsoleError> {
     state.limiter.admit(ip)?;
     if role.is_empty() || role.len() > 63 || password.is_empty() {
         return Err(ConsoleError::invalid_input(

@@ -10,7 +10,8 @@ use rustls::pki_types::PrivateKeyDer;
 use crate::pg_tls;
 
 pub fn server_config(cert: &Path, key: &Path) -> Result<RustlsConfig, String> {
-    let chain = pg_tls::load_pem_certificates(cert).map_err(|e| format!("--console-tls-cert {e}"))?;
+    let chain =
+        pg_tls::load_pem_certificates(cert).map_err(|e| format!("--console-tls-cert {e}"))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("--console-tls-key {}: {e}", key.display()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(pg_tls::crypto_provider())

@@ -16,8 +16,14 @@ const TEMPLATES: [(&str, &str); 12] = [
     ("login.html", include_str!("../templates/login.html")),
     ("apps.html", include_str!("../templates/apps.html")),
     ("app_nav.html", include_str!("../templates/app_nav.html")),
-    ("dead_letters.html", include_str!("../templates/dead_letters.html")),
-    ("dead_letter.html", include_str!("../templates/dead_letter.html")),
+    (
+        "dead_letters.html",
+        include_str!("../templates/dead_letters.html"),
+    ),
+    (
+        "dead_letter.html",
+        include_str!("../templates/dead_letter.html"),
+    ),
     ("confirm.html", include_str!("../templates/confirm.html")),
     ("bulk.html", include_str!("../templates/bulk.html")),
     ("outbox.html", include_str!("../templates/outbox.html")),
@@ -32,7 +38,10 @@ fn when(value: Option<String>) -> String {
         return "—".into();
     };
     match chrono::DateTime::parse_from_rfc3339(&text) {
-        Ok(t) => t.with_timezone(&chrono::Utc).format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Ok(t) => t
+            .with_timezone(&chrono::Utc)
+            .format("%Y-%m-%d %H:%M:%S UTC")
+            .to_string(),
         Err(_) => text,
     }
 }
@@ -50,7 +59,11 @@ impl Views {
         Ok(Views { env })
     }
 
-    pub fn render(&self, name: &str, context: impl Serialize) -> Result<Html<String>, ConsoleError> {
+    pub fn render(
+        &self,
+        name: &str,
+        context: impl Serialize,
+    ) -> Result<Html<String>, ConsoleError> {
         let template = self.env.get_template(name).map_err(render_error)?;
         template.render(context).map(Html).map_err(render_error)
     }

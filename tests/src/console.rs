@@ -59,13 +59,18 @@ impl ScramCluster {
     /// Replaces pg_hba.conf and reloads.
     pub fn set_hba(&self, text: &str) {
         std::fs::write(self.data.join("pg_hba.conf"), text).expect("write pg_hba.conf");
-        self.superuser().batch_execute("SELECT pg_reload_conf()").expect("reload");
+        self.superuser()
+            .batch_execute("SELECT pg_reload_conf()")
+            .expect("reload");
     }
 
     /// `postgres`, trusted: sets up what the tests look at.
     pub fn superuser(&self) -> postgres::Client {
         let mut client = postgres::Client::connect(
-            &format!("host=127.0.0.1 port={} user=postgres dbname={}", self.port, self.db),
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname={}",
+                self.port, self.db
+            ),
             postgres::NoTls,
         )
         .expect("connect as postgres");
@@ -94,7 +99,10 @@ impl ScramCluster {
     /// The connection string the console and the supervisor are given (no user: the console
     /// connects as whoever signs in).
     pub fn url(&self) -> String {
-        format!("host=127.0.0.1 port={} dbname={} sslmode=disable", self.port, self.db)
+        format!(
+            "host=127.0.0.1 port={} dbname={} sslmode=disable",
+            self.port, self.db
+        )
     }
 
     /// Creates a login role with the test password.
@@ -133,12 +141,20 @@ impl Console {
     /// Starts the console on 127.0.0.1:`port` and waits until it answers.
     pub fn start(database_url: &str, port: u16, extra: &[&str]) -> Console {
         let mut console = Console::spawn(database_url, &format!("127.0.0.1:{port}"), extra);
-        let scheme = if extra.contains(&"--console-tls-cert") { "https" } else { "http" };
+        let scheme = if extra.contains(&"--console-tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         console.base = format!("{scheme}://127.0.0.1:{port}");
         let up = eventually(Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        assert!(up, "the console did not start listening; its log:\n{}", console.log());
+        assert!(
+            up,
+            "the console did not start listening; its log:\n{}",
+            console.log()
+        );
         console
     }
 
@@ -288,7 +304,10 @@ impl ApiClient {
             request = request.header("cookie", cookie);
         }
         let response = request.send().expect("request to the console");
-        (response.status().as_u16(), response.text().unwrap_or_default())
+        (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        )
     }
 
     /// POST with the session's CSRF token.
@@ -311,7 +330,10 @@ impl ApiClient {
             request = request.header("cookie", cookie);
         }
         let response = request.send().expect("request to the console");
-        (response.status().as_u16(), response.text().unwrap_or_default())
+        (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        )
     }
 
     pub fn delete(&self, path: &str) -> Answer {
@@ -353,7 +375,10 @@ impl Chromedriver {
             }
             child.kill().ok();
             child.wait().ok();
-            assert!(std::time::Instant::now() < deadline, "chromedriver did not start on port {port}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chromedriver did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_secs(2));
         }
     }
@@ -384,7 +409,9 @@ impl Browser {
         // The WebDriver client's https support needs a process-wide provider; already
         // installed is fine. ring, as everywhere in picloud (supervisor/src/tls.rs says why).
         #[allow(deprecated)]
-        rustls::crypto::ring::default_provider().install_default().ok();
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -417,11 +444,16 @@ impl Browser {
 
     pub fn goto(&self, path: &str) {
         let url = format!("{}{path}", self.base);
-        self.rt.block_on(self.c().goto(&url)).unwrap_or_else(|e| panic!("goto {url}: {e}"));
+        self.rt
+            .block_on(self.c().goto(&url))
+            .unwrap_or_else(|e| panic!("goto {url}: {e}"));
     }
 
     pub fn path(&self) -> String {
-        let url = self.rt.block_on(self.c().current_url()).expect("current url");
+        let url = self
+            .rt
+            .block_on(self.c().current_url())
+            .expect("current url");
         let mut path = url.path().to_string();
         if let Some(q) = url.query() {
             path.push('?');
@@ -456,8 +488,12 @@ impl Browser {
     pub fn click(&self, css: &str) {
         let old_root = self.find("html");
         let el = self.find(css);
-        self.rt.block_on(el.click()).unwrap_or_else(|e| panic!("click {css}: {e}"));
-        eventually(Duration::from_secs(10), || self.rt.block_on(old_root.text()).is_err());
+        self.rt
+            .block_on(el.click())
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        eventually(Duration::from_secs(10), || {
+            self.rt.block_on(old_root.text()).is_err()
+        });
         eventually(Duration::from_secs(10), || {
             self.rt
                 .block_on(self.c().execute("return document.readyState", Vec::new()))
@@ -469,17 +505,23 @@ impl Browser {
     pub fn fill(&self, css: &str, text: &str) {
         let el = self.find(css);
         self.rt.block_on(el.clear()).ok();
-        self.rt.block_on(el.send_keys(text)).unwrap_or_else(|e| panic!("type into {css}: {e}"));
+        self.rt
+            .block_on(el.send_keys(text))
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
     pub fn select(&self, css: &str, value: &str) {
         let el = self.find(css);
-        self.rt.block_on(el.select_by_value(value)).unwrap_or_else(|e| panic!("select {value} in {css}: {e}"));
+        self.rt
+            .block_on(el.select_by_value(value))
+            .unwrap_or_else(|e| panic!("select {value} in {css}: {e}"));
     }
 
     pub fn text(&self, css: &str) -> String {
         let el = self.find(css);
-        self.rt.block_on(el.text()).unwrap_or_else(|e| panic!("text of {css}: {e}"))
+        self.rt
+            .block_on(el.text())
+            .unwrap_or_else(|e| panic!("text of {css}: {e}"))
     }
 
     pub fn source(&self) -> String {
@@ -492,7 +534,9 @@ impl Browser {
     }
 
     pub fn set_size(&self, width: u32, height: u32) {
-        self.rt.block_on(self.c().set_window_size(width, height)).expect("window size");
+        self.rt
+            .block_on(self.c().set_window_size(width, height))
+            .expect("window size");
     }
 
     /// Saves a PNG of the page under target/console-screenshots/, or under docs/console/ (the
@@ -516,7 +560,9 @@ impl Browser {
         self.rt
             .block_on(field.send_keys(&format!("{role}\u{E004}{password}\u{E007}")))
             .expect("type");
-        eventually(Duration::from_secs(10), || self.rt.block_on(old_root.text()).is_err());
+        eventually(Duration::from_secs(10), || {
+            self.rt.block_on(old_root.text()).is_err()
+        });
         eventually(Duration::from_secs(10), || self.exists("main"));
     }
 

@@ -41,26 +41,59 @@ fn tenants(cluster: &ScramCluster) -> Tenants {
          END $$;",
     )
     .expect("handler schema");
-    let a: Uuid = su.query_one("SELECT picloud_create_app('shop')", &[]).unwrap().get(0);
-    let b: Uuid = su.query_one("SELECT picloud_create_app('billing')", &[]).unwrap().get(0);
-    su.execute("SELECT picloud_grant_app_role($1, 'admin_a', 'admin')", &[&a]).unwrap();
-    su.execute("SELECT picloud_grant_app_role($1, 'producer_a', 'producer')", &[&a]).unwrap();
-    su.execute("SELECT picloud_grant_app_role($1, 'admin_b', 'admin')", &[&b]).unwrap();
+    let a: Uuid = su
+        .query_one("SELECT picloud_create_app('shop')", &[])
+        .unwrap()
+        .get(0);
+    let b: Uuid = su
+        .query_one("SELECT picloud_create_app('billing')", &[])
+        .unwrap()
+        .get(0);
+    su.execute(
+        "SELECT picloud_grant_app_role($1, 'admin_a', 'admin')",
+        &[&a],
+    )
+    .unwrap();
+    su.execute(
+        "SELECT picloud_grant_app_role($1, 'producer_a', 'producer')",
+        &[&a],
+    )
+    .unwrap();
+    su.execute(
+        "SELECT picloud_grant_app_role($1, 'admin_b', 'admin')",
+        &[&b],
+    )
+    .unwrap();
     let mut admin_a = cluster.connect_as("admin_a");
     let script_a: Uuid = admin_a
-        .query_one("SELECT picloud_create_script($1, 'flaky', 'sql', 'flaky')", &[&a])
+        .query_one(
+            "SELECT picloud_create_script($1, 'flaky', 'sql', 'flaky')",
+            &[&a],
+        )
         .unwrap()
         .get(0);
     let trigger_a: Uuid = admin_a
-        .query_one("SELECT picloud_create_kv_trigger($1, 'orders', $2)", &[&a, &script_a])
+        .query_one(
+            "SELECT picloud_create_kv_trigger($1, 'orders', $2)",
+            &[&a, &script_a],
+        )
         .unwrap()
         .get(0);
     let script_b: Uuid = cluster
         .connect_as("admin_b")
-        .query_one("SELECT picloud_create_script($1, 'flaky', 'sql', 'flaky')", &[&b])
+        .query_one(
+            "SELECT picloud_create_script($1, 'flaky', 'sql', 'flaky')",
+            &[&b],
+        )
         .unwrap()
         .get(0);
-    Tenants { a, b, script_a, script_b, trigger_a }
+    Tenants {
+        a,
+        b,
+        script_a,
+        script_b,
+        trigger_a,
+    }
 }
 
 /// `n` dead letters of `app` made directly (the API tests need many, quickly): one a second
@@ -102,8 +135,16 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     let mut su = cluster.superuser();
     dead_letters(&mut su, t.a, t.script_a, Some(t.trigger_a), 120);
     dead_letters(&mut su, t.b, t.script_b, None, 5);
-    let console = Console::start(&cluster.url(), 55481, &["--probe-role", "admin_a", "--login-per-minute", "1000"]);
-    assert!(console.log().contains("refuses a wrong password"), "{}", console.log());
+    let console = Console::start(
+        &cluster.url(),
+        55481,
+        &["--probe-role", "admin_a", "--login-per-minute", "1000"],
+    );
+    assert!(
+        console.log().contains("refuses a wrong password"),
+        "{}",
+        console.log()
+    );
     let base = console.base.clone();
 
     // Signing in: Postgres checks the password; nothing works without a session.
@@ -113,7 +154,10 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     assert_eq!(anon.get("/api/apps").code(), Some("not_signed_in"));
     expect(&anon.sign_in("admin_a", "wrong"), 401, Some("28P01"));
     expect(&anon.sign_in("nobody_here", "wrong"), 401, None);
-    assert_eq!(anon.sign_in("nobody_here", "x").body["message"], anon.sign_in("admin_a", "x").body["message"]);
+    assert_eq!(
+        anon.sign_in("nobody_here", "x").body["message"],
+        anon.sign_in("admin_a", "x").body["message"]
+    );
     expect(&anon.sign_in("", "x"), 422, Some("22P02"));
     anon.cookie = Some("picloud_session=forged".into());
     expect(&anon.get("/api/apps"), 401, None);
@@ -122,7 +166,10 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     let signed_in = anon.sign_in("admin_a", PASSWORD);
     let set_cookie = signed_in.set_cookie.join("\n");
     for attribute in ["HttpOnly", "SameSite=Strict", "Max-Age=", "Path=/"] {
-        assert!(set_cookie.contains(attribute), "{attribute} missing: {set_cookie}");
+        assert!(
+            set_cookie.contains(attribute),
+            "{attribute} missing: {set_cookie}"
+        );
     }
     // A session id that was not signed by the console is refused.
     let mut tampered = ApiClient::new(&base);
@@ -138,7 +185,10 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     let listed: Vec<&Value> = apps.body["apps"].as_array().unwrap().iter().collect();
     assert_eq!(listed.len(), 1, "admin_a sees only its app: {listed:?}");
     assert_eq!(listed[0]["app_id"], json!(t.a.to_string()));
-    assert_eq!(listed[0]["unresolved"], json!(count_as(&cluster, "admin_a", t.a)));
+    assert_eq!(
+        listed[0]["unresolved"],
+        json!(count_as(&cluster, "admin_a", t.a))
+    );
     assert_eq!(listed[0]["unresolved"], json!(120));
     let badge = a.get(&format!("/api/apps/{}/dead-letters/count", t.a));
     expect(&badge, 200, None);
@@ -151,7 +201,10 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
         let page = a.get(&path);
         expect(&page, 200, None);
         for item in page.body["items"].as_array().unwrap() {
-            seen.push((item["created_at"].as_str().unwrap().to_string(), item["dead_letter_id"].as_str().unwrap().to_string()));
+            seen.push((
+                item["created_at"].as_str().unwrap().to_string(),
+                item["dead_letter_id"].as_str().unwrap().to_string(),
+            ));
         }
         match page.body["next"].as_str() {
             Some(next) => path = format!("/api/apps/{}/dead-letters?limit=50&after={next}", t.a),
@@ -170,58 +223,168 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     let list = |query: &str| a.get(&format!("/api/apps/{}/dead-letters?limit=500&{query}", t.a));
     let by_class = list("error_class=timeout%20after%2030000%20ms");
     assert_eq!(by_class.body["items"].as_array().unwrap().len(), 40);
-    assert_eq!(list(&format!("trigger_id={}", t.trigger_a)).body["items"].as_array().unwrap().len(), 40);
-    assert_eq!(list("source=queue").body["items"].as_array().unwrap().len(), 80);
-    assert_eq!(list("older_than_minutes=100").body["items"].as_array().unwrap().len(), 21);
-    assert_eq!(list("newer_than_minutes=10").body["items"].as_array().unwrap().len(), 9);
-    for bad in ["status=bogus", "after=garbage", "limit=0", "limit=501", "trigger_id=nope", "older_than_minutes=-1"] {
+    assert_eq!(
+        list(&format!("trigger_id={}", t.trigger_a)).body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        40
+    );
+    assert_eq!(
+        list("source=queue").body["items"].as_array().unwrap().len(),
+        80
+    );
+    assert_eq!(
+        list("older_than_minutes=100").body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        21
+    );
+    assert_eq!(
+        list("newer_than_minutes=10").body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        9
+    );
+    for bad in [
+        "status=bogus",
+        "after=garbage",
+        "limit=0",
+        "limit=501",
+        "trigger_id=nope",
+        "older_than_minutes=-1",
+    ] {
         expect(&list(bad), 422, Some("22P02"));
     }
-    expect(&a.get("/api/apps/not-a-uuid/dead-letters"), 422, Some("22P02"));
+    expect(
+        &a.get("/api/apps/not-a-uuid/dead-letters"),
+        422,
+        Some("22P02"),
+    );
     let groups = a.get(&format!("/api/apps/{}/dead-letters/groups", t.a));
     expect(&groups, 200, None);
     assert_eq!(groups.body["by_error_class"].as_array().unwrap().len(), 2);
-    assert_eq!(groups.body["by_error_class"][0]["error_class"], "flaky handler refused order <id>");
+    assert_eq!(
+        groups.body["by_error_class"][0]["error_class"],
+        "flaky handler refused order <id>"
+    );
     assert_eq!(groups.body["by_error_class"][0]["unresolved"], json!(80));
     assert_eq!(groups.body["by_trigger"].as_array().unwrap().len(), 2);
     assert_eq!(groups.body["grouped"], json!(120));
     assert_eq!(groups.body["sampled"], json!(false));
 
     // One dead letter, resolve, replay.
-    let first = list("").body["items"][0]["dead_letter_id"].as_str().unwrap().to_string();
+    let first = list("").body["items"][0]["dead_letter_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let one = a.get(&format!("/api/apps/{}/dead-letters/{first}", t.a));
     expect(&one, 200, None);
     assert_eq!(one.body["payload"]["order"], json!(1));
     assert_eq!(one.body["attempt_count"], json!(3));
-    assert!(one.body["history"].as_array().unwrap().len() >= 3, "{:?}", one.body["history"]);
-    expect(&a.get(&format!("/api/apps/{}/dead-letters/{}", t.a, Uuid::new_v4())), 404, Some("P0002"));
+    assert!(
+        one.body["history"].as_array().unwrap().len() >= 3,
+        "{:?}",
+        one.body["history"]
+    );
+    expect(
+        &a.get(&format!(
+            "/api/apps/{}/dead-letters/{}",
+            t.a,
+            Uuid::new_v4()
+        )),
+        404,
+        Some("P0002"),
+    );
     let b_letter: Uuid = su
-        .query_one("SELECT dead_letter_id FROM picloud.dead_letters WHERE app_id = $1 LIMIT 1", &[&t.b])
+        .query_one(
+            "SELECT dead_letter_id FROM picloud.dead_letters WHERE app_id = $1 LIMIT 1",
+            &[&t.b],
+        )
         .unwrap()
         .get(0);
     // Guessing B's id under A finds nothing; under B's app it is refused.
-    expect(&a.get(&format!("/api/apps/{}/dead-letters/{b_letter}", t.a)), 404, Some("P0002"));
-    expect(&a.get(&format!("/api/apps/{}/dead-letters/{b_letter}", t.b)), 403, Some("42501"));
+    expect(
+        &a.get(&format!("/api/apps/{}/dead-letters/{b_letter}", t.a)),
+        404,
+        Some("P0002"),
+    );
+    expect(
+        &a.get(&format!("/api/apps/{}/dead-letters/{b_letter}", t.b)),
+        403,
+        Some("42501"),
+    );
 
-    let resolve = |id: &str, resolution: &str| a.post(&format!("/api/apps/{}/dead-letters/{id}/resolve", t.a), json!({"resolution": resolution}));
+    let resolve = |id: &str, resolution: &str| {
+        a.post(
+            &format!("/api/apps/{}/dead-letters/{id}/resolve", t.a),
+            json!({"resolution": resolution}),
+        )
+    };
     expect(&resolve(&first, "forgotten"), 422, Some("23514"));
-    expect(&a.post(&format!("/api/apps/{}/dead-letters/{first}/resolve", t.a), json!({})), 422, Some("22P02"));
-    let refused = a.post_without_csrf(&format!("/api/apps/{}/dead-letters/{first}/resolve", t.a), json!({"resolution": "ignored"}));
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/dead-letters/{first}/resolve", t.a),
+            json!({}),
+        ),
+        422,
+        Some("22P02"),
+    );
+    let refused = a.post_without_csrf(
+        &format!("/api/apps/{}/dead-letters/{first}/resolve", t.a),
+        json!({"resolution": "ignored"}),
+    );
     expect(&refused, 403, None);
     assert_eq!(refused.code(), Some("csrf_token_invalid"));
     let mut wrong_token = ApiClient::signed_in(&base, "admin_a");
     wrong_token.csrf = a.csrf.as_ref().map(|t| format!("{t}x"));
-    expect(&wrong_token.post(&format!("/api/apps/{}/dead-letters/{first}/replay", t.a), json!({})), 403, None);
-    assert_eq!(count_as(&cluster, "admin_a", t.a), 120, "refused requests change nothing");
+    expect(
+        &wrong_token.post(
+            &format!("/api/apps/{}/dead-letters/{first}/replay", t.a),
+            json!({}),
+        ),
+        403,
+        None,
+    );
+    assert_eq!(
+        count_as(&cluster, "admin_a", t.a),
+        120,
+        "refused requests change nothing"
+    );
     expect(&resolve(&first, "handled_by_script"), 200, None);
     expect(&resolve(&first, "ignored"), 409, Some("PC003"));
-    expect(&resolve(&Uuid::new_v4().to_string(), "ignored"), 404, Some("P0002"));
-    let second = list("").body["items"][0]["dead_letter_id"].as_str().unwrap().to_string();
-    let replayed = a.post(&format!("/api/apps/{}/dead-letters/{second}/replay", t.a), json!({}));
+    expect(
+        &resolve(&Uuid::new_v4().to_string(), "ignored"),
+        404,
+        Some("P0002"),
+    );
+    let second = list("").body["items"][0]["dead_letter_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let replayed = a.post(
+        &format!("/api/apps/{}/dead-letters/{second}/replay", t.a),
+        json!({}),
+    );
     expect(&replayed, 200, None);
     let event: Uuid = replayed.body["event_id"].as_str().unwrap().parse().unwrap();
-    assert_eq!(count(&mut su, &format!("SELECT count(*) FROM picloud.outbox WHERE event_id = '{event}'")), 1);
-    expect(&a.post(&format!("/api/apps/{}/dead-letters/{second}/replay", t.a), json!({})), 409, Some("PC003"));
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM picloud.outbox WHERE event_id = '{event}'")
+        ),
+        1
+    );
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/dead-letters/{second}/replay", t.a),
+            json!({}),
+        ),
+        409,
+        Some("PC003"),
+    );
     let orphan: Uuid = su
         .query_one(
             "INSERT INTO picloud.dead_letters (app_id, original_event_id, source, op, payload, attempt_count, last_error)
@@ -230,7 +393,14 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
         )
         .unwrap()
         .get(0);
-    expect(&a.post(&format!("/api/apps/{}/dead-letters/{orphan}/replay", t.a), json!({})), 422, Some("22023"));
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/dead-letters/{orphan}/replay", t.a),
+            json!({}),
+        ),
+        422,
+        Some("22023"),
+    );
     expect(&resolve(&orphan.to_string(), "ignored"), 200, None);
     assert_eq!(count_as(&cluster, "admin_a", t.a), 118);
     let all = list("status=all");
@@ -247,43 +417,139 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     expect(&applied, 200, None);
     assert_eq!(applied.body["count"], json!(10));
     assert_eq!(count_as(&cluster, "admin_a", t.a), 108);
-    expect(&bulk(json!({"resolution": "lost", "dry_run": true})), 422, Some("23514"));
+    expect(
+        &bulk(json!({"resolution": "lost", "dry_run": true})),
+        422,
+        Some("23514"),
+    );
     expect(&bulk(json!({"dry_run": true})), 422, Some("22P02"));
-    expect(&bulk(json!({"resolution": "ignored", "limit": 0})), 422, Some("22P02"));
-    expect(&bulk(json!({"resolution": "ignored", "dry_run": "maybe"})), 422, Some("22P02"));
-    expect(&a.post(&format!("/api/apps/{}/dead-letters/resolve", t.b), json!({"resolution": "ignored"})), 403, Some("42501"));
-    expect(&a.post(&format!("/api/apps/{}/dead-letters/resolve", Uuid::new_v4()), json!({"resolution": "ignored"})), 403, Some("42501"));
+    expect(
+        &bulk(json!({"resolution": "ignored", "limit": 0})),
+        422,
+        Some("22P02"),
+    );
+    expect(
+        &bulk(json!({"resolution": "ignored", "dry_run": "maybe"})),
+        422,
+        Some("22P02"),
+    );
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/dead-letters/resolve", t.b),
+            json!({"resolution": "ignored"}),
+        ),
+        403,
+        Some("42501"),
+    );
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/dead-letters/resolve", Uuid::new_v4()),
+            json!({"resolution": "ignored"}),
+        ),
+        403,
+        Some("42501"),
+    );
     let owner = ApiClient::signed_in(&base, "owner_o");
-    expect(&owner.post(&format!("/api/apps/{}/dead-letters/resolve", Uuid::new_v4()), json!({"resolution": "ignored"})), 404, Some("P0002"));
+    expect(
+        &owner.post(
+            &format!("/api/apps/{}/dead-letters/resolve", Uuid::new_v4()),
+            json!({"resolution": "ignored"}),
+        ),
+        404,
+        Some("P0002"),
+    );
 
     // The outbox: due, retrying, scheduled.
     su.execute("SELECT picloud_enqueue($1, 'queue', 'later', '{}', $2, p_run_at => now() + interval '1 hour')", &[&t.a, &t.script_a]).unwrap();
-    su.execute("SELECT picloud_enqueue($1, 'queue', 'again', '{}', $2)", &[&t.a, &t.script_a]).unwrap();
-    su.execute("UPDATE picloud.outbox SET attempt_count = 1, last_error = 'boom' WHERE op = 'again'", &[]).unwrap();
+    su.execute(
+        "SELECT picloud_enqueue($1, 'queue', 'again', '{}', $2)",
+        &[&t.a, &t.script_a],
+    )
+    .unwrap();
+    su.execute(
+        "UPDATE picloud.outbox SET attempt_count = 1, last_error = 'boom' WHERE op = 'again'",
+        &[],
+    )
+    .unwrap();
     let outbox = a.get(&format!("/api/apps/{}/outbox", t.a));
     expect(&outbox, 200, None);
-    assert_eq!(outbox.body["counts"], json!({"claimed": 0, "due": 1, "retrying": 1, "scheduled": 1}));
+    assert_eq!(
+        outbox.body["counts"],
+        json!({"claimed": 0, "due": 1, "retrying": 1, "scheduled": 1})
+    );
     assert_eq!(outbox.body["events"].as_array().unwrap().len(), 3);
     let retrying = a.get(&format!("/api/apps/{}/outbox?state=retrying", t.a));
     assert_eq!(retrying.body["events"][0]["last_error"], "boom");
-    expect(&a.get(&format!("/api/apps/{}/outbox?state=lost", t.a)), 422, Some("22P02"));
-    expect(&a.get(&format!("/api/apps/{}/outbox?limit=0", t.a)), 422, Some("22P02"));
-    expect(&a.get(&format!("/api/apps/{}/outbox", t.b)), 403, Some("42501"));
+    expect(
+        &a.get(&format!("/api/apps/{}/outbox?state=lost", t.a)),
+        422,
+        Some("22P02"),
+    );
+    expect(
+        &a.get(&format!("/api/apps/{}/outbox?limit=0", t.a)),
+        422,
+        Some("22P02"),
+    );
+    expect(
+        &a.get(&format!("/api/apps/{}/outbox", t.b)),
+        403,
+        Some("42501"),
+    );
 
     // Triggers and handlers.
     let triggers = a.get(&format!("/api/apps/{}/triggers", t.a));
     expect(&triggers, 200, None);
-    assert_eq!(triggers.body["triggers"][0]["trigger_id"], json!(t.trigger_a.to_string()));
+    assert_eq!(
+        triggers.body["triggers"][0]["trigger_id"],
+        json!(t.trigger_a.to_string())
+    );
     assert_eq!(triggers.body["triggers"][0]["enabled"], json!(true));
-    expect(&a.post(&format!("/api/apps/{}/triggers/{}/disable", t.a, t.trigger_a), json!({})), 200, None);
-    assert_eq!(a.get(&format!("/api/apps/{}/triggers", t.a)).body["triggers"][0]["enabled"], json!(false));
-    expect(&a.post(&format!("/api/apps/{}/triggers/{}/enable", t.a, t.trigger_a), json!({})), 200, None);
-    assert_eq!(a.get(&format!("/api/apps/{}/triggers", t.a)).body["triggers"][0]["enabled"], json!(true));
-    expect(&a.post(&format!("/api/apps/{}/triggers/{}/enable", t.a, Uuid::new_v4()), json!({})), 404, Some("P0002"));
-    expect(&a.post_without_csrf(&format!("/api/apps/{}/triggers/{}/disable", t.a, t.trigger_a), json!({})), 403, None);
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/triggers/{}/disable", t.a, t.trigger_a),
+            json!({}),
+        ),
+        200,
+        None,
+    );
+    assert_eq!(
+        a.get(&format!("/api/apps/{}/triggers", t.a)).body["triggers"][0]["enabled"],
+        json!(false)
+    );
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/triggers/{}/enable", t.a, t.trigger_a),
+            json!({}),
+        ),
+        200,
+        None,
+    );
+    assert_eq!(
+        a.get(&format!("/api/apps/{}/triggers", t.a)).body["triggers"][0]["enabled"],
+        json!(true)
+    );
+    expect(
+        &a.post(
+            &format!("/api/apps/{}/triggers/{}/enable", t.a, Uuid::new_v4()),
+            json!({}),
+        ),
+        404,
+        Some("P0002"),
+    );
+    expect(
+        &a.post_without_csrf(
+            &format!("/api/apps/{}/triggers/{}/disable", t.a, t.trigger_a),
+            json!({}),
+        ),
+        403,
+        None,
+    );
     let handlers = a.get(&format!("/api/apps/{}/handlers", t.a));
     expect(&handlers, 200, None);
-    assert_eq!(handlers.body["handlers"][0]["script_id"], json!(t.script_a.to_string()));
+    assert_eq!(
+        handlers.body["handlers"][0]["script_id"],
+        json!(t.script_a.to_string())
+    );
 
     // Stats.
     su.execute(
@@ -297,8 +563,16 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     assert_eq!(stats.body["per_minute"].as_array().unwrap().len(), 30);
     assert_eq!(stats.body["per_minute"][29]["completed"], json!(7));
     assert_eq!(stats.body["per_minute"][29]["dead_lettered"], json!(2));
-    expect(&a.get(&format!("/api/apps/{}/stats?minutes=0", t.a)), 422, Some("22P02"));
-    expect(&a.get(&format!("/api/apps/{}/stats", t.b)), 403, Some("42501"));
+    expect(
+        &a.get(&format!("/api/apps/{}/stats?minutes=0", t.a)),
+        422,
+        Some("22P02"),
+    );
+    expect(
+        &a.get(&format!("/api/apps/{}/stats", t.b)),
+        403,
+        Some("42501"),
+    );
 
     // A producer of A and the admin of B see none of A's dead letters.
     let p = ApiClient::signed_in(&base, "producer_a");
@@ -306,11 +580,18 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     assert_eq!(p_apps.body["apps"][0]["app_id"], json!(t.a.to_string()));
     assert_eq!(p_apps.body["apps"][0]["unresolved"], Value::Null);
     let some_a: String = su
-        .query_one("SELECT dead_letter_id::text FROM picloud.dead_letters WHERE app_id = $1 LIMIT 1", &[&t.a])
+        .query_one(
+            "SELECT dead_letter_id::text FROM picloud.dead_letters WHERE app_id = $1 LIMIT 1",
+            &[&t.a],
+        )
         .unwrap()
         .get(0);
     let b_admin = ApiClient::signed_in(&base, "admin_b");
-    assert!(b_admin.get("/api/apps").body["apps"].as_array().unwrap().iter().all(|x| x["app_id"] != json!(t.a.to_string())));
+    assert!(b_admin.get("/api/apps").body["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["app_id"] != json!(t.a.to_string())));
     for (who, client) in [("producer_a", &p), ("admin_b", &b_admin)] {
         for path in [
             format!("/api/apps/{}/dead-letters", t.a),
@@ -323,8 +604,15 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
             format!("/api/apps/{}/stats", t.a),
         ] {
             let answer = client.get(&path);
-            assert_eq!((answer.status, answer.sqlstate()), (403, Some("42501")), "{who} {path}: {answer:?}");
-            assert!(!answer.body.to_string().contains(&some_a), "{who} {path} leaks");
+            assert_eq!(
+                (answer.status, answer.sqlstate()),
+                (403, Some("42501")),
+                "{who} {path}: {answer:?}"
+            );
+            assert!(
+                !answer.body.to_string().contains(&some_a),
+                "{who} {path} leaks"
+            );
         }
         for path in [
             format!("/api/apps/{}/dead-letters/{some_a}/replay", t.a),
@@ -332,29 +620,70 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
             format!("/api/apps/{}/triggers/{}/disable", t.a, t.trigger_a),
         ] {
             let answer = client.post(&path, json!({"resolution": "ignored"}));
-            assert_eq!((answer.status, answer.sqlstate()), (403, Some("42501")), "{who} {path}: {answer:?}");
+            assert_eq!(
+                (answer.status, answer.sqlstate()),
+                (403, Some("42501")),
+                "{who} {path}: {answer:?}"
+            );
         }
     }
     // admin_b guessing A's id under its own app finds nothing.
-    expect(&b_admin.get(&format!("/api/apps/{}/dead-letters/{some_a}", t.b)), 404, Some("P0002"));
-    let b_list = b_admin.get(&format!("/api/apps/{}/dead-letters?status=all&limit=500", t.b));
-    assert!(b_list.body["items"].as_array().unwrap().iter().all(|x| x["dead_letter_id"] != json!(some_a)));
-    assert_eq!(count_as(&cluster, "admin_a", t.a), 108, "nothing the others tried changed anything");
+    expect(
+        &b_admin.get(&format!("/api/apps/{}/dead-letters/{some_a}", t.b)),
+        404,
+        Some("P0002"),
+    );
+    let b_list = b_admin.get(&format!(
+        "/api/apps/{}/dead-letters?status=all&limit=500",
+        t.b
+    ));
+    assert!(b_list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["dead_letter_id"] != json!(some_a)));
+    assert_eq!(
+        count_as(&cluster, "admin_a", t.a),
+        108,
+        "nothing the others tried changed anything"
+    );
     // The owner sees both apps.
-    assert_eq!(owner.get("/api/apps").body["apps"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        owner.get("/api/apps").body["apps"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     // Badges count up to 1000 ("1000+"); the exact count is its own request.
     dead_letters(&mut su, t.b, t.script_b, None, 1001);
     let b_apps = b_admin.get("/api/apps");
     assert_eq!(b_apps.body["apps"][0]["unresolved"], json!(1000));
     assert_eq!(b_apps.body["apps"][0]["unresolved_more"], json!(true));
-    assert_eq!(a.get("/api/apps").body["apps"][0]["unresolved_more"], json!(false));
-    assert_eq!(b_admin.get(&format!("/api/apps/{}/dead-letters/count", t.b)).body["unresolved"], json!(1006));
+    assert_eq!(
+        a.get("/api/apps").body["apps"][0]["unresolved_more"],
+        json!(false)
+    );
+    assert_eq!(
+        b_admin
+            .get(&format!("/api/apps/{}/dead-letters/count", t.b))
+            .body["unresolved"],
+        json!(1006)
+    );
     let (_, page) = b_admin.get_text(&format!("/apps/{}", t.b));
     assert!(page.contains(">1000+</span>"), "{page}");
 
     // Signing out needs the token too, and ends the session.
     // A cross-site form cannot sign anyone in: sign-in takes JSON only.
-    assert_eq!(ApiClient::new(&base).post_form("/api/session", &[("role", "admin_a"), ("password", PASSWORD)]).0, 415);
+    assert_eq!(
+        ApiClient::new(&base)
+            .post_form(
+                "/api/session",
+                &[("role", "admin_a"), ("password", PASSWORD)]
+            )
+            .0,
+        415
+    );
     let mut no_token = ApiClient::signed_in(&base, "admin_a");
     no_token.csrf = None;
     expect(&no_token.delete("/api/session"), 403, None);
@@ -362,18 +691,29 @@ fn api_every_endpoint_answers_with_its_status_and_sqlstate() {
     expect(&a.get("/api/apps"), 401, None);
     expect(&a.get("/api/nothing"), 404, None);
     let log = console.log();
-    assert!(log.contains("signed in") && log.contains("replayed a dead letter"), "{log}");
+    assert!(
+        log.contains("signed in") && log.contains("replayed a dead letter"),
+        "{log}"
+    );
     assert!(!log.contains(PASSWORD), "the password must never be logged");
-    for secret in [a.csrf.clone().unwrap(), cookie.trim_start_matches("picloud_session=").to_string()] {
+    for secret in [
+        a.csrf.clone().unwrap(),
+        cookie.trim_start_matches("picloud_session=").to_string(),
+    ] {
         assert!(!log.contains(&secret), "a session secret in the log");
     }
 }
 
 #[test]
-fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_and_postgres_tls_is_negotiated() {
+fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_and_postgres_tls_is_negotiated(
+) {
     let cluster = ScramCluster::start("console-guard", 55482);
     cluster.create_role("admin_a");
-    let console = Console::start(&cluster.url(), 55483, &["--probe-role", "admin_a", "--login-per-minute", "3"]);
+    let console = Console::start(
+        &cluster.url(),
+        55483,
+        &["--probe-role", "admin_a", "--login-per-minute", "3"],
+    );
     let mut client = ApiClient::new(&console.base);
     for _ in 0..3 {
         expect(&client.sign_in("admin_a", "wrong"), 401, Some("28P01"));
@@ -383,14 +723,27 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     assert_eq!(limited.code(), Some("too_many_sign_ins"));
 
     // postgres is trusted by this cluster's pg_hba.conf: a wrong password lets it in.
-    let mut refused = Console::spawn(&cluster.url(), "0.0.0.0:55484", &["--probe-role", "postgres"]);
-    let status = refused.exited_within(Duration::from_secs(20)).expect("the console refuses to start");
+    let mut refused = Console::spawn(
+        &cluster.url(),
+        "0.0.0.0:55484",
+        &["--probe-role", "postgres"],
+    );
+    let status = refused
+        .exited_within(Duration::from_secs(20))
+        .expect("the console refuses to start");
     assert_eq!(status.code(), Some(2));
     let log = refused.log();
-    assert!(log.contains("refusing to listen on 0.0.0.0:55484") && log.contains("wrong password"), "{log}");
+    assert!(
+        log.contains("refusing to listen on 0.0.0.0:55484") && log.contains("wrong password"),
+        "{log}"
+    );
     // On loopback it starts, and says why it stays there.
     let trusting = Console::start(&cluster.url(), 55485, &["--probe-role", "postgres"]);
-    assert!(trusting.log().contains("loopback only"), "{}", trusting.log());
+    assert!(
+        trusting.log().contains("loopback only"),
+        "{}",
+        trusting.log()
+    );
     drop(trusting);
 
     // https with rustls: the session cookie is then Secure too. (55484 was never bound: the
@@ -405,13 +758,24 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     let https = Console::start(
         &cluster.url(),
         55484,
-        &["--probe-role", "admin_a", "--console-tls-cert", &cert_path, "--console-tls-key", &key_path],
+        &[
+            "--probe-role",
+            "admin_a",
+            "--console-tls-cert",
+            &cert_path,
+            "--console-tls-key",
+            &key_path,
+        ],
     );
     assert!(https.base.starts_with("https://"));
     let mut client = ApiClient::new(&https.base);
     let answer = client.sign_in("admin_a", PASSWORD);
     expect(&answer, 200, None);
-    assert!(answer.set_cookie.join(";").contains("Secure"), "{:?}", answer.set_cookie);
+    assert!(
+        answer.set_cookie.join(";").contains("Secure"),
+        "{:?}",
+        answer.set_cookie
+    );
     expect(&client.get("/api/session"), 200, None);
     // A role without rights in picloud is refused by Postgres itself.
     expect(&client.get("/api/apps"), 403, Some("42501"));
@@ -421,8 +785,16 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     for (name, text) in [("server.crt", pg_cert), ("server.key", pg_key)] {
         let path = cluster.data_dir().join(name);
         std::fs::write(&path, text).unwrap();
-        std::process::Command::new("chown").arg("postgres:postgres").arg(&path).status().unwrap();
-        std::process::Command::new("chmod").arg("600").arg(&path).status().unwrap();
+        std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&path)
+            .status()
+            .unwrap();
+        std::process::Command::new("chmod")
+            .arg("600")
+            .arg(&path)
+            .status()
+            .unwrap();
     }
     let mut su = cluster.superuser();
     su.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
@@ -449,13 +821,19 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     assert!(encrypted, "the session's connection is encrypted");
     drop(over_tls);
     // Without TLS the same role is turned away by the database, and the console says so.
-    let plain = Console::start(&format!("{url} sslmode=disable"), 55485, &["--probe-role", "admin_a"]);
+    let plain = Console::start(
+        &format!("{url} sslmode=disable"),
+        55485,
+        &["--probe-role", "admin_a"],
+    );
     let mut client = ApiClient::new(&plain.base);
     expect(&client.sign_in("admin_a", PASSWORD), 401, Some("28000"));
     drop(plain);
 
     // Plain http to the https port gets no answer the client could use.
-    assert!(reqwest::blocking::get("http://127.0.0.1:55484/api/apps").map(|r| r.status().is_success()).unwrap_or(false) == false);
+    assert!(!reqwest::blocking::get("http://127.0.0.1:55484/api/apps")
+        .map(|r| r.status().is_success())
+        .unwrap_or(false));
 }
 
 /// Waits until `sql` (a count) reaches `n`.
@@ -500,7 +878,14 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
         )
         .unwrap();
     // The handler refuses every order: all six end in the dead letters.
-    wait_count(&mut su, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{}'", t.a), 6);
+    wait_count(
+        &mut su,
+        &format!(
+            "SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{}'",
+            t.a
+        ),
+        6,
+    );
     let letter = |su: &mut postgres::Client, order: i32| -> Uuid {
         su.query_one(
             "SELECT dead_letter_id FROM picloud.dead_letters WHERE app_id = $1 AND (payload->>'order')::int = $2",
@@ -512,19 +897,33 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
     let hostile = letter(&mut su, 6);
     let first = letter(&mut su, 1);
 
-    let console = Console::start(&cluster.url(), 55487, &["--probe-role", "admin_a", "--login-per-minute", "1000"]);
+    let console = Console::start(
+        &cluster.url(),
+        55487,
+        &["--probe-role", "admin_a", "--login-per-minute", "1000"],
+    );
     let driver = Chromedriver::start(55488);
 
     // Sign in as A's admin: the badge is picloud_dead_letter_count.
     let browser = Browser::open(&driver, &console.base);
     browser.sign_in("admin_a", "wrong password");
-    assert!(browser.text("#login-error").contains("wrong"), "{}", browser.source());
+    assert!(
+        browser.text("#login-error").contains("wrong"),
+        "{}",
+        browser.source()
+    );
     browser.sign_in("admin_a", PASSWORD);
     assert_eq!(browser.path(), "/apps");
     let badge = format!("#badge-{}", t.a);
-    assert_eq!(browser.text(&badge), count_as(&cluster, "admin_a", t.a).to_string());
+    assert_eq!(
+        browser.text(&badge),
+        count_as(&cluster, "admin_a", t.a).to_string()
+    );
     assert_eq!(browser.text(&badge), "6");
-    assert!(!browser.exists(&format!("#badge-{}", t.b)), "B is not A's admin's to see");
+    assert!(
+        !browser.exists(&format!("#badge-{}", t.b)),
+        "B is not A's admin's to see"
+    );
     browser.screenshot("apps.png");
 
     // The app's dead letters, grouped, with the list below.
@@ -535,7 +934,13 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
 
     // A payload with markup is shown as text, and nothing of it runs.
     browser.goto(&format!("/apps/{}/dead-letters/{hostile}", t.a));
-    assert!(browser.text("#payload").contains(r#"<script>document.title=\"pwned\"</script><img src=x onerror=alert(1)>"#), "{}", browser.text("#payload"));
+    assert!(
+        browser
+            .text("#payload")
+            .contains(r#"<script>document.title=\"pwned\"</script><img src=x onerror=alert(1)>"#),
+        "{}",
+        browser.text("#payload")
+    );
     assert_eq!(browser.count("script"), 0);
     assert_eq!(browser.count("#payload img"), 0);
     assert!(browser.source().contains("&lt;script&gt;"));
@@ -544,25 +949,50 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
 
     // A state-changing request without the CSRF token is refused and changes nothing.
     let mut http = ApiClient::signed_in(&console.base, "admin_a");
-    let (status, body) = http.post_form(&format!("/apps/{}/dead-letters/{first}/resolve", t.a), &[("resolution", "ignored")]);
+    let (status, body) = http.post_form(
+        &format!("/apps/{}/dead-letters/{first}/resolve", t.a),
+        &[("resolution", "ignored")],
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("CSRF"), "{body}");
-    let (status, _) = http.post_form(&format!("/apps/{}/dead-letters/{first}/replay", t.a), &[("csrf", "guessed")]);
+    let (status, _) = http.post_form(
+        &format!("/apps/{}/dead-letters/{first}/replay", t.a),
+        &[("csrf", "guessed")],
+    );
     assert_eq!(status, 403);
     http.csrf = None;
-    expect(&http.post(&format!("/api/apps/{}/dead-letters/{first}/replay", t.a), json!({})), 403, None);
+    expect(
+        &http.post(
+            &format!("/api/apps/{}/dead-letters/{first}/replay", t.a),
+            json!({}),
+        ),
+        403,
+        None,
+    );
     assert_eq!(count_as(&cluster, "admin_a", t.a), 6);
 
     // Replay one after the fault is fixed: the handler's effect lands and the badge drops.
     su.batch_execute("UPDATE switch SET ok = true").unwrap();
     browser.goto(&format!("/apps/{}/dead-letters/{first}", t.a));
     browser.click("#replay");
-    assert!(browser.path().ends_with("/confirm?action=replay"), "{}", browser.path());
+    assert!(
+        browser.path().ends_with("/confirm?action=replay"),
+        "{}",
+        browser.path()
+    );
     browser.screenshot("confirm.png");
     browser.click("#confirm");
-    assert!(browser.text("#notice").contains("Replayed"), "{}", browser.source());
+    assert!(
+        browser.text("#notice").contains("Replayed"),
+        "{}",
+        browser.source()
+    );
     assert!(browser.text("#status").contains("replayed"));
-    wait_count(&mut su, "SELECT count(*) FROM effects WHERE payload->>'order' = '1'", 1);
+    wait_count(
+        &mut su,
+        "SELECT count(*) FROM effects WHERE payload->>'order' = '1'",
+        1,
+    );
     browser.goto("/apps");
     assert_eq!(browser.text(&badge), "5");
     assert_eq!(count_as(&cluster, "admin_a", t.a), 5);
@@ -572,12 +1002,28 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
     browser.select("#bulk-resolution", "ignored");
     browser.fill("#bulk-error-contains", "refused order");
     browser.click("#dry-run");
-    assert!(browser.text("#dry-run-summary").contains("5 dead letter(s) would be resolved as ignored"), "{}", browser.source());
+    assert!(
+        browser
+            .text("#dry-run-summary")
+            .contains("5 dead letter(s) would be resolved as ignored"),
+        "{}",
+        browser.source()
+    );
     assert_eq!(browser.count("#bulk-rows tbody tr"), 5);
-    assert_eq!(count_as(&cluster, "admin_a", t.a), 5, "a dry run changes nothing");
+    assert_eq!(
+        count_as(&cluster, "admin_a", t.a),
+        5,
+        "a dry run changes nothing"
+    );
     browser.screenshot("bulk-dry-run.png");
     browser.click("#apply");
-    assert!(browser.text("#applied-summary").contains("5 dead letter(s) resolved as ignored"), "{}", browser.source());
+    assert!(
+        browser
+            .text("#applied-summary")
+            .contains("5 dead letter(s) resolved as ignored"),
+        "{}",
+        browser.source()
+    );
     assert_eq!(count_as(&cluster, "admin_a", t.a), 0);
     assert_eq!(
         count(&mut su, &format!("SELECT count(*) FROM picloud.dead_letters WHERE app_id = '{}' AND resolution = 'ignored'", t.a)),
@@ -601,12 +1047,19 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
     browser.screenshot("outbox.png");
     browser.goto(&format!("/apps/{}/stats", t.a));
     assert_eq!(browser.count("#chart polyline"), 3);
-    assert!(browser.body_text().contains("dead-lettered 6"), "{}", browser.body_text());
+    assert!(
+        browser.body_text().contains("dead-lettered 6"),
+        "{}",
+        browser.body_text()
+    );
     browser.screenshot("stats.png");
     browser.goto(&format!("/apps/{}/triggers", t.a));
     browser.click("#triggers button");
     let enabled: bool = su
-        .query_one("SELECT enabled FROM picloud.triggers WHERE trigger_id = $1", &[&t.trigger_a])
+        .query_one(
+            "SELECT enabled FROM picloud.triggers WHERE trigger_id = $1",
+            &[&t.trigger_a],
+        )
         .unwrap()
         .get(0);
     assert!(!enabled, "the Disable button disabled the trigger");
@@ -637,21 +1090,45 @@ fn browser_an_admin_replays_and_bulk_resolves_and_other_tenants_see_nothing() {
         for path in &guesses {
             b.goto(path);
             let source = b.source();
-            assert!(b.text("#error-sqlstate") == "42501", "{role} {path}: {source}");
-            for secret in [hostile.to_string(), first.to_string(), "refused order".to_string()] {
+            assert!(
+                b.text("#error-sqlstate") == "42501",
+                "{role} {path}: {source}"
+            );
+            for secret in [
+                hostile.to_string(),
+                first.to_string(),
+                "refused order".to_string(),
+            ] {
                 assert!(!source.contains(&secret), "{role} {path} shows {secret}");
             }
         }
         let api = ApiClient::signed_in(&console.base, role);
-        expect(&api.get(&format!("/api/apps/{}/dead-letters?status=all", t.a)), 403, Some("42501"));
-        expect(&api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.a)), 403, Some("42501"));
+        expect(
+            &api.get(&format!("/api/apps/{}/dead-letters?status=all", t.a)),
+            403,
+            Some("42501"),
+        );
+        expect(
+            &api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.a)),
+            403,
+            Some("42501"),
+        );
         if role == "admin_b" {
             b.goto(&format!("/apps/{}/dead-letters/{hostile}", t.b));
             assert_eq!(b.text("#error-sqlstate"), "P0002");
             assert!(!b.source().contains("pwned"));
-            expect(&api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.b)), 404, Some("P0002"));
+            expect(
+                &api.get(&format!("/api/apps/{}/dead-letters/{hostile}", t.b)),
+                404,
+                Some("P0002"),
+            );
         } else {
-            assert!(b.body_text().contains("not yours to see") || { b.goto("/apps"); b.body_text().contains("not yours to see") });
+            assert!(
+                b.body_text().contains("not yours to see") || {
+                    b.goto("/apps");
+                    b.body_text().contains("not yours to see")
+                }
+            );
         }
     }
 }

@@ -210,7 +210,6 @@ fn a_postgres_crash_loses_no_tick_under_all_and_fires_once_under_last() {
     let all = trigger("all");
     let last = trigger("last");
     let none = trigger("none");
-    drop(trigger);
     // No supervisor: the ticks stay in the outbox, where they are counted.
     std::thread::sleep(Duration::from_secs(3));
     drop(c);
@@ -288,7 +287,6 @@ fn catch_up_none_skips_ticks_older_than_its_grace() {
     let none = trigger("none");
     let all = trigger("all");
     let last = trigger("last");
-    drop(trigger);
     // As if the housekeeper had been away for an hour: the next tick an hour ago.
     c.execute(
         "UPDATE picloud.cron_trigger_details SET next_fire_at = date_trunc('minute', now()) - interval '60 minutes'

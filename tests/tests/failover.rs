@@ -376,7 +376,7 @@ fn produce(url: &str, app: Uuid, script: Uuid, producer: usize, stop: &AtomicBoo
             app,
             script,
             &payload,
-            n % 7 == 0,
+            n.is_multiple_of(7),
             &mut produced,
         ) {
             open = None;

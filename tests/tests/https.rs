@@ -245,7 +245,10 @@ fn https_deliveries_are_signed_checked_and_never_redirected() {
     assert_eq!(request["headers"]["picloud-event-id"], first.to_string());
     let body: Value = serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["event_id"], first.to_string());
-    assert_eq!(verified_signatures(request, &[secret.clone()]), 1);
+    assert_eq!(
+        verified_signatures(request, std::slice::from_ref(&secret)),
+        1
+    );
     assert!(eventually(Duration::from_secs(10), || count(
         &mut c,
         "SELECT count(*) FROM picloud.outbox"

@@ -15,16 +15,33 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let port: u16 = std::env::var("PICLOUD_CONSOLE_BENCH_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(55480);
-    let n: i32 = std::env::var("BENCH_DEAD_LETTERS").ok().and_then(|p| p.parse().ok()).unwrap_or(1_000_000);
+    let port: u16 = std::env::var("PICLOUD_CONSOLE_BENCH_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(55480);
+    let n: i32 = std::env::var("BENCH_DEAD_LETTERS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1_000_000);
     let cluster = ScramCluster::start("console-bench", port);
     cluster.create_role("bench_admin");
     let mut su = cluster.superuser();
-    let app: uuid::Uuid = su.query_one("SELECT picloud_create_app('bench')", &[]).unwrap().get(0);
-    su.execute("SELECT picloud_grant_app_role($1, 'bench_admin', 'admin')", &[&app]).unwrap();
-    su.batch_execute("CREATE FUNCTION bench_noop(e jsonb) RETURNS void LANGUAGE sql AS 'SELECT'").unwrap();
+    let app: uuid::Uuid = su
+        .query_one("SELECT picloud_create_app('bench')", &[])
+        .unwrap()
+        .get(0);
+    su.execute(
+        "SELECT picloud_grant_app_role($1, 'bench_admin', 'admin')",
+        &[&app],
+    )
+    .unwrap();
+    su.batch_execute("CREATE FUNCTION bench_noop(e jsonb) RETURNS void LANGUAGE sql AS 'SELECT'")
+        .unwrap();
     let script: uuid::Uuid = su
-        .query_one("SELECT picloud_create_script($1, 'noop', 'sql', 'bench_noop')", &[&app])
+        .query_one(
+            "SELECT picloud_create_script($1, 'noop', 'sql', 'bench_noop')",
+            &[&app],
+        )
         .unwrap()
         .get(0);
     let start = Instant::now();
@@ -37,8 +54,12 @@ fn main() {
         &[&app, &script, &n],
     )
     .unwrap();
-    su.batch_execute("VACUUM ANALYZE picloud.dead_letters").unwrap();
-    eprintln!("{n} dead letters inserted and analyzed in {:.1} s", start.elapsed().as_secs_f64());
+    su.batch_execute("VACUUM ANALYZE picloud.dead_letters")
+        .unwrap();
+    eprintln!(
+        "{n} dead letters inserted and analyzed in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
 
     let console = Console::start(&cluster.url(), port + 1, &["--probe-role", "bench_admin"]);
     let client = ApiClient::signed_in(&console.base, "bench_admin");
@@ -53,14 +74,38 @@ fn main() {
         .unwrap()
         .get(0);
     let cases = [
-        ("API list, page 1", format!("/api/apps/{app}/dead-letters?limit=50")),
-        ("API list, page 500", format!("/api/apps/{app}/dead-letters?limit=50&after={cursor}")),
-        ("page list, page 1", format!("/apps/{app}/dead-letters?limit=50")),
-        ("page list, page 500", format!("/apps/{app}/dead-letters?limit=50&after={cursor}")),
-        ("API exact count (picloud_dead_letter_count)", format!("/api/apps/{app}/dead-letters/count")),
-        ("API apps with badges (capped at 1000)", "/api/apps".to_string()),
-        ("API groups (newest 10,000 unresolved)", format!("/api/apps/{app}/dead-letters/groups")),
-        ("page app overview (groups + page 1)", format!("/apps/{app}")),
+        (
+            "API list, page 1",
+            format!("/api/apps/{app}/dead-letters?limit=50"),
+        ),
+        (
+            "API list, page 500",
+            format!("/api/apps/{app}/dead-letters?limit=50&after={cursor}"),
+        ),
+        (
+            "page list, page 1",
+            format!("/apps/{app}/dead-letters?limit=50"),
+        ),
+        (
+            "page list, page 500",
+            format!("/apps/{app}/dead-letters?limit=50&after={cursor}"),
+        ),
+        (
+            "API exact count (picloud_dead_letter_count)",
+            format!("/api/apps/{app}/dead-letters/count"),
+        ),
+        (
+            "API apps with badges (capped at 1000)",
+            "/api/apps".to_string(),
+        ),
+        (
+            "API groups (newest 10,000 unresolved)",
+            format!("/api/apps/{app}/dead-letters/groups"),
+        ),
+        (
+            "page app overview (groups + page 1)",
+            format!("/apps/{app}"),
+        ),
     ];
     println!("| case | requests | server p50 | server p99 | server max | round trip p99 |");
     println!("|---|---|---|---|---|---|");
