@@ -233,7 +233,7 @@ mod tests {
                  picloud.picloud_enqueue(app, 'kv', 'set', '{\"a\": 1}', script, p_depth => 2,
                      p_run_at => '2030-01-01 00:00+00') AS fast,
                  picloud._enqueue_general(app, 'kv', 'set', '{\"a\": 1}', script, NULL, 2,
-                     '2030-01-01 00:00+00', NULL, NULL) AS general
+                     '2030-01-01 00:00+00', NULL, NULL, NULL, NULL) AS general
              FROM fx",
         )
         .expect("both paths");
@@ -263,15 +263,16 @@ mod tests {
         let before = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
         let answers = Spi::get_one::<Vec<bool>>(
             "SELECT ARRAY[
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL) IS NOT NULL,
-                 picloud._enqueue_fast(app, 'kv', 'set', '{}', NULL, trig, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, 'key') IS NULL,
-                 picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL) IS NULL]
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NOT NULL,
+                 picloud._enqueue_fast(app, 'kv', 'set', '{}', NULL, trig, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, 'key', NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', NULL) IS NULL]
              FROM fx",
         );
-        assert_eq!(answers, Ok(Some(vec![true; 6])));
+        assert_eq!(answers, Ok(Some(vec![true; 7])));
         let after = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
         assert_eq!(after.ok().flatten(), before.ok().flatten().map(|n| n + 1));
         // The general path's errors keep their SQLSTATE (raised in PL/pgSQL, passed through

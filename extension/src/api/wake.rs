@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 /// duplicate notifications within a transaction.
 pub const WAKE_CHANNEL: &str = "picloud_wake";
 
-/// Databases tracked at once; beyond this, enqueues in further databases always notify.
+/// Databases tracked at once; a database that finds every slot taken by a fresh idle mark is
+/// untracked, and its enqueues always notify (see `IdleBoard::slot`).
 const DATABASE_SLOTS: usize = 64;
 
 /// How long an idle mark stays valid without being refreshed by another empty claim. Longer
@@ -50,7 +51,12 @@ impl IdleBoard {
         }
     }
 
-    /// The slot of a database; with `create`, takes a free slot for it if it has none.
+    /// The slot of a database; with `create`, takes a free slot for it if it has none, or
+    /// else one that holds no fresh idle mark. Slots are never given back (a database may be
+    /// dropped while its supervisors are busy), so without taking over, a cluster that has
+    /// seen more than `DATABASE_SLOTS` databases would leave every newer one untracked. The
+    /// database that loses its slot is untracked until its next claim takes one again, and an
+    /// untracked database's enqueues always notify: safe, only a little slower.
     fn slot(&self, database: u32, create: bool) -> Option<usize> {
         if let Some(slot) = self
             .database
@@ -68,6 +74,19 @@ impl IdleBoard {
                 // Another backend took this slot for the same database meanwhile.
                 Err(current) if current == database => return Some(slot),
                 Err(_) => {}
+            }
+        }
+        let now = now_ms();
+        for (slot, d) in self.database.iter().enumerate() {
+            let since = self.idle_since_ms[slot].load(Ordering::Acquire);
+            if since != 0 && now - since < IDLE_MARK_TTL_MS {
+                continue;
+            }
+            let holder = d.load(Ordering::Acquire);
+            if d.compare_exchange(holder, database, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Some(slot);
             }
         }
         None
@@ -170,9 +189,13 @@ pub fn picloud_supervisor_idle() -> bool {
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;
+    use std::sync::atomic::Ordering;
 
+    /// One test for the shared board, so that its steps never interleave with each other (the
+    /// pgrx tests share one database, hence one slot).
     #[pg_test]
-    fn claims_raise_and_lower_the_idle_flag() {
+    fn the_idle_board() {
+        // Claims raise and lower the idle flag.
         Spi::run("SELECT picloud._note_claim(0)").expect("empty claim");
         assert_eq!(
             Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
@@ -183,15 +206,55 @@ mod tests {
             Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
             Ok(Some(false))
         );
-    }
 
-    #[pg_test]
-    fn wake_at_commit_can_be_called_many_times_in_one_transaction() {
+        // _wake_at_commit may be called many times in one transaction.
         Spi::run("SELECT picloud._note_claim(0)").expect("empty claim");
         Spi::run("SELECT picloud._wake_at_commit() FROM generate_series(1, 1000)").expect("wake");
         assert_eq!(
             Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
             Ok(Some(true))
         );
+
+        // A full board gives this database a slot, taken from one without a fresh idle mark:
+        // every slot held by other (made-up) databases, busy but for one freshly idle.
+        let board = super::IDLE_BOARD.get();
+        let saved: Vec<(u32, i64)> = board
+            .database
+            .iter()
+            .zip(board.idle_since_ms.iter())
+            .map(|(d, since)| (d.load(Ordering::Acquire), since.load(Ordering::Acquire)))
+            .collect();
+        for (i, (d, since)) in board
+            .database
+            .iter()
+            .zip(board.idle_since_ms.iter())
+            .enumerate()
+        {
+            d.store(4_000_000_000 - i as u32, Ordering::Release);
+            since.store(if i == 0 { super::now_ms() } else { 0 }, Ordering::Release);
+        }
+        let here = super::current_database();
+        assert_eq!(board.slot(here, false), None);
+        let slot = board.slot(here, true);
+        assert!(slot.is_some_and(|slot| slot != 0), "{slot:?}");
+        assert_eq!(
+            board.slot(4_000_000_000, false),
+            Some(0),
+            "the fresh mark stays"
+        );
+        Spi::run("SELECT picloud._note_claim(0)").expect("empty claim");
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT picloud.picloud_supervisor_idle()"),
+            Ok(Some(true))
+        );
+        for ((d, since), (database, idle)) in board
+            .database
+            .iter()
+            .zip(board.idle_since_ms.iter())
+            .zip(saved)
+        {
+            d.store(database, Ordering::Release);
+            since.store(idle, Ordering::Release);
+        }
     }
 }

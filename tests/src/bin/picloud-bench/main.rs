@@ -27,7 +27,7 @@ mod report;
 mod setup;
 mod stats;
 
-use cases::{b1, cron, e1, e2, g1, l1, m1, p1, p1_http};
+use cases::{b1, cron, e1, e2, g1, l1, m1, o1, p1, p1_http};
 use config::{progress, Cfg, Res};
 use report::{text_table, write_results, Row};
 use serde_json::{json, Value};
@@ -101,6 +101,14 @@ fn main() {
             "P1",
             "processing",
             p1::bench_p1(&cfg, &main_db, &mut notes, &mut chart),
+            &mut rows,
+        );
+    }
+    if cfg.wants("O1") {
+        record(
+            "O1",
+            "ordered delivery",
+            o1::bench_o1(&cfg, &main_db, &mut notes),
             &mut rows,
         );
     }

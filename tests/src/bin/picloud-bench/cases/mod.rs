@@ -7,6 +7,7 @@ pub mod e2;
 pub mod g1;
 pub mod l1;
 pub mod m1;
+pub mod o1;
 pub mod p1;
 pub mod p1_http;
 
