@@ -265,8 +265,11 @@ CREATE TABLE picloud.key_blocks (
     dead_letter_id  uuid        NOT NULL,
     blocked_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT key_blocks_pkey PRIMARY KEY (app_id, ordering_key),
-    CONSTRAINT key_blocks_dead_letter_fkey FOREIGN KEY (app_id, dead_letter_id)
-        REFERENCES picloud.dead_letters (app_id, dead_letter_id) ON DELETE CASCADE
+    -- No foreign key to the dead letter: one would cost every deleted dead letter a lookup here
+    -- (the housekeeper deletes them by the million), and a resolved dead letter, the only kind
+    -- it deletes, has released its key already.
+    CONSTRAINT key_blocks_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
 );
 CREATE INDEX key_blocks_dead_letter_idx ON picloud.key_blocks (app_id, dead_letter_id);
 

@@ -107,9 +107,14 @@ $$;
 --      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
 --      behind a backlog of its own;
 --   2. then the oldest due events by due time, to fill the batch.
--- An event with an ordering key is taken only when no earlier event of its key is still in the
--- outbox (claimed, retrying or waiting) and the key is not blocked by a dead letter: one event
--- of a key runs at a time, in order. Those are left to claims, never to the sql lanes.
+-- Events with an ordering key take neither way: a key's events may only run one at a time, so
+-- most of a keyed backlog waits for its turn, and scanning it in due order would cost every
+-- claim the whole backlog. Instead each claim visits up to p_batch * 4 keys in key order
+-- (outbox_ordering_idx), from where this session's previous claim stopped (a cursor kept in
+-- the session's settings, wrapping around), and takes each key's first event (by place,
+-- ordering_seq) when it is unclaimed and due and the key is not blocked by a dead letter. So
+-- an ordered event runs only when no earlier event of its key is in the outbox (claimed,
+-- retrying or waiting); they are never left to the sql lanes.
 -- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
 -- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
 -- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
@@ -128,6 +133,10 @@ DECLARE
     v_running_apps uuid[] := '{}';
     v_running_counts integer[] := '{}';
     v_start uuid := gen_random_uuid();
+    v_after_app uuid;
+    v_after_key text;
+    v_key_apps uuid[];
+    v_keys text[];
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -157,6 +166,39 @@ BEGIN
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
               WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
     END IF;
+    -- The ordering keys this claim visits (see above), and the cursor moved past them.
+    BEGIN
+        v_after_app := nullif(current_setting('picloud.claim_after_app', true), '')::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        v_after_app := NULL;
+    END;
+    v_after_key := coalesce(current_setting('picloud.claim_after_key', true), '');
+    WITH RECURSIVE keys (app_id, ordering_key, n) AS (
+        SELECT f.app_id, f.ordering_key, 1
+        FROM (SELECT x.app_id, x.ordering_key FROM (
+                 (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                  WHERE o.ordering_key IS NOT NULL
+                    AND (o.app_id, o.ordering_key) > (coalesce(v_after_app, '00000000-0000-0000-0000-000000000000'::uuid), v_after_key)
+                  ORDER BY o.app_id, o.ordering_key LIMIT 1)
+                 UNION ALL
+                 (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                  WHERE o.ordering_key IS NOT NULL
+                  ORDER BY o.app_id, o.ordering_key LIMIT 1)) x
+              LIMIT 1) f
+        UNION ALL
+        SELECT nxt.app_id, nxt.ordering_key, k.n + 1
+        FROM keys k
+        CROSS JOIN LATERAL (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                            WHERE o.ordering_key IS NOT NULL
+                              AND (o.app_id, o.ordering_key) > (k.app_id, k.ordering_key)
+                            ORDER BY o.app_id, o.ordering_key LIMIT 1) nxt
+        WHERE k.n < p_batch * 4
+    )
+    SELECT array_agg(k.app_id ORDER BY k.n), array_agg(k.ordering_key ORDER BY k.n)
+    INTO v_key_apps, v_keys
+    FROM keys k;
+    PERFORM pg_catalog.set_config('picloud.claim_after_app', coalesce(v_key_apps[cardinality(v_key_apps)]::text, ''), false);
+    PERFORM pg_catalog.set_config('picloud.claim_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
     RETURN QUERY
     WITH RECURSIVE apps (app_id, first_app, n) AS (
         -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
@@ -185,20 +227,14 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key, o.ordering_seq
+                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
             WHERE w.claimed_by IS NULL AND w.due_at <= now()
+              AND w.ordering_key IS NULL
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND w.ordering_key IS NULL
                        AND coalesce((SELECT s.kind FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
                                     false))
-              AND (w.ordering_key IS NULL OR (
-                   NOT EXISTS (SELECT 1 FROM picloud.outbox p
-                               WHERE p.app_id = w.app_id AND p.ordering_key = w.ordering_key
-                                 AND p.ordering_seq < w.ordering_seq)
-                   AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
-                                   WHERE b.app_id = w.app_id AND b.ordering_key = w.ordering_key)))
             ORDER BY w.event_id
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
@@ -215,17 +251,11 @@ BEGIN
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
           AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+          AND o.ordering_key IS NULL
           AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                   AND o.ordering_key IS NULL
                    AND coalesce((SELECT s.kind FROM picloud.scripts s
                                  WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
                                 false))
-          AND (o.ordering_key IS NULL OR (
-               NOT EXISTS (SELECT 1 FROM picloud.outbox p
-                           WHERE p.app_id = o.app_id AND p.ordering_key = o.ordering_key
-                             AND p.ordering_seq < o.ordering_seq)
-               AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
-                               WHERE b.app_id = o.app_id AND b.ordering_key = o.ordering_key)))
           AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
           -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
           -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
@@ -238,13 +268,33 @@ BEGIN
         ORDER BY o.due_at
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED
+    ), key_heads AS (
+        -- The first event of each visited key, when it may run.
+        SELECT h.app_id, h.event_id
+        FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by
+                            FROM picloud.outbox o
+                            WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
+                            ORDER BY o.ordering_seq LIMIT 1) h
+        WHERE h.claimed_by IS NULL AND h.due_at <= now()
+          AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
+                   AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
+          AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                          WHERE b.app_id = k.app_id AND b.ordering_key = k.ordering_key)
+    ), locked_keyed AS (
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
         -- Within its cap, each app's rows in order: its head first, then by due time.
         SELECT c.app_id, c.event_id, c.rank_, c.due_at,
                row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
         FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f) c
+              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f
+              UNION ALL
+              SELECT k.app_id, k.event_id, 1, k.due_at FROM locked_keyed k) c
     ), due AS (
         SELECT k.app_id, k.event_id
         FROM ranked k

@@ -138,7 +138,8 @@ CREATE VIEW picloud.dead_letters_by_trigger WITH (security_invoker = true) AS
     GROUP BY a.app_id, a.name, d.trigger_id, t.kind, k.collection_pattern, d.script_id, s.name;
 
 -- Ordering keys held back by a dead letter (on_dead_letter 'block'), with how many events wait
--- behind each and the dead letter to resolve or replay to release it.
+-- behind each and the dead letter to resolve or replay to release it. (A block whose dead letter
+-- was deleted by hand, unresolved, shows with a NULL last_error; delete the block to release it.)
 CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
     SELECT b.app_id,
            a.name AS app_name,
@@ -150,7 +151,7 @@ CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
             WHERE o.app_id = b.app_id AND o.ordering_key = b.ordering_key) AS held_events
     FROM picloud.key_blocks b
     JOIN picloud.apps a ON a.app_id = b.app_id
-    JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
+    LEFT JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
 
 -- Resolves every unresolved dead letter of an app that matches all the given filters (NULL =
 -- any): p_resolution 'replayed' re-enqueues each with fresh attempts; the other three only

@@ -96,8 +96,11 @@ CREATE TABLE picloud.key_blocks (
     dead_letter_id  uuid        NOT NULL,
     blocked_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT key_blocks_pkey PRIMARY KEY (app_id, ordering_key),
-    CONSTRAINT key_blocks_dead_letter_fkey FOREIGN KEY (app_id, dead_letter_id)
-        REFERENCES picloud.dead_letters (app_id, dead_letter_id) ON DELETE CASCADE
+    -- No foreign key to the dead letter: one would cost every deleted dead letter a lookup here
+    -- (the housekeeper deletes them by the million), and a resolved dead letter, the only kind
+    -- it deletes, has released its key already.
+    CONSTRAINT key_blocks_app_fkey FOREIGN KEY (app_id)
+        REFERENCES picloud.apps (app_id) ON DELETE CASCADE
 );
 CREATE INDEX key_blocks_dead_letter_idx ON picloud.key_blocks (app_id, dead_letter_id);
 DROP FUNCTION picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
@@ -547,6 +550,10 @@ DECLARE
     v_running_apps uuid[] := '{}';
     v_running_counts integer[] := '{}';
     v_start uuid := gen_random_uuid();
+    v_after_app uuid;
+    v_after_key text;
+    v_key_apps uuid[];
+    v_keys text[];
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -576,6 +583,39 @@ BEGIN
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
               WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
     END IF;
+    -- The ordering keys this claim visits (see above), and the cursor moved past them.
+    BEGIN
+        v_after_app := nullif(current_setting('picloud.claim_after_app', true), '')::uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        v_after_app := NULL;
+    END;
+    v_after_key := coalesce(current_setting('picloud.claim_after_key', true), '');
+    WITH RECURSIVE keys (app_id, ordering_key, n) AS (
+        SELECT f.app_id, f.ordering_key, 1
+        FROM (SELECT x.app_id, x.ordering_key FROM (
+                 (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                  WHERE o.ordering_key IS NOT NULL
+                    AND (o.app_id, o.ordering_key) > (coalesce(v_after_app, '00000000-0000-0000-0000-000000000000'::uuid), v_after_key)
+                  ORDER BY o.app_id, o.ordering_key LIMIT 1)
+                 UNION ALL
+                 (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                  WHERE o.ordering_key IS NOT NULL
+                  ORDER BY o.app_id, o.ordering_key LIMIT 1)) x
+              LIMIT 1) f
+        UNION ALL
+        SELECT nxt.app_id, nxt.ordering_key, k.n + 1
+        FROM keys k
+        CROSS JOIN LATERAL (SELECT o.app_id, o.ordering_key FROM picloud.outbox o
+                            WHERE o.ordering_key IS NOT NULL
+                              AND (o.app_id, o.ordering_key) > (k.app_id, k.ordering_key)
+                            ORDER BY o.app_id, o.ordering_key LIMIT 1) nxt
+        WHERE k.n < p_batch * 4
+    )
+    SELECT array_agg(k.app_id ORDER BY k.n), array_agg(k.ordering_key ORDER BY k.n)
+    INTO v_key_apps, v_keys
+    FROM keys k;
+    PERFORM pg_catalog.set_config('picloud.claim_after_app', coalesce(v_key_apps[cardinality(v_key_apps)]::text, ''), false);
+    PERFORM pg_catalog.set_config('picloud.claim_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
     RETURN QUERY
     WITH RECURSIVE apps (app_id, first_app, n) AS (
         -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
@@ -604,20 +644,14 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key, o.ordering_seq
+                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
             WHERE w.claimed_by IS NULL AND w.due_at <= now()
+              AND w.ordering_key IS NULL
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND w.ordering_key IS NULL
                        AND coalesce((SELECT s.kind FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
                                     false))
-              AND (w.ordering_key IS NULL OR (
-                   NOT EXISTS (SELECT 1 FROM picloud.outbox p
-                               WHERE p.app_id = w.app_id AND p.ordering_key = w.ordering_key
-                                 AND p.ordering_seq < w.ordering_seq)
-                   AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
-                                   WHERE b.app_id = w.app_id AND b.ordering_key = w.ordering_key)))
             ORDER BY w.event_id
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
@@ -634,17 +668,11 @@ BEGIN
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
           AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+          AND o.ordering_key IS NULL
           AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                   AND o.ordering_key IS NULL
                    AND coalesce((SELECT s.kind FROM picloud.scripts s
                                  WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
                                 false))
-          AND (o.ordering_key IS NULL OR (
-               NOT EXISTS (SELECT 1 FROM picloud.outbox p
-                           WHERE p.app_id = o.app_id AND p.ordering_key = o.ordering_key
-                             AND p.ordering_seq < o.ordering_seq)
-               AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
-                               WHERE b.app_id = o.app_id AND b.ordering_key = o.ordering_key)))
           AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
           -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
           -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
@@ -657,13 +685,33 @@ BEGIN
         ORDER BY o.due_at
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED
+    ), key_heads AS (
+        -- The first event of each visited key, when it may run.
+        SELECT h.app_id, h.event_id
+        FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by
+                            FROM picloud.outbox o
+                            WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
+                            ORDER BY o.ordering_seq LIMIT 1) h
+        WHERE h.claimed_by IS NULL AND h.due_at <= now()
+          AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
+                   AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
+          AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                          WHERE b.app_id = k.app_id AND b.ordering_key = k.ordering_key)
+    ), locked_keyed AS (
+        SELECT o.app_id, o.event_id, o.due_at
+        FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
         -- Within its cap, each app's rows in order: its head first, then by due time.
         SELECT c.app_id, c.event_id, c.rank_, c.due_at,
                row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
         FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f) c
+              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f
+              UNION ALL
+              SELECT k.app_id, k.event_id, 1, k.due_at FROM locked_keyed k) c
     ), due AS (
         SELECT k.app_id, k.event_id
         FROM ranked k
@@ -1892,7 +1940,8 @@ CREATE TRIGGER dead_letters_release_key
     EXECUTE FUNCTION picloud._release_key();
 
 -- Ordering keys held back by a dead letter (on_dead_letter 'block'), with how many events wait
--- behind each and the dead letter to resolve or replay to release it.
+-- behind each and the dead letter to resolve or replay to release it. (A block whose dead letter
+-- was deleted by hand, unresolved, shows with a NULL last_error; delete the block to release it.)
 CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
     SELECT b.app_id,
            a.name AS app_name,
@@ -1904,7 +1953,7 @@ CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
             WHERE o.app_id = b.app_id AND o.ordering_key = b.ordering_key) AS held_events
     FROM picloud.key_blocks b
     JOIN picloud.apps a ON a.app_id = b.app_id
-    JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
+    LEFT JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
 
 -- Privileges --------------------------------------------------------------------------------
 

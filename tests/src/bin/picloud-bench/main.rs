@@ -27,7 +27,7 @@ mod report;
 mod setup;
 mod stats;
 
-use cases::{b1, cron, e1, e2, g1, l1, m1, o1, p1, p1_http};
+use cases::{b1, cron, e1, e2, f1, g1, l1, m1, o1, p1, p1_http};
 use config::{progress, Cfg, Res};
 use report::{text_table, write_results, Row};
 use serde_json::{json, Value};
@@ -109,6 +109,14 @@ fn main() {
             "O1",
             "ordered delivery",
             o1::bench_o1(&cfg, &main_db, &mut notes),
+            &mut rows,
+        );
+    }
+    if cfg.wants("F1") {
+        record(
+            "F1",
+            "fairness",
+            f1::bench_f1(&cfg, &mut notes),
             &mut rows,
         );
     }

@@ -4,6 +4,7 @@ pub mod b1;
 pub mod cron;
 pub mod e1;
 pub mod e2;
+pub mod f1;
 pub mod g1;
 pub mod l1;
 pub mod m1;
