@@ -211,6 +211,7 @@ async fn claim_loop(
         tokio::select! {
             _ = connection.wake.notified() => due_wait.reset(),
             _ = shared.rescheduled.notified() => due_wait.reset(),
+            _ = shared.finished.notified() => due_wait.reset(),
             _ = tokio::time::sleep(wait) => {}
             _ = stopping(phase) => return Ok(()),
         }

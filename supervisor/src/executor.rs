@@ -173,6 +173,7 @@ fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
         // have gone idle before the event failed, recompute when to claim next.
         shared.rescheduled.notify_one();
     }
+    shared.finished.notify_one();
 }
 
 /// Gets an executor connection, retrying with backoff for up to half the

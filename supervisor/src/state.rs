@@ -36,6 +36,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Signalled when an event this supervisor ran was rescheduled for a retry.
     pub rescheduled: Notify,
+    /// Signalled whenever an event this supervisor ran has finished, whatever the outcome: a
+    /// claim that came back empty because of the per-app cap, or because the next event of an
+    /// ordering key waited for this one, may take something now. Nothing else announces that.
+    pub finished: Notify,
     /// Wakes the sql lanes that do not listen for notifications: lane 0 listens, and calls
     /// the others when it finds a full batch (one wake-up per event would wake them all).
     pub lanes_wake: Notify,

@@ -150,6 +150,7 @@ pub async fn run(config: Config) -> u8 {
         metrics,
         config,
         rescheduled: Notify::new(),
+        finished: Notify::new(),
         lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
     });
