@@ -113,12 +113,7 @@ fn main() {
         );
     }
     if cfg.wants("F1") {
-        record(
-            "F1",
-            "fairness",
-            f1::bench_f1(&cfg, &mut notes),
-            &mut rows,
-        );
+        record("F1", "fairness", f1::bench_f1(&cfg, &mut notes), &mut rows);
     }
     if cfg.wants("P1-http") {
         record(

@@ -32,9 +32,10 @@ fn apps(c: &mut Client) -> Res<Apps> {
              $$ INSERT INTO f1_started (payload) VALUES (e->'payload') $$;
          CREATE OR REPLACE FUNCTION f1_slow(e jsonb) RETURNS void LANGUAGE sql AS $$ SELECT pg_sleep(5) $$;",
     )?;
-    let one = |c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]| -> Res<Uuid> {
-        Ok(c.query_one(sql, params).map_err(pg_err("f1 setup"))?.get(0))
-    };
+    let one =
+        |c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]| -> Res<Uuid> {
+            Ok(c.query_one(sql, params).map_err(pg_err("f1 setup"))?.get(0))
+        };
     let a = one(c, "SELECT picloud.picloud_create_app('f1_flooder')", &[])?;
     let b = one(c, "SELECT picloud.picloud_create_app('f1_neighbour')", &[])?;
     let slow = one(

@@ -121,9 +121,6 @@ pub fn bench_o1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
             .value(&e1_keyed)
             .baseline("E1 without a key", &e1_plain, "tx/s")
             .ratio_of(&e1_keyed, &e1_plain)
-            .target(
-                "≥ 0.90× without",
-                median_ratio(&e1_keyed, &e1_plain) >= 0.9,
-            ),
+            .target("≥ 0.90× without", median_ratio(&e1_keyed, &e1_plain) >= 0.9),
     ])
 }
