@@ -223,14 +223,21 @@ impl Database {
         client: Client,
         in_hot_standby: Option<bool>,
     ) -> Result<Client, ConnectError> {
-        let row = client
-            .query_one(
-                &format!("SELECT pg_catalog.pg_is_in_recovery(), ({})", Schema::QUERY),
-                &[],
-            )
+        // The simple query protocol: one round trip, and no prepared statement, which a
+        // transaction pooler would lose between Parse and Execute (the pooler is detected and
+        // reported later by `wake::warn_if_pooled`).
+        let messages = client
+            .simple_query(&format!(
+                "SELECT pg_catalog.pg_is_in_recovery(), ({})",
+                Schema::QUERY
+            ))
             .await
             .map_err(ConnectError::Failed)?;
-        let in_recovery: bool = row.try_get(0).map_err(ConnectError::Failed)?;
+        let row = messages.iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let in_recovery = row.and_then(|row| row.get(0)) == Some("t");
         if in_hot_standby.unwrap_or(in_recovery) {
             self.note_standby();
             return Err(ConnectError::Standby);
@@ -238,9 +245,10 @@ impl Database {
         if self.waiting_for_primary.swap(false, Ordering::AcqRel) {
             tracing::info!(hosts = self.hosts(), "connected to a primary");
         }
-        let version: Option<String> = row.try_get(1).map_err(ConnectError::Failed)?;
-        let version = version.ok_or(ConnectError::NoExtension)?;
-        self.note_schema(&version);
+        let version = row
+            .and_then(|row| row.get(1))
+            .ok_or(ConnectError::NoExtension)?;
+        self.note_schema(version);
         Ok(client)
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client};
 
 use crate::db::{self, ConnectError, Database};
@@ -75,6 +76,14 @@ pub async fn connect(database: &Database, listen: bool) -> Result<WakeConnection
     })
 }
 
+/// Why the start-up check could not tell whether notifications arrive.
+enum Probe {
+    /// The connection goes through a transaction pooler after all (SQLSTATE 26000).
+    Pooled,
+    Unknown(String),
+}
+use Probe::{Pooled, Unknown};
+
 /// Says at start-up if notifications do not reach the listening connection, as happens behind
 /// a transaction pooler (PgBouncer with pool_mode=transaction): LISTEN lands on whichever
 /// server connection ran that statement, which goes back to the pool, so wake-ups are lost
@@ -82,14 +91,25 @@ pub async fn connect(database: &Database, listen: bool) -> Result<WakeConnection
 /// statements work at all). The check LISTENs on a probe channel and sends itself a NOTIFY
 /// from a second connection: through a direct or session-pooled connection it arrives at once.
 pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
-    let text = |e: tokio_postgres::Error| db::error_text(&e);
+    // A prepared statement that vanished between Parse and Execute (SQLSTATE 26000) is the
+    // other sign of a transaction pooler: the two messages reached different server sessions.
+    let text = |e: tokio_postgres::Error| {
+        if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+            Pooled
+        } else {
+            Unknown(db::error_text(&e))
+        }
+    };
     let checked = async {
         connection
             .client
             .batch_execute(&format!("LISTEN {PROBE_CHANNEL}"))
             .await
             .map_err(text)?;
-        let other = database.connect().await.map_err(|e| e.to_string())?;
+        let other = database.connect().await.map_err(|e| match e {
+            ConnectError::Failed(e) => text(e),
+            other => Unknown(other.to_string()),
+        })?;
         let arrived = connection.probe.notified();
         other
             .batch_execute(&format!("NOTIFY {PROBE_CHANNEL}"))
@@ -101,18 +121,18 @@ pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
             .batch_execute(&format!("UNLISTEN {PROBE_CHANNEL}"))
             .await
             .map_err(text)?;
-        Ok::<bool, String>(arrived)
+        Ok::<bool, Probe>(arrived)
     };
     match checked.await {
         Ok(true) => tracing::debug!("notifications reach the listening connection"),
-        Ok(false) => tracing::error!(
+        Ok(false) | Err(Pooled) => tracing::error!(
             waited_ms = PROBE_WAIT.as_millis() as u64,
             "the LISTEN connection does not receive notifications: it probably goes through a \
              transaction pooler (PgBouncer pool_mode=transaction). Connect the supervisor \
              directly to Postgres or through a session-mode pool; producers may keep using \
              transaction pooling"
         ),
-        Err(error) => tracing::warn!(
+        Err(Unknown(error)) => tracing::warn!(
             error,
             "could not check that notifications reach the listening connection"
         ),
