@@ -51,6 +51,22 @@ CREATE TABLE picloud.scripts (
         REFERENCES picloud.apps (app_id) ON DELETE CASCADE
 );
 
+-- Handlers with a concurrency limit: at most max_concurrency of the handler's events run at
+-- once, across every supervisor (picloud_set_handler_max_concurrency; see picloud_claim). A
+-- table of its own rather than a column of scripts: app admins set it, while a handler's other
+-- columns (who it runs as) are only ever written by the role that registered it.
+CREATE TABLE picloud.handler_limits (
+    app_id           uuid        NOT NULL,
+    script_id        uuid        NOT NULL,
+    max_concurrency  integer     NOT NULL,
+    set_by           name        NOT NULL DEFAULT current_user,
+    set_at           timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT handler_limits_pkey PRIMARY KEY (app_id, script_id),
+    CONSTRAINT handler_limits_range CHECK (max_concurrency BETWEEN 1 AND 100000),
+    CONSTRAINT handler_limits_script_fkey FOREIGN KEY (app_id, script_id)
+        REFERENCES picloud.scripts (app_id, script_id) ON DELETE CASCADE
+);
+
 -- Triggers: the parent row of every registered trigger; per-kind details hang off it 1:1.
 CREATE TABLE picloud.triggers (
     app_id                  uuid        NOT NULL,
@@ -61,6 +77,9 @@ CREATE TABLE picloud.triggers (
     registered_by_principal name        NOT NULL DEFAULT current_user,
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now(),
+    -- The priority of the events the trigger enqueues (picloud_set_trigger_priority); a
+    -- producer's p_priority overrides it.
+    priority                smallint    NOT NULL DEFAULT 0,
     CONSTRAINT triggers_pkey PRIMARY KEY (app_id, trigger_id),
     CONSTRAINT triggers_kind_valid CHECK (kind IN ('kv', 'dead_letter', 'cron')),
     CONSTRAINT triggers_app_fkey FOREIGN KEY (app_id)
@@ -180,6 +199,9 @@ CREATE TABLE picloud.outbox (
     ordering_key      text,
     ordering_seq      bigint,
     ordering_blocks   boolean,
+    -- Lower runs first within the app (picloud_claim); events of one ordering key keep their
+    -- key's order whatever their priorities.
+    priority          smallint    NOT NULL DEFAULT 0,
     CONSTRAINT outbox_pkey PRIMARY KEY (app_id, event_id)
 ) WITH (
     -- A queue table churns: every row is inserted, updated once or twice and deleted.
@@ -197,6 +219,10 @@ CREATE TABLE picloud.outbox (
 
 -- Claim path: due, unclaimed rows in due order.
 CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
+-- Claim path and sql lanes, within one app: its unordered waiting rows by priority, then due
+-- time (an app's best event is one probe, however long its backlog of lower priority).
+CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)
+    WHERE claimed_by IS NULL AND ordering_key IS NULL;
 -- Lease rescue: claimed rows by lease expiry.
 CREATE INDEX outbox_lease_idx ON picloud.outbox (lease_expires_at) WHERE claimed_by IS NOT NULL;
 -- Ordered delivery: an event of a key may run only when no earlier event of its key is in the
@@ -242,6 +268,8 @@ CREATE TABLE picloud.dead_letters (
     ordering_key       text,
     ordering_seq       bigint,
     ordering_blocks    boolean,
+    -- The event's priority, kept for a replay.
+    priority           smallint    NOT NULL DEFAULT 0,
     CONSTRAINT dead_letters_pkey PRIMARY KEY (app_id, dead_letter_id),
     CONSTRAINT dead_letters_resolution_valid
         CHECK (resolution IN ('replayed', 'ignored', 'handled_by_script', 'handler_failed')),

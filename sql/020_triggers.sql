@@ -254,6 +254,50 @@ LANGUAGE sql AS $$ SELECT picloud.picloud_set_trigger_enabled(p_app_id, p_trigge
 CREATE FUNCTION picloud.picloud_disable_trigger(p_app_id uuid, p_trigger_id uuid) RETURNS void
 LANGUAGE sql AS $$ SELECT picloud.picloud_set_trigger_enabled(p_app_id, p_trigger_id, false) $$;
 
+-- Sets the priority of the events a trigger enqueues from now on (lower runs first within the
+-- app; default 0). Events already enqueued keep theirs; a producer's p_priority overrides it.
+CREATE FUNCTION picloud.picloud_set_trigger_priority(p_app_id uuid, p_trigger_id uuid, p_priority smallint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_trigger_id IS NULL OR p_priority IS NULL THEN
+        PERFORM picloud._null_argument('{trigger_id,priority}', ARRAY[p_trigger_id IS NULL, p_priority IS NULL]);
+    END IF;
+    UPDATE picloud.triggers SET priority = p_priority, updated_at = now()
+    WHERE app_id = p_app_id AND trigger_id = p_trigger_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'trigger % does not exist in app %', p_trigger_id, p_app_id USING ERRCODE = 'P0002';
+    END IF;
+END
+$$;
+
+-- Limits how many of a handler's events run at once, across every supervisor (NULL: no
+-- limit). Claims pass over the handler's events while it is at its limit; events already
+-- running finish. Takes effect at the next claim.
+CREATE FUNCTION picloud.picloud_set_handler_max_concurrency(
+    p_app_id uuid, p_script_id uuid, p_max_concurrency integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_script_id IS NULL THEN PERFORM picloud._null_argument('{script_id}', '{t}'); END IF;
+    IF p_max_concurrency NOT BETWEEN 1 AND 100000 THEN
+        PERFORM picloud._invalid(format('max_concurrency must be between 1 and 100000 (or NULL for no limit), got %s',
+            p_max_concurrency));
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    IF p_max_concurrency IS NULL THEN
+        DELETE FROM picloud.handler_limits WHERE app_id = p_app_id AND script_id = p_script_id;
+    ELSE
+        INSERT INTO picloud.handler_limits AS l (app_id, script_id, max_concurrency)
+        VALUES (p_app_id, p_script_id, p_max_concurrency)
+        ON CONFLICT ON CONSTRAINT handler_limits_pkey DO UPDATE
+        SET max_concurrency = EXCLUDED.max_concurrency, set_by = current_user, set_at = now();
+    END IF;
+END
+$$;
+
 -- Drops a trigger; its details go with it (ON DELETE CASCADE). Events it already enqueued
 -- still run.
 CREATE FUNCTION picloud.picloud_drop_trigger(p_app_id uuid, p_trigger_id uuid) RETURNS void

@@ -91,6 +91,13 @@ BEGIN
 END
 $$;
 
+-- The priority a trigger gives its events (0 without a trigger).
+CREATE FUNCTION picloud._trigger_priority(p_app_id uuid, p_trigger_id uuid) RETURNS smallint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT t.priority FROM picloud.triggers t
+                     WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id), 0::smallint)
+$$;
+
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 -- Refuses an ordering key that is not 1 to 4096 characters long and an on_dead_letter that
@@ -140,7 +147,8 @@ CREATE FUNCTION picloud._enqueue_general(
     p_reply_to text,
     p_idempotency_key text,
     p_ordering_key text,
-    p_on_dead_letter text)
+    p_on_dead_letter text,
+    p_priority smallint)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -149,6 +157,7 @@ DECLARE
     v_existing uuid;
     v_script_id uuid := p_script_id;
     v_depth integer;
+    v_priority smallint := coalesce(p_priority, 0);
     v_wake_pending boolean;
 BEGIN
     -- Still a hot path (trigger ids, inboxes, idempotency keys): each check below is a plain
@@ -181,6 +190,9 @@ BEGIN
         END IF;
     ELSE
         v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+        IF p_priority IS NULL THEN
+            v_priority := picloud._trigger_priority(p_app_id, p_trigger_id);
+        END IF;
     END IF;
     IF p_reply_to IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM picloud.inboxes i WHERE i.app_id = p_app_id AND i.channel = p_reply_to) THEN
@@ -207,10 +219,11 @@ BEGIN
         v_ordering_seq := picloud._order_event(p_app_id, p_ordering_key);
     END IF;
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
             coalesce(p_run_at, now()), p_reply_to,
-            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END);
+            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END,
+            v_priority);
     v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
@@ -231,7 +244,8 @@ CREATE FUNCTION picloud._enqueue_fast(
     p_reply_to text,
     p_idempotency_key text,
     p_ordering_key text,
-    p_on_dead_letter text)
+    p_on_dead_letter text,
+    p_priority smallint)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
@@ -240,7 +254,8 @@ AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
 -- (and only if) the transaction commits. run_at delays it; reply_to names the caller's
 -- inbox for a synchronous call (never retried); a repeated idempotency_key returns the first
 -- event's id and enqueues nothing; events of one ordering_key run one at a time in enqueue
--- order, and on_dead_letter ('continue' or 'block') says what a dead letter does to the key.
+-- order, and on_dead_letter ('continue' or 'block') says what a dead letter does to the key;
+-- priority (lower first, within the app) overrides the trigger's (default 0).
 -- The common case costs one call of Rust (picloud._enqueue_fast's) and no PL/pgSQL; every
 -- other call runs picloud._enqueue_general with the same arguments (see api/enqueue.rs).
 CREATE FUNCTION picloud.picloud_enqueue(
@@ -255,7 +270,8 @@ CREATE FUNCTION picloud.picloud_enqueue(
     p_reply_to text DEFAULT NULL,
     p_idempotency_key text DEFAULT NULL,
     p_ordering_key text DEFAULT NULL,
-    p_on_dead_letter text DEFAULT NULL)
+    p_on_dead_letter text DEFAULT NULL,
+    p_priority smallint DEFAULT NULL)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue';
@@ -272,7 +288,8 @@ CREATE FUNCTION picloud.picloud_enqueue_bulk(
     p_depth integer DEFAULT NULL,
     p_run_at timestamptz DEFAULT NULL,
     p_ordering_keys text[] DEFAULT NULL,
-    p_on_dead_letter text DEFAULT NULL)
+    p_on_dead_letter text DEFAULT NULL,
+    p_priority smallint DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -282,6 +299,7 @@ DECLARE
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
     v_too_big integer;
     v_ids uuid[];
+    v_priority smallint;
 BEGIN
     IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payloads IS NULL THEN
         PERFORM picloud._null_argument('{app_id,source,op,payloads}',
@@ -302,6 +320,7 @@ BEGIN
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    v_priority := coalesce(p_priority, picloud._trigger_priority(p_app_id, p_trigger_id));
     IF p_ordering_keys IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
         -- Refuses an unknown on_dead_letter, or one without any key.
         IF p_ordering_keys IS NULL OR p_on_dead_letter NOT IN ('continue', 'block') THEN
@@ -324,11 +343,12 @@ BEGIN
     -- be allowed to read the outbox, which shows other producers' events.
     v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
            coalesce(p_run_at, now()),
            p.ordering_key, p.ordering_seq,
-           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END
+           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END,
+           v_priority
     FROM unnest(p_payloads, v_ids, p_ordering_keys, v_ordering_seqs) AS p(payload, event_id, ordering_key, ordering_seq);
     IF cardinality(p_payloads) > 0 THEN
         PERFORM picloud._wake_at_commit();
@@ -388,13 +408,15 @@ BEGIN
     -- An ordered trigger's event takes the key collection:key, and its place under that key's
     -- lock; the row lock a captured table's writers hold makes that their commit order.
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth,
            k.ordering_key,
            CASE WHEN k.ordering_key IS NOT NULL THEN picloud._order_event(p_app_id, k.ordering_key) END,
-           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END
+           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END,
+           t.priority
     FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m
     JOIN picloud.kv_trigger_details d ON d.app_id = p_app_id AND d.trigger_id = m.trigger_id
+    JOIN picloud.triggers t ON t.app_id = p_app_id AND t.trigger_id = m.trigger_id
     CROSS JOIN LATERAL (SELECT CASE WHEN d.ordered THEN p_collection || ':' || coalesce(p_key, '') END
                         AS ordering_key) k;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;

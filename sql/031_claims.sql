@@ -103,10 +103,12 @@ $$;
 --
 -- Which events, fairly between apps (README, "Fairness between apps"):
 --   1. one event of each app that has a due one (round robin, starting from a random app, at
---      most p_batch apps), the app's oldest by enqueue order (event_id) among its first 64
---      rows: an app cannot jump the queue by backdating run_at, nor hide another app's events
---      behind a backlog of its own;
---   2. then the oldest due events by due time, to fill the batch.
+--      most p_batch apps): the app's best by priority, then due time, among its first 64
+--      waiting rows in that order (outbox_app_priority_idx);
+--   2. then, to fill the batch, as many more events of each app as the app has among the
+--      oldest due events (by due time, all apps together), each app's taken by priority, then
+--      due time. So priority orders events within an app and never between apps: an app
+--      cannot jump other apps' queues by raising its own priority.
 -- Events with an ordering key take neither way: a key's events may only run one at a time, so
 -- most of a keyed backlog waits for its turn, and scanning it in due order would cost every
 -- claim the whole backlog. Instead each claim visits up to p_batch * 4 keys in key order
@@ -115,14 +117,17 @@ $$;
 -- ordering_seq) when it is unclaimed and due and the key is not blocked by a dead letter. So
 -- an ordered event runs only when no earlier event of its key is in the outbox (claimed,
 -- retrying or waiting); they are never left to the sql lanes.
+-- A handler with a concurrency limit (picloud.handler_limits) has at most that many events claimed at once, by every
+-- worker together: a claim passes over the events of a handler at its limit, and takes at
+-- most what is left of a limit under the handler's lock (picloud._handler_room).
 -- With p_app_cap, an app that already has p_app_cap events claimed by p_worker gets no more
 -- from it, and one claim gives an app at most what is left of its cap: one app's slow handlers
 -- cannot hold every executor of a supervisor. (Per worker, not in total: the cap is a share of
 -- one supervisor's executors, and adding supervisors adds capacity for every app.)
 -- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
--- lanes their events - first attempts of asynchronous events with a sql handler - and looks at
--- no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of lane events
--- costs it a bounded scan.
+-- lanes their events - first attempts of asynchronous events whose sql handler has no
+-- concurrency limit - and looks at no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of
+-- lane events costs it a bounded scan.
 CREATE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
     p_app_cap integer DEFAULT NULL)
@@ -137,6 +142,8 @@ DECLARE
     v_after_key text;
     v_key_apps uuid[];
     v_keys text[];
+    v_full uuid[] := '{}';
+    v_lane_bound timestamptz := 'infinity';
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -165,6 +172,23 @@ BEGIN
         INTO v_running_apps, v_running_counts
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
               WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
+    END IF;
+    -- Handlers with a concurrency limit at their limit now (by the claimed rows, a few per
+    -- running handler): the scans below pass over their events.
+    IF EXISTS (SELECT 1 FROM picloud.handler_limits) THEN
+        SELECT coalesce(array_agg(r.script_id), '{}') INTO v_full
+        FROM (SELECT o.app_id, o.script_id, count(*) AS n FROM picloud.outbox o
+              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id, o.script_id) r
+        JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
+        WHERE r.n >= l.max_concurrency;
+    END IF;
+    IF p_leave_sql_lane THEN
+        -- The bounded look of step 2 (see above).
+        v_lane_bound := coalesce(
+            (SELECT w.due_at FROM picloud.outbox w
+             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+             ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+            'infinity');
     END IF;
     -- The ordering keys this claim visits (see above), and the cursor moved past them.
     BEGIN
@@ -221,86 +245,117 @@ BEGIN
                p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
         FROM apps a
     ), heads AS (
-        -- Each app's oldest claimable event by enqueue order, among its first 64 rows.
+        -- Each app's best claimable event, among its first 64 waiting rows by priority and due
+        -- time.
         SELECT h.app_id, h.event_id, h.due_at
         FROM room r
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
-            FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key
-                  FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
-            WHERE w.claimed_by IS NULL AND w.due_at <= now()
-              AND w.ordering_key IS NULL
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count,
+                         o.first_attempt_at, o.reply_to, o.script_id
+                  FROM picloud.outbox o
+                  WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  ORDER BY o.priority, o.due_at LIMIT 64) w
+            WHERE w.due_at <= now()
+              AND w.script_id <> ALL (v_full)
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND coalesce((SELECT s.kind FROM picloud.scripts s
-                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
-                                    false))
-            ORDER BY w.event_id
+                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = w.app_id AND l.script_id = w.script_id))
+            ORDER BY w.priority, w.due_at
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
     ), locked_heads AS (
-        SELECT o.app_id, o.event_id, o.due_at
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
         FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
+    ), fill_slots AS (
+        -- How many rows of each app are among the oldest due rows: one index scan of
+        -- outbox_due_idx.
+        SELECT c.app_id, count(*)::integer AS n
+        FROM (SELECT o.app_id
+              FROM picloud.outbox o
+              WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_lane_bound
+                AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+                         AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+                AND o.ordering_key IS NULL
+                AND o.script_id <> ALL (v_full)
+                AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                         AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
+              ORDER BY o.due_at
+              LIMIT p_batch) c
+        GROUP BY c.app_id
     ), fill AS (
-        -- The oldest due rows by due time, for the rest of the batch: one index scan, which
-        -- passes over rows other claimers hold.
-        SELECT o.app_id, o.event_id, o.due_at
-        FROM picloud.outbox o
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-          AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
-                   AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
-          AND o.ordering_key IS NULL
-          AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                   AND coalesce((SELECT s.kind FROM picloud.scripts s
-                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
-                                false))
-          AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
-          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
-          -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
-          -- heads of their keys may lie behind any number of rows waiting for their turn).
-          AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
-                (SELECT w.due_at FROM picloud.outbox w
-                 WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
-                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-                'infinity'))
-        ORDER BY o.due_at
-        LIMIT p_batch
-        FOR UPDATE OF o SKIP LOCKED
+        -- Each app's share, its best rows by priority and due time (outbox_app_priority_idx),
+        -- passing over rows other claimers hold.
+        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
+        FROM fill_slots s
+        CROSS JOIN LATERAL (
+            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+            FROM picloud.outbox o
+            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+              AND o.due_at <= now() AND o.due_at <= v_lane_bound
+              AND o.script_id <> ALL (v_full)
+              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
+              AND NOT EXISTS (SELECT 1 FROM heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+            ORDER BY o.priority, o.due_at
+            LIMIT s.n
+            FOR UPDATE OF o SKIP LOCKED) f
     ), key_heads AS (
         -- The first event of each visited key, when it may run.
         SELECT h.app_id, h.event_id
         FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
-        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
+          AND h.script_id <> ALL (v_full)
           AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
                           WHERE b.app_id = k.app_id AND b.ordering_key = k.ordering_key)
     ), locked_keyed AS (
-        SELECT o.app_id, o.event_id, o.due_at
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
         FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
-        -- Within its cap, each app's rows in order: its head first, then by due time.
-        SELECT c.app_id, c.event_id, c.rank_, c.due_at,
-               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
-        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
+        -- Within its cap, each app's rows in order: its head first, then by priority and due
+        -- time; within a limited handler's room, the handler's rows in the same order.
+        SELECT c.app_id, c.event_id, c.rank_, c.due_at, c.script_id,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth,
+               row_number() OVER (PARTITION BY c.script_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth_of_handler
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at, l.priority, l.script_id FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill f
               UNION ALL
-              SELECT k.app_id, k.event_id, 1, k.due_at FROM locked_keyed k) c
+              SELECT k.app_id, k.event_id, 1, k.due_at, k.priority, k.script_id FROM locked_keyed k) c
+    ), rooms AS (
+        -- What is left of each limited handler's limit (see picloud._handler_room), once per
+        -- handler (a CTE with a volatile function is evaluated once).
+        SELECT l.script_id, picloud._handler_room(l.app_id, l.script_id, l.max_concurrency) AS room
+        FROM (SELECT DISTINCT k.app_id, k.script_id, h.max_concurrency
+              FROM ranked k
+              JOIN picloud.handler_limits h ON h.app_id = k.app_id AND h.script_id = k.script_id) l
     ), due AS (
+        -- Heads first, then the apps' next rows in turn.
         SELECT k.app_id, k.event_id
         FROM ranked k
-        WHERE p_app_cap IS NULL
-           OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0)
-        ORDER BY k.rank_, k.due_at
+        LEFT JOIN rooms m ON m.script_id = k.script_id
+        WHERE (p_app_cap IS NULL
+               OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0))
+          AND (m.script_id IS NULL OR k.nth_of_handler <= m.room)
+        ORDER BY k.rank_, k.nth, k.due_at
         LIMIT p_batch
     ), claimed AS (
         UPDATE picloud.outbox o
@@ -316,6 +371,26 @@ BEGIN
     SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);
+END
+$$;
+
+-- What is left of a limited handler's max_concurrency for the calling claim: its limit less
+-- the events claimed now by every worker, counted under the handler's advisory lock (held to
+-- the end of the claim's transaction) so that two claims never both take the last places.
+-- Volatile, so its count sees every claim committed before the lock was granted. A claim that
+-- finds the lock taken gets no room (0) rather than waiting: another claim is taking the
+-- handler's places right now, and waiting for locks taken in no fixed order could deadlock.
+CREATE FUNCTION picloud._handler_room(p_app_id uuid, p_script_id uuid, p_max_concurrency integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(1885954925,
+             pg_catalog.hashtext(p_app_id::text || ':' || p_script_id::text)) THEN
+        RETURN 0;
+    END IF;
+    RETURN p_max_concurrency - (SELECT count(*)::integer FROM picloud.outbox o
+                                WHERE o.claimed_by IS NOT NULL AND o.app_id = p_app_id
+                                  AND o.script_id = p_script_id);
 END
 $$;
 

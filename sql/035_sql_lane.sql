@@ -12,12 +12,12 @@
 -- and the supervisor claims the left-out ones with picloud_claim_events and runs them the
 -- ordinary way - attempts counted, retries and dead letters as usual. A batch that fails as a
 -- whole (its statement timeout, a lost connection) is rolled back and all its events go that
--- way. Only first attempts of asynchronous, unordered events with a sql handler enter the lane (no
--- attempt counted, no first_attempt_at); retries and synchronous calls never do, nor events
--- a lane gave up on (picloud_leave_sql_lane).
+-- way. Only first attempts of asynchronous, unordered events whose sql handler has no
+-- concurrency limit enter the lane (no attempt counted, no first_attempt_at); retries and
+-- synchronous calls never do, nor events a lane gave up on (picloud_leave_sql_lane).
 
--- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
--- transaction, and returns them with their row address (valid while the lock is held: the
+-- Locks up to p_batch events that may run in the lane, by priority, then oldest first, in the
+-- caller's transaction, and returns them with their row address (valid while the lock is held: the
 -- lane never updates a locked row) and their handler's timeout.
 --
 -- A batch holds the events of one app, and apps take turns (README, "Fairness between apps"):
@@ -33,7 +33,7 @@ LANGUAGE plpgsql
 -- A backlog makes the planner's estimates large enough to JIT-compile this small query,
 -- which costs more than running it.
 SET jit = off
--- The same index-ordered scan as picloud_claim (outbox_due_idx) must drive the plan: a hash
+-- An index-ordered scan (outbox_app_priority_idx) must drive the plan: a hash
 -- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
 -- off (only inside this function, where no handler runs) the handler is looked up in a nested
 -- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
@@ -78,7 +78,9 @@ BEGIN
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
               AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND w.ordering_key IS NULL
-              AND s.kind = 'sql')
+              AND s.kind = 'sql'
+              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                              WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
     LOOP
         PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
@@ -101,8 +103,12 @@ BEGIN
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           -- Ordered events go through claims, which take one event of a key at a time.
           AND o.ordering_key IS NULL
+          -- A handler with a concurrency limit has its events counted by claims.
           AND s.kind = 'sql'
-        ORDER BY o.due_at
+          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+        -- Within the app, by priority, then due time (outbox_app_priority_idx).
+        ORDER BY o.priority, o.due_at
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;

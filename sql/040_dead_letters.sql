@@ -14,11 +14,11 @@ BEGIN
     INSERT INTO picloud.dead_letters (
         app_id, dead_letter_id, original_event_id, source, op, trigger_id, script_id, payload, depth,
         attempt_count, first_attempt_at, last_attempt_at, last_error, reply_to,
-        ordering_key, ordering_seq, ordering_blocks)
+        ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (
         r.app_id, v_dead_letter_id, r.event_id, r.source, r.op, r.trigger_id, r.script_id, r.payload, r.depth,
         r.attempt_count, r.first_attempt_at, r.last_attempt_at, p_error, r.reply_to,
-        r.ordering_key, r.ordering_seq, r.ordering_blocks);
+        r.ordering_key, r.ordering_seq, r.ordering_blocks, r.priority);
     DELETE FROM picloud.outbox o WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
     IF r.ordering_key IS NOT NULL THEN
         IF r.ordering_blocks THEN
@@ -39,13 +39,13 @@ BEGIN
         END IF;
         RETURN v_dead_letter_id;
     END IF;
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, priority)
     SELECT r.app_id, picloud._new_event_id(), 'dead_letter', r.op, m.trigger_id, m.script_id,
            jsonb_build_object(
                'dead_letter_id', v_dead_letter_id, 'original_event_id', r.event_id,
                'source', r.source, 'op', r.op, 'trigger_id', r.trigger_id, 'script_id', r.script_id,
                'payload', r.payload, 'attempt_count', r.attempt_count, 'last_error', p_error),
-           v_depth
+           v_depth, picloud._trigger_priority(r.app_id, m.trigger_id)
     FROM picloud.picloud_match_dead_letter_triggers(r.app_id, r.source, r.script_id) m;
     GET DIAGNOSTICS v_fanned = ROW_COUNT;
     IF v_fanned > 0 THEN
@@ -168,9 +168,9 @@ BEGIN
     END IF;
     -- A synchronous caller is long gone: the replay runs asynchronously.
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (d.app_id, v_event_id, d.source, d.op, d.trigger_id, d.script_id, d.payload, d.depth,
-            d.ordering_key, v_ordering_seq, d.ordering_blocks);
+            d.ordering_key, v_ordering_seq, d.ordering_blocks, d.priority);
     UPDATE picloud.dead_letters
     SET resolution = 'replayed', resolved_at = now(), resolved_by = current_user
     WHERE app_id = d.app_id AND dead_letter_id = d.dead_letter_id;

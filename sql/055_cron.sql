@@ -216,11 +216,12 @@ BEGIN
         v_last_event := NULL;
         IF cardinality(v_fire) > 0 THEN
             WITH inserted AS (
-                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
+                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
+                                            priority)
                 SELECT r.app_id, picloud._new_event_id(), 'cron', 'tick', r.trigger_id, r.script_id,
                        jsonb_build_object('trigger_id', r.trigger_id, 'scheduled_for', f.tick,
                                           'payload', r.payload),
-                       0, greatest(f.tick, now())
+                       0, greatest(f.tick, now()), picloud._trigger_priority(r.app_id, r.trigger_id)
                 FROM unnest(v_fire) WITH ORDINALITY AS f(tick, n)
                 ORDER BY f.n
                 RETURNING event_id

@@ -153,6 +153,27 @@ CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
     JOIN picloud.apps a ON a.app_id = b.app_id
     LEFT JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
 
+-- Handlers with a concurrency limit: how many of their events run now (claimed, by every
+-- worker) and how many are due and wait; at_limit says claims pass over them for now.
+CREATE VIEW picloud.limited_handlers WITH (security_invoker = true) AS
+    SELECT l.app_id,
+           a.name AS app_name,
+           l.script_id,
+           s.name AS script_name,
+           l.max_concurrency,
+           r.running,
+           w.waiting,
+           r.running >= l.max_concurrency AS at_limit
+    FROM picloud.handler_limits l
+    JOIN picloud.apps a ON a.app_id = l.app_id
+    JOIN picloud.scripts s ON s.app_id = l.app_id AND s.script_id = l.script_id
+    CROSS JOIN LATERAL (SELECT count(*) AS running FROM picloud.outbox o
+                        WHERE o.claimed_by IS NOT NULL AND o.app_id = l.app_id
+                          AND o.script_id = l.script_id) r
+    CROSS JOIN LATERAL (SELECT count(*) AS waiting FROM picloud.outbox o
+                        WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.app_id = l.app_id
+                          AND o.script_id = l.script_id) w;
+
 -- Resolves every unresolved dead letter of an app that matches all the given filters (NULL =
 -- any): p_resolution 'replayed' re-enqueues each with fresh attempts; the other three only
 -- mark them. Returns one row per dead letter with what was done, or with p_dry_run what would

@@ -27,11 +27,13 @@ GRANT INSERT, DELETE ON picloud.scripts, picloud.triggers, picloud.kv_trigger_de
 -- A cron trigger's settings; where it stands (last tick, counts) is the housekeeper's to write.
 GRANT UPDATE (schedule, timezone, payload, catch_up, catch_up_limit, skip_if_running, next_fire_at)
     ON picloud.cron_trigger_details TO picloud_user;
-GRANT UPDATE (enabled, updated_at) ON picloud.triggers TO picloud_user;
+GRANT UPDATE (enabled, updated_at, priority) ON picloud.triggers TO picloud_user;
+-- Handler concurrency limits are app admins' to set (row-level security below).
+GRANT INSERT, UPDATE (max_concurrency, set_by, set_at), DELETE ON picloud.handler_limits TO picloud_user;
 -- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
 -- creation time is never the producer's to choose.
 GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
-               ordering_key, ordering_seq, ordering_blocks)
+               ordering_key, ordering_seq, ordering_blocks, priority)
     ON picloud.outbox TO picloud_user;
 -- An ordered enqueue takes its place in picloud.ordering_seq with the caller's rights.
 GRANT USAGE ON SEQUENCE picloud.ordering_seq TO picloud_user, picloud_admin, picloud_owner;
@@ -67,6 +69,8 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_get_trigger(uuid, uuid),
     picloud.picloud_list_triggers(uuid),
     picloud.picloud_set_trigger_enabled(uuid, uuid, boolean),
+    picloud.picloud_set_trigger_priority(uuid, uuid, smallint),
+    picloud.picloud_set_handler_max_concurrency(uuid, uuid, integer),
     picloud.picloud_enable_trigger(uuid, uuid),
     picloud.picloud_disable_trigger(uuid, uuid),
     picloud.picloud_drop_trigger(uuid, uuid),
@@ -76,8 +80,8 @@ GRANT EXECUTE ON FUNCTION
     picloud.picloud_cron_next(text, text, timestamptz, integer),
     picloud.picloud_match_kv_triggers(uuid, text, text),
     picloud.picloud_match_dead_letter_triggers(uuid, text, uuid),
-    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
-    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text),
+    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text, smallint),
     picloud.picloud_emit_kv(uuid, text, text, text, jsonb, integer),
     picloud.capture(),
     picloud.picloud_retry_delay(integer),
@@ -116,8 +120,9 @@ GRANT EXECUTE ON FUNCTION
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
-    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
-    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud._trigger_priority(uuid, uuid),
     picloud._check_ordering(text, text),
     picloud._order_event(uuid, text),
     picloud._release_key(),
@@ -224,12 +229,19 @@ CREATE POLICY scripts_update ON picloud.scripts FOR UPDATE
 CREATE POLICY scripts_delete ON picloud.scripts FOR DELETE
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'));
 
+ALTER TABLE picloud.handler_limits ENABLE ROW LEVEL SECURITY;
+CREATE POLICY handler_limits_visible ON picloud.handler_limits FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY handler_limits_writes ON picloud.handler_limits FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+
 ALTER TABLE picloud.triggers ENABLE ROW LEVEL SECURITY;
 CREATE POLICY triggers_visible ON picloud.triggers FOR SELECT
     USING (picloud.picloud_has_capability(app_id, 'enqueue'));
 CREATE POLICY triggers_insert ON picloud.triggers FOR INSERT
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers') AND registered_by_principal = current_user);
--- Tenants may update only enabled/updated_at (column privileges above).
+-- Tenants may update only enabled/priority/updated_at (column privileges above).
 CREATE POLICY triggers_update ON picloud.triggers FOR UPDATE
     USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
@@ -309,6 +321,7 @@ CREATE POLICY inboxes_owner ON picloud.inboxes FOR ALL
 SELECT pg_catalog.pg_extension_config_dump('picloud.apps', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.app_roles', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.scripts', '');
+SELECT pg_catalog.pg_extension_config_dump('picloud.handler_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.triggers', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.kv_trigger_details', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.dead_letter_trigger_details', '');

@@ -103,6 +103,23 @@ CREATE TABLE picloud.key_blocks (
         REFERENCES picloud.apps (app_id) ON DELETE CASCADE
 );
 CREATE INDEX key_blocks_dead_letter_idx ON picloud.key_blocks (app_id, dead_letter_id);
+-- Priorities (p_priority, a trigger's default) and handler concurrency limits.
+ALTER TABLE picloud.outbox ADD COLUMN priority smallint NOT NULL DEFAULT 0;
+ALTER TABLE picloud.dead_letters ADD COLUMN priority smallint NOT NULL DEFAULT 0;
+ALTER TABLE picloud.triggers ADD COLUMN priority smallint NOT NULL DEFAULT 0;
+CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)
+    WHERE claimed_by IS NULL AND ordering_key IS NULL;
+CREATE TABLE picloud.handler_limits (
+    app_id           uuid        NOT NULL,
+    script_id        uuid        NOT NULL,
+    max_concurrency  integer     NOT NULL,
+    set_by           name        NOT NULL DEFAULT current_user,
+    set_at           timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT handler_limits_pkey PRIMARY KEY (app_id, script_id),
+    CONSTRAINT handler_limits_range CHECK (max_concurrency BETWEEN 1 AND 100000),
+    CONSTRAINT handler_limits_script_fkey FOREIGN KEY (app_id, script_id)
+        REFERENCES picloud.scripts (app_id, script_id) ON DELETE CASCADE
+);
 DROP FUNCTION picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
 DROP FUNCTION picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
 DROP FUNCTION picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text);
@@ -123,7 +140,8 @@ CREATE OR REPLACE FUNCTION picloud._enqueue_general(
     p_reply_to text,
     p_idempotency_key text,
     p_ordering_key text,
-    p_on_dead_letter text)
+    p_on_dead_letter text,
+    p_priority smallint)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -132,6 +150,7 @@ DECLARE
     v_existing uuid;
     v_script_id uuid := p_script_id;
     v_depth integer;
+    v_priority smallint := coalesce(p_priority, 0);
     v_wake_pending boolean;
 BEGIN
     -- Still a hot path (trigger ids, inboxes, idempotency keys): each check below is a plain
@@ -164,6 +183,9 @@ BEGIN
         END IF;
     ELSE
         v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+        IF p_priority IS NULL THEN
+            v_priority := picloud._trigger_priority(p_app_id, p_trigger_id);
+        END IF;
     END IF;
     IF p_reply_to IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM picloud.inboxes i WHERE i.app_id = p_app_id AND i.channel = p_reply_to) THEN
@@ -190,10 +212,11 @@ BEGIN
         v_ordering_seq := picloud._order_event(p_app_id, p_ordering_key);
     END IF;
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (p_app_id, v_event_id, p_source, p_op, p_trigger_id, v_script_id, p_payload, v_depth,
             coalesce(p_run_at, now()), p_reply_to,
-            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END);
+            p_ordering_key, v_ordering_seq, CASE WHEN p_ordering_key IS NOT NULL THEN p_on_dead_letter = 'block' END,
+            v_priority);
     v_wake_pending := picloud._wake_at_commit();
     RETURN v_event_id;
 END
@@ -210,7 +233,8 @@ CREATE OR REPLACE FUNCTION picloud.picloud_enqueue_bulk(
     p_depth integer DEFAULT NULL,
     p_run_at timestamptz DEFAULT NULL,
     p_ordering_keys text[] DEFAULT NULL,
-    p_on_dead_letter text DEFAULT NULL)
+    p_on_dead_letter text DEFAULT NULL,
+    p_priority smallint DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -220,6 +244,7 @@ DECLARE
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
     v_too_big integer;
     v_ids uuid[];
+    v_priority smallint;
 BEGIN
     IF p_app_id IS NULL OR p_source IS NULL OR p_op IS NULL OR p_payloads IS NULL THEN
         PERFORM picloud._null_argument('{app_id,source,op,payloads}',
@@ -240,6 +265,7 @@ BEGIN
     END IF;
     v_depth := picloud._event_depth(p_depth);
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
+    v_priority := coalesce(p_priority, picloud._trigger_priority(p_app_id, p_trigger_id));
     IF p_ordering_keys IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
         -- Refuses an unknown on_dead_letter, or one without any key.
         IF p_ordering_keys IS NULL OR p_on_dead_letter NOT IN ('continue', 'block') THEN
@@ -262,11 +288,12 @@ BEGIN
     -- be allowed to read the outbox, which shows other producers' events.
     v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
            coalesce(p_run_at, now()),
            p.ordering_key, p.ordering_seq,
-           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END
+           CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END,
+           v_priority
     FROM unnest(p_payloads, v_ids, p_ordering_keys, v_ordering_seqs) AS p(payload, event_id, ordering_key, ordering_seq);
     IF cardinality(p_payloads) > 0 THEN
         PERFORM picloud._wake_at_commit();
@@ -325,13 +352,15 @@ BEGIN
     -- An ordered trigger's event takes the key collection:key, and its place under that key's
     -- lock; the row lock a captured table's writers hold makes that their commit order.
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, picloud._new_event_id(), 'kv', p_op, m.trigger_id, m.script_id, v_payload, v_depth,
            k.ordering_key,
            CASE WHEN k.ordering_key IS NOT NULL THEN picloud._order_event(p_app_id, k.ordering_key) END,
-           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END
+           CASE WHEN k.ordering_key IS NOT NULL THEN d.on_dead_letter = 'block' END,
+           t.priority
     FROM picloud.picloud_match_kv_triggers(p_app_id, p_collection, p_op) m
     JOIN picloud.kv_trigger_details d ON d.app_id = p_app_id AND d.trigger_id = m.trigger_id
+    JOIN picloud.triggers t ON t.app_id = p_app_id AND t.trigger_id = m.trigger_id
     CROSS JOIN LATERAL (SELECT CASE WHEN d.ordered THEN p_collection || ':' || coalesce(p_key, '') END
                         AS ordering_key) k;
     GET DIAGNOSTICS v_enqueued = ROW_COUNT;
@@ -554,6 +583,8 @@ DECLARE
     v_after_key text;
     v_key_apps uuid[];
     v_keys text[];
+    v_full uuid[] := '{}';
+    v_lane_bound timestamptz := 'infinity';
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -582,6 +613,23 @@ BEGIN
         INTO v_running_apps, v_running_counts
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
               WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
+    END IF;
+    -- Handlers with a concurrency limit at their limit now (by the claimed rows, a few per
+    -- running handler): the scans below pass over their events.
+    IF EXISTS (SELECT 1 FROM picloud.handler_limits) THEN
+        SELECT coalesce(array_agg(r.script_id), '{}') INTO v_full
+        FROM (SELECT o.app_id, o.script_id, count(*) AS n FROM picloud.outbox o
+              WHERE o.claimed_by IS NOT NULL GROUP BY o.app_id, o.script_id) r
+        JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
+        WHERE r.n >= l.max_concurrency;
+    END IF;
+    IF p_leave_sql_lane THEN
+        -- The bounded look of step 2 (see above).
+        v_lane_bound := coalesce(
+            (SELECT w.due_at FROM picloud.outbox w
+             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+             ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+            'infinity');
     END IF;
     -- The ordering keys this claim visits (see above), and the cursor moved past them.
     BEGIN
@@ -638,86 +686,117 @@ BEGIN
                p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
         FROM apps a
     ), heads AS (
-        -- Each app's oldest claimable event by enqueue order, among its first 64 rows.
+        -- Each app's best claimable event, among its first 64 waiting rows by priority and due
+        -- time.
         SELECT h.app_id, h.event_id, h.due_at
         FROM room r
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
-            FROM (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id, o.ordering_key
-                  FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64) w
-            WHERE w.claimed_by IS NULL AND w.due_at <= now()
-              AND w.ordering_key IS NULL
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count,
+                         o.first_attempt_at, o.reply_to, o.script_id
+                  FROM picloud.outbox o
+                  WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  ORDER BY o.priority, o.due_at LIMIT 64) w
+            WHERE w.due_at <= now()
+              AND w.script_id <> ALL (v_full)
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND coalesce((SELECT s.kind FROM picloud.scripts s
-                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id) = 'sql',
-                                    false))
-            ORDER BY w.event_id
+                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = w.app_id AND s.script_id = w.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = w.app_id AND l.script_id = w.script_id))
+            ORDER BY w.priority, w.due_at
             LIMIT 1) h
         WHERE r.left_ IS NULL OR r.left_ > 0
     ), locked_heads AS (
-        SELECT o.app_id, o.event_id, o.due_at
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
         FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
+    ), fill_slots AS (
+        -- How many rows of each app are among the oldest due rows: one index scan of
+        -- outbox_due_idx.
+        SELECT c.app_id, count(*)::integer AS n
+        FROM (SELECT o.app_id
+              FROM picloud.outbox o
+              WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_lane_bound
+                AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+                         AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
+                AND o.ordering_key IS NULL
+                AND o.script_id <> ALL (v_full)
+                AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                         AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
+              ORDER BY o.due_at
+              LIMIT p_batch) c
+        GROUP BY c.app_id
     ), fill AS (
-        -- The oldest due rows by due time, for the rest of the batch: one index scan, which
-        -- passes over rows other claimers hold.
-        SELECT o.app_id, o.event_id, o.due_at
-        FROM picloud.outbox o
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-          AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
-                   AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
-          AND o.ordering_key IS NULL
-          AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                   AND coalesce((SELECT s.kind FROM picloud.scripts s
-                                 WHERE s.app_id = o.app_id AND s.script_id = o.script_id) = 'sql',
-                                false))
-          AND NOT EXISTS (SELECT 1 FROM locked_heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
-          -- With p_leave_sql_lane, a bounded look: at most the oldest p_batch * 4 + 100 due
-          -- unordered rows (the lanes drain those; ordered rows are never the lanes', and the
-          -- heads of their keys may lie behind any number of rows waiting for their turn).
-          AND (NOT p_leave_sql_lane OR o.due_at <= coalesce(
-                (SELECT w.due_at FROM picloud.outbox w
-                 WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
-                 ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-                'infinity'))
-        ORDER BY o.due_at
-        LIMIT p_batch
-        FOR UPDATE OF o SKIP LOCKED
+        -- Each app's share, its best rows by priority and due time (outbox_app_priority_idx),
+        -- passing over rows other claimers hold.
+        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
+        FROM fill_slots s
+        CROSS JOIN LATERAL (
+            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+            FROM picloud.outbox o
+            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+              AND o.due_at <= now() AND o.due_at <= v_lane_bound
+              AND o.script_id <> ALL (v_full)
+              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
+              AND NOT EXISTS (SELECT 1 FROM heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+            ORDER BY o.priority, o.due_at
+            LIMIT s.n
+            FOR UPDATE OF o SKIP LOCKED) f
     ), key_heads AS (
         -- The first event of each visited key, when it may run.
         SELECT h.app_id, h.event_id
         FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
-        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
+          AND h.script_id <> ALL (v_full)
           AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
                           WHERE b.app_id = k.app_id AND b.ordering_key = k.ordering_key)
     ), locked_keyed AS (
-        SELECT o.app_id, o.event_id, o.due_at
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
         FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
-        -- Within its cap, each app's rows in order: its head first, then by due time.
-        SELECT c.app_id, c.event_id, c.rank_, c.due_at,
-               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.due_at, c.event_id) AS nth
-        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at FROM locked_heads l
+        -- Within its cap, each app's rows in order: its head first, then by priority and due
+        -- time; within a limited handler's room, the handler's rows in the same order.
+        SELECT c.app_id, c.event_id, c.rank_, c.due_at, c.script_id,
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth,
+               row_number() OVER (PARTITION BY c.script_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth_of_handler
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at, l.priority, l.script_id FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at FROM fill f
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill f
               UNION ALL
-              SELECT k.app_id, k.event_id, 1, k.due_at FROM locked_keyed k) c
+              SELECT k.app_id, k.event_id, 1, k.due_at, k.priority, k.script_id FROM locked_keyed k) c
+    ), rooms AS (
+        -- What is left of each limited handler's limit (see picloud._handler_room), once per
+        -- handler (a CTE with a volatile function is evaluated once).
+        SELECT l.script_id, picloud._handler_room(l.app_id, l.script_id, l.max_concurrency) AS room
+        FROM (SELECT DISTINCT k.app_id, k.script_id, h.max_concurrency
+              FROM ranked k
+              JOIN picloud.handler_limits h ON h.app_id = k.app_id AND h.script_id = k.script_id) l
     ), due AS (
+        -- Heads first, then the apps' next rows in turn.
         SELECT k.app_id, k.event_id
         FROM ranked k
-        WHERE p_app_cap IS NULL
-           OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0)
-        ORDER BY k.rank_, k.due_at
+        LEFT JOIN rooms m ON m.script_id = k.script_id
+        WHERE (p_app_cap IS NULL
+               OR k.nth <= p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, k.app_id)], 0))
+          AND (m.script_id IS NULL OR k.nth_of_handler <= m.room)
+        ORDER BY k.rank_, k.nth, k.due_at
         LIMIT p_batch
     ), claimed AS (
         UPDATE picloud.outbox o
@@ -1019,7 +1098,7 @@ LANGUAGE plpgsql
 -- A backlog makes the planner's estimates large enough to JIT-compile this small query,
 -- which costs more than running it.
 SET jit = off
--- The same index-ordered scan as picloud_claim (outbox_due_idx) must drive the plan: a hash
+-- An index-ordered scan (outbox_app_priority_idx) must drive the plan: a hash
 -- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
 -- off (only inside this function, where no handler runs) the handler is looked up in a nested
 -- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
@@ -1064,7 +1143,9 @@ BEGIN
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
               AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND w.ordering_key IS NULL
-              AND s.kind = 'sql')
+              AND s.kind = 'sql'
+              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                              WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
     LOOP
         PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
         IF FOUND THEN
@@ -1087,8 +1168,12 @@ BEGIN
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           -- Ordered events go through claims, which take one event of a key at a time.
           AND o.ordering_key IS NULL
+          -- A handler with a concurrency limit has its events counted by claims.
           AND s.kind = 'sql'
-        ORDER BY o.due_at
+          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+        -- Within the app, by priority, then due time (outbox_app_priority_idx).
+        ORDER BY o.priority, o.due_at
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
@@ -1566,11 +1651,12 @@ BEGIN
         v_last_event := NULL;
         IF cardinality(v_fire) > 0 THEN
             WITH inserted AS (
-                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at)
+                INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
+                                            priority)
                 SELECT r.app_id, picloud._new_event_id(), 'cron', 'tick', r.trigger_id, r.script_id,
                        jsonb_build_object('trigger_id', r.trigger_id, 'scheduled_for', f.tick,
                                           'payload', r.payload),
-                       0, greatest(f.tick, now())
+                       0, greatest(f.tick, now()), picloud._trigger_priority(r.app_id, r.trigger_id)
                 FROM unnest(v_fire) WITH ORDINALITY AS f(tick, n)
                 ORDER BY f.n
                 RETURNING event_id
@@ -1757,7 +1843,8 @@ CREATE OR REPLACE FUNCTION picloud._enqueue_fast(
     p_reply_to text,
     p_idempotency_key text,
     p_ordering_key text,
-    p_on_dead_letter text)
+    p_on_dead_letter text,
+    p_priority smallint)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue_fast';
@@ -1774,7 +1861,8 @@ CREATE OR REPLACE FUNCTION picloud.picloud_enqueue(
     p_reply_to text DEFAULT NULL,
     p_idempotency_key text DEFAULT NULL,
     p_ordering_key text DEFAULT NULL,
-    p_on_dead_letter text DEFAULT NULL)
+    p_on_dead_letter text DEFAULT NULL,
+    p_priority smallint DEFAULT NULL)
 RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue';
@@ -1856,11 +1944,11 @@ BEGIN
     INSERT INTO picloud.dead_letters (
         app_id, dead_letter_id, original_event_id, source, op, trigger_id, script_id, payload, depth,
         attempt_count, first_attempt_at, last_attempt_at, last_error, reply_to,
-        ordering_key, ordering_seq, ordering_blocks)
+        ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (
         r.app_id, v_dead_letter_id, r.event_id, r.source, r.op, r.trigger_id, r.script_id, r.payload, r.depth,
         r.attempt_count, r.first_attempt_at, r.last_attempt_at, p_error, r.reply_to,
-        r.ordering_key, r.ordering_seq, r.ordering_blocks);
+        r.ordering_key, r.ordering_seq, r.ordering_blocks, r.priority);
     DELETE FROM picloud.outbox o WHERE o.app_id = r.app_id AND o.event_id = r.event_id;
     IF r.ordering_key IS NOT NULL THEN
         IF r.ordering_blocks THEN
@@ -1881,13 +1969,13 @@ BEGIN
         END IF;
         RETURN v_dead_letter_id;
     END IF;
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth)
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, priority)
     SELECT r.app_id, picloud._new_event_id(), 'dead_letter', r.op, m.trigger_id, m.script_id,
            jsonb_build_object(
                'dead_letter_id', v_dead_letter_id, 'original_event_id', r.event_id,
                'source', r.source, 'op', r.op, 'trigger_id', r.trigger_id, 'script_id', r.script_id,
                'payload', r.payload, 'attempt_count', r.attempt_count, 'last_error', p_error),
-           v_depth
+           v_depth, picloud._trigger_priority(r.app_id, m.trigger_id)
     FROM picloud.picloud_match_dead_letter_triggers(r.app_id, r.source, r.script_id) m;
     GET DIAGNOSTICS v_fanned = ROW_COUNT;
     IF v_fanned > 0 THEN
@@ -1911,9 +1999,9 @@ BEGIN
     END IF;
     -- A synchronous caller is long gone: the replay runs asynchronously.
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
-                                ordering_key, ordering_seq, ordering_blocks)
+                                ordering_key, ordering_seq, ordering_blocks, priority)
     VALUES (d.app_id, v_event_id, d.source, d.op, d.trigger_id, d.script_id, d.payload, d.depth,
-            d.ordering_key, v_ordering_seq, d.ordering_blocks);
+            d.ordering_key, v_ordering_seq, d.ordering_blocks, d.priority);
     UPDATE picloud.dead_letters
     SET resolution = 'replayed', resolved_at = now(), resolved_by = current_user
     WHERE app_id = d.app_id AND dead_letter_id = d.dead_letter_id;
@@ -1955,6 +2043,86 @@ CREATE VIEW picloud.blocked_keys WITH (security_invoker = true) AS
     JOIN picloud.apps a ON a.app_id = b.app_id
     LEFT JOIN picloud.dead_letters d ON d.app_id = b.app_id AND d.dead_letter_id = b.dead_letter_id;
 
+CREATE OR REPLACE FUNCTION picloud._trigger_priority(p_app_id uuid, p_trigger_id uuid) RETURNS smallint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT t.priority FROM picloud.triggers t
+                     WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id), 0::smallint)
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._handler_room(p_app_id uuid, p_script_id uuid, p_max_concurrency integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(1885954925,
+             pg_catalog.hashtext(p_app_id::text || ':' || p_script_id::text)) THEN
+        RETURN 0;
+    END IF;
+    RETURN p_max_concurrency - (SELECT count(*)::integer FROM picloud.outbox o
+                                WHERE o.claimed_by IS NOT NULL AND o.app_id = p_app_id
+                                  AND o.script_id = p_script_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_set_trigger_priority(p_app_id uuid, p_trigger_id uuid, p_priority smallint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_trigger_id IS NULL OR p_priority IS NULL THEN
+        PERFORM picloud._null_argument('{trigger_id,priority}', ARRAY[p_trigger_id IS NULL, p_priority IS NULL]);
+    END IF;
+    UPDATE picloud.triggers SET priority = p_priority, updated_at = now()
+    WHERE app_id = p_app_id AND trigger_id = p_trigger_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'trigger % does not exist in app %', p_trigger_id, p_app_id USING ERRCODE = 'P0002';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_set_handler_max_concurrency(
+    p_app_id uuid, p_script_id uuid, p_max_concurrency integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._require(p_app_id, 'manage_triggers');
+    IF p_script_id IS NULL THEN PERFORM picloud._null_argument('{script_id}', '{t}'); END IF;
+    IF p_max_concurrency NOT BETWEEN 1 AND 100000 THEN
+        PERFORM picloud._invalid(format('max_concurrency must be between 1 and 100000 (or NULL for no limit), got %s',
+            p_max_concurrency));
+    END IF;
+    PERFORM picloud._require_script(p_app_id, p_script_id);
+    IF p_max_concurrency IS NULL THEN
+        DELETE FROM picloud.handler_limits WHERE app_id = p_app_id AND script_id = p_script_id;
+    ELSE
+        INSERT INTO picloud.handler_limits AS l (app_id, script_id, max_concurrency)
+        VALUES (p_app_id, p_script_id, p_max_concurrency)
+        ON CONFLICT ON CONSTRAINT handler_limits_pkey DO UPDATE
+        SET max_concurrency = EXCLUDED.max_concurrency, set_by = current_user, set_at = now();
+    END IF;
+END
+$$;
+
+-- Handlers with a concurrency limit: how many of their events run now (claimed, by every
+-- worker) and how many are due and wait; at_limit says claims pass over them for now.
+CREATE VIEW picloud.limited_handlers WITH (security_invoker = true) AS
+    SELECT l.app_id,
+           a.name AS app_name,
+           l.script_id,
+           s.name AS script_name,
+           l.max_concurrency,
+           r.running,
+           w.waiting,
+           r.running >= l.max_concurrency AS at_limit
+    FROM picloud.handler_limits l
+    JOIN picloud.apps a ON a.app_id = l.app_id
+    JOIN picloud.scripts s ON s.app_id = l.app_id AND s.script_id = l.script_id
+    CROSS JOIN LATERAL (SELECT count(*) AS running FROM picloud.outbox o
+                        WHERE o.claimed_by IS NOT NULL AND o.app_id = l.app_id
+                          AND o.script_id = l.script_id) r
+    CROSS JOIN LATERAL (SELECT count(*) AS waiting FROM picloud.outbox o
+                        WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.app_id = l.app_id
+                          AND o.script_id = l.script_id) w;
+
 -- Privileges --------------------------------------------------------------------------------
 
 GRANT USAGE ON SCHEMA picloud TO picloud_owner;
@@ -1965,8 +2133,12 @@ REVOKE INSERT ON picloud.outbox FROM picloud_user;
 -- The outbox columns an enqueue writes, and no others: a claim, a lease, an attempt count or a
 -- creation time is never the producer's to choose.
 GRANT INSERT (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at, reply_to,
-               ordering_key, ordering_seq, ordering_blocks)
+               ordering_key, ordering_seq, ordering_blocks, priority)
     ON picloud.outbox TO picloud_user;
+GRANT UPDATE (enabled, updated_at, priority) ON picloud.triggers TO picloud_user;
+-- Handler concurrency limits are app admins' to set (row-level security below).
+GRANT SELECT, INSERT, UPDATE (max_concurrency, set_by, set_at), DELETE ON picloud.handler_limits TO picloud_user;
+GRANT SELECT ON picloud.limited_handlers TO picloud_user;
 -- An ordered enqueue takes its place in picloud.ordering_seq with the caller's rights.
 GRANT USAGE ON SEQUENCE picloud.ordering_seq TO picloud_user, picloud_admin, picloud_owner;
 -- Resolving a dead letter releases the key it blocked, with the resolver's rights.
@@ -1986,10 +2158,13 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
     picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean, boolean, text),
-    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
-    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text),
-    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
-    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text),
+    picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text, smallint),
+    picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
+    picloud._trigger_priority(uuid, uuid),
+    picloud.picloud_set_trigger_priority(uuid, uuid, smallint),
+    picloud.picloud_set_handler_max_concurrency(uuid, uuid, integer),
     picloud._check_ordering(text, text),
     picloud._order_event(uuid, text),
     picloud._release_key(),
@@ -2052,6 +2227,13 @@ ALTER TABLE picloud.key_blocks ENABLE ROW LEVEL SECURITY;
 CREATE POLICY key_blocks_admin ON picloud.key_blocks FOR ALL
     USING (picloud.picloud_has_capability(app_id, 'manage_dead_letters'))
     WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_dead_letters'));
+ALTER TABLE picloud.handler_limits ENABLE ROW LEVEL SECURITY;
+CREATE POLICY handler_limits_visible ON picloud.handler_limits FOR SELECT
+    USING (picloud.picloud_has_capability(app_id, 'enqueue'));
+CREATE POLICY handler_limits_writes ON picloud.handler_limits FOR ALL
+    USING (picloud.picloud_has_capability(app_id, 'manage_triggers'))
+    WITH CHECK (picloud.picloud_has_capability(app_id, 'manage_triggers'));
+SELECT pg_catalog.pg_extension_config_dump('picloud.handler_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.key_blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('picloud.ordering_seq', '');
 

@@ -45,7 +45,7 @@ pub fn connect_as(db: &str, user: &str) -> Client {
 }
 
 /// Every table the extension creates in schema picloud.
-pub const TABLES: [&str; 14] = [
+pub const TABLES: [&str; 15] = [
     "apps",
     "app_roles",
     "scripts",
@@ -60,6 +60,7 @@ pub const TABLES: [&str; 14] = [
     "abandoned_executions",
     "event_counts",
     "key_blocks",
+    "handler_limits",
 ];
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);

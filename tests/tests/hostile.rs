@@ -49,7 +49,7 @@ const C_FUNCTIONS: &[&str] = &[
     "_cron_check(text,text)",
     "_cron_due(text,text,timestamp with time zone,timestamp with time zone,integer)",
     "_cron_next_after(text,text,timestamp with time zone)",
-    "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text,text,text)",
+    "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text,text,text,smallint)",
     "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
     // The list of event sources: no SQL.
     "_event_sources()",
@@ -67,7 +67,7 @@ const C_FUNCTIONS: &[&str] = &[
     "picloud_collection_matches(text,text)",
     "picloud_cron_next(text,text,timestamp with time zone,integer)",
     "picloud_current_depth()",
-    "picloud_enqueue(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text,text,text)",
+    "picloud_enqueue(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text,text,text,smallint)",
     "picloud_supervisor_idle()",
 ];
 

@@ -32,7 +32,8 @@ fn seed_tables(t: &mut Tenancy) {
                          SELECT '{app}', trigger_id, '@yearly', 'UTC', '{{}}', 'last', 1, false, now() + interval '1 day' FROM c),
                   kd AS (INSERT INTO picloud.kv_trigger_details (app_id, trigger_id, collection_pattern, match_key, ops)
                          SELECT '{app}', trigger_id, 'seed', '=seed', ARRAY['set'] FROM k),
-                  dd AS (INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) SELECT '{app}', trigger_id FROM d)
+                  dd AS (INSERT INTO picloud.dead_letter_trigger_details (app_id, trigger_id) SELECT '{app}', trigger_id FROM d),
+                  hl AS (INSERT INTO picloud.handler_limits (app_id, script_id, max_concurrency) SELECT '{app}', script_id, 5 FROM s)
              INSERT INTO picloud.outbox (app_id, source, op, script_id, payload) SELECT '{app}', 'queue', 'seed', script_id, '{{}}' FROM s;
              INSERT INTO picloud.idempotency_keys (app_id, idempotency_key, event_id) VALUES ('{app}', 'seed', gen_random_uuid());
              WITH dl AS (INSERT INTO picloud.dead_letters (app_id, original_event_id, source, op, payload, attempt_count,
@@ -74,6 +75,7 @@ fn tenant_may_insert(table: &str) -> bool {
             | "inboxes"
             | "outbox"
             | "idempotency_keys"
+            | "handler_limits"
     )
 }
 
@@ -88,13 +90,15 @@ fn tenant_may_delete(table: &str) -> bool {
             | "inboxes"
             // Resolving a dead letter releases the ordering key it blocked.
             | "key_blocks"
+            | "handler_limits"
     )
 }
 
 /// The columns a tenant may UPDATE (comma-separated, sorted), if any.
 fn tenant_update_columns(table: &str) -> Option<&'static str> {
     match table {
-        "triggers" => Some("enabled,updated_at"),
+        "triggers" => Some("enabled,priority,updated_at"),
+        "handler_limits" => Some("max_concurrency,set_at,set_by"),
         "cron_trigger_details" => {
             Some("catch_up,catch_up_limit,next_fire_at,payload,schedule,skip_if_running,timezone")
         }
@@ -166,7 +170,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
         if table == "outbox" {
             // Only the columns an enqueue writes: never a claim, a lease or an attempt count.
             want.push(
-                "INSERT(app_id,depth,due_at,event_id,op,ordering_blocks,ordering_key,ordering_seq,payload,reply_to,script_id,source,trigger_id)"
+                "INSERT(app_id,depth,due_at,event_id,op,ordering_blocks,ordering_key,ordering_seq,payload,priority,reply_to,script_id,source,trigger_id)"
                     .to_string(),
             );
         }
@@ -339,6 +343,14 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
             ),
         ),
         (
+            "handler_limits",
+            format!(
+                "INSERT INTO picloud.handler_limits (app_id, script_id, max_concurrency)
+                 SELECT '{a}', script_id, 2 FROM picloud.scripts WHERE app_id = '{a}' AND name = 'ins'"
+            ),
+            format!("INSERT INTO picloud.handler_limits (app_id, script_id, max_concurrency) VALUES ('{b}', '{script_b}', 2)"),
+        ),
+        (
             "outbox",
             format!("INSERT INTO picloud.outbox (app_id, source, op, script_id, payload) VALUES ('{a}', 'queue', 'ins', '{script_a}', '{{}}')"),
             format!("INSERT INTO picloud.outbox (app_id, source, op, script_id, payload) VALUES ('{b}', 'queue', 'ins', '{script_b}', '{{}}')"),
@@ -456,6 +468,7 @@ fn tables_show_and_touch_only_the_roles_own_apps() {
     // tenants may not delete, even app A's own rows are refused and stay.
     let order = [
         "key_blocks",
+        "handler_limits",
         "kv_trigger_details",
         "dead_letter_trigger_details",
         "cron_trigger_details",
@@ -567,7 +580,7 @@ fn outsiders_and_producers_reach_no_rows() {
     // A producer of app A sees app A's handlers and triggers (enqueue resolves them with its
     // rights) but not its pending events, dead letters or other callers' inboxes.
     let a = t.app_a;
-    let producer_sees: [(&str, i64); 13] = [
+    let producer_sees: [(&str, i64); 14] = [
         ("apps", 1),
         ("app_roles", 1),
         ("scripts", 1),
@@ -581,6 +594,7 @@ fn outsiders_and_producers_reach_no_rows() {
         ("inboxes", 1),
         ("abandoned_executions", 0),
         ("key_blocks", 0),
+        ("handler_limits", 1),
     ];
     for (table, want) in producer_sees {
         let all = count(

@@ -21,8 +21,14 @@ fn added_since(version: &str) -> &'static [&'static str] {
             "handler_secrets",
             "cron_trigger_details",
             "key_blocks",
+            "handler_limits",
         ],
-        _ => &["handler_secrets", "cron_trigger_details", "key_blocks"],
+        _ => &[
+            "handler_secrets",
+            "cron_trigger_details",
+            "key_blocks",
+            "handler_limits",
+        ],
     }
 }
 
@@ -79,14 +85,15 @@ fn contents(c: &mut postgres::Client, version: &str) -> Vec<(String, i64, String
         .collect()
 }
 
-/// Columns the upgrade to 0.4.0 adds to existing tables (ordered delivery), with their
-/// defaults; checked apart after the upgrade.
-const ADDED_IN_0_4_0: [&str; 5] = [
+/// Columns the upgrade to 0.4.0 adds to existing tables (ordered delivery, priorities), with
+/// their defaults; checked apart after the upgrade.
+const ADDED_IN_0_4_0: [&str; 6] = [
     "ordering_key",
     "ordering_seq",
     "ordering_blocks",
     "ordered",
     "on_dead_letter",
+    "priority",
 ];
 
 fn version(c: &mut postgres::Client) -> String {
@@ -234,12 +241,16 @@ fn upgrade_from(previous: &str) {
         "no row lost or changed by the upgrade"
     );
     // What the upgrade added holds its defaults: every event and trigger from before is
-    // unordered, and no key is blocked.
+    // unordered and of priority 0, no key is blocked and no handler limited.
     for (what, sql) in [
         ("outbox", "SELECT count(*) FROM picloud.outbox WHERE ordering_key IS NOT NULL OR ordering_seq IS NOT NULL OR ordering_blocks IS NOT NULL"),
         ("dead letters", "SELECT count(*) FROM picloud.dead_letters WHERE ordering_key IS NOT NULL OR ordering_seq IS NOT NULL OR ordering_blocks IS NOT NULL"),
         ("kv triggers", "SELECT count(*) FROM picloud.kv_trigger_details WHERE ordered OR on_dead_letter <> 'continue'"),
         ("blocked keys", "SELECT count(*) FROM picloud.key_blocks"),
+        ("priorities", "SELECT (SELECT count(*) FROM picloud.outbox WHERE priority <> 0)
+                              + (SELECT count(*) FROM picloud.dead_letters WHERE priority <> 0)
+                              + (SELECT count(*) FROM picloud.triggers WHERE priority <> 0)"),
+        ("handler limits", "SELECT count(*) FROM picloud.handler_limits"),
     ] {
         assert_eq!(count(&mut c, sql), 0, "{what} after the upgrade");
     }

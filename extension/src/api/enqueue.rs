@@ -44,7 +44,8 @@ const REPLY_TO: usize = 8;
 const IDEMPOTENCY_KEY: usize = 9;
 const ORDERING_KEY: usize = 10;
 const ON_DEAD_LETTER: usize = 11;
-const ARGS: usize = 12;
+const PRIORITY: usize = 12;
+const ARGS: usize = 13;
 /// Arguments of the declaration a 0.3.0 schema makes (up to IDEMPOTENCY_KEY): taken until
 /// `ALTER EXTENSION picloud UPDATE` has run, the missing ones read as NULL.
 const ARGS_0_3: usize = 10;
@@ -63,6 +64,7 @@ const ARG_TYPES: [pg_sys::Oid; ARGS] = [
     pg_sys::TEXTOID,        // IDEMPOTENCY_KEY
     pg_sys::TEXTOID,        // ORDERING_KEY
     pg_sys::TEXTOID,        // ON_DEAD_LETTER
+    pg_sys::INT2OID,        // PRIORITY
 ];
 
 /// An op is 1 to 200 characters; no encoding needs more than 4 bytes per character.
@@ -74,16 +76,16 @@ const MAX_OP_BYTES: usize = 200 * 4;
 /// The common case for callers who act on every app (superusers, picloud_admin): the handler
 /// must exist in the app.
 const OWNER_INSERT: &CStr = c"
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at)
-    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now())
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority)
+    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2)
     FROM picloud.scripts s
     WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5";
 
 /// The common case for every other caller: as above, and the caller holds the producer or
 /// admin right in the app (what `picloud_has_capability(app, 'enqueue')` asks).
 const PRODUCER_INSERT: &CStr = c"
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at)
-    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now())
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority)
+    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2)
     FROM picloud.scripts s
     WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5
       AND EXISTS (SELECT FROM picloud.app_roles r
@@ -91,7 +93,7 @@ const PRODUCER_INSERT: &CStr = c"
                     AND r.role_name OPERATOR(pg_catalog.=) CURRENT_USER
                     AND r.capability OPERATOR(pg_catalog.=) ANY ('{admin,producer}'::pg_catalog.text[]))";
 
-const INSERT_TYPES: [pg_sys::Oid; 8] = [
+const INSERT_TYPES: [pg_sys::Oid; 9] = [
     pg_sys::UUIDOID,
     pg_sys::UUIDOID,
     pg_sys::TEXTOID,
@@ -100,6 +102,7 @@ const INSERT_TYPES: [pg_sys::Oid; 8] = [
     pg_sys::JSONBOID,
     pg_sys::INT4OID,
     pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT2OID,
 ];
 
 thread_local! {
@@ -141,7 +144,7 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_fast(
     // SAFETY: fcinfo is valid for this call (see above).
     let args = unsafe { read_args(fcinfo) };
     // SAFETY: the arguments carry the declared SQL types.
-    match unsafe { enqueue_common(&args) } {
+    match args.and_then(|args| unsafe { enqueue_common(&args) }) {
         Some(event_id) => event_id,
         None => {
             // SAFETY: fcinfo is valid; marks the result NULL.
@@ -151,11 +154,18 @@ pub unsafe extern "C-unwind" fn picloud_enqueue_fast(
     }
 }
 
+/// The call's arguments; None for the declaration of an older schema, whose outbox lacks
+/// columns the kept INSERT writes: such a call takes the general path of that schema until
+/// `ALTER EXTENSION picloud UPDATE` has run.
+///
 /// # Safety
 /// `fcinfo` must be valid.
-unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
+unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> Option<[Arg; ARGS]> {
     // SAFETY: fcinfo is valid.
     let passed = unsafe { raw::arguments(fcinfo, &ARG_TYPES, ARGS_0_3, "picloud._enqueue_fast") };
+    if passed.len() < ARGS {
+        return None;
+    }
     let mut args = [Arg {
         value: pg_sys::Datum::from(0),
         is_null: true,
@@ -166,7 +176,7 @@ unsafe fn read_args(fcinfo: pg_sys::FunctionCallInfo) -> [Arg; ARGS] {
             is_null: given.isnull,
         };
     }
-    args
+    Some(args)
 }
 
 /// Is this op 1 to 200 characters long (as `length()` counts them in the database encoding)?
@@ -262,9 +272,11 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         args[PAYLOAD].value,
         pg_sys::Datum::from(depth),
         args[RUN_AT].value,
+        args[PRIORITY].value,
     ];
-    let mut nulls = [b' ' as std::ffi::c_char; 8];
+    let mut nulls = [b' ' as std::ffi::c_char; 9];
     nulls[7] = args[RUN_AT].null_flag();
+    nulls[8] = args[PRIORITY].null_flag();
 
     // SAFETY: connect/finish pair; the plan's parameter types match `values`.
     let inserted = unsafe {
