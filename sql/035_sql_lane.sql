@@ -184,10 +184,12 @@ SET enable_bitmapscan = off
 SET jit = off
 AS $$
     SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
-           array_agg(o.event_id),
-           array_agg(o.ctid),
+           -- Within a group, by priority then due time, as the batch was taken.
+           array_agg(o.event_id ORDER BY o.priority, o.due_at, o.event_id),
+           array_agg(o.ctid ORDER BY o.priority, o.due_at, o.event_id),
            array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
-                                          o.depth, o.attempt_count + 1, o.trigger_id, o.script_id))
+                                          o.depth, o.attempt_count + 1, o.trigger_id, o.script_id)
+                     ORDER BY o.priority, o.due_at, o.event_id)
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL

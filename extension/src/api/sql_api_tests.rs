@@ -231,18 +231,18 @@ mod tests {
         Spi::run(
             "CREATE TEMP TABLE pair AS SELECT
                  picloud.picloud_enqueue(app, 'kv', 'set', '{\"a\": 1}', script, p_depth => 2,
-                     p_run_at => '2030-01-01 00:00+00') AS fast,
+                     p_run_at => '2030-01-01 00:00+00', p_priority => -3::smallint) AS fast,
                  picloud._enqueue_general(app, 'kv', 'set', '{\"a\": 1}', script, NULL, 2,
-                     '2030-01-01 00:00+00', NULL, NULL, NULL, NULL) AS general
+                     '2030-01-01 00:00+00', NULL, NULL, NULL, NULL, -3::smallint) AS general
              FROM fx",
         )
         .expect("both paths");
         let same = Spi::get_one::<bool>(
             "SELECT (f.app_id, f.source, f.op, f.trigger_id, f.script_id, f.payload, f.depth,
-                     f.attempt_count, f.due_at, f.claimed_by, f.reply_to, f.created_at)
+                     f.attempt_count, f.due_at, f.claimed_by, f.reply_to, f.created_at, f.priority)
                   IS NOT DISTINCT FROM (g.app_id, g.source, g.op, g.trigger_id, g.script_id, g.payload, g.depth,
-                     g.attempt_count, g.due_at, g.claimed_by, g.reply_to, g.created_at)
-                AND f.depth = 2 AND f.due_at = '2030-01-01 00:00+00'
+                     g.attempt_count, g.due_at, g.claimed_by, g.reply_to, g.created_at, g.priority)
+                AND f.depth = 2 AND f.due_at = '2030-01-01 00:00+00' AND f.priority = -3
              FROM pair, picloud.outbox f, picloud.outbox g
              WHERE f.event_id = pair.fast AND g.event_id = pair.general",
         );
@@ -253,7 +253,7 @@ mod tests {
         )
         .expect("plain enqueue");
         let default_due = Spi::get_one::<bool>(
-            "SELECT o.due_at = now() AND o.depth = 0 FROM plain, picloud.outbox o
+            "SELECT o.due_at = now() AND o.depth = 0 AND o.priority = 0 FROM plain, picloud.outbox o
              WHERE o.event_id = plain.id",
         );
         assert_eq!(default_due, Ok(Some(true)));
@@ -263,13 +263,13 @@ mod tests {
         let before = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
         let answers = Spi::get_one::<Vec<bool>>(
             "SELECT ARRAY[
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NOT NULL,
-                 picloud._enqueue_fast(app, 'kv', 'set', '{}', NULL, trig, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, 'key', NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', NULL) IS NULL]
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NOT NULL,
+                 picloud._enqueue_fast(app, 'kv', 'set', '{}', NULL, trig, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, 'key', NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', NULL, NULL) IS NULL]
              FROM fx",
         );
         assert_eq!(answers, Ok(Some(vec![true; 7])));
