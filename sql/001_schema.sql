@@ -219,10 +219,12 @@ CREATE TABLE picloud.outbox (
 
 -- Claim path: due, unclaimed rows in due order.
 CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
--- Claim path and sql lanes, within one app: its unordered waiting rows by priority, then due
--- time (an app's best event is one probe, however long its backlog of lower priority).
+-- Claim path and sql lanes, within one app: its unordered waiting rows of a priority other
+-- than the default, by priority, then due time (picloud._waiting merges them with the app's
+-- rows of priority 0 from outbox_due_idx). Events of priority 0 never enter it, so they cost
+-- no index write of their own.
 CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)
-    WHERE claimed_by IS NULL AND ordering_key IS NULL;
+    WHERE claimed_by IS NULL AND ordering_key IS NULL AND priority <> 0;
 -- Lease rescue: claimed rows by lease expiry.
 CREATE INDEX outbox_lease_idx ON picloud.outbox (lease_expires_at) WHERE claimed_by IS NOT NULL;
 -- Ordered delivery: an event of a key may run only when no earlier event of its key is in the

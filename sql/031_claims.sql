@@ -98,6 +98,31 @@ LANGUAGE sql STABLE AS $$
     CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
 $$;
 
+-- An app's unclaimed, unordered events due by p_until, by priority, then due time, read
+-- lazily (the caller's ORDER BY priority, due_at and LIMIT stop the scans): the non-zero
+-- priorities from outbox_app_priority_idx (which holds only those, so that the usual events of
+-- priority 0 cost no index of their own) merged with the events of priority 0 from
+-- outbox_due_idx. Inlined into its callers (a SQL function of one SELECT without a fixed
+-- search_path, which would stop the inlining: every name is qualified instead).
+CREATE FUNCTION picloud._waiting(p_app_id uuid, p_until timestamptz)
+RETURNS TABLE (app_id uuid, event_id uuid, due_at timestamptz, priority smallint, script_id uuid,
+               attempt_count integer, first_attempt_at timestamptz, reply_to text)
+LANGUAGE sql STABLE AS $$
+    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
+           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
+    FROM picloud.outbox o
+    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+      AND o.priority OPERATOR(pg_catalog.<>) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+      AND o.due_at OPERATOR(pg_catalog.<=) p_until
+    UNION ALL
+    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
+           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
+    FROM picloud.outbox o
+    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+      AND o.priority OPERATOR(pg_catalog.=) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+      AND o.due_at OPERATOR(pg_catalog.<=) p_until
+$$;
+
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
 -- with its handler and the principal it runs as.
 --
@@ -126,13 +151,17 @@ $$;
 -- one supervisor's executors, and adding supervisors adds capacity for every app.)
 -- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
 -- lanes their events - first attempts of asynchronous events whose sql handler has no
--- concurrency limit - and looks at no more than the oldest p_batch * 4 + 100 due rows in step 2, so a backlog of
--- lane events costs it a bounded scan.
+-- concurrency limit. Step 2 looks at no more than the oldest p_batch * 4 + 100 due rows, so a
+-- backlog of lane events, or of a handler at its limit, costs a claim a bounded scan.
 CREATE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
     p_app_cap integer DEFAULT NULL)
 RETURNS SETOF picloud.claimed_event
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- A backlog makes the planner's estimates for the claim large enough to JIT-compile it, which
+-- costs a hundred times more than running it (measured: 120 ms against 4 ms).
+SET jit = off
+AS $$
 DECLARE
     v_claimed integer;
     v_running_apps uuid[] := '{}';
@@ -143,7 +172,7 @@ DECLARE
     v_key_apps uuid[];
     v_keys text[];
     v_full uuid[] := '{}';
-    v_lane_bound timestamptz := 'infinity';
+    v_bound timestamptz := 'infinity';
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
         PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
@@ -182,14 +211,12 @@ BEGIN
         JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
         WHERE r.n >= l.max_concurrency;
     END IF;
-    IF p_leave_sql_lane THEN
-        -- The bounded look of step 2 (see above).
-        v_lane_bound := coalesce(
-            (SELECT w.due_at FROM picloud.outbox w
-             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
-             ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-            'infinity');
-    END IF;
+    -- The bounded look of step 2 (see above).
+    v_bound := coalesce(
+        (SELECT w.due_at FROM picloud.outbox w
+         WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+         ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+        'infinity');
     -- The ordering keys this claim visits (see above), and the cursor moved past them.
     BEGIN
         v_after_app := nullif(current_setting('picloud.claim_after_app', true), '')::uuid;
@@ -245,18 +272,24 @@ BEGIN
                p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
         FROM apps a
     ), heads AS (
-        -- Each app's best claimable event, among its first 64 waiting rows by priority and due
-        -- time.
+        -- Each app's best claimable event by priority, then due time, among its first 64 rows
+        -- of a priority other than 0 (outbox_app_priority_idx) and its first 64 rows by enqueue
+        -- order (outbox_pkey): two short index scans however the app's rows lie in due order.
         SELECT h.app_id, h.event_id, h.due_at
         FROM room r
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
-            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count,
-                         o.first_attempt_at, o.reply_to, o.script_id
-                  FROM picloud.outbox o
-                  WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-                  ORDER BY o.priority, o.due_at LIMIT 64) w
-            WHERE w.due_at <= now()
+            FROM ((SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at,
+                          o.reply_to, o.script_id, o.claimed_by, o.ordering_key
+                   FROM picloud.outbox o
+                   WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                     AND o.priority <> 0 AND o.due_at <= now()
+                   ORDER BY o.priority, o.due_at LIMIT 64)
+                  UNION ALL
+                  (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at,
+                          o.reply_to, o.script_id, o.claimed_by, o.ordering_key
+                   FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
+            WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
               AND w.script_id <> ALL (v_full)
               AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
                        AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
@@ -273,11 +306,11 @@ BEGIN
         FOR UPDATE OF o SKIP LOCKED
     ), fill_slots AS (
         -- How many rows of each app are among the oldest due rows: one index scan of
-        -- outbox_due_idx.
+        -- outbox_due_idx, at most p_batch * 4 + 100 rows deep.
         SELECT c.app_id, count(*)::integer AS n
         FROM (SELECT o.app_id
               FROM picloud.outbox o
-              WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_lane_bound
+              WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_bound
                 AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                          AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
                 AND o.ordering_key IS NULL
@@ -290,16 +323,16 @@ BEGIN
               ORDER BY o.due_at
               LIMIT p_batch) c
         GROUP BY c.app_id
-    ), fill AS (
-        -- Each app's share, its best rows by priority and due time (outbox_app_priority_idx),
-        -- passing over rows other claimers hold.
+    ), fill_prioritized AS (
+        -- Each app's share (see ranked for the cut): its best rows of a priority other than 0
+        -- (outbox_app_priority_idx), passing over rows other claimers hold ...
         SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
         FROM fill_slots s
         CROSS JOIN LATERAL (
             SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
             FROM picloud.outbox o
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-              AND o.due_at <= now() AND o.due_at <= v_lane_bound
+              AND o.priority <> 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
               AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
                        AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
@@ -308,6 +341,25 @@ BEGIN
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
               AND NOT EXISTS (SELECT 1 FROM heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
             ORDER BY o.priority, o.due_at
+            LIMIT s.n
+            FOR UPDATE OF o SKIP LOCKED) f
+    ), fill_usual AS (
+        -- ... and its oldest rows of priority 0 (outbox_due_idx, where fill_slots found them).
+        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
+        FROM fill_slots s
+        CROSS JOIN LATERAL (
+            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+            FROM picloud.outbox o
+            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+              AND o.priority = 0 AND o.due_at <= now()
+              AND o.script_id <> ALL (v_full)
+              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                     WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
+                       AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                       WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
+              AND NOT EXISTS (SELECT 1 FROM heads l WHERE l.app_id = o.app_id AND l.event_id = o.event_id)
+            ORDER BY o.due_at
             LIMIT s.n
             FOR UPDATE OF o SKIP LOCKED) f
     ), key_heads AS (
@@ -337,7 +389,9 @@ BEGIN
                row_number() OVER (PARTITION BY c.script_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth_of_handler
         FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at, l.priority, l.script_id FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill f
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill_prioritized f
+              UNION ALL
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill_usual f
               UNION ALL
               SELECT k.app_id, k.event_id, 1, k.due_at, k.priority, k.script_id FROM locked_keyed k) c
     ), rooms AS (

@@ -33,7 +33,7 @@ LANGUAGE plpgsql
 -- A backlog makes the planner's estimates large enough to JIT-compile this small query,
 -- which costs more than running it.
 SET jit = off
--- An index-ordered scan (outbox_app_priority_idx) must drive the plan: a hash
+-- An index-ordered scan (outbox_due_idx) must drive the plan: a hash
 -- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
 -- off (only inside this function, where no handler runs) the handler is looked up in a nested
 -- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
@@ -94,7 +94,11 @@ BEGIN
     -- lane that finds none waits longer and longer before looking again (see
     -- supervisor/src/lane.rs).
     v_locked := 0;
-    IF v_app IS NOT NULL THEN
+    IF v_app IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM picloud.outbox o
+        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL AND o.priority <> 0) THEN
+        -- The usual case, every waiting event of the app of priority 0: its oldest, in one
+        -- index-ordered scan of outbox_due_idx.
         RETURN QUERY
         SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
         FROM picloud.outbox o
@@ -107,8 +111,32 @@ BEGIN
           AND s.kind = 'sql'
           AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                           WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
-        -- Within the app, by priority, then due time (outbox_app_priority_idx).
-        ORDER BY o.priority, o.due_at
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+    ELSIF v_app IS NOT NULL THEN
+        -- Priorities in use: the app's best lane events by priority, then due time
+        -- (picloud._waiting), twice as many as wanted for those another lane holds, then locked.
+        RETURN QUERY
+        WITH best AS MATERIALIZED (
+            SELECT w.event_id, w.priority, w.due_at
+            FROM picloud._waiting(v_app, 'infinity') w
+            JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
+            WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+              AND s.kind = 'sql'
+              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                              WHERE l.app_id = w.app_id AND l.script_id = w.script_id)
+            ORDER BY w.priority, w.due_at
+            LIMIT p_batch * 2)
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM best b
+        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = b.event_id
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND o.ordering_key IS NULL
+        ORDER BY b.priority, b.due_at
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
