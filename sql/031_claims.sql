@@ -141,7 +141,7 @@ $$;
 -- the session's settings, wrapping around), and takes each key's first event (by place,
 -- ordering_seq) when it is unclaimed and due and the key is not blocked by a dead letter. So
 -- an ordered event runs only when no earlier event of its key is in the outbox (claimed,
--- retrying or waiting); they are never left to the sql lanes.
+-- retrying or waiting); the sql lanes keep the same rule (sql/035_sql_lane.sql).
 -- A handler with a concurrency limit (picloud.handler_limits) has at most that many events claimed at once, by every
 -- worker together: a claim passes over the events of a handler at its limit, and takes at
 -- most what is left of a limit under the handler's lock (picloud._handler_room).
@@ -366,12 +366,19 @@ BEGIN
         -- The first event of each visited key, when it may run.
         SELECT h.app_id, h.event_id
         FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
-        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id,
+                                   o.attempt_count, o.first_attempt_at, o.reply_to
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
+          -- The lanes run a key's first event when it is theirs (as for unordered events).
+          AND NOT (p_leave_sql_lane AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
+                   AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                 WHERE s.app_id = h.app_id AND s.script_id = h.script_id), false)
+                   AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                   WHERE l.app_id = h.app_id AND l.script_id = h.script_id))
           AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b

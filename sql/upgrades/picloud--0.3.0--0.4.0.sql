@@ -782,12 +782,19 @@ BEGIN
         -- The first event of each visited key, when it may run.
         SELECT h.app_id, h.event_id
         FROM unnest(v_key_apps, v_keys) AS k(app_id, ordering_key)
-        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id
+        CROSS JOIN LATERAL (SELECT o.app_id, o.event_id, o.due_at, o.claimed_by, o.script_id,
+                                   o.attempt_count, o.first_attempt_at, o.reply_to
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
+          -- The lanes run a key's first event when it is theirs (as for unordered events).
+          AND NOT (p_leave_sql_lane AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
+                   AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                                 WHERE s.app_id = h.app_id AND s.script_id = h.script_id), false)
+                   AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                                   WHERE l.app_id = h.app_id AND l.script_id = h.script_id))
           AND NOT (p_app_cap IS NOT NULL AND h.app_id = ANY (v_running_apps)
                    AND v_running_counts[array_position(v_running_apps, h.app_id)] >= p_app_cap)
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
@@ -1143,6 +1150,9 @@ DECLARE
     v_candidate uuid;
     v_shared uuid;
     v_start uuid := gen_random_uuid();
+    v_after_key text;
+    v_keys text[];
+    v_keyed integer;
 BEGIN
     IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
@@ -1173,7 +1183,7 @@ BEGIN
                   FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
-              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL AND w.ordering_key IS NULL
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
               AND s.kind = 'sql'
               AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                               WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
@@ -1201,7 +1211,7 @@ BEGIN
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
         WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-          -- Ordered events go through claims, which take one event of a key at a time.
+          -- Ordered events are taken below, one per key.
           AND o.ordering_key IS NULL
           -- A handler with a concurrency limit has its events counted by claims.
           AND s.kind = 'sql'
@@ -1236,6 +1246,57 @@ BEGIN
         LIMIT p_batch
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
+    END IF;
+    -- Ordered events: the first event of each of the app's keys (by place, ordering_seq) when
+    -- the lane may run it, visiting up to p_batch * 2 keys in key order from where this
+    -- session's previous batch of the app stopped. A key's later events are never taken: the
+    -- first is still in the outbox (locked by this or another lane, claimed, or waiting) until
+    -- the transaction that ran it commits, so a key's events run one at a time, in order.
+    IF v_app IS NOT NULL AND v_locked < p_batch AND EXISTS (
+        SELECT 1 FROM picloud.outbox o WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL) THEN
+        v_after_key := CASE WHEN current_setting('picloud.lane_after_app', true) = v_app::text
+                            THEN coalesce(current_setting('picloud.lane_after_key', true), '') ELSE '' END;
+        WITH RECURSIVE keys (ordering_key, n) AS (
+            SELECT f.ordering_key, 1
+            FROM (SELECT coalesce(
+                      (SELECT o.ordering_key FROM picloud.outbox o
+                       WHERE o.app_id = v_app AND o.ordering_key > v_after_key
+                       ORDER BY o.ordering_key LIMIT 1),
+                      (SELECT o.ordering_key FROM picloud.outbox o
+                       WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL
+                       ORDER BY o.ordering_key LIMIT 1)) AS ordering_key) f
+            WHERE f.ordering_key IS NOT NULL
+            UNION ALL
+            SELECT nxt.ordering_key, k.n + 1
+            FROM keys k
+            CROSS JOIN LATERAL (SELECT o.ordering_key FROM picloud.outbox o
+                                WHERE o.app_id = v_app AND o.ordering_key > k.ordering_key
+                                ORDER BY o.ordering_key LIMIT 1) nxt
+            WHERE k.n < p_batch * 2
+        )
+        SELECT array_agg(k.ordering_key ORDER BY k.n) INTO v_keys FROM keys k;
+        PERFORM pg_catalog.set_config('picloud.lane_after_app', v_app::text, false);
+        PERFORM pg_catalog.set_config('picloud.lane_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
+        RETURN QUERY
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM unnest(v_keys) WITH ORDINALITY AS k(ordering_key, n)
+        CROSS JOIN LATERAL (SELECT w.event_id FROM picloud.outbox w
+                            WHERE w.app_id = v_app AND w.ordering_key = k.ordering_key
+                            ORDER BY w.ordering_seq LIMIT 1) h
+        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = h.event_id
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND s.kind = 'sql'
+          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+          AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                          WHERE b.app_id = v_app AND b.ordering_key = k.ordering_key)
+        ORDER BY k.n
+        LIMIT p_batch - v_locked
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_keyed = ROW_COUNT;
+        v_locked := v_locked + v_keyed;
     END IF;
     -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
     PERFORM picloud._note_claim(v_locked);

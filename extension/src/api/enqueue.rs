@@ -4,11 +4,13 @@
 //! transaction, and an application typically enqueues one event per transaction, so that
 //! set-up was most of an enqueue's cost (about 20 µs of 35–50 µs on the benchmark machine).
 //!
-//! The common case — a handler given directly; no trigger, inbox, idempotency or ordering key; a known
-//! source, a valid op, payload and depth within the limits — is checked here from the
-//! arguments and written with one INSERT prepared once per backend and kept. The INSERT reads
-//! the handler's row (and, for a caller that is not a picloud owner, its producer or admin
-//! right in the app), so a missing handler or right simply inserts nothing.
+//! The common case — a handler given directly; no trigger, inbox or idempotency key; a known
+//! source, a valid op, payload and depth within the limits, and an ordering key (if any) of at
+//! most 4096 bytes — is checked here from the arguments and written with one INSERT prepared
+//! once per backend and kept. The INSERT reads the handler's row (and, for a caller that is not
+//! a picloud owner, its producer or admin right in the app), so a missing handler or right
+//! simply inserts nothing. An ordered event's INSERT first takes its key's lock and then its
+//! place, as `picloud._order_event` does in the general path.
 //!
 //! `picloud.picloud_enqueue` is the C function `picloud_enqueue` below: it runs the common case
 //! (`picloud_enqueue_fast`, also callable as `picloud._enqueue_fast`, which answers NULL for
@@ -73,25 +75,87 @@ const MAX_OP_BYTES: usize = 200 * 4;
 // Every name and operator in these statements is schema-qualified: their plans are made (and
 // remade) under the caller's search_path, where a tenant's schema may shadow a built-in.
 
-/// The common case for callers who act on every app (superusers, picloud_admin): the handler
-/// must exist in the app.
-const OWNER_INSERT: &CStr = c"
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority)
-    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2)
-    FROM picloud.scripts s
-    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5";
+/// The key's transaction-level lock, the same as `picloud._order_event` takes (its class and
+/// its hash of `app:key`), in FROM so that it is held before the row takes its place
+/// (`nextval`, evaluated in the target list, once the row is built). Keep the two in step.
+macro_rules! keyed_insert {
+    ($($rights:tt)*) => {
+        concat!(
+            "
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority,
+                                ordering_key, ordering_seq, ordering_blocks)
+    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2),
+           $10, pg_catalog.nextval('picloud.ordering_seq'::pg_catalog.regclass), $11
+    FROM (SELECT pg_catalog.pg_advisory_xact_lock(1885954924,
+              pg_catalog.hashtext($1::pg_catalog.text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) $10))) l,
+         picloud.scripts s
+    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5",
+            $($rights)*,
+            "\0"
+        )
+    };
+}
 
-/// The common case for every other caller: as above, and the caller holds the producer or
-/// admin right in the app (what `picloud_has_capability(app, 'enqueue')` asks).
-const PRODUCER_INSERT: &CStr = c"
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority)
-    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2)
-    FROM picloud.scripts s
-    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5
+/// The producer or admin right in the app, for callers that are not picloud owners (what
+/// `picloud_has_capability(app, 'enqueue')` asks).
+macro_rules! producer_right {
+    () => {
+        "
       AND EXISTS (SELECT FROM picloud.app_roles r
                   WHERE r.app_id OPERATOR(pg_catalog.=) $1
                     AND r.role_name OPERATOR(pg_catalog.=) CURRENT_USER
-                    AND r.capability OPERATOR(pg_catalog.=) ANY ('{admin,producer}'::pg_catalog.text[]))";
+                    AND r.capability OPERATOR(pg_catalog.=) ANY ('{admin,producer}'::pg_catalog.text[]))"
+    };
+}
+
+const KEYED_INSERT_TYPES: [pg_sys::Oid; 11] = [
+    pg_sys::UUIDOID,
+    pg_sys::UUIDOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::UUIDOID,
+    pg_sys::JSONBOID,
+    pg_sys::INT4OID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT2OID,
+    pg_sys::TEXTOID,
+    pg_sys::BOOLOID,
+];
+
+/// The longest ordering key taken here, in bytes: 4096 bytes are at most 4096 characters, the
+/// limit; a longer key goes to the general path, which counts its characters.
+const MAX_ORDERING_KEY_BYTES: usize = 4096;
+
+/// The common case, unordered (for the statement's rights, see `producer_right!`).
+macro_rules! plain_insert {
+    ($($rights:tt)*) => {
+        concat!(
+            "
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, script_id, payload, depth, due_at, priority)
+    SELECT $1, $2, $3, $4, s.script_id, $6, $7, coalesce($8, pg_catalog.now()), coalesce($9, 0::pg_catalog.int2)
+    FROM picloud.scripts s
+    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $5",
+            $($rights)*,
+            "\0"
+        )
+    };
+}
+
+/// A statement as the C string SPI takes.
+const fn statement(sql: &'static str) -> &'static CStr {
+    match CStr::from_bytes_with_nul(sql.as_bytes()) {
+        Ok(sql) => sql,
+        Err(_) => panic!("a statement ends with its only NUL"),
+    }
+}
+
+/// Callers who act on every app (superusers, picloud_admin): the handler must exist in the app.
+const OWNER_INSERT: &CStr = statement(plain_insert!(""));
+/// Every other caller: as above, and the caller holds the producer or admin right in the app.
+const PRODUCER_INSERT: &CStr = statement(plain_insert!(producer_right!()));
+/// Ordered events, for the same two kinds of callers (see `keyed_insert!`).
+const OWNER_KEYED_INSERT: &CStr = statement(keyed_insert!(""));
+const PRODUCER_KEYED_INSERT: &CStr = statement(keyed_insert!(producer_right!()));
 
 const INSERT_TYPES: [pg_sys::Oid; 9] = [
     pg_sys::UUIDOID,
@@ -110,6 +174,8 @@ thread_local! {
     // re-plans them by itself when the tables or functions they use change.
     static OWNER_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static PRODUCER_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static OWNER_KEYED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static PRODUCER_KEYED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// One argument as Postgres passed it.
@@ -211,17 +277,12 @@ fn run_at_in_window(run_at: i64) -> bool {
 /// `args` must carry the SQL signature's types.
 unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     let required = [APP, SOURCE, OP, PAYLOAD, SCRIPT];
-    // An ordered event takes its place under its key's lock: the general path's work.
-    let absent = [
-        TRIGGER,
-        REPLY_TO,
-        IDEMPOTENCY_KEY,
-        ORDERING_KEY,
-        ON_DEAD_LETTER,
-    ];
+    let absent = [TRIGGER, REPLY_TO, IDEMPOTENCY_KEY];
     if required.iter().any(|&i| args[i].is_null) || absent.iter().any(|&i| !args[i].is_null) {
         return None;
     }
+    // SAFETY: ORDERING_KEY and ON_DEAD_LETTER, when given, are text.
+    let ordering = unsafe { ordering(args) }?;
     // SAFETY: SOURCE and OP are non-null text.
     let (source, op) = unsafe { (text_bytes(args[SOURCE].value), text_bytes(args[OP].value)) };
     if !admission::EVENT_SOURCES
@@ -258,10 +319,22 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
 
     // Made before connecting to SPI so that it lives in the caller's memory context.
     let event_id = admission::picloud_new_event_id().into_datum()?;
-    let (slot, sql) = if access::picloud_is_owner() {
-        (&OWNER_PLAN, OWNER_INSERT)
-    } else {
-        (&PRODUCER_PLAN, PRODUCER_INSERT)
+    let owner = access::picloud_is_owner();
+    let (slot, sql, types): (_, _, &[pg_sys::Oid]) = match (ordering, owner) {
+        (Ordering::None, true) => (&OWNER_PLAN, OWNER_INSERT, &INSERT_TYPES),
+        (Ordering::None, false) => (&PRODUCER_PLAN, PRODUCER_INSERT, &INSERT_TYPES),
+        (Ordering::Keyed { .. }, true) => {
+            (&OWNER_KEYED_PLAN, OWNER_KEYED_INSERT, &KEYED_INSERT_TYPES)
+        }
+        (Ordering::Keyed { .. }, false) => (
+            &PRODUCER_KEYED_PLAN,
+            PRODUCER_KEYED_INSERT,
+            &KEYED_INSERT_TYPES,
+        ),
+    };
+    let blocks = match ordering {
+        Ordering::Keyed { blocks } => blocks,
+        Ordering::None => None,
     };
     let mut values = [
         args[APP].value,
@@ -273,15 +346,22 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         pg_sys::Datum::from(depth),
         args[RUN_AT].value,
         args[PRIORITY].value,
+        args[ORDERING_KEY].value,
+        pg_sys::Datum::from(blocks.unwrap_or(false)),
     ];
-    let mut nulls = [b' ' as std::ffi::c_char; 9];
+    let mut nulls = [b' ' as std::ffi::c_char; 11];
     nulls[7] = args[RUN_AT].null_flag();
     nulls[8] = args[PRIORITY].null_flag();
+    nulls[9] = args[ORDERING_KEY].null_flag();
+    if blocks.is_none() {
+        nulls[10] = b'n' as std::ffi::c_char;
+    }
 
-    // SAFETY: connect/finish pair; the plan's parameter types match `values`.
+    // SAFETY: connect/finish pair; the plan's parameter types match the first `types.len()`
+    // of `values` (SPI reads no more).
     let inserted = unsafe {
         spi_connect();
-        let plan = kept_plan(slot, sql, &INSERT_TYPES);
+        let plan = kept_plan(slot, sql, types);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         check_spi(rc, pg_sys::SPI_OK_INSERT as i32, "enqueue");
         let inserted = pg_sys::SPI_processed == 1;
@@ -293,6 +373,45 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     }
     wake::picloud_wake_at_commit();
     Some(event_id)
+}
+
+/// What an enqueue says about ordering, when the fast path may write it.
+#[derive(Clone, Copy)]
+enum Ordering {
+    None,
+    /// `blocks`: the row's ordering_blocks (None when on_dead_letter was not given, which the
+    /// general path stores as NULL too).
+    Keyed {
+        blocks: Option<bool>,
+    },
+}
+
+/// The call's ordering, or None when the general path must take the call (an on_dead_letter
+/// without a key, or one it does not know; a key that is empty or longer than
+/// MAX_ORDERING_KEY_BYTES): it raises the precise error or counts the characters.
+///
+/// # Safety
+/// ORDERING_KEY and ON_DEAD_LETTER, when not NULL, must be text datums.
+unsafe fn ordering(args: &[Arg; ARGS]) -> Option<Ordering> {
+    if args[ORDERING_KEY].is_null {
+        return args[ON_DEAD_LETTER].is_null.then_some(Ordering::None);
+    }
+    // SAFETY: a non-null text datum.
+    let key = unsafe { text_bytes(args[ORDERING_KEY].value) };
+    if key.is_empty() || key.len() > MAX_ORDERING_KEY_BYTES {
+        return None;
+    }
+    let blocks = if args[ON_DEAD_LETTER].is_null {
+        None
+    } else {
+        // SAFETY: a non-null text datum.
+        match unsafe { text_bytes(args[ON_DEAD_LETTER].value) } {
+            b"continue" => Some(false),
+            b"block" => Some(true),
+            _ => return None,
+        }
+    };
+    Some(Ordering::Keyed { blocks })
 }
 
 /// # Safety

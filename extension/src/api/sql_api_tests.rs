@@ -269,12 +269,35 @@ mod tests {
                  picloud._enqueue_fast(app, 'queue', '', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
                  picloud._enqueue_fast(app, 'queue', 'x', '{}', trig, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
                  picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, 99, NULL, NULL, NULL, NULL, NULL, NULL) IS NULL,
-                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', NULL, NULL) IS NULL]
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', 'block', NULL) IS NOT NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, 'k', 'sometimes', NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, NULL, 'block', NULL) IS NULL,
+                 picloud._enqueue_fast(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL, repeat('k', 4097), NULL, NULL) IS NULL]
              FROM fx",
         );
-        assert_eq!(answers, Ok(Some(vec![true; 7])));
+        assert_eq!(answers, Ok(Some(vec![true; 10])));
         let after = Spi::get_one::<i64>("SELECT count(*) FROM picloud.outbox");
-        assert_eq!(after.ok().flatten(), before.ok().flatten().map(|n| n + 1));
+        assert_eq!(after.ok().flatten(), before.ok().flatten().map(|n| n + 2));
+        // An ordered event written here is the general path's row: its key, its place after the
+        // key's earlier events, and on_dead_letter as ordering_blocks (NULL when not given).
+        Spi::run(
+            "CREATE TEMP TABLE keyed_fast AS
+             SELECT picloud.picloud_enqueue(app, 'queue', 'x', '{}', script, p_ordering_key => 'pair') AS id FROM fx",
+        )
+        .expect("keyed, fast");
+        Spi::run(
+            "CREATE TEMP TABLE keyed_general AS
+             SELECT picloud._enqueue_general(app, 'queue', 'x', '{}', script, NULL, NULL, NULL, NULL, NULL,
+                                             'pair', NULL, NULL) AS id FROM fx",
+        )
+        .expect("keyed, general");
+        let keyed = Spi::get_one::<bool>(
+            "SELECT a.ordering_key = 'pair' AND b.ordering_key = 'pair' AND a.ordering_seq < b.ordering_seq
+                    AND a.ordering_blocks IS NULL AND b.ordering_blocks IS NULL
+             FROM keyed_fast f, keyed_general g, picloud.outbox a, picloud.outbox b
+             WHERE a.event_id = f.id AND b.event_id = g.id",
+        );
+        assert_eq!(keyed, Ok(Some(true)));
         // The general path's errors keep their SQLSTATE (raised in PL/pgSQL, passed through
         // picloud_enqueue's Rust unguarded), and the backend stays sound when they are caught
         // again and again: a savepoint per call, each rolled back.
