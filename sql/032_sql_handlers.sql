@@ -1,6 +1,6 @@
 -- Running a claimed event's SQL handler in the database, as its principal, with its
--- completion in the same transaction (one event, or several in savepoints). The sql lanes'
--- set-based path is in 035_sql_lane.sql.
+-- completion in the same transaction. The sql lanes' set-based path, which runs first attempts,
+-- is in 035_sql_lane.sql; these two are the only ways a SQL handler runs.
 
 -- Runs a claimed event's SQL handler as its principal and completes the event, all in the
 -- caller's transaction: the handler's writes and the completion commit or roll back together.
@@ -56,56 +56,5 @@ BEGIN
         PERFORM picloud._wake_at_commit();
     END IF;
     RETURN v_result;
-END
-$$;
-
--- Runs several claimed events' SQL handlers in the caller's transaction, each in a savepoint of
--- its own: a handler's error rolls back only its own writes, and the failure is settled
--- (retry or dead letter) in the same transaction. Every handler's effect and its event's
--- completion or failure commit together, once, which keeps the exactly-once guarantee while
--- paying for one commit per batch instead of one per event. Each handler runs under its own
--- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
--- it aborts the whole batch, and the supervisor then runs the events one by one.
-CREATE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
-RETURNS TABLE (event_id uuid, outcome text, error text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_message text;
-    v_detail text;
-    v_state text;
-    r picloud.outbox;
-BEGIN
-    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{worker,app_ids,event_ids}',
-            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
-    FOR i IN 1 .. cardinality(p_event_ids) LOOP
-        event_id := p_event_ids[i];
-        error := NULL;
-        BEGIN
-            PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
-            outcome := 'completed';
-        EXCEPTION WHEN OTHERS THEN
-            -- The handler's own timeout no longer applies; the rest of the batch has the
-            -- statement's.
-            PERFORM picloud._after_handler();
-            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
-                                    v_state = RETURNED_SQLSTATE;
-            error := v_message
-                || CASE WHEN v_detail <> '' THEN E'\nDETAIL: ' || v_detail ELSE '' END
-                || format(' (SQLSTATE %s)', v_state);
-            IF v_state = 'PC002' THEN
-                outcome := 'lease_lost';
-            ELSE
-                r := picloud._lock_claimed(p_app_ids[i], p_event_ids[i], p_worker);
-                SELECT f.outcome INTO outcome
-                FROM picloud._settle_failure(r, error, picloud.picloud_retry_delay(r.attempt_count)) f;
-            END IF;
-        END;
-        RETURN NEXT;
-    END LOOP;
 END
 $$;

@@ -156,7 +156,6 @@ BEGIN
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
-        'picloud.picloud_run_sql_handlers(text, uuid[], uuid[])',
         'picloud.picloud_complete(uuid, uuid, text, jsonb)',
         'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
         'picloud.picloud_extend_lease(uuid, uuid, text, integer)',

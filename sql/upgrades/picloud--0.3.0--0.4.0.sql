@@ -1069,56 +1069,10 @@ LANGUAGE sql STABLE AS $$
       AND (d.script_filter IS NULL OR d.script_filter OPERATOR(pg_catalog.=) p_script_id)
       AND t.enabled
 $$;
--- Runs several claimed events' SQL handlers in the caller's transaction, each in a savepoint of
--- its own: a handler's error rolls back only its own writes, and the failure is settled
--- (retry or dead letter) in the same transaction. Every handler's effect and its event's
--- completion or failure commit together, once, which keeps the exactly-once guarantee while
--- paying for one commit per batch instead of one per event. Each handler runs under its own
--- timeout (api/budget.rs). A statement timeout, the batch's or a handler's, is not caught here:
--- it aborts the whole batch, and the supervisor then runs the events one by one.
-CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_handlers(p_worker text, p_app_ids uuid[], p_event_ids uuid[])
-RETURNS TABLE (event_id uuid, outcome text, error text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_message text;
-    v_detail text;
-    v_state text;
-    r picloud.outbox;
-BEGIN
-    IF p_worker IS NULL OR p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{worker,app_ids,event_ids}',
-            ARRAY[p_worker IS NULL, p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
-    FOR i IN 1 .. cardinality(p_event_ids) LOOP
-        event_id := p_event_ids[i];
-        error := NULL;
-        BEGIN
-            PERFORM picloud.picloud_run_sql_handler(p_app_ids[i], p_event_ids[i], p_worker);
-            outcome := 'completed';
-        EXCEPTION WHEN OTHERS THEN
-            -- The handler's own timeout no longer applies; the rest of the batch has the
-            -- statement's.
-            PERFORM picloud._after_handler();
-            GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL,
-                                    v_state = RETURNED_SQLSTATE;
-            error := v_message
-                || CASE WHEN v_detail <> '' THEN E'\nDETAIL: ' || v_detail ELSE '' END
-                || format(' (SQLSTATE %s)', v_state);
-            IF v_state = 'PC002' THEN
-                outcome := 'lease_lost';
-            ELSE
-                r := picloud._lock_claimed(p_app_ids[i], p_event_ids[i], p_worker);
-                SELECT f.outcome INTO outcome
-                FROM picloud._settle_failure(r, error, picloud.picloud_retry_delay(r.attempt_count)) f;
-            END IF;
-        END;
-        RETURN NEXT;
-    END LOOP;
-END
-$$;
+-- Claimed sql events run one per transaction (picloud_run_sql_handler); a supervisor of an
+-- earlier release that still calls this finds it gone, and its fallback runs the events one by
+-- one.
+DROP FUNCTION picloud.picloud_run_sql_handlers(text, uuid[], uuid[]);
 -- Locks up to p_batch events that may run in the lane, oldest first, in the caller's
 -- transaction, and returns them with their row address (valid while the lock is held: the
 -- lane never updates a locked row) and their handler's timeout.
@@ -2338,7 +2292,6 @@ BEGIN
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
-        'picloud.picloud_run_sql_handlers(text, uuid[], uuid[])',
         'picloud.picloud_complete(uuid, uuid, text, jsonb)',
         'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
         'picloud.picloud_extend_lease(uuid, uuid, text, integer)',

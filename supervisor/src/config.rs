@@ -70,11 +70,11 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_running_per_app: Option<u16>,
 
-    /// Most sql-handler events run in one transaction, each in its own savepoint; 1 runs every
-    /// event in a transaction of its own.
-    #[arg(long, env = "PICLOUD_SQL_BATCH", value_name = "N", default_value_t = 8,
+    /// Deprecated and ignored (a claimed sql-handler event always runs in a transaction of its
+    /// own; the sql lanes batch first attempts); accepted for this release only.
+    #[arg(long, env = "PICLOUD_SQL_BATCH", value_name = "N", hide = true,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub sql_batch: u16,
+    pub sql_batch: Option<u16>,
 
     /// Connections that run first attempts of sql-handler events set-based, without claims;
     /// 0 runs every event through claims.
@@ -163,7 +163,8 @@ pub struct Config {
     pub concurrency: usize,
     pub batch_size: usize,
     pub max_running_per_app: usize,
-    pub sql_batch: usize,
+    /// What the configuration asked for that this release no longer does, said at start-up.
+    pub deprecated: Vec<&'static str>,
     pub sql_lanes: usize,
     pub sql_lane_batch: usize,
     pub poll_interval: Duration,
@@ -286,7 +287,14 @@ impl Cli {
             concurrency,
             batch_size,
             max_running_per_app,
-            sql_batch: usize::from(self.sql_batch),
+            deprecated: self
+                .sql_batch
+                .map(|_| {
+                    "--sql-batch (PICLOUD_SQL_BATCH) is deprecated and ignored: a claimed sql \
+                     event runs in a transaction of its own; it will be refused in the next release"
+                })
+                .into_iter()
+                .collect(),
             sql_lanes: usize::from(self.sql_lanes),
             sql_lane_batch: usize::from(self.sql_lane_batch),
             poll_interval: Duration::from_millis(u64::from(self.poll_interval_ms)),
@@ -418,16 +426,27 @@ mod tests {
     }
 
     #[test]
+    fn sql_batch_is_accepted_for_one_release_and_said_to_be_ignored() {
+        for c in [
+            config(&["--database-url", URL, "--sql-batch", "4"], &[]),
+            config(&["--database-url", URL], &[("PICLOUD_SQL_BATCH", "1")]),
+        ] {
+            assert_eq!(c.deprecated.len(), 1);
+            assert!(
+                c.deprecated[0].contains("--sql-batch"),
+                "{:?}",
+                c.deprecated
+            );
+        }
+        assert!(parse(&["--database-url", URL, "--sql-batch", "0"], &[]).is_err());
+    }
+
+    #[test]
     fn defaults() {
         let c = config(&["--database-url", URL], &[]);
-        let numbers = [
-            c.concurrency,
-            c.batch_size,
-            c.sql_batch,
-            c.sql_lanes,
-            c.sql_lane_batch,
-        ];
-        assert_eq!(numbers, [16, 16, 8, 2, 500]);
+        let numbers = [c.concurrency, c.batch_size, c.sql_lanes, c.sql_lane_batch];
+        assert_eq!(numbers, [16, 16, 2, 500]);
+        assert!(c.deprecated.is_empty());
         assert_eq!(c.max_running_per_app, 14);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));
         assert_eq!((c.lease_ms, c.max_reply_bytes), (30_000, 1024 * 1024));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, ConnectError, Handler};
+use crate::db::{self, ConnectError};
 use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT, RECHECK_DELAY};
 use crate::metrics::Connection;
@@ -141,41 +141,7 @@ async fn claim_loop(
         metrics.dispatcher.claimed();
         let claimed = rows.len();
         metrics.claim_batch_size.observe(claimed as f64);
-        let claims = accept_claimed(metrics, rows);
-        // Runnable sql events share transactions in groups of up to --sql-batch; the rest
-        // (and a group of one) run one per task.
-        let (batchable, single): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| {
-            config.sql_batch > 1 && c.handler == Handler::Sql && c.principal_error.is_none()
-        });
-        let groups = sql_groups(batchable, config.sql_batch);
-        for group in groups {
-            let mut group_permits = Vec::with_capacity(group.len());
-            for _ in 0..group.len() {
-                match take_permit(shared, &mut permits).await {
-                    Some(permit) => group_permits.push(permit),
-                    None => return Ok(()),
-                }
-            }
-            if group.len() == 1 {
-                if let (Some(claim), Some(permit)) = (group.into_iter().next(), group_permits.pop())
-                {
-                    tokio::spawn(executor::run_event(
-                        Arc::clone(shared),
-                        claim,
-                        permit,
-                        phase.clone(),
-                    ));
-                }
-            } else {
-                tokio::spawn(executor::run_sql_batch(
-                    Arc::clone(shared),
-                    group,
-                    group_permits,
-                    phase.clone(),
-                ));
-            }
-        }
-        for claim in single {
+        for claim in accept_claimed(metrics, rows) {
             let Some(permit) = take_permit(shared, &mut permits).await else {
                 return Ok(());
             };
@@ -218,33 +184,6 @@ async fn claim_loop(
     }
 }
 
-/// Groups of at most `size` sql events of one app each, in claim order: a group runs in one
-/// transaction, one event after another, so an app's slow handlers must not delay another
-/// app's events in the same group.
-fn sql_groups(claims: Vec<Claim>, size: usize) -> Vec<Vec<Claim>> {
-    let mut groups: Vec<Vec<Claim>> = Vec::new();
-    let mut open: Vec<usize> = Vec::new();
-    for claim in claims {
-        let app = claim.app_id;
-        match open.iter().position(|&g| groups[g][0].app_id == app) {
-            Some(at) => {
-                let g = open[at];
-                groups[g].push(claim);
-                if groups[g].len() >= size {
-                    open.swap_remove(at);
-                }
-            }
-            None => {
-                groups.push(vec![claim]);
-                if size > 1 {
-                    open.push(groups.len() - 1);
-                }
-            }
-        }
-    }
-    groups
-}
-
 /// One of the permits taken for this claim or, if the database returned more rows than were
 /// asked for, a permit waited for now: those rows then run as slots free up. None only if the
 /// semaphore was closed, which never happens while the supervisor runs.
@@ -257,60 +196,4 @@ async fn take_permit(
     }
     tracing::warn!("claim returned more rows than requested");
     Arc::clone(&shared.slots).acquire_owned().await.ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use uuid::Uuid;
-
-    fn claim(app: u128, n: u128) -> Claim {
-        Claim {
-            app_id: Uuid::from_u128(app),
-            event_id: Uuid::from_u128(n),
-            source: "queue".to_owned(),
-            op: "x".to_owned(),
-            trigger_id: None,
-            script_id: Uuid::nil(),
-            payload: serde_json::Value::Null,
-            depth: 0,
-            attempt_count: 1,
-            handler: Handler::Sql,
-            timeout_ms: 1000,
-            principal: Some("p".to_owned()),
-            principal_error: None,
-            event: None,
-        }
-    }
-
-    fn shape(groups: &[Vec<Claim>]) -> Vec<Vec<(u128, u128)>> {
-        groups
-            .iter()
-            .map(|g| {
-                g.iter()
-                    .map(|c| (c.app_id.as_u128(), c.event_id.as_u128()))
-                    .collect()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn sql_groups_never_mix_apps_and_keep_claim_order() {
-        let claims = vec![
-            claim(1, 1),
-            claim(2, 2),
-            claim(1, 3),
-            claim(1, 4),
-            claim(2, 5),
-        ];
-        assert_eq!(
-            shape(&sql_groups(claims, 2)),
-            [vec![(1, 1), (1, 3)], vec![(2, 2), (2, 5)], vec![(1, 4)]]
-        );
-        let claims = vec![claim(1, 1), claim(2, 2), claim(1, 3)];
-        assert_eq!(
-            shape(&sql_groups(claims, 1)),
-            [vec![(1, 1)], vec![(2, 2)], vec![(1, 3)]]
-        );
-    }
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim, ConnectError, Decision, Handler, ReportError};
-use crate::handlers::sql::{BatchOutcome, SqlOutcome};
+use crate::handlers::sql::SqlOutcome;
 use crate::handlers::{self, bounded_error, Failure, HandlerResult};
 use crate::metrics::{Connection, Kind, Metrics};
 use crate::state::{aborted, Phase, Shared};
@@ -84,77 +84,6 @@ pub async fn run_event(
     record(&shared, &claim, &outcome, started);
     drop(busy);
     drop(permit);
-}
-
-/// Runs several claimed sql events in one transaction (see `--sql-batch`). Holds one permit
-/// per event, like `run_event`. If the batch fails as a whole, each event runs again by
-/// itself; if the connection breaks, the rows are left to their leases. Shutdown does not
-/// interrupt a batch: it is short, and whatever it leaves unfinished comes back with the lease.
-pub async fn run_sql_batch(
-    shared: Arc<Shared>,
-    claims: Vec<Claim>,
-    permits: Vec<OwnedSemaphorePermit>,
-    mut phase: watch::Receiver<Phase>,
-) {
-    let started = Instant::now();
-    let busy = shared.metrics.busy(claims.len());
-    let worker = shared.config.worker_name.clone();
-    let Some(mut client) = connection(&shared, &mut phase).await else {
-        for claim in &claims {
-            let outcome = Outcome::Unreported("no executor connection".to_owned());
-            record(&shared, claim, &outcome, started);
-        }
-        return;
-    };
-    let refs: Vec<&Claim> = claims.iter().collect();
-    match handlers::sql::run_batch(&mut client, &refs, &worker).await {
-        BatchOutcome::Done(results) => {
-            shared.pool.put(client);
-            for claim in &claims {
-                let result = results.iter().find(|r| r.event_id == claim.event_id);
-                let error = || result.and_then(|r| r.error.clone()).unwrap_or_default();
-                let outcome = match result.map(|r| r.outcome.as_str()) {
-                    Some("completed") => Outcome::Completed,
-                    Some("lease_lost") => Outcome::LeaseLost(error()),
-                    Some(other) => match Decision::parse(other) {
-                        Some(decision) => Outcome::Failed {
-                            decision,
-                            error: error(),
-                            next_due_at: None,
-                            dead_letter_id: None,
-                        },
-                        None => Outcome::ReportRejected(format!(
-                            "picloud_run_sql_handlers answered '{other}'"
-                        )),
-                    },
-                    None => Outcome::Unreported("missing from the batch's answer".to_owned()),
-                };
-                record(&shared, claim, &outcome, started);
-            }
-            drop(permits);
-        }
-        BatchOutcome::Failed(error) => {
-            shared.pool.put(client);
-            tracing::warn!(
-                events = claims.len(),
-                error = %error,
-                "sql batch rolled back; running its events one by one"
-            );
-            // Each event counts itself as busy again in run_event.
-            drop(busy);
-            for (claim, permit) in claims.into_iter().zip(permits) {
-                tokio::spawn(run_event(Arc::clone(&shared), claim, permit, phase.clone()));
-            }
-        }
-        BatchOutcome::Broken(error) => {
-            shared.metrics.reconnect(Connection::Executor);
-            for claim in &claims {
-                let outcome = Outcome::Unreported(error.clone());
-                record(&shared, claim, &outcome, started);
-            }
-            drop(permits);
-        }
-    }
 }
 
 /// Counts an event's outcome in the metrics and logs it.

@@ -290,4 +290,7 @@ fn log_start(config: &Config) {
         metrics_listen = config.metrics_listen.map(|a| a.to_string()),
         "starting"
     );
+    for what in &config.deprecated {
+        tracing::warn!("{what}");
+    }
 }

@@ -120,10 +120,7 @@ fn within_an_app_lower_priorities_wait_for_higher_ones() {
     let (app, script) = timed_app(&mut c, "quick", 0);
     bulk(&mut c, app, script, 40, "low", 5);
     bulk(&mut c, app, script, 40, "high", -5);
-    let _sup = Supervisor::start(
-        &db,
-        &["--sql-lanes", "0", "--concurrency", "1", "--sql-batch", "1"],
-    );
+    let _sup = Supervisor::start(&db, &["--sql-lanes", "0", "--concurrency", "1"]);
     assert!(
         eventually(Duration::from_secs(60), || count(
             &mut c,
@@ -253,11 +250,7 @@ fn a_limited_handler_never_runs_more_than_its_limit_across_supervisors() {
     bulk(&mut c, app, limited, 60, "limited", 0);
     bulk(&mut c, app, free, 200, "free", 0);
 
-    // --sql-batch 1: claimed sql events of one app otherwise share a transaction in groups,
-    // one after another, which would keep the limited handler below its limit.
-    let _sups: Vec<Supervisor> = (0..3)
-        .map(|_| Supervisor::start(&db, &["--sql-batch", "1"]))
-        .collect();
+    let _sups: Vec<Supervisor> = (0..3).map(|_| Supervisor::start(&db, &[])).collect();
     assert!(
         eventually(Duration::from_secs(60), || count(
             &mut c,

@@ -707,7 +707,7 @@ fn a_long_collection_name_costs_bounded_work() {
 }
 
 #[test]
-fn a_handler_runs_under_its_own_timeout_inside_a_batch() {
+fn a_handler_runs_under_its_own_timeout_inside_a_lane_batch() {
     let (_db, mut su) = fresh_db("hostile_budget");
     let (app, _script) = ledger_app(&mut su);
     su.batch_execute(
@@ -732,6 +732,37 @@ fn a_handler_runs_under_its_own_timeout_inside_a_batch() {
         )
         .unwrap();
     }
+    // A lane batch of the three, run under a statement timeout of 20 s, which would let the
+    // 3 s handler finish; its own 500 ms does not.
+    su.batch_execute("BEGIN; SET LOCAL statement_timeout = '20s'")
+        .unwrap();
+    let locked = su
+        .query(
+            "SELECT event_id, row_tid::text FROM picloud_lock_sql_lane(10)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(locked.len(), 3);
+    let events: Vec<Uuid> = locked.iter().map(|r| r.get(0)).collect();
+    let tids: Vec<String> = locked.iter().map(|r| r.get(1)).collect();
+    let started = std::time::Instant::now();
+    let result = su.query(
+        "SELECT * FROM picloud_run_sql_lane($1, $2::text[]::tid[])",
+        &[&events, &tids],
+    );
+    assert_eq!(sqlstate(result), "57014");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "cancelled by the handler's own timeout, after {:?}",
+        started.elapsed()
+    );
+    su.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM ledger"),
+        0,
+        "the batch rolled back"
+    );
+    // One event at a time, the slow one alone fails and the others complete.
     let claimed = su
         .query(
             "SELECT app_id, event_id FROM picloud_claim('w', 10, 60000)",
@@ -739,24 +770,12 @@ fn a_handler_runs_under_its_own_timeout_inside_a_batch() {
         )
         .unwrap();
     assert_eq!(claimed.len(), 3);
-    let apps: Vec<Uuid> = claimed.iter().map(|r| r.get(0)).collect();
-    let events: Vec<Uuid> = claimed.iter().map(|r| r.get(1)).collect();
-    // The batch's own budget (20 s) would let the 3 s handler finish; its own 500 ms does not.
-    su.batch_execute("SET statement_timeout = '20s'").unwrap();
-    let result = su.query(
-        "SELECT * FROM picloud_run_sql_handlers('w', $1, $2)",
-        &[&apps, &events],
-    );
-    assert_eq!(sqlstate(result), "57014");
-    su.batch_execute("RESET statement_timeout").unwrap();
-    assert_eq!(
-        count(&mut su, "SELECT count(*) FROM ledger"),
-        0,
-        "the batch rolled back"
-    );
-    // One event at a time, the slow one alone fails and the others complete.
-    for (app, event) in apps.iter().zip(&events) {
-        let _ = su.query("SELECT picloud_run_sql_handler($1, $2, 'w')", &[app, event]);
+    for row in &claimed {
+        let (app, event): (Uuid, Uuid) = (row.get(0), row.get(1));
+        let _ = su.query(
+            "SELECT picloud_run_sql_handler($1, $2, 'w')",
+            &[&app, &event],
+        );
     }
     assert_eq!(count(&mut su, "SELECT count(*) FROM ledger"), 2);
 }

@@ -556,8 +556,8 @@ fn sigterm_drains_then_releases_running_handlers_and_each_event_runs_once() {
         .unwrap()
         .get(0);
     let command = format!("paced={} {}", program.display(), dir.display());
-    // No lanes and no sql batches: every sql event runs on its own claim, the path that
-    // cancels and releases at shutdown.
+    // No lanes: every sql event runs on its own claim, the path that cancels and releases at
+    // shutdown.
     let args = [
         "--poll-interval-ms",
         "500",
@@ -565,8 +565,6 @@ fn sigterm_drains_then_releases_running_handlers_and_each_event_runs_once() {
         "debug",
         "--sql-lanes",
         "0",
-        "--sql-batch",
-        "1",
         "--shutdown-grace-ms",
         "8000",
         "--command",
@@ -846,7 +844,7 @@ fn supervisor_needs_no_superuser() {
 }
 
 #[test]
-fn batched_sql_handlers_keep_failures_and_timeouts_to_themselves() {
+fn claimed_sql_handlers_keep_failures_and_timeouts_to_themselves() {
     failures_and_timeouts_stay_with_their_events("0");
 }
 
@@ -883,8 +881,6 @@ fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
             &[
                 "--poll-interval-ms",
                 "500",
-                "--sql-batch",
-                "8",
                 "--sql-lanes",
                 lanes,
                 "--log-level",
@@ -892,9 +888,8 @@ fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
             ],
         )
     };
-    // Without lanes the events are enqueued before the supervisor starts, so its first claims
-    // take them in batches: the eight slow-handler events come first and form the first batch
-    // of eight (their timeouts sum to 2.4 s, less than the one slow handler's 3 s). With lanes
+    // Without lanes the events are enqueued before the supervisor starts and its claims take
+    // them, each sql event in a transaction of its own under its handler's 300 ms. With lanes
     // the supervisor runs first (so the lanes are connected before any claim) and all events
     // arrive in one transaction, so one lane batch takes them all; its statement timeout is
     // the slow handler's 300 ms.
@@ -956,7 +951,7 @@ fn failures_and_timeouts_stay_with_their_events(lanes: &str) {
     );
     let failed = count(&mut c, "SELECT count(*) FROM picloud.dead_letters WHERE last_error LIKE '%handler failed on purpose%'");
     assert_eq!(failed, 8);
-    // The slow one timed out alone; its seven batch mates ran.
+    // The slow one timed out alone; the seven others of its handler ran.
     assert_eq!(
         count(
             &mut c,

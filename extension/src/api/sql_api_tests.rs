@@ -603,30 +603,6 @@ mod tests {
     }
 
     #[pg_test]
-    fn batched_sql_handlers() {
-        fixture();
-        expect(&[
-            (
-                "SELECT * FROM picloud.picloud_run_sql_handlers('w', ARRAY[{app}], ARRAY[]::uuid[])",
-                "22023",
-            ),
-            (
-                "SELECT * FROM picloud.picloud_run_sql_handlers(NULL, ARRAY[{app}], ARRAY[{ev}])",
-                "22004",
-            ),
-            (
-                "SELECT * FROM picloud.picloud_run_sql_handlers('w', ARRAY[{app}, {app}], ARRAY[{ev}, {none}])",
-                "00000",
-            ),
-        ]);
-        // The claimed event completed; the unknown one was reported as a lost lease.
-        let outcomes = Spi::get_one::<i64>(
-            "SELECT count(*) FROM picloud.outbox o, fx WHERE o.event_id = fx.ev",
-        );
-        assert_eq!(outcomes, Ok(Some(0)));
-    }
-
-    #[pg_test]
     fn operator_views_and_tools() {
         fixture();
         expect(&[

@@ -65,88 +65,9 @@ async fn run_transaction(
     }
 }
 
-/// The outcome of one event in a batch, as picloud_run_sql_handlers reported it.
-#[derive(Debug)]
-pub struct BatchResult {
-    pub event_id: uuid::Uuid,
-    /// 'completed', 'retry', 'dead_letter' or 'lease_lost'.
-    pub outcome: String,
-    pub error: Option<String>,
-}
-
-#[derive(Debug)]
-pub enum BatchOutcome {
-    /// Committed: every event has its outcome.
-    Done(Vec<BatchResult>),
-    /// Rolled back as a whole (a statement timeout, say): nothing happened; the events are
-    /// still claimed and may run one by one.
-    Failed(String),
-    /// The connection broke or stopped answering: unknown outcome, connection unusable. The
-    /// rows are left to their leases.
-    Broken(String),
-}
-
-/// Runs several claimed sql events in one transaction (one savepoint each), in one round
-/// trip. The statement timeout is the sum of the handlers' timeouts.
-pub async fn run_batch(client: &mut Client, claims: &[&Claim], worker: &str) -> BatchOutcome {
-    let total_ms: u64 = claims.iter().map(|c| c.timeout_ms.max(1) as u64).sum();
-    let total_ms = total_ms.min(i32::MAX as u64);
-    let list = |ids: Vec<uuid::Uuid>| {
-        ids.iter()
-            .map(|id| format!("'{id}'"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let batch = format!(
-        "BEGIN; SET LOCAL statement_timeout = {total_ms}; \
-         SELECT event_id, outcome, error FROM picloud.picloud_run_sql_handlers({}, \
-         ARRAY[{}]::uuid[], ARRAY[{}]::uuid[]); COMMIT;",
-        quote_literal(worker),
-        list(claims.iter().map(|c| c.app_id).collect()),
-        list(claims.iter().map(|c| c.event_id).collect()),
-    );
-    let limit = Duration::from_millis(total_ms) + CLIENT_MARGIN;
-    let answer = match tokio::time::timeout(limit, client.simple_query(&batch)).await {
-        Ok(answer) => answer,
-        Err(_) => {
-            return BatchOutcome::Broken(format!(
-                "no answer from the database within {} ms",
-                limit.as_millis()
-            ))
-        }
-    };
-    match answer {
-        Ok(messages) => {
-            let mut results = Vec::with_capacity(claims.len());
-            for message in messages {
-                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                    let event_id = row.get(0).and_then(|id| id.parse().ok());
-                    let outcome = row.get(1).map(str::to_owned);
-                    if let (Some(event_id), Some(outcome)) = (event_id, outcome) {
-                        results.push(BatchResult {
-                            event_id,
-                            outcome,
-                            error: row.get(2).map(str::to_owned),
-                        });
-                    }
-                }
-            }
-            BatchOutcome::Done(results)
-        }
-        Err(e) => {
-            let text = db::error_text(&e);
-            if roll_back_after(client, &e).await {
-                BatchOutcome::Failed(text)
-            } else {
-                BatchOutcome::Broken(text)
-            }
-        }
-    }
-}
-
-/// After a failed batch: Postgres skipped the rest of it and left the transaction aborted.
-/// Rolls it back when the server answered with an error; true if the connection is now back
-/// in a known state (false for a broken connection).
+/// After a failed transaction: Postgres skipped the rest of it and left the transaction
+/// aborted. Rolls it back when the server answered with an error; true if the connection is
+/// now back in a known state (false for a broken connection).
 async fn roll_back_after(client: &Client, e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some() && client.batch_execute("ROLLBACK").await.is_ok()
 }

@@ -20,7 +20,7 @@ pub fn start(cfg: &Cfg, db: &str, tag: &str, extra: &[String]) -> Res<Supervisor
     let n = SUPERVISOR_COUNTER.fetch_add(1, Ordering::SeqCst);
     let log = dir.join(format!("supervisor-{n:02}-{tag}.log"));
     let worker_name = format!("bench-{tag}-{n}");
-    // Supervisor defaults (--concurrency 16, --sql-batch 8) but for the poll interval.
+    // Supervisor defaults (--concurrency 16) but for the poll interval.
     let mut args: Vec<&str> = vec!["--poll-interval-ms", "5000", "--worker-name", &worker_name];
     args.extend(cfg.supervisor_args.iter().map(String::as_str));
     args.extend(extra.iter().map(String::as_str));
