@@ -179,12 +179,8 @@ $supervisor$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA picloud TO picloud_owner;
 -- Housekeeping on demand (picloud_gc_pass) for picloud_admin.
 GRANT EXECUTE ON FUNCTION
-    picloud._gc_rescue_leases(integer),
-    picloud._gc_dead_letters(integer),
-    picloud._gc_abandoned_executions(integer),
-    picloud._gc_inboxes(integer),
-    picloud._gc_idempotency_keys(integer),
-    picloud._gc_event_counts(integer),
+    picloud._gc_steps(),
+    picloud._gc_step(text, integer),
     picloud._backend_started(integer),
     picloud._count_outcome(uuid, text, integer, integer, integer),
     picloud._settle_failure(picloud.outbox, text, interval, timestamptz),

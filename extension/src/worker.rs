@@ -3,8 +3,9 @@
 //! Every `picloud.gc_interval` it returns expired leases to the queue, deletes dead letters
 //! and abandoned executions past their retention, and removes expired inboxes and idempotency
 //! keys. Each batch is its own short transaction and the SQL picks rows with
-//! `FOR UPDATE SKIP LOCKED`, so housekeeping never makes a claimer wait. The SQL functions it
-//! calls (`picloud._gc_*`) are the same ones `picloud_gc_pass()` runs on demand.
+//! `FOR UPDATE SKIP LOCKED`, so housekeeping never makes a claimer wait. The steps and their
+//! SQL (`picloud._gc_steps()`, `picloud._gc_step`) are the ones `picloud_gc_pass()` runs on
+//! demand.
 //!
 //! It also makes the ticks of cron triggers (sql/055_cron.sql): it sleeps until the earliest
 //! tick is due (looking again at least every second, and woken at once when a cron trigger is
@@ -27,16 +28,6 @@ const CRON_STEP: &str = "picloud._cron_fire";
 /// created while the housekeeper could not be woken (another database's session, a server
 /// without the wake-up) is noticed within it.
 const CRON_LOOK_EVERY: Duration = Duration::from_secs(1);
-
-/// The batch steps of one pass, in order. Lease rescue first: it is what unblocks work.
-const STEPS: &[&str] = &[
-    "picloud._gc_rescue_leases",
-    "picloud._gc_dead_letters",
-    "picloud._gc_abandoned_executions",
-    "picloud._gc_inboxes",
-    "picloud._gc_idempotency_keys",
-    "picloud._gc_event_counts",
-];
 
 pub fn register() {
     BackgroundWorkerBuilder::new(WORKER_NAME)
@@ -77,26 +68,52 @@ fn step_present(step: &str) -> bool {
     })
 }
 
-/// Runs one step in batches until a batch comes back short. Returns the rows it handled.
+/// Runs one step (a function taking the batch size) in batches until a batch comes back
+/// short. Returns the rows it handled.
 fn run_step(step: &str, batch_size: i32) -> i64 {
     if !step_present(step) {
         return 0;
     }
     let query = format!("SELECT {step}($1)");
+    in_batches(batch_size, || {
+        Spi::get_one_with_args::<i64>(&query, &[batch_size.into()])
+    })
+}
+
+/// Runs `batch` (one batch, each in a transaction of its own) until one comes back short or
+/// SIGTERM arrives. Returns the rows handled. SQL errors raise (the worker exits and the
+/// postmaster starts a new one); a NULL or unconvertible count ends the step.
+fn in_batches(
+    batch_size: i32,
+    batch: impl Fn() -> Result<Option<i64>, pgrx::spi::Error> + std::panic::RefUnwindSafe,
+) -> i64 {
     let mut total = 0i64;
     loop {
-        // As above: SQL errors raise; a NULL or unconvertible count ends the step.
-        let done = BackgroundWorker::transaction(|| {
-            Spi::get_one_with_args::<i64>(&query, &[batch_size.into()])
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        });
+        let done = BackgroundWorker::transaction(|| batch().ok().flatten().unwrap_or(0));
         total += done;
         if done < i64::from(batch_size) || BackgroundWorker::sigterm_received() {
             return total;
         }
     }
+}
+
+/// The housekeeping steps of the installed schema, in order: `picloud._gc_steps()`, the list
+/// picloud_gc_pass runs too. None for a schema from before it existed (not yet moved on with
+/// ALTER EXTENSION picloud UPDATE).
+fn housekeeping_steps() -> Option<Vec<String>> {
+    if !BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('picloud._gc_steps()') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }) {
+        return None;
+    }
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<Vec<String>>("SELECT picloud._gc_steps()")
+            .ok()
+            .flatten()
+    })
 }
 
 /// Whether the last housekeeper found (or connected to) picloud.database. Shared memory, so it
@@ -235,15 +252,48 @@ fn leave() -> ! {
     unsafe { pg_sys::proc_exit(1) }
 }
 
-/// One pass over every housekeeping step, logging what each did.
+/// One pass over every housekeeping step, logging what each did: each batch of a step
+/// (`picloud._gc_step`) in a transaction of its own. An older schema's pass runs whole, in one
+/// transaction (its `picloud_gc_pass()`), until ALTER EXTENSION picloud UPDATE.
 fn housekeeping_pass(batch_size: i32) {
-    let mut report = Vec::new();
-    for step in STEPS {
-        let done = run_step(step, batch_size);
-        if done > 0 {
-            report.push(format!("{step}={done}"));
-        }
-    }
+    let done: Vec<(String, i64)> = match housekeeping_steps() {
+        Some(steps) => steps
+            .into_iter()
+            .map(|step| {
+                let done = in_batches(batch_size, || {
+                    Spi::get_one_with_args::<i64>(
+                        "SELECT picloud._gc_step($1, $2)",
+                        &[step.as_str().into(), batch_size.into()],
+                    )
+                });
+                (step, done)
+            })
+            .collect(),
+        None => BackgroundWorker::transaction(|| {
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT kind, removed FROM picloud.picloud_gc_pass()",
+                        None,
+                        &[],
+                    )
+                    .map(|rows| {
+                        rows.filter_map(|row| {
+                            let kind = row.get::<String>(1).ok().flatten()?;
+                            let removed = row.get::<i64>(2).ok().flatten()?;
+                            Some((kind, removed))
+                        })
+                        .collect()
+                    })
+                    .unwrap_or_default()
+            })
+        }),
+    };
+    let report: Vec<String> = done
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(step, n)| format!("{step}={n}"))
+        .collect();
     if !report.is_empty() {
         log!("{WORKER_NAME}: {}", report.join(" "));
     }

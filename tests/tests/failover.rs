@@ -723,7 +723,7 @@ fn check_housekeeper(tag: &str, pair: &Pair, f: &Failover) {
     let rescued: i64 = pair
         .standby_log()
         .lines()
-        .filter_map(|line| line.split("picloud._gc_rescue_leases=").nth(1))
+        .filter_map(|line| line.split(" rescue_leases=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<i64>().ok())
         .sum();
     println!(

@@ -882,32 +882,32 @@ pub fn supervisor_functions() -> Vec<Spec> {
 pub fn housekeeping_steps() -> Vec<Spec> {
     vec![
         Spec {
-            func: "picloud._gc_rescue_leases",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "rescue_leases"),
         },
         Spec {
-            func: "picloud._gc_dead_letters",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "dead_letters"),
         },
         Spec {
-            func: "picloud._gc_abandoned_executions",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "abandoned_executions"),
         },
         Spec {
-            func: "picloud._gc_inboxes",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "inboxes"),
         },
         Spec {
-            func: "picloud._gc_idempotency_keys",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "idempotency_keys"),
         },
         Spec {
-            func: "picloud._gc_event_counts",
+            func: "picloud._gc_step",
             kind: Kind::Housekeeping,
             build: |t, _, app| gc_case(t, app, "event_counts"),
         },
@@ -1025,7 +1025,7 @@ pub fn gc_case(t: &mut Tenancy, app: Uuid, step: &str) -> Call {
             .iter()
             .find(|(k, _, _)| *k == step)
             .expect("housekeeping step");
-        call(format!("SELECT picloud._gc_{step}(10000)::text"))
+        call(format!("SELECT picloud._gc_step('{step}', 10000)::text"))
             .value(n.to_string())
             .check(format!("SELECT {check}"))
     };

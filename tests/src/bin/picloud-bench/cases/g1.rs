@@ -113,8 +113,11 @@ pub fn bench_g1(cfg: &Cfg, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         loop {
             let b0 = Instant::now();
             let done: i64 = c
-                .query_one("SELECT picloud._gc_dead_letters($1)", &[&(batch as i32)])
-                .map_err(pg_err("_gc_dead_letters"))?
+                .query_one(
+                    "SELECT picloud._gc_step('dead_letters', $1)",
+                    &[&(batch as i32)],
+                )
+                .map_err(pg_err("_gc_step dead_letters"))?
                 .get(0);
             batches.push(b0.elapsed().as_secs_f64() * 1000.0);
             total += done;
