@@ -108,20 +108,6 @@ macro_rules! producer_right {
     };
 }
 
-const KEYED_INSERT_TYPES: [pg_sys::Oid; 11] = [
-    pg_sys::UUIDOID,
-    pg_sys::UUIDOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::UUIDOID,
-    pg_sys::JSONBOID,
-    pg_sys::INT4OID,
-    pg_sys::TIMESTAMPTZOID,
-    pg_sys::INT2OID,
-    pg_sys::TEXTOID,
-    pg_sys::BOOLOID,
-];
-
 /// The longest ordering key taken here, in bytes: 4096 bytes are at most 4096 characters, the
 /// limit; a longer key goes to the general path, which counts its characters.
 const MAX_ORDERING_KEY_BYTES: usize = 4096;
@@ -157,7 +143,8 @@ const PRODUCER_INSERT: &CStr = statement(plain_insert!(producer_right!()));
 const OWNER_KEYED_INSERT: &CStr = statement(keyed_insert!(""));
 const PRODUCER_KEYED_INSERT: &CStr = statement(keyed_insert!(producer_right!()));
 
-const INSERT_TYPES: [pg_sys::Oid; 9] = [
+/// The parameter types of the keyed statements; the plain ones take the first nine.
+const INSERT_TYPES: [pg_sys::Oid; 11] = [
     pg_sys::UUIDOID,
     pg_sys::UUIDOID,
     pg_sys::TEXTOID,
@@ -167,7 +154,10 @@ const INSERT_TYPES: [pg_sys::Oid; 9] = [
     pg_sys::INT4OID,
     pg_sys::TIMESTAMPTZOID,
     pg_sys::INT2OID,
+    pg_sys::TEXTOID,
+    pg_sys::BOOLOID,
 ];
+const PLAIN_PARAMS: usize = 9;
 
 thread_local! {
     // Plans prepared on first use and kept for the backend's life. Postgres' plan cache
@@ -321,16 +311,16 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     let event_id = admission::picloud_new_event_id().into_datum()?;
     let owner = access::picloud_is_owner();
     let (slot, sql, types): (_, _, &[pg_sys::Oid]) = match (ordering, owner) {
-        (Ordering::None, true) => (&OWNER_PLAN, OWNER_INSERT, &INSERT_TYPES),
-        (Ordering::None, false) => (&PRODUCER_PLAN, PRODUCER_INSERT, &INSERT_TYPES),
-        (Ordering::Keyed { .. }, true) => {
-            (&OWNER_KEYED_PLAN, OWNER_KEYED_INSERT, &KEYED_INSERT_TYPES)
-        }
-        (Ordering::Keyed { .. }, false) => (
-            &PRODUCER_KEYED_PLAN,
-            PRODUCER_KEYED_INSERT,
-            &KEYED_INSERT_TYPES,
+        (Ordering::None, true) => (&OWNER_PLAN, OWNER_INSERT, &INSERT_TYPES[..PLAIN_PARAMS]),
+        (Ordering::None, false) => (
+            &PRODUCER_PLAN,
+            PRODUCER_INSERT,
+            &INSERT_TYPES[..PLAIN_PARAMS],
         ),
+        (Ordering::Keyed { .. }, true) => (&OWNER_KEYED_PLAN, OWNER_KEYED_INSERT, &INSERT_TYPES),
+        (Ordering::Keyed { .. }, false) => {
+            (&PRODUCER_KEYED_PLAN, PRODUCER_KEYED_INSERT, &INSERT_TYPES)
+        }
     };
     let blocks = match ordering {
         Ordering::Keyed { blocks } => blocks,
