@@ -631,12 +631,16 @@ BEGIN
         JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
         WHERE r.n >= l.max_concurrency;
     END IF;
-    -- The bounded look of step 2 (see above).
-    v_bound := coalesce(
-        (SELECT w.due_at FROM picloud.outbox w
-         WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
-         ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-        'infinity');
+    IF p_leave_sql_lane THEN
+        -- The bounded look of step 2 (see above). Only then: without it, step 2 must be free to
+        -- pass over the rows of apps at their cap to reach other apps' events (a flood of one
+        -- app's slow events would otherwise leave the others one event per claim).
+        v_bound := coalesce(
+            (SELECT w.due_at FROM picloud.outbox w
+             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+             ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
+            'infinity');
+    END IF;
     -- The ordering keys this claim visits (see above), and the cursor moved past them.
     BEGIN
         v_after_app := nullif(current_setting('picloud.claim_after_app', true), '')::uuid;
@@ -726,7 +730,7 @@ BEGIN
         FOR UPDATE OF o SKIP LOCKED
     ), fill_slots AS (
         -- How many rows of each app are among the oldest due rows: one index scan of
-        -- outbox_due_idx, at most p_batch * 4 + 100 rows deep.
+        -- outbox_due_idx (bounded with p_leave_sql_lane, see above).
         SELECT c.app_id, count(*)::integer AS n
         FROM (SELECT o.app_id
               FROM picloud.outbox o
