@@ -43,14 +43,19 @@ fn pg_bin(tool: &str) -> String {
 
 /// Runs a PostgreSQL tool as the postgres OS user (Postgres refuses to run as root).
 fn as_postgres(tool: &str, args: &[&str]) {
-    let status = Command::new("runuser")
+    assert!(try_as_postgres(tool, args), "{tool} {args:?} failed");
+}
+
+/// As `as_postgres`; whether the tool succeeded.
+fn try_as_postgres(tool: &str, args: &[&str]) -> bool {
+    Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(pg_bin(tool))
         .args(args)
         .stdout(std::process::Stdio::null())
         .status()
-        .unwrap_or_else(|e| panic!("{tool}: {e}"));
-    assert!(status.success(), "{tool} {args:?} failed");
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+        .success()
 }
 
 fn conninfo(port: u16) -> String {
@@ -199,10 +204,17 @@ impl Pair {
         let data_text = data.to_string_lossy().into_owned();
         // Outside the data directory, so that pg_basebackup does not copy the primary's log.
         let log = self.log_path(data).to_string_lossy().into_owned();
-        as_postgres(
-            "pg_ctl",
-            &["-D", &data_text, "-l", &log, "-w", "-t", "60", "start"],
-        );
+        let args = ["-D", &data_text, "-l", &log, "-w", "-t", "60", "start"];
+        // The test's ports lie in the kernel's range for outgoing connections: a client
+        // socket of anything else running may hold one for a moment ("Address already in
+        // use"). A few tries a second apart ride that out.
+        for _ in 0..4 {
+            if try_as_postgres("pg_ctl", &args) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        as_postgres("pg_ctl", &args);
     }
 
     /// Both servers' hosts, primary first, as a key=value string and as a URL.
