@@ -32,8 +32,8 @@ fn ordered_enqueue(c: &mut Client, app: Uuid, script: Uuid, n: i64, keys: i64) -
 
 pub fn bench_o1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let mut c = connect(cfg, &cfg.db)?;
-    // A fortieth of P1's events (5,000): ordered events go through claims, a few per key at a
-    // time, far slower than the lanes that drain the unordered ones.
+    // A fortieth of P1's events (5,000): ordered events run one per key per lane batch, so a
+    // drain over 10 keys is far slower than the unordered one.
     let n = (cfg.p1_events / 40).max(1_000);
     let (mut unordered, mut keys_1000, mut keys_10) = (vec![], vec![], vec![]);
     for run in 0..cfg.runs {
@@ -91,8 +91,8 @@ pub fn bench_o1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     reset_queues(&mut c)?;
     notes.push(
         "O1: the ordered drains enqueue with picloud_enqueue_bulk(..., p_ordering_keys => one of 1,000 or 10 keys per \
-         event, cycling); ordered events go through claims (one event per key at a time), never the sql lanes; E1 keyed \
-         draws one of 1,000 keys per transaction and takes the PL/pgSQL path (the key's lock and place)."
+         event, cycling); the sql lanes take each key's first event (one event per key per batch); E1 keyed \
+         draws one of 1,000 keys per transaction (the enqueue fast path takes the key's lock and place)."
             .into(),
     );
     let drained = fmt_num(n as f64);
