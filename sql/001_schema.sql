@@ -220,7 +220,7 @@ CREATE TABLE picloud.outbox (
 -- Claim path: due, unclaimed rows in due order.
 CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
 -- Claim path and sql lanes, within one app: its unordered waiting rows of a priority other
--- than the default, by priority, then due time (picloud._waiting merges them with the app's
+-- than the default, by priority, then due time (claims and lanes merge them with the app's
 -- rows of priority 0 from outbox_due_idx). Events of priority 0 never enter it, so they cost
 -- no index write of their own.
 CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)

@@ -98,31 +98,6 @@ LANGUAGE sql STABLE AS $$
     CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
 $$;
 
--- An app's unclaimed, unordered events due by p_until, by priority, then due time, read
--- lazily (the caller's ORDER BY priority, due_at and LIMIT stop the scans): the non-zero
--- priorities from outbox_app_priority_idx (which holds only those, so that the usual events of
--- priority 0 cost no index of their own) merged with the events of priority 0 from
--- outbox_due_idx. Inlined into its callers (a SQL function of one SELECT without a fixed
--- search_path, which would stop the inlining: every name is qualified instead).
-CREATE FUNCTION picloud._waiting(p_app_id uuid, p_until timestamptz)
-RETURNS TABLE (app_id uuid, event_id uuid, due_at timestamptz, priority smallint, script_id uuid,
-               attempt_count integer, first_attempt_at timestamptz, reply_to text)
-LANGUAGE sql STABLE AS $$
-    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
-           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
-    FROM picloud.outbox o
-    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-      AND o.priority OPERATOR(pg_catalog.<>) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-      AND o.due_at OPERATOR(pg_catalog.<=) p_until
-    UNION ALL
-    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
-           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
-    FROM picloud.outbox o
-    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-      AND o.priority OPERATOR(pg_catalog.=) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-      AND o.due_at OPERATOR(pg_catalog.<=) p_until
-$$;
-
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
 -- with its handler and the principal it runs as.
 --

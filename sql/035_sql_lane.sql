@@ -120,12 +120,23 @@ BEGIN
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
     ELSIF v_app IS NOT NULL THEN
-        -- Priorities in use: the app's best lane events by priority, then due time
-        -- (picloud._waiting), twice as many as wanted for those another lane holds, then locked.
+        -- Priorities in use: the app's best lane events by priority, then due time - its rows of
+        -- other priorities (outbox_app_priority_idx) merged with its rows of priority 0 - twice
+        -- as many as wanted for those another lane holds, then locked.
         RETURN QUERY
         WITH best AS MATERIALIZED (
             SELECT w.event_id, w.priority, w.due_at
-            FROM picloud._waiting(v_app, 'infinity') w
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority <> 0 AND o.due_at <= now()
+                  UNION ALL
+                  SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority = 0 AND o.due_at <= now()) w
             JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
             WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
               AND s.kind = 'sql'

@@ -1184,12 +1184,23 @@ BEGIN
         FOR UPDATE OF o SKIP LOCKED;
         GET DIAGNOSTICS v_locked = ROW_COUNT;
     ELSIF v_app IS NOT NULL THEN
-        -- Priorities in use: the app's best lane events by priority, then due time
-        -- (picloud._waiting), twice as many as wanted for those another lane holds, then locked.
+        -- Priorities in use: the app's best lane events by priority, then due time - its rows of
+        -- other priorities (outbox_app_priority_idx) merged with its rows of priority 0 - twice
+        -- as many as wanted for those another lane holds, then locked.
         RETURN QUERY
         WITH best AS MATERIALIZED (
             SELECT w.event_id, w.priority, w.due_at
-            FROM picloud._waiting(v_app, 'infinity') w
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority <> 0 AND o.due_at <= now()
+                  UNION ALL
+                  SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority = 0 AND o.due_at <= now()) w
             JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
             WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
               AND s.kind = 'sql'
@@ -2205,25 +2216,6 @@ CREATE VIEW picloud.limited_handlers WITH (security_invoker = true) AS
                         WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.app_id = l.app_id
                           AND o.script_id = l.script_id) w;
 
-CREATE OR REPLACE FUNCTION picloud._waiting(p_app_id uuid, p_until timestamptz)
-RETURNS TABLE (app_id uuid, event_id uuid, due_at timestamptz, priority smallint, script_id uuid,
-               attempt_count integer, first_attempt_at timestamptz, reply_to text)
-LANGUAGE sql STABLE AS $$
-    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
-           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
-    FROM picloud.outbox o
-    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-      AND o.priority OPERATOR(pg_catalog.<>) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-      AND o.due_at OPERATOR(pg_catalog.<=) p_until
-    UNION ALL
-    SELECT o.app_id, o.event_id, o.due_at::pg_catalog.timestamptz, o.priority, o.script_id,
-           o.attempt_count::pg_catalog.int4, o.first_attempt_at, o.reply_to
-    FROM picloud.outbox o
-    WHERE o.app_id OPERATOR(pg_catalog.=) p_app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-      AND o.priority OPERATOR(pg_catalog.=) 0 AND o.due_at OPERATOR(pg_catalog.<=) pg_catalog.now()
-      AND o.due_at OPERATOR(pg_catalog.<=) p_until
-$$;
-
 -- Housekeeping: one step function and one list of steps instead of a function per step.
 DROP FUNCTION picloud._gc_rescue_leases(integer);
 DROP FUNCTION picloud._gc_dead_letters(integer);
@@ -2491,14 +2483,12 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Four functions qualify every name instead (sql/020_triggers.sql, 031_claims.sql): one
-          -- looks the handler function up in the caller's search_path, three are inlined into
-          -- their callers.
+          -- Three functions qualify every name instead (sql/020_triggers.sql): one looks the
+          -- handler function up in the caller's search_path, two are inlined into their callers.
           AND p.oid <> ALL (ARRAY[
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
-              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',
-              'picloud._waiting(uuid, timestamptz)'
+              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)'
           ]::regprocedure[])
     LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);

@@ -74,7 +74,6 @@ const C_FUNCTIONS: &[&str] = &[
 /// The functions that qualify every name instead of fixing their search_path (see
 /// sql/090_privileges.sql).
 const QUALIFIED: &[&str] = &[
-    "_waiting(uuid,timestamp with time zone)",
     "picloud_create_script(uuid,text,text,text,integer)",
     "picloud_match_dead_letter_triggers(uuid,text,uuid)",
     "picloud_match_kv_triggers(uuid,text,text)",
