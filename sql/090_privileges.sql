@@ -157,6 +157,7 @@ BEGIN
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
         'picloud.picloud_complete(uuid, uuid, text, jsonb)',
+        'picloud.picloud_complete_many(uuid[], uuid[], text, jsonb[])',
         'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
         'picloud.picloud_extend_lease(uuid, uuid, text, integer)',
         'picloud.picloud_release(uuid, uuid, text)',

@@ -539,6 +539,12 @@ CREATE TYPE picloud.claimed_event AS (
 CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
 RETURNS SETOF picloud.claimed_event
 LANGUAGE sql STABLE AS $$
+    -- The principal once per handler and trigger, not once per event: a claim's events mostly
+    -- share a few. (Materialized: joined in, the planner ran it again for every event.)
+    WITH principals AS MATERIALIZED (
+        SELECT k.app_id, k.trigger_id, k.script_id, p.principal, p.problem
+        FROM (SELECT DISTINCT d.app_id, d.trigger_id, d.script_id FROM unnest(p_claimed) d) k
+        CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) p)
     SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
            c.attempt_count, c.reply_to, s.kind,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
@@ -549,7 +555,9 @@ LANGUAGE sql STABLE AS $$
                                 c.attempt_count, c.trigger_id, c.script_id)
     FROM unnest(p_claimed) AS c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
-    CROSS JOIN LATERAL picloud._handler_principal(c.app_id, c.trigger_id, c.script_id) h
+    JOIN principals h
+      ON h.app_id = c.app_id AND h.script_id = c.script_id
+     AND h.trigger_id IS NOT DISTINCT FROM c.trigger_id
 $$;
 
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
@@ -621,6 +629,25 @@ BEGIN
         INTO v_running_apps, v_running_counts
         FROM (SELECT o.app_id, count(*)::integer AS n FROM picloud.outbox o
               WHERE o.claimed_by = p_worker GROUP BY o.app_id) r;
+        -- When every app with events in the outbox is at its cap, nothing can be claimed: say
+        -- so at once. (Otherwise the fill below would pass over each of those apps' due rows,
+        -- a whole backlog when one busy app is alone.) One outbox_pkey probe per app at its cap.
+        IF EXISTS (SELECT 1 FROM unnest(v_running_counts) n WHERE n >= p_app_cap)
+           AND NOT EXISTS (
+               WITH RECURSIVE walk (app_id) AS (
+                   SELECT (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)
+                   UNION ALL
+                   SELECT (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > w.app_id
+                           ORDER BY o.app_id LIMIT 1)
+                   FROM walk w
+                   WHERE w.app_id IS NOT NULL
+                     AND coalesce(v_running_counts[array_position(v_running_apps, w.app_id)], 0) >= p_app_cap)
+               SELECT 1 FROM walk w
+               WHERE w.app_id IS NOT NULL
+                 AND coalesce(v_running_counts[array_position(v_running_apps, w.app_id)], 0) < p_app_cap) THEN
+            PERFORM picloud._note_claim(0);
+            RETURN;
+        END IF;
     END IF;
     -- Handlers with a concurrency limit at their limit now (by the claimed rows, a few per
     -- running handler): the scans below pass over their events.
@@ -2003,26 +2030,14 @@ $$;
 CREATE OR REPLACE FUNCTION picloud.picloud_complete(p_app_id uuid, p_event_id uuid, p_worker text, p_result jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    r picloud.outbox;
 BEGIN
     IF p_app_id IS NULL OR p_event_id IS NULL OR p_worker IS NULL THEN
         PERFORM picloud._null_argument('{app_id,event_id,worker}',
             ARRAY[p_app_id IS NULL, p_event_id IS NULL, p_worker IS NULL]);
     END IF;
-    DELETE FROM picloud.outbox o
-    WHERE o.app_id = p_app_id AND o.event_id = p_event_id AND o.claimed_by = p_worker
-    RETURNING * INTO r;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM picloud.picloud_complete_many(
+                       ARRAY[p_app_id], ARRAY[p_event_id], p_worker, ARRAY[p_result])) THEN
         PERFORM picloud._lease_lost(p_app_id, p_event_id, p_worker);
-    END IF;
-    PERFORM picloud._count_outcome(r.app_id, r.source, 1, 0, 0);
-    IF r.reply_to IS NOT NULL THEN
-        PERFORM picloud._reply(r, true, p_result, NULL);
-    END IF;
-    IF r.ordering_key IS NOT NULL THEN
-        -- The next event of the key can run now: no enqueue announces it.
-        PERFORM picloud._wake_at_commit();
     END IF;
 END
 $$;
@@ -2331,6 +2346,47 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION picloud.picloud_complete_many(p_app_ids uuid[], p_event_ids uuid[], p_worker text,
+                                              p_results jsonb[] DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done picloud.outbox[];
+    r picloud.outbox;
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL OR p_worker IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids,worker}',
+            ARRAY[p_app_ids IS NULL, p_event_ids IS NULL, p_worker IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids)
+       OR cardinality(p_results) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid(format(
+            'app_ids, event_ids and results must have one element per event, got %s, %s and %s',
+            cardinality(p_app_ids), cardinality(p_event_ids), coalesce(cardinality(p_results)::text, 'none')));
+    END IF;
+    IF cardinality(p_event_ids) > 10000 THEN
+        PERFORM picloud._invalid(format('at most 10000 events at once, got %s', cardinality(p_event_ids)));
+    END IF;
+    WITH done AS (
+        DELETE FROM picloud.outbox o
+        USING unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+        WHERE o.app_id = k.app_id AND o.event_id = k.event_id AND o.claimed_by = p_worker
+        RETURNING o AS row)
+    SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
+    PERFORM picloud._count_outcome(c.app_id, c.source, c.n, 0, 0)
+    FROM (SELECT u.app_id, u.source, count(*)::integer AS n
+          FROM unnest(v_done) u GROUP BY u.app_id, u.source) c;
+    FOR r IN SELECT * FROM unnest(v_done) u WHERE u.reply_to IS NOT NULL LOOP
+        PERFORM picloud._reply(r, true, p_results[array_position(p_event_ids, r.event_id)], NULL);
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM unnest(v_done) u WHERE u.ordering_key IS NOT NULL) THEN
+        -- The next event of a key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    RETURN QUERY SELECT u.event_id FROM unnest(v_done) u;
+END
+$$;
+
 -- Privileges --------------------------------------------------------------------------------
 
 GRANT USAGE ON SCHEMA picloud TO picloud_owner;
@@ -2409,6 +2465,7 @@ BEGIN
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
         'picloud.picloud_complete(uuid, uuid, text, jsonb)',
+        'picloud.picloud_complete_many(uuid[], uuid[], text, jsonb[])',
         'picloud.picloud_fail(uuid, uuid, text, text, timestamptz)',
         'picloud.picloud_extend_lease(uuid, uuid, text, integer)',
         'picloud.picloud_release(uuid, uuid, text)',

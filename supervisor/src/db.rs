@@ -2,6 +2,7 @@
 //! makes, schema-qualified, plus the classification of errors into what the
 //! supervisor does about them. No policy lives here; the database decides.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -365,6 +366,10 @@ fn is_read_only_refusal(e: &tokio_postgres::Error) -> bool {
 pub struct ClaimStatements {
     /// Claims with the per-app cap (0.4.0 on); None on an older schema.
     capped: Option<tokio_postgres::Statement>,
+    /// `picloud_complete_many` (0.4.0 on). Prepared with the claims so that a report sent just
+    /// before a claim on the same connection also runs before it (an unprepared statement
+    /// would be parsed first, and the claim would overtake it).
+    pub complete_many: Option<tokio_postgres::Statement>,
     all: tokio_postgres::Statement,
     /// Leaves sql-lane events to the lanes; None on a schema without sql lanes.
     outside_lane: Option<tokio_postgres::Statement>,
@@ -389,6 +394,11 @@ impl ClaimStatements {
         let all = client
             .prepare("SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4)")
             .await?;
+        let complete_many = if schema.complete_many() {
+            Some(client.prepare(COMPLETE_MANY).await?)
+        } else {
+            None
+        };
         let outside_lane = if schema.claim_leaves_sql_lane() {
             Some(
                 client
@@ -402,6 +412,7 @@ impl ClaimStatements {
         };
         Ok(ClaimStatements {
             capped,
+            complete_many,
             all,
             outside_lane,
         })
@@ -461,7 +472,7 @@ pub async fn next_due_in_ms(client: &Client) -> Result<Option<f64>, tokio_postgr
 }
 
 /// Why a report (complete, fail, release) did not go through.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum ReportError {
     /// Another worker holds the row now; nothing more to do.
     LeaseLost(String),
@@ -498,6 +509,34 @@ pub async fn complete(
         .await
         .map(|_| ())
         .map_err(|e| ReportError::from_error(&e))
+}
+
+const COMPLETE_MANY: &str =
+    "SELECT picloud.picloud_complete_many($1::uuid[], $2::uuid[], $3::text, $4::jsonb[])";
+
+/// Completes finished events together in one transaction; returns the ids completed. An event
+/// left out was no longer held by `worker` (its lease expired). With `statement` (prepared by
+/// `ClaimStatements`) the call is pipelined in order with what follows on the connection.
+pub async fn complete_many(
+    client: &Client,
+    statement: Option<&tokio_postgres::Statement>,
+    worker: &str,
+    done: &[(&Claim, Option<&Value>)],
+) -> Result<HashSet<Uuid>, ReportError> {
+    let app_ids: Vec<Uuid> = done.iter().map(|(claim, _)| claim.app_id).collect();
+    let event_ids: Vec<Uuid> = done.iter().map(|(claim, _)| claim.event_id).collect();
+    let results: Vec<Option<&Value>> = done.iter().map(|(_, result)| *result).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&app_ids, &event_ids, &worker, &results];
+    let rows = match statement {
+        Some(statement) => client.query(statement, &params).await,
+        None => client.query(COMPLETE_MANY, &params).await,
+    }
+    .map_err(|e| ReportError::from_error(&e))?;
+    rows.iter()
+        .map(|row| row.try_get::<_, Uuid>(0))
+        .collect::<Result<HashSet<Uuid>, _>>()
+        .map_err(|e| ReportError::Rejected(error_text(&e)))
 }
 
 /// What the database decided after a failure.

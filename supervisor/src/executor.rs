@@ -17,7 +17,7 @@ use crate::db::{self, Claim, ConnectError, Decision, Handler, ReportError};
 use crate::handlers::sql::SqlOutcome;
 use crate::handlers::{self, bounded_error, Failure, HandlerResult};
 use crate::metrics::{Connection, Kind, Metrics};
-use crate::state::{aborted, Phase, Shared};
+use crate::state::{aborted, Completion, Phase, Shared};
 
 /// Counts the claimed rows and keeps those that could be read. An unreadable row is counted
 /// as unreported too: no outcome will ever be reported for it, and its lease will expire.
@@ -43,6 +43,8 @@ pub fn accept_claimed(metrics: &Metrics, rows: Vec<Result<Claim, String>>) -> Ve
 #[derive(Debug)]
 enum Outcome {
     Completed,
+    /// Handed to the dispatcher, which reports it with others (`report_completed`).
+    Queued,
     /// Reported with picloud_fail; `decision` is the database's.
     Failed {
         decision: Decision,
@@ -70,7 +72,8 @@ pub async fn run_event(
     let busy = shared.metrics.busy(1);
     let outcome = match connection(&shared, &mut phase).await {
         Some(mut client) => {
-            let (outcome, reusable) = process(&shared, &mut client, &claim, &mut phase).await;
+            let (outcome, reusable) =
+                process(&shared, &mut client, &claim, started, &mut phase).await;
             if reusable {
                 shared.pool.put(client);
             } else {
@@ -81,9 +84,41 @@ pub async fn run_event(
         }
         None => Outcome::Unreported("no executor connection".to_owned()),
     };
-    record(&shared, &claim, &outcome, started);
     drop(busy);
     drop(permit);
+    match outcome {
+        // The dispatcher is told by `finished` and records it once reported.
+        Outcome::Queued => shared.finished.notify_one(),
+        outcome => record(&shared, &claim, &outcome, started),
+    }
+}
+
+/// Reports the queued successes of external handlers in one statement (`statement`: the
+/// dispatcher's prepared `picloud_complete_many`, pipelined before its claim), then counts and
+/// logs each outcome.
+pub async fn report_completed(
+    shared: &Shared,
+    client: &Client,
+    statement: Option<&tokio_postgres::Statement>,
+    done: Vec<Completion>,
+) {
+    if done.is_empty() {
+        return;
+    }
+    let worker = shared.config.worker_name.as_str();
+    let events: Vec<(&Claim, Option<&Value>)> =
+        done.iter().map(|d| (&d.claim, d.result.as_ref())).collect();
+    let reported = db::complete_many(client, statement, worker, &events).await;
+    for d in &done {
+        let outcome = match &reported {
+            Ok(completed) if completed.contains(&d.claim.event_id) => Outcome::Completed,
+            Ok(_) => Outcome::LeaseLost(
+                "picloud_complete_many: this worker no longer held the event".to_owned(),
+            ),
+            Err(e) => report_error_outcome(e.clone()),
+        };
+        record(shared, &d.claim, &outcome, d.started);
+    }
 }
 
 /// Counts an event's outcome in the metrics and logs it.
@@ -150,6 +185,7 @@ async fn process(
     shared: &Shared,
     client: &mut Client,
     claim: &Claim,
+    started: Instant,
     phase: &mut watch::Receiver<Phase>,
 ) -> (Outcome, bool) {
     let worker = shared.config.worker_name.as_str();
@@ -169,7 +205,7 @@ async fn process(
         Handler::Sql => return run_sql(shared, client, claim, timeout_ms, phase).await,
         Handler::Http { .. } | Handler::Command { .. } => {
             return (
-                run_external(shared, client, claim, timeout_ms, phase).await,
+                run_external(shared, client, claim, timeout_ms, started, phase).await,
                 true,
             );
         }
@@ -243,6 +279,7 @@ async fn run_external(
     client: &Client,
     claim: &Claim,
     timeout_ms: u32,
+    started: Instant,
     phase: &mut watch::Receiver<Phase>,
 ) -> Outcome {
     let config = &shared.config;
@@ -291,7 +328,18 @@ async fn run_external(
     };
     match ended {
         External::Finished(Ok(result)) => {
-            report_success(client, claim, worker, result.as_ref()).await
+            if !shared.pool.database().schema().complete_many() {
+                return report_success(client, claim, worker, result.as_ref()).await;
+            }
+            let done = Completion {
+                claim: claim.clone(),
+                result,
+                started,
+            };
+            match shared.completions.push(done) {
+                Ok(()) => Outcome::Queued,
+                Err(done) => report_success(client, claim, worker, done.result.as_ref()).await,
+            }
         }
         External::Finished(Err(failure)) => report_failure(client, claim, worker, &failure).await,
         External::LeaseLost => {
@@ -402,6 +450,7 @@ fn count(metrics: &Metrics, claim: &Claim, outcome: &Outcome, elapsed: Duration)
             metrics.observe_duration(kind, elapsed);
         }
         Outcome::Released => metrics.released.add(kind, 1),
+        Outcome::Queued => {}
         Outcome::LeaseLost(_) => {
             metrics.lease_lost.inc();
         }
@@ -414,6 +463,7 @@ fn count(metrics: &Metrics, claim: &Claim, outcome: &Outcome, elapsed: Duration)
 fn log_outcome(claim: &Claim, outcome: &Outcome, elapsed: Duration) {
     let (name, error, next_due_at, dead_letter_id) = match outcome {
         Outcome::Completed => ("completed", None, None, None),
+        Outcome::Queued => return,
         Outcome::Failed {
             decision,
             error,

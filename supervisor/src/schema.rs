@@ -86,6 +86,11 @@ impl Schema {
         self.since(Version(0, 4, 0))
     }
 
+    /// `picloud_complete_many` (0.4.0): finished events reported together.
+    pub fn complete_many(&self) -> bool {
+        self.since(Version(0, 4, 0))
+    }
+
     /// The statement that reads the version; no row means the extension is not installed.
     pub const QUERY: &'static str =
         "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'picloud'";

@@ -4,13 +4,15 @@
 //! dependencies run one way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::db::Claim;
 use crate::handlers::http::HttpClient;
 use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
@@ -45,6 +47,70 @@ pub struct Shared {
     pub lanes_wake: Notify,
     /// What each sql lane is doing, for the dispatcher.
     pub lane_batches: LaneBatches,
+    /// Events whose http or command handler succeeded, waiting to be reported together.
+    pub completions: Completions,
+}
+
+/// An event whose http or command handler succeeded, not yet reported.
+pub struct Completion {
+    pub claim: Claim,
+    /// The handler's reply, for a synchronous caller's inbox.
+    pub result: Option<Value>,
+    pub started: Instant,
+}
+
+/// Successful events of external handlers wait here for the dispatcher, which reports them all
+/// in one statement just before its next claim on the same connection: one commit for many
+/// events instead of one each, and the claim's count of this supervisor's events per app
+/// (`--max-running-per-app`) no longer holds them. The executor slot is free as soon as the
+/// handler has answered. When the dispatcher stops the queue closes, and an executor reports
+/// its own event.
+pub struct Completions {
+    /// None once closed.
+    queue: Mutex<Option<Vec<Completion>>>,
+}
+
+impl Completions {
+    pub fn new() -> Completions {
+        Completions {
+            queue: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    /// Queues `done`, or hands it back if the queue is closed.
+    pub fn push(&self, done: Completion) -> Result<(), Box<Completion>> {
+        match self
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            Some(queue) => {
+                queue.push(done);
+                Ok(())
+            }
+            None => Err(Box::new(done)),
+        }
+    }
+
+    /// Everything queued so far.
+    pub fn take(&self) -> Vec<Completion> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Closes the queue for good and returns what is left in it.
+    pub fn close(&self) -> Vec<Completion> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default()
+    }
 }
 
 /// What each sql lane is doing: disconnected, idle, or in a batch since when. When every lane
@@ -160,6 +226,53 @@ pub async fn pause_before_reconnect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Handler;
+    use uuid::Uuid;
+
+    fn completion() -> Completion {
+        Completion {
+            claim: Claim {
+                app_id: Uuid::nil(),
+                event_id: Uuid::from_u128(rand::random()),
+                source: "queue".to_owned(),
+                op: "x".to_owned(),
+                trigger_id: None,
+                script_id: Uuid::nil(),
+                payload: Value::Null,
+                depth: 0,
+                attempt_count: 1,
+                handler: Handler::Sql,
+                timeout_ms: 1000,
+                principal: None,
+                principal_error: None,
+                event: None,
+            },
+            result: None,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn completions_are_taken_once_and_handed_back_after_closing() {
+        let queue = Completions::new();
+        let first = completion();
+        let id = first.claim.event_id;
+        assert!(queue.push(first).is_ok());
+        assert!(queue.push(completion()).is_ok());
+        let taken = queue.take();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(taken[0].claim.event_id, id);
+        assert!(queue.take().is_empty(), "taken once");
+        assert!(queue.push(completion()).is_ok());
+        assert_eq!(queue.close().len(), 1, "what is left comes out at closing");
+        let late = completion();
+        let late_id = late.claim.event_id;
+        match queue.push(late) {
+            Err(back) => assert_eq!(back.claim.event_id, late_id),
+            Ok(()) => panic!("a closed queue took a completion"),
+        }
+        assert!(queue.take().is_empty() && queue.close().is_empty());
+    }
 
     #[test]
     fn lanes_are_held_only_when_every_connected_lane_is_in_an_old_batch() {

@@ -18,7 +18,7 @@ use crate::handlers::http::HttpClient;
 use crate::lane;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::state::{LaneBatches, Phase, Shared};
+use crate::state::{Completions, LaneBatches, Phase, Shared};
 use crate::summary::{self, Summary};
 use crate::EXIT_CONFIG;
 
@@ -153,6 +153,7 @@ pub async fn run(config: Config) -> u8 {
         finished: Notify::new(),
         lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
+        completions: Completions::new(),
     });
     let metrics_endpoint = listener.map(|listener| {
         let address = listener

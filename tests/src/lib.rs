@@ -337,3 +337,10 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+/// A port nothing listens on right now: bound to port 0, then released (so something else may
+/// take it before the caller does: callers that can retry on another port should).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}

@@ -619,6 +619,100 @@ fn two_claimers_never_share_a_row() {
 }
 
 #[test]
+fn complete_many_completes_what_the_worker_holds_and_leaves_out_the_rest() {
+    let _serial = claimers();
+    let (_db, mut c) = fresh_db("complete_many");
+    let (app, script) = ledger_app(&mut c);
+    let ids: Vec<Uuid> = (0..3)
+        .map(|_| {
+            uuid_of(
+                &mut c,
+                "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+                &[&app, &script],
+            )
+        })
+        .collect();
+    let claimed = c
+        .query("SELECT event_id FROM picloud_claim('w', 10, 60000)", &[])
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    // The third's lease went to another worker; a fourth id was never an event.
+    c.execute(
+        "UPDATE picloud.outbox SET claimed_by = 'other' WHERE event_id = $1",
+        &[&ids[2]],
+    )
+    .unwrap();
+    let unknown = Uuid::new_v4();
+    let all = vec![ids[0], ids[1], ids[2], unknown];
+    let apps = vec![app; 4];
+    let (two, apps_two, apps_three) = (all[..2].to_vec(), vec![app; 2], vec![app; 3]);
+    let counted = "SELECT coalesce(sum(completed), 0)::bigint FROM picloud.event_counts";
+    let completed_before = count(&mut c, counted);
+
+    // Bad calls change nothing.
+    let bad: Vec<(&str, Vec<&(dyn postgres::types::ToSql + Sync)>, &str)> = vec![
+        (
+            "SELECT * FROM picloud_complete_many($1, $2, NULL)",
+            vec![&apps, &all],
+            "22004",
+        ),
+        (
+            "SELECT * FROM picloud_complete_many($1, $2, 'w')",
+            vec![&apps_three, &all],
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_complete_many($1, $2, 'w', ARRAY['{}'::jsonb])",
+            vec![&apps, &all],
+            "22023",
+        ),
+        (
+            "SELECT * FROM picloud_complete_many(
+                 array_fill($1::uuid, ARRAY[10001]), array_fill($1::uuid, ARRAY[10001]), 'w')",
+            vec![&app],
+            "22023",
+        ),
+    ];
+    for (sql, params, state) in bad {
+        assert_eq!(sqlstate(c.query(sql, &params)), state, "{sql}");
+    }
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 3);
+
+    let done: HashSet<Uuid> = c
+        .query(
+            "SELECT * FROM picloud_complete_many($1, $2, 'w')",
+            &[&apps, &all],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(done, HashSet::from([ids[0], ids[1]]));
+    let left: Vec<Uuid> = c
+        .query("SELECT event_id FROM picloud.outbox", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec![ids[2]], "the other worker's event stays");
+    assert_eq!(count(&mut c, counted), completed_before + 2);
+    // Completing them again completes nothing; the single call says why.
+    assert_eq!(
+        c.query(
+            "SELECT * FROM picloud_complete_many($1, $2, 'w')",
+            &[&apps_two, &two],
+        )
+        .unwrap()
+        .len(),
+        0
+    );
+    assert_eq!(
+        sqlstate(c.execute("SELECT picloud_complete($1, $2, 'w')", &[&app, &ids[0]])),
+        "PC002"
+    );
+}
+
+#[test]
 fn retry_schedule_then_one_dead_letter() {
     let _serial = claimers();
     let (_db, mut c) = fresh_db("retry");

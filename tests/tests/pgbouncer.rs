@@ -8,9 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
-/// PgBouncer's ports (55460-55469 are this suite's), one per test.
-const PRODUCERS_PORT: u16 = 55461;
-const LISTEN_PORT: u16 = 55462;
 
 struct PgBouncer {
     child: Child,
@@ -32,8 +29,21 @@ impl Drop for PgBouncer {
 
 impl PgBouncer {
     /// Starts PgBouncer (as the postgres OS user: it refuses to run as root) in front of the
-    /// test cluster: transaction pooling, 4 server connections per database and user.
-    fn start(port: u16) -> PgBouncer {
+    /// test cluster: transaction pooling, 4 server connections per database and user. On a
+    /// port free a moment before; if something took it meanwhile, on another.
+    fn start() -> PgBouncer {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match PgBouncer::start_on(free_port()) {
+                Ok(bouncer) => return bouncer,
+                Err(log) => failures.push(log),
+            }
+        }
+        panic!("pgbouncer did not start: {failures:#?}");
+    }
+
+    /// Err: PgBouncer's log, when it did not listen on `port` within 10 s.
+    fn start_on(port: u16) -> Result<PgBouncer, String> {
         assert!(
             std::path::Path::new(PGBOUNCER).exists(),
             "{PGBOUNCER} is missing: run scripts/setup.sh (it installs Debian's pgbouncer)"
@@ -69,16 +79,15 @@ impl PgBouncer {
             .spawn()
             .expect("start pgbouncer (run scripts/setup.sh)");
         let bouncer = PgBouncer { child, dir, port };
-        assert!(
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
-            "pgbouncer did not start: {}",
-            std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
-        );
-        bouncer
+        let listening = eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !listening {
+            return Err(
+                std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
+            );
+        }
+        Ok(bouncer)
     }
 
     fn url(&self, db: &str) -> String {
@@ -94,7 +103,7 @@ fn producers_through_transaction_pooling_and_a_direct_supervisor_run_every_event
     const PRODUCERS: usize = 4;
     const PER_PRODUCER: usize = 2_500;
     const PER_TRANSACTION: usize = 10;
-    let bouncer = PgBouncer::start(PRODUCERS_PORT);
+    let bouncer = PgBouncer::start();
     let (db, mut c) = fresh_db("pgbouncer");
     let (app, script) = ledger_app(&mut c);
     let sup = Supervisor::start(&db, &["--poll-interval-ms", "500"]);
@@ -166,7 +175,7 @@ fn producers_through_transaction_pooling_and_a_direct_supervisor_run_every_event
 
 #[test]
 fn a_supervisor_listening_through_transaction_pooling_says_so() {
-    let bouncer = PgBouncer::start(LISTEN_PORT);
+    let bouncer = PgBouncer::start();
     let (db, _c) = fresh_db("pgbouncer_listen");
     let sup = Supervisor::start_url(&bouncer.url(&db), "pgbouncer-listen", &[]);
     assert!(
