@@ -220,15 +220,15 @@ async fn claim_loop(
 /// With most executor slots busy, a claim now would take only the one or two events that just
 /// finished, and the next claim the rest a moment later: every claim costs about the same
 /// however many events it takes, so such a stream of small claims halves what a busy
-/// supervisor runs. Waits, up to `GATHER`, until a batch's worth of slots is free (or nothing
-/// runs). The events that finished meanwhile are reported in the round trip of that claim.
+/// supervisor runs. Waits, up to `GATHER`, until a batch's worth of slots is free. The events
+/// that finished meanwhile are reported in the round trip of that claim.
 async fn gather(shared: &Shared, phase: &mut watch::Receiver<Phase>) {
-    let total = shared.config.concurrency;
-    let enough = shared.config.batch_size.min(total);
+    // A whole batch free; the configuration keeps batch_size within concurrency.
+    let enough = shared.config.batch_size.max(1);
     let deadline = tokio::time::Instant::now() + GATHER;
     loop {
-        let free = shared.slots.available_permits() + 1;
-        if free >= enough || free >= total {
+        // The permit the caller holds counts as free.
+        if shared.slots.available_permits() + 1 >= enough {
             return;
         }
         tokio::select! {
