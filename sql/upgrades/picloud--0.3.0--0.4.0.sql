@@ -527,13 +527,14 @@ DROP FUNCTION picloud.picloud_claim_events(text, uuid[], uuid[], integer);
 -- The claimed event, as every claim answers it (picloud_claim, picloud_claim_events): the
 -- event, the document its handler receives (`event`, built here once; the supervisor hands it
 -- to http and command handlers as it is), its handler (kind, target - the function for sql,
--- the URL or command name otherwise - and timeout, 30 s if the handler is gone) and the
--- principal it runs as, or why it cannot run.
+-- the URL or command name otherwise - and timeout, 30 s if the handler is gone), the
+-- principal it runs as, or why it cannot run, and its priority (a supervisor that claims ahead
+-- starts an app's waiting events by it).
 CREATE TYPE picloud.claimed_event AS (
     app_id uuid, event_id uuid, source text, op text, trigger_id uuid, script_id uuid,
     payload jsonb, depth integer, attempt_count integer, reply_to text,
     handler_kind text, handler_target text, timeout_ms integer,
-    principal name, principal_error text, event jsonb);
+    principal name, principal_error text, event jsonb, priority smallint);
 
 -- What a claim answers for the rows it claimed.
 CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
@@ -552,12 +553,14 @@ LANGUAGE sql STABLE AS $$
            h.principal,
            h.problem,
            picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
-                                c.attempt_count, c.trigger_id, c.script_id)
-    FROM unnest(p_claimed) AS c
+                                c.attempt_count, c.trigger_id, c.script_id),
+           c.priority
+    FROM unnest(p_claimed) WITH ORDINALITY AS c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
     JOIN principals h
       ON h.app_id = c.app_id AND h.script_id = c.script_id
      AND h.trigger_id IS NOT DISTINCT FROM c.trigger_id
+    ORDER BY c.ordinality
 $$;
 
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
@@ -722,22 +725,29 @@ BEGIN
         SELECT a.app_id,
                p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
         FROM apps a
+    ), share AS (
+        -- Each app's share of the batch (one when an app is alone: the fill takes the rest in
+        -- the same order, at less cost).
+        SELECT CASE WHEN count(*) = 1 THEN 1 ELSE greatest(1, p_batch / count(*)) END::integer AS n
+        FROM apps
     ), heads AS (
-        -- Each app's best claimable event by priority, then due time, among its first 64 rows
-        -- of a priority other than 0 (outbox_app_priority_idx) and its first 64 rows by enqueue
-        -- order (outbox_pkey): two short index scans however the app's rows lie in due order.
+        -- Each app's best claimable events by priority, then due time (its share, within its
+        -- cap), among its first 64 rows of a priority other than 0 (outbox_app_priority_idx) and
+        -- its first 64 rows by enqueue order (outbox_pkey): two short index scans however the
+        -- app's rows lie in due order.
         SELECT h.app_id, h.event_id, h.due_at
         FROM room r
+        CROSS JOIN share
         CROSS JOIN LATERAL (
             SELECT w.app_id, w.event_id, w.due_at
-            FROM ((SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at,
+            FROM ((SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid AS tid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o
                    WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
                      AND o.priority <> 0 AND o.due_at <= now()
                    ORDER BY o.priority, o.due_at LIMIT 64)
                   UNION ALL
-                  (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at,
+                  (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
             WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
@@ -747,18 +757,19 @@ BEGIN
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = w.app_id AND l.script_id = w.script_id))
-            ORDER BY w.priority, w.due_at
-            LIMIT 1) h
+            ORDER BY w.priority, w.due_at, w.tid
+            LIMIT least(share.n, coalesce(r.left_, share.n))) h
         WHERE r.left_ IS NULL OR r.left_ > 0
     ), locked_heads AS (
-        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), fill_slots AS (
         -- How many rows of each app are among the oldest due rows: one index scan of
         -- outbox_due_idx (bounded with p_leave_sql_lane, see above).
-        SELECT c.app_id, count(*)::integer AS n
+        SELECT c.app_id,
+               greatest(0, count(*) - (SELECT count(*) FROM heads h WHERE h.app_id = c.app_id))::integer AS n
         FROM (SELECT o.app_id
               FROM picloud.outbox o
               WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_bound
@@ -777,10 +788,10 @@ BEGIN
     ), fill_prioritized AS (
         -- Each app's share (see ranked for the cut): its best rows of a priority other than 0
         -- (outbox_app_priority_idx), passing over rows other claimers hold ...
-        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
+        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id, f.tid
         FROM fill_slots s
         CROSS JOIN LATERAL (
-            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority <> 0 AND o.due_at <= now()
@@ -796,10 +807,10 @@ BEGIN
             FOR UPDATE OF o SKIP LOCKED) f
     ), fill_usual AS (
         -- ... and its oldest rows of priority 0 (outbox_due_idx, where fill_slots found them).
-        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id
+        SELECT f.app_id, f.event_id, f.due_at, f.priority, f.script_id, f.tid
         FROM fill_slots s
         CROSS JOIN LATERAL (
-            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+            SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority = 0 AND o.due_at <= now()
@@ -835,23 +846,24 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
                           WHERE b.app_id = k.app_id AND b.ordering_key = k.ordering_key)
     ), locked_keyed AS (
-        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id
+        SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
-        -- Within its cap, each app's rows in order: its head first, then by priority and due
-        -- time; within a limited handler's room, the handler's rows in the same order.
+        -- Within its cap, each app's rows in order: its heads first, then by priority and due
+        -- time, and rows due at the same time (enqueued by one statement) in the order they were
+        -- written; within a limited handler's room, the handler's rows in the same order.
         SELECT c.app_id, c.event_id, c.rank_, c.due_at, c.script_id,
-               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth,
-               row_number() OVER (PARTITION BY c.script_id ORDER BY c.rank_, c.priority, c.due_at, c.event_id) AS nth_of_handler
-        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at, l.priority, l.script_id FROM locked_heads l
+               row_number() OVER (PARTITION BY c.app_id ORDER BY c.rank_, c.priority, c.due_at, c.tid) AS nth,
+               row_number() OVER (PARTITION BY c.script_id ORDER BY c.rank_, c.priority, c.due_at, c.tid) AS nth_of_handler
+        FROM (SELECT l.app_id, l.event_id, 0 AS rank_, l.due_at, l.priority, l.script_id, l.tid FROM locked_heads l
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill_prioritized f
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id, f.tid FROM fill_prioritized f
               UNION ALL
-              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id FROM fill_usual f
+              SELECT f.app_id, f.event_id, 1, f.due_at, f.priority, f.script_id, f.tid FROM fill_usual f
               UNION ALL
-              SELECT k.app_id, k.event_id, 1, k.due_at, k.priority, k.script_id FROM locked_keyed k) c
+              SELECT k.app_id, k.event_id, 1, k.due_at, k.priority, k.script_id, k.tid FROM locked_keyed k) c
     ), rooms AS (
         -- What is left of each limited handler's limit (see picloud._handler_room), once per
         -- handler (a CTE with a volatile function is evaluated once).
@@ -860,7 +872,7 @@ BEGIN
               FROM ranked k
               JOIN picloud.handler_limits h ON h.app_id = k.app_id AND h.script_id = k.script_id) l
     ), due AS (
-        -- Heads first, then the apps' next rows in turn.
+        -- Heads first, then the apps' next rows in turn; the answer keeps this order.
         SELECT k.app_id, k.event_id
         FROM ranked k
         LEFT JOIN rooms m ON m.script_id = k.script_id
@@ -880,6 +892,9 @@ BEGIN
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
         RETURNING o.*
     )
+    -- In due's order: the update walks due (sorted, the outer side of its join) and returns
+    -- the rows as it updates them; an explicit sort here cost a tenth of the claim. (flow_control.rs
+    -- checks the order an executor then runs an app's events in.)
     SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);

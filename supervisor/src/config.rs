@@ -57,8 +57,8 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
 
-    /// Most rows claimed at once (1 to --concurrency) [default: --concurrency]. A claim never
-    /// asks for more rows than there are free executor slots.
+    /// Most rows a claim takes for free executor slots (1 to --concurrency) [default:
+    /// --concurrency]; what it claims ahead (--prefetch) comes on top.
     #[arg(long, env = "PICLOUD_BATCH_SIZE", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch_size: Option<u16>,
@@ -69,6 +69,14 @@ pub struct Cli {
     #[arg(long, env = "PICLOUD_MAX_RUNNING_PER_APP", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_running_per_app: Option<u16>,
+
+    /// Most events claimed ahead of free executor slots: when handlers finish quickly, a claim
+    /// takes up to twice as many more as finished since the previous claim; they start as
+    /// slots free up, and one waiting longer than a third of its lease is given back. 0 claims
+    /// only for free slots [default: 8 x --concurrency].
+    #[arg(long, env = "PICLOUD_PREFETCH", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(0..=10000))]
+    pub prefetch: Option<u16>,
 
     /// Deprecated and ignored (a claimed sql-handler event always runs in a transaction of its
     /// own; the sql lanes batch first attempts); accepted for this release only.
@@ -163,6 +171,7 @@ pub struct Config {
     pub concurrency: usize,
     pub batch_size: usize,
     pub max_running_per_app: usize,
+    pub prefetch: usize,
     /// What the configuration asked for that this release no longer does, said at start-up.
     pub deprecated: Vec<&'static str>,
     pub sql_lanes: usize,
@@ -287,6 +296,7 @@ impl Cli {
             concurrency,
             batch_size,
             max_running_per_app,
+            prefetch: self.prefetch.map_or(concurrency * 8, usize::from),
             deprecated: self
                 .sql_batch
                 .map(|_| {
@@ -444,8 +454,14 @@ mod tests {
     #[test]
     fn defaults() {
         let c = config(&["--database-url", URL], &[]);
-        let numbers = [c.concurrency, c.batch_size, c.sql_lanes, c.sql_lane_batch];
-        assert_eq!(numbers, [16, 16, 2, 500]);
+        let numbers = [
+            c.concurrency,
+            c.batch_size,
+            c.sql_lanes,
+            c.sql_lane_batch,
+            c.prefetch,
+        ];
+        assert_eq!(numbers, [16, 16, 2, 500, 128]);
         assert!(c.deprecated.is_empty());
         assert_eq!(c.max_running_per_app, 14);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));

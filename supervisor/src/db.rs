@@ -44,6 +44,31 @@ pub struct Claim {
     /// The document the handler receives, as the database built it (picloud.claimed_event's
     /// `event`); None from a schema before 0.4.0, which has no such column.
     pub event: Option<Value>,
+    /// Orders an app's events waiting for a slot (`crate::ready`); 0 from a schema that does
+    /// not answer it.
+    pub priority: i16,
+}
+
+/// A claim of `app_id` with a fresh event id, for unit tests.
+#[cfg(test)]
+pub fn test_claim(app_id: Uuid) -> Claim {
+    Claim {
+        app_id,
+        event_id: Uuid::from_u128(rand::random()),
+        source: "queue".to_owned(),
+        op: "x".to_owned(),
+        trigger_id: None,
+        script_id: Uuid::nil(),
+        payload: Value::Null,
+        depth: 0,
+        attempt_count: 1,
+        handler: Handler::Sql,
+        timeout_ms: 1000,
+        principal: None,
+        principal_error: None,
+        event: None,
+        priority: 0,
+    }
 }
 
 impl Claim {
@@ -62,13 +87,22 @@ impl Claim {
             timeout_ms: column(row, "timeout_ms")?,
             principal: column(row, "principal")?,
             principal_error: column(row, "principal_error")?,
-            event: if row.columns().iter().any(|c| c.name() == "event") {
+            event: if has_column(row, "event") {
                 column(row, "event")?
             } else {
                 None
             },
+            priority: if has_column(row, "priority") {
+                column::<Option<i16>>(row, "priority")?.unwrap_or(0)
+            } else {
+                0
+            },
         })
     }
+}
+
+fn has_column(row: &Row, name: &str) -> bool {
+    row.columns().iter().any(|c| c.name() == name)
 }
 
 /// What runs an event, from the claimed row's handler kind and target.

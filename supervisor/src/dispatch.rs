@@ -1,12 +1,13 @@
-//! The dispatcher: claims due rows on its own connection, only as many as
-//! there are free executor slots, and hands each to an executor task at once.
-//! Claimed rows never wait in a local queue.
+//! The dispatcher: claims due rows on its own connection, as many as there are free executor
+//! slots and, when handlers finish fast, some ahead of them (`crate::ready`), and starts an
+//! executor task on each free slot.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
+use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::db::{self, ConnectError};
@@ -33,6 +34,20 @@ const LANES_HELD: Duration = Duration::from_millis(500);
 /// connection or a claim fails; then reports the successes still queued.
 pub async fn run(shared: Arc<Shared>, phase: watch::Receiver<Phase>) -> Ended {
     let ended = serve(&shared, phase).await;
+    let waiting = shared.ready.close();
+    if !waiting.is_empty() {
+        match shared.pool.get().await {
+            Ok(client) => {
+                executor::give_back(&shared, &client, waiting).await;
+                shared.pool.put(client);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                events = waiting.len(),
+                "events claimed ahead could not be given back; their leases will expire"
+            ),
+        }
+    }
     let left = shared.completions.close();
     if !left.is_empty() {
         match shared.pool.get().await {
@@ -116,35 +131,9 @@ async fn claim_loop(
     // each look costs a claim: wait longer and longer, up to the poll interval.
     let mut due_wait = DueWait::new(DUE_BUT_LOCKED_WAIT, config.poll_interval);
     loop {
-        // Wait for a free executor slot before claiming anything. Not claiming then is
-        // by design, which /health must know.
-        let saturated = shared.slots.available_permits() == 0;
-        if saturated {
-            metrics.dispatcher.set_waiting_for_slot(true);
-        }
-        let first = tokio::select! {
-            permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed; if it were, nothing could run.
-                Err(_) => return Ok(()),
-            },
-            _ = stopping(phase) => return Ok(()),
-        };
-        if saturated {
-            metrics.dispatcher.set_waiting_for_slot(false);
-        }
-        if *phase.borrow() != Phase::Running {
+        let Some((batch, ahead)) = wait_for_room(shared, &connection.client, phase).await? else {
             return Ok(());
-        }
-        gather(shared, phase).await;
-        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
-        while permits.len() < config.batch_size {
-            match Arc::clone(&shared.slots).try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
-
+        };
         // While a sql lane is connected, it runs the first attempts of sql events; unless every
         // lane has been in one batch for long (slow handlers hold them until their timeout):
         // then claims take those events too, fairly between apps.
@@ -152,13 +141,16 @@ async fn claim_loop(
             && !shared.lane_batches.all_held_longer_than(LANES_HELD);
         let request = db::ClaimRequest {
             worker: &config.worker_name,
-            batch: permits.len() as i32,
+            batch: batch as i32,
             lease_ms: config.lease_ms,
             leave_sql_lane,
-            app_cap: config.max_running_per_app as i32,
+            // What an app may have claimed by this supervisor: what it may run, and what is
+            // claimed ahead. The running cap itself is kept by `Shared::ready`.
+            app_cap: (config.max_running_per_app + ahead) as i32,
         };
+        shared.ready.claiming();
         // The successes queued since the last claim are reported first, in the same round
-        // trip: their rows are gone before the claim counts what each app has running.
+        // trip: their rows are gone before the claim counts what each app has claimed.
         let done = shared.completions.take();
         let (_, rows) = tokio::join!(
             executor::report_completed(
@@ -174,19 +166,8 @@ async fn claim_loop(
         metrics.dispatcher.claimed();
         let claimed = rows.len();
         metrics.claim_batch_size.observe(claimed as f64);
-        for claim in accept_claimed(metrics, rows) {
-            let Some(permit) = take_permit(shared, &mut permits).await else {
-                return Ok(());
-            };
-            tokio::spawn(executor::run_event(
-                Arc::clone(shared),
-                claim,
-                permit,
-                phase.clone(),
-            ));
-        }
-        // Unused permits go back here, before any waiting.
-        drop(permits);
+        shared.ready.push(accept_claimed(metrics, rows));
+        start_waiting(shared, phase);
 
         if claimed > 0 {
             rechecked = false;
@@ -206,7 +187,10 @@ async fn claim_loop(
         }
         rechecked = false;
         let wait = idle_wait(&connection.client, config.poll_interval, schema).await?;
-        let wait = due_wait.stretch(wait);
+        let mut wait = due_wait.stretch(wait);
+        if shared.ready.waiting() > 0 {
+            wait = wait.min(stale_check(config.lease_ms));
+        }
         tokio::select! {
             _ = connection.wake.notified() => due_wait.reset(),
             _ = shared.rescheduled.notified() => due_wait.reset(),
@@ -217,41 +201,88 @@ async fn claim_loop(
     }
 }
 
+/// Starts waiting events on the free executor slots.
+fn start_waiting(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
+    while shared.ready.waiting() > 0 {
+        let Ok(permit) = Arc::clone(&shared.slots).try_acquire_owned() else {
+            return;
+        };
+        // None: every waiting event's app is at its cap; the permit goes back.
+        let Some(claim) = shared.ready.next() else {
+            return;
+        };
+        tokio::spawn(executor::run_event(
+            Arc::clone(shared),
+            claim,
+            permit,
+            phase.clone(),
+        ));
+    }
+}
+
+/// Waits until a claim is worth making and returns how many events it may take and how many of
+/// those are claimed ahead of free slots (`Ready::room`); None once shutdown is requested.
+///
 /// With most executor slots busy, a claim now would take only the one or two events that just
 /// finished, and the next claim the rest a moment later: every claim costs about the same
 /// however many events it takes, so such a stream of small claims halves what a busy
-/// supervisor runs. Waits, up to `GATHER`, until a batch's worth of slots is free. The events
-/// that finished meanwhile are reported in the round trip of that claim.
-async fn gather(shared: &Shared, phase: &mut watch::Receiver<Phase>) {
-    // A whole batch free; the configuration keeps batch_size within concurrency.
-    let enough = shared.config.batch_size.max(1);
-    let deadline = tokio::time::Instant::now() + GATHER;
+/// supervisor runs. So with room for less than a batch it waits, up to `GATHER`, for more to
+/// finish. Meanwhile events that waited for a slot longer than a third of their lease are given
+/// back to the queue before the lease could run out here.
+async fn wait_for_room(
+    shared: &Arc<Shared>,
+    client: &Client,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<Option<(usize, usize)>, tokio_postgres::Error> {
+    let config = &shared.config;
+    let mut gather_until = None;
     loop {
-        // The permit the caller holds counts as free.
-        if shared.slots.available_permits() + 1 >= enough {
-            return;
+        start_waiting(shared, phase);
+        let stale = shared
+            .ready
+            .stale(Duration::from_millis(config.lease_ms as u64 / 3));
+        executor::give_back(shared, client, stale).await;
+        if *phase.borrow() != Phase::Running {
+            return Ok(None);
         }
+        let room = shared.ready.room(config.concurrency, config.prefetch);
+        let ahead = room.ahead;
+        let batch = room.take.min(config.batch_size + ahead);
+        let now = tokio::time::Instant::now();
+        // Claims follow one another as long as each can take half of what may be held (the
+        // slots and what is claimed ahead): the connection stays busy with claims that are
+        // large enough to be worth their fixed cost.
+        let half = (config.concurrency + ahead) / 2;
+        if room.take >= config.batch_size.max(half).max(1) {
+            shared.metrics.dispatcher.set_waiting_for_slot(false);
+            return Ok(Some((batch, ahead)));
+        }
+        // Less than that, and nothing waiting could start: claim after a short gathering.
+        if room.take > 0 && room.runnable == 0 {
+            let until = *gather_until.get_or_insert(now + GATHER);
+            if now >= until {
+                shared.metrics.dispatcher.set_waiting_for_slot(false);
+                return Ok(Some((batch, ahead)));
+            }
+        }
+        // Waiting for a free executor slot is not claiming, by design, which /health must know.
+        shared
+            .metrics
+            .dispatcher
+            .set_waiting_for_slot(room.take == 0);
+        let wake_at = gather_until.unwrap_or(now + stale_check(config.lease_ms));
         tokio::select! {
             _ = shared.finished.notified() => {}
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = stopping(phase) => return,
+            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = stopping(phase) => return Ok(None),
         }
     }
 }
 
-/// The longest `gather` waits: about what one claim costs.
-const GATHER: Duration = Duration::from_millis(2);
-
-/// One of the permits taken for this claim or, if the database returned more rows than were
-/// asked for, a permit waited for now: those rows then run as slots free up. None only if the
-/// semaphore was closed, which never happens while the supervisor runs.
-async fn take_permit(
-    shared: &Arc<Shared>,
-    permits: &mut Vec<OwnedSemaphorePermit>,
-) -> Option<OwnedSemaphorePermit> {
-    if let Some(permit) = permits.pop() {
-        return Some(permit);
-    }
-    tracing::warn!("claim returned more rows than requested");
-    Arc::clone(&shared.slots).acquire_owned().await.ok()
+/// How often events waiting for a slot are looked at for their age.
+fn stale_check(lease_ms: i32) -> Duration {
+    Duration::from_millis((lease_ms as u64 / 6).max(10))
 }
+
+/// The longest `wait_for_room` gathers: about what one claim costs.
+const GATHER: Duration = Duration::from_millis(2);

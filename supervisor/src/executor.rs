@@ -60,20 +60,46 @@ enum Outcome {
     ReportRejected(String),
 }
 
-/// Runs one claimed event to its end. The permit is the executor slot; it is
-/// held until the outcome is reported so the dispatcher never over-claims.
+/// Runs one claimed event to its end, then the next waiting event (`Shared::ready`) while there
+/// is one and the supervisor runs. The permit is the executor slot; it is held until the last
+/// outcome is reported so the dispatcher never over-claims.
 pub async fn run_event(
     shared: Arc<Shared>,
-    claim: Claim,
+    mut claim: Claim,
     permit: OwnedSemaphorePermit,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let started = Instant::now();
-    let busy = shared.metrics.busy(1);
-    let outcome = match connection(&shared, &mut phase).await {
+    loop {
+        let started = Instant::now();
+        let outcome = run_one(&shared, &claim, started, &mut phase).await;
+        shared.ready.ended(claim.app_id);
+        match outcome {
+            // The dispatcher is told by `finished` and records it once reported.
+            Outcome::Queued => shared.finished.notify_one(),
+            outcome => record(&shared, &claim, &outcome, started),
+        }
+        if *phase.borrow() != Phase::Running {
+            break;
+        }
+        match shared.ready.next() {
+            Some(next) => claim = next,
+            None => break,
+        }
+    }
+    drop(permit);
+    shared.finished.notify_one();
+}
+
+async fn run_one(
+    shared: &Shared,
+    claim: &Claim,
+    started: Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> Outcome {
+    let _busy = shared.metrics.busy(1);
+    match connection(shared, phase).await {
         Some(mut client) => {
-            let (outcome, reusable) =
-                process(&shared, &mut client, &claim, started, &mut phase).await;
+            let (outcome, reusable) = process(shared, &mut client, claim, started, phase).await;
             if reusable {
                 shared.pool.put(client);
             } else {
@@ -83,13 +109,6 @@ pub async fn run_event(
             outcome
         }
         None => Outcome::Unreported("no executor connection".to_owned()),
-    };
-    drop(busy);
-    drop(permit);
-    match outcome {
-        // The dispatcher is told by `finished` and records it once reported.
-        Outcome::Queued => shared.finished.notify_one(),
-        outcome => record(&shared, &claim, &outcome, started),
     }
 }
 
@@ -118,6 +137,17 @@ pub async fn report_completed(
             Err(e) => report_error_outcome(e.clone()),
         };
         record(shared, &d.claim, &outcome, d.started);
+    }
+}
+
+/// Gives events claimed ahead that never started back to the queue (`picloud_release`, the
+/// attempt not counted) and records each.
+pub async fn give_back(shared: &Shared, client: &Client, claims: Vec<Claim>) {
+    let worker = shared.config.worker_name.as_str();
+    for claim in claims {
+        let started = Instant::now();
+        let outcome = release(client, &claim, worker).await;
+        record(shared, &claim, &outcome, started);
     }
 }
 

@@ -20,6 +20,7 @@ mod lane;
 mod logging;
 mod metrics;
 mod pool;
+mod ready;
 mod schema;
 mod state;
 mod summary;

@@ -16,6 +16,7 @@ use crate::db::Claim;
 use crate::handlers::http::HttpClient;
 use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
+use crate::ready::Ready;
 
 /// Lifecycle phase, broadcast to the dispatcher, the lanes and every executor task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub struct Shared {
     pub lane_batches: LaneBatches,
     /// Events whose http or command handler succeeded, waiting to be reported together.
     pub completions: Completions,
+    /// Claimed events waiting for a slot, and what runs per app.
+    pub ready: Ready,
 }
 
 /// An event whose http or command handler succeeded, not yet reported.
@@ -226,27 +229,12 @@ pub async fn pause_before_reconnect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Handler;
+    use crate::db::test_claim;
     use uuid::Uuid;
 
     fn completion() -> Completion {
         Completion {
-            claim: Claim {
-                app_id: Uuid::nil(),
-                event_id: Uuid::from_u128(rand::random()),
-                source: "queue".to_owned(),
-                op: "x".to_owned(),
-                trigger_id: None,
-                script_id: Uuid::nil(),
-                payload: Value::Null,
-                depth: 0,
-                attempt_count: 1,
-                handler: Handler::Sql,
-                timeout_ms: 1000,
-                principal: None,
-                principal_error: None,
-                event: None,
-            },
+            claim: test_claim(Uuid::nil()),
             result: None,
             started: Instant::now(),
         }

@@ -18,6 +18,7 @@ use crate::handlers::http::HttpClient;
 use crate::lane;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::ready::Ready;
 use crate::state::{Completions, LaneBatches, Phase, Shared};
 use crate::summary::{self, Summary};
 use crate::EXIT_CONFIG;
@@ -143,6 +144,7 @@ pub async fn run(config: Config) -> u8 {
     let concurrency = config.concurrency;
     let lanes = config.sql_lanes;
     let metrics = Arc::new(Metrics::new(concurrency));
+    let ready = Ready::new(config.max_running_per_app);
     let shared = Arc::new(Shared {
         pool: Pool::new(config.database.clone(), Arc::clone(&metrics)),
         http,
@@ -154,6 +156,7 @@ pub async fn run(config: Config) -> u8 {
         lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
         completions: Completions::new(),
+        ready,
     });
     let metrics_endpoint = listener.map(|listener| {
         let address = listener
@@ -280,6 +283,7 @@ fn log_start(config: &Config) {
         worker = config.worker_name.as_str(),
         concurrency = config.concurrency,
         batch_size = config.batch_size,
+        prefetch = config.prefetch,
         poll_interval_ms = config.poll_interval.as_millis() as u64,
         lease_ms = config.lease_ms,
         shutdown_grace_ms = config.shutdown_grace.as_millis() as u64,

@@ -108,7 +108,14 @@ fn a_high_priority_event_overtakes_a_backlog_in_the_sql_lanes() {
 #[test]
 fn a_high_priority_event_overtakes_a_backlog_through_claims() {
     // Claims of 16 rows: the claims in flight finish, the next one takes it.
-    high_priority_overtakes_a_backlog("prio_claims", &["--sql-lanes", "0"], 3 * 16);
+    high_priority_overtakes_a_backlog(
+        "prio_claims",
+        &["--sql-lanes", "0", "--prefetch", "0"],
+        3 * 16,
+    );
+    // Claiming ahead (128 by default): the events claimed before it was enqueued may start
+    // first; once claimed it starts before its app's waiting events.
+    high_priority_overtakes_a_backlog("prio_claims_ahead", &["--sql-lanes", "0"], 3 * 16 + 128);
 }
 
 /// With one executor, an app's events run strictly by priority, then due time: events of

@@ -1116,3 +1116,105 @@ fn killed_lanes_leave_no_event_waiting_longer_than_the_poll_interval() {
         sup.log()
     );
 }
+
+/// Claiming ahead (`--prefetch`): once events finish quickly the dispatcher claims more than
+/// its free slots, and the extra events wait for a slot; one that waits longer than a third of
+/// its lease is given back to the queue (unclaimed, the attempt not counted) instead of letting
+/// its lease run out in the supervisor. Every event still runs once, on its first attempt.
+#[test]
+fn events_claimed_ahead_are_given_back_before_their_lease_runs_out() {
+    let (db, mut c) = fresh_db("e2e_ahead");
+    c.batch_execute(
+        "CREATE TABLE runs (event_id uuid NOT NULL, attempt int NOT NULL);
+         CREATE FUNCTION paced(e jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_sleep((e->'payload'->>'secs')::float8);
+             INSERT INTO runs VALUES ((e->>'event_id')::uuid, (e->>'attempt')::int);
+         END $$;",
+    )
+    .unwrap();
+    let app: Uuid = c
+        .query_one("SELECT picloud_create_app('ahead')", &[])
+        .unwrap()
+        .get(0);
+    let script: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'paced', 'sql', 'paced')",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    let enqueue = |c: &mut postgres::Client, n: i32, secs: f64| {
+        c.execute(
+            "SELECT count(*) FROM picloud_enqueue_bulk($1, 'queue', 'x',
+                 ARRAY(SELECT jsonb_build_object('secs', $3::float8) FROM generate_series(1, $2)), $4)",
+            &[&app, &n, &secs, &script],
+        )
+        .unwrap();
+    };
+    // Two slots, up to 8 claimed ahead, leases of 1.5 s: an event waiting for a slot is given
+    // back after 0.5 s, while a slow one runs for 2 s.
+    let sup = Supervisor::start(
+        &db,
+        &[
+            "--poll-interval-ms",
+            "300",
+            "--log-level",
+            "debug",
+            "--sql-lanes",
+            "0",
+            "--concurrency",
+            "2",
+            "--max-running-per-app",
+            "2",
+            "--prefetch",
+            "8",
+            "--lease-ms",
+            "1500",
+        ],
+    );
+    // Quick events first: as they finish, claims take more than the free slots, and so the
+    // slow events behind them are claimed ahead and wait.
+    enqueue(&mut c, 30, 0.0);
+    enqueue(&mut c, 10, 2.0);
+    let held = |c: &mut postgres::Client| {
+        count(
+            c,
+            "SELECT count(*) FROM picloud.outbox WHERE claimed_by IS NOT NULL",
+        )
+    };
+    let mut most_held = 0;
+    let given_back = |sup: &Supervisor| {
+        log_lines(sup)
+            .iter()
+            .filter(|l| l["outcome"] == "released")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            most_held = most_held.max(held(&mut c));
+            given_back(&sup) > 0
+        }),
+        "an event waiting for a slot was given back: {}",
+        sup.log()
+    );
+    assert!(most_held > 2, "more claimed than slots ({most_held})");
+    assert!(
+        eventually(Duration::from_secs(60), || count(
+            &mut c,
+            "SELECT count(*) FROM runs"
+        ) == 40),
+        "every event ran: {}",
+        sup.log()
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM runs"),
+        40
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM runs WHERE attempt <> 1"),
+        0,
+        "each ran on its first attempt: giving back does not count one"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
+}
