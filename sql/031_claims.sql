@@ -290,7 +290,7 @@ BEGIN
     ), share AS (
         -- Each app's share of the batch (one when an app is alone: the fill takes the rest in
         -- the same order, at less cost).
-        SELECT CASE WHEN count(*) = 1 THEN 1 ELSE greatest(1, p_batch / count(*)) END::integer AS n
+        SELECT CASE WHEN count(*) <= 1 THEN 1 ELSE p_batch / count(*) END::integer AS n
         FROM apps
     ), heads AS (
         -- Each app's best claimable events by priority, then due time (its share, within its
