@@ -726,8 +726,8 @@ BEGIN
                p_app_cap - coalesce(v_running_counts[array_position(v_running_apps, a.app_id)], 0) AS left_
         FROM apps a
     ), share AS (
-        -- Each app's share of the batch (one when an app is alone: the fill takes the rest in
-        -- the same order, at less cost).
+        -- Each app's share of the batch: the batch over the apps with rows in the outbox (one
+        -- when an app is alone: the fill takes the rest in the same order, at less cost).
         SELECT CASE WHEN count(*) <= 1 THEN 1 ELSE p_batch / count(*) END::integer AS n
         FROM apps
     ), heads AS (
@@ -873,7 +873,8 @@ BEGIN
               JOIN picloud.handler_limits h ON h.app_id = k.app_id AND h.script_id = k.script_id) l
     ), due AS (
         -- Heads first, then the apps' next rows in turn; the answer keeps this order.
-        SELECT k.app_id, k.event_id
+        SELECT k.app_id, k.event_id,
+               row_number() OVER (ORDER BY k.rank_, k.nth, k.due_at) AS place
         FROM ranked k
         LEFT JOIN rooms m ON m.script_id = k.script_id
         WHERE (p_app_cap IS NULL
@@ -890,12 +891,9 @@ BEGIN
             last_attempt_at = now()
         FROM due
         WHERE o.app_id = due.app_id AND o.event_id = due.event_id
-        RETURNING o.*
+        RETURNING o AS claimed_row, due.place
     )
-    -- In due's order: the update walks due (sorted, the outer side of its join) and returns
-    -- the rows as it updates them; an explicit sort here cost a tenth of the claim. (flow_control.rs
-    -- checks the order an executor then runs an app's events in.)
-    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c::picloud.outbox FROM claimed c)) a;
+    SELECT a.* FROM picloud._claim_answers(ARRAY(SELECT c.claimed_row FROM claimed c ORDER BY c.place)) a;
     GET DIAGNOSTICS v_claimed = ROW_COUNT;
     PERFORM picloud._note_claim(v_claimed);
 END

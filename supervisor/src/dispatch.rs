@@ -131,7 +131,14 @@ async fn claim_loop(
     // each look costs a claim: wait longer and longer, up to the poll interval.
     let mut due_wait = DueWait::new(DUE_BUT_LOCKED_WAIT, config.poll_interval);
     loop {
-        let Some((batch, ahead)) = wait_for_room(shared, &connection.client, phase).await? else {
+        let Some((batch, ahead)) = wait_for_room(
+            shared,
+            &connection.client,
+            claim_statements.complete_many.as_ref(),
+            phase,
+        )
+        .await?
+        else {
             return Ok(());
         };
         // While a sql lane is connected, it runs the first attempts of sql events; unless every
@@ -167,7 +174,7 @@ async fn claim_loop(
         let claimed = rows.len();
         metrics.claim_batch_size.observe(claimed as f64);
         shared.ready.push(accept_claimed(metrics, rows));
-        start_waiting(shared, phase);
+        executor::start_waiting(shared, phase);
 
         if claimed > 0 {
             rechecked = false;
@@ -188,8 +195,8 @@ async fn claim_loop(
         rechecked = false;
         let wait = idle_wait(&connection.client, config.poll_interval, schema).await?;
         let mut wait = due_wait.stretch(wait);
-        if shared.ready.waiting() > 0 {
-            wait = wait.min(stale_check(config.lease_ms));
+        if shared.ready.waiting() > 0 || shared.completions.oldest().is_some() {
+            wait = wait.min(stale_check(config.lease_ms)).min(REPORT_WITHIN);
         }
         tokio::select! {
             _ = connection.wake.notified() => due_wait.reset(),
@@ -201,25 +208,6 @@ async fn claim_loop(
     }
 }
 
-/// Starts waiting events on the free executor slots.
-fn start_waiting(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
-    while shared.ready.waiting() > 0 {
-        let Ok(permit) = Arc::clone(&shared.slots).try_acquire_owned() else {
-            return;
-        };
-        // None: every waiting event's app is at its cap; the permit goes back.
-        let Some(claim) = shared.ready.next() else {
-            return;
-        };
-        tokio::spawn(executor::run_event(
-            Arc::clone(shared),
-            claim,
-            permit,
-            phase.clone(),
-        ));
-    }
-}
-
 /// Waits until a claim is worth making and returns how many events it may take and how many of
 /// those are claimed ahead of free slots (`Ready::room`); None once shutdown is requested.
 ///
@@ -227,21 +215,26 @@ fn start_waiting(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
 /// finished, and the next claim the rest a moment later: every claim costs about the same
 /// however many events it takes, so such a stream of small claims halves what a busy
 /// supervisor runs. So with room for less than a batch it waits, up to `GATHER`, for more to
-/// finish. Meanwhile events that waited for a slot longer than a third of their lease are given
-/// back to the queue before the lease could run out here.
+/// finish. Meanwhile it gives back events that waited too long for a slot (before their lease
+/// could run out here), and reports successes that waited `REPORT_WITHIN` for a claim to ride
+/// with (`complete_many`: the dispatcher's prepared statement).
 async fn wait_for_room(
     shared: &Arc<Shared>,
     client: &Client,
+    complete_many: Option<&tokio_postgres::Statement>,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<Option<(usize, usize)>, tokio_postgres::Error> {
     let config = &shared.config;
     let mut gather_until = None;
     loop {
-        start_waiting(shared, phase);
-        let stale = shared
-            .ready
-            .stale(Duration::from_millis(config.lease_ms as u64 / 3));
-        executor::give_back(shared, client, stale).await;
+        executor::start_waiting(shared, phase);
+        executor::give_back(shared, client, shared.ready.take_stale()).await;
+        let report_at = shared.completions.oldest().map(|at| at + REPORT_WITHIN);
+        if report_at.is_some_and(|at| at <= std::time::Instant::now()) {
+            let done = shared.completions.take();
+            executor::report_completed(shared, client, complete_many, done).await;
+            continue;
+        }
         if *phase.borrow() != Phase::Running {
             return Ok(None);
         }
@@ -270,7 +263,10 @@ async fn wait_for_room(
             .metrics
             .dispatcher
             .set_waiting_for_slot(room.take == 0);
-        let wake_at = gather_until.unwrap_or(now + stale_check(config.lease_ms));
+        let mut wake_at = gather_until.unwrap_or(now + stale_check(config.lease_ms));
+        if let Some(at) = report_at {
+            wake_at = wake_at.min(tokio::time::Instant::from_std(at));
+        }
         tokio::select! {
             _ = shared.finished.notified() => {}
             _ = tokio::time::sleep_until(wake_at) => {}
@@ -286,3 +282,7 @@ fn stale_check(lease_ms: i32) -> Duration {
 
 /// The longest `wait_for_room` gathers: about what one claim costs.
 const GATHER: Duration = Duration::from_millis(2);
+
+/// The longest a success waits to be reported with a claim before it is reported alone (a
+/// synchronous caller waits for it, and its lease runs).
+const REPORT_WITHIN: Duration = Duration::from_millis(10);

@@ -60,19 +60,57 @@ enum Outcome {
     ReportRejected(String),
 }
 
-/// Runs one claimed event to its end, then the next waiting event (`Shared::ready`) while there
-/// is one and the supervisor runs. The permit is the executor slot; it is held until the last
-/// outcome is reported so the dispatcher never over-claims.
-pub async fn run_event(
+/// Starts waiting events (`Shared::ready`) on the free executor slots.
+pub fn start_waiting(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
+    while shared.ready.waiting() > 0 {
+        let Ok(permit) = Arc::clone(&shared.slots).try_acquire_owned() else {
+            return;
+        };
+        // None: no waiting event may start now; the permit goes back.
+        let Some((claim, claimed_at)) = shared.ready.next() else {
+            return;
+        };
+        tokio::spawn(run_event(
+            Arc::clone(shared),
+            claim,
+            claimed_at,
+            permit,
+            phase.clone(),
+        ));
+    }
+}
+
+/// Counts an event as ended in `Shared::ready` when dropped, however its task ends.
+struct Running<'a> {
+    shared: &'a Shared,
+    app_id: Uuid,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.shared.ready.ended(self.app_id);
+    }
+}
+
+/// Runs one claimed event (counted running by `Ready::next`) to its end, then the next waiting
+/// event while there is one and the supervisor runs. The permit is the executor slot; it is
+/// held until the last outcome is reported so the dispatcher never over-claims.
+async fn run_event(
     shared: Arc<Shared>,
     mut claim: Claim,
+    mut claimed_at: Instant,
     permit: OwnedSemaphorePermit,
     mut phase: watch::Receiver<Phase>,
 ) {
     loop {
         let started = Instant::now();
-        let outcome = run_one(&shared, &claim, started, &mut phase).await;
-        shared.ready.ended(claim.app_id);
+        let outcome = {
+            let _running = Running {
+                shared: &shared,
+                app_id: claim.app_id,
+            };
+            run_one(&shared, &claim, claimed_at, started, &mut phase).await
+        };
         match outcome {
             // The dispatcher is told by `finished` and records it once reported.
             Outcome::Queued => shared.finished.notify_one(),
@@ -82,7 +120,7 @@ pub async fn run_event(
             break;
         }
         match shared.ready.next() {
-            Some(next) => claim = next,
+            Some((next, at)) => (claim, claimed_at) = (next, at),
             None => break,
         }
     }
@@ -93,11 +131,12 @@ pub async fn run_event(
 async fn run_one(
     shared: &Shared,
     claim: &Claim,
+    claimed_at: Instant,
     started: Instant,
     phase: &mut watch::Receiver<Phase>,
 ) -> Outcome {
     let _busy = shared.metrics.busy(1);
-    match connection(shared, phase).await {
+    match connection(shared, claimed_at, phase).await {
         Some(mut client) => {
             let (outcome, reusable) = process(shared, &mut client, claim, started, phase).await;
             if reusable {
@@ -170,10 +209,15 @@ fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
     shared.finished.notify_one();
 }
 
-/// Gets an executor connection, retrying with backoff for up to half the
-/// lease; after that the row is left to its lease.
-async fn connection(shared: &Shared, phase: &mut watch::Receiver<Phase>) -> Option<Client> {
-    let give_up_at = Instant::now() + lease_duration(shared) / 2;
+/// Gets an executor connection, retrying with backoff until half the lease has passed since
+/// the claim (`claimed_at`); after that the row is left to its lease. (A handler started by
+/// then renews the lease a third of it later, before it runs out.)
+async fn connection(
+    shared: &Shared,
+    claimed_at: Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<Client> {
+    let give_up_at = claimed_at + lease_duration(shared) / 2;
     let mut backoff = Backoff::new();
     loop {
         match shared.pool.get().await {

@@ -401,31 +401,8 @@ async fn claim_and_run(
         .await?;
     shared.metrics.lane_fallbacks.inc_by(rows.len() as u64);
     let claims = accept_claimed(&shared.metrics, rows.iter().map(Claim::from_row).collect());
-    for claim in claims {
-        let permit = tokio::select! {
-            permit = Arc::clone(&shared.slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Ok(()),
-            },
-            _ = stopping(phase) => {
-                // Not started: give it back at once rather than let its lease run out.
-                release(shared, client, &claim).await;
-                continue;
-            }
-        };
-        tokio::spawn(executor::run_event(
-            Arc::clone(shared),
-            claim,
-            permit,
-            phase.clone(),
-        ));
-    }
+    // They start as slots free up, as the dispatcher's claims do.
+    shared.ready.push(claims);
+    executor::start_waiting(shared, phase);
     Ok(())
-}
-
-async fn release(shared: &Arc<Shared>, client: &Client, claim: &Claim) {
-    match db::release(client, claim, &shared.config.worker_name).await {
-        Ok(_) => shared.metrics.released.add(claim.handler.kind(), 1),
-        Err(_) => shared.metrics.unreported.add(claim.handler.kind(), 1),
-    }
 }

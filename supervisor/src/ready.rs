@@ -31,6 +31,9 @@ pub struct Room {
 pub struct Ready {
     /// Most events of one app running at once.
     cap: usize,
+    /// How long an event may wait here. Older ones no longer start (`next`); the dispatcher
+    /// gives them back (`take_stale`), well before their lease could run out here.
+    stale_after: Duration,
     inner: Mutex<Inner>,
 }
 
@@ -45,9 +48,10 @@ struct Inner {
 }
 
 impl Ready {
-    pub fn new(cap: usize) -> Ready {
+    pub fn new(cap: usize, stale_after: Duration) -> Ready {
         Ready {
             cap: cap.max(1),
+            stale_after,
             inner: Mutex::new(Inner {
                 open: true,
                 waiting: VecDeque::new(),
@@ -73,29 +77,33 @@ impl Ready {
     /// The next event to start, counted as running from now: of the first waiting event's app
     /// that is under its cap, that app's waiting event of the best priority (the first of
     /// equals). Apps take turns in claim order; priority orders an app's events, never apps.
-    /// None when there is none or the queue is closed.
-    pub fn next(&self) -> Option<Claim> {
+    /// None when there is none or the queue is closed. Returns the event with when it was
+    /// claimed, which its lease counts from; an event that waited too long is not handed out.
+    pub fn next(&self) -> Option<(Claim, Instant)> {
         let mut inner = self.lock();
         if !inner.open {
             return None;
         }
         let cap = self.cap;
+        let fresh = |since: &Instant| since.elapsed() < self.stale_after;
         let running = &inner.running;
-        let first = inner
-            .waiting
-            .iter()
-            .position(|(claim, _)| running.get(&claim.app_id).copied().unwrap_or(0) < cap)?;
+        let first = inner.waiting.iter().position(|(claim, since)| {
+            fresh(since) && running.get(&claim.app_id).copied().unwrap_or(0) < cap
+        })?;
         let app_id = inner.waiting[first].0.app_id;
         let mut at = first;
-        for (i, (claim, _)) in inner.waiting.iter().enumerate().skip(first + 1) {
-            if claim.app_id == app_id && claim.priority < inner.waiting[at].0.priority {
+        for (i, (claim, since)) in inner.waiting.iter().enumerate().skip(first + 1) {
+            if claim.app_id == app_id
+                && claim.priority < inner.waiting[at].0.priority
+                && fresh(since)
+            {
                 at = i;
             }
         }
-        let (claim, _) = inner.waiting.remove(at)?;
+        let (claim, since) = inner.waiting.remove(at)?;
         *inner.running.entry(claim.app_id).or_insert(0) += 1;
         inner.running_total += 1;
-        Some(claim)
+        Some((claim, since))
     }
 
     /// An event of `app_id` ended (whatever its outcome).
@@ -145,9 +153,10 @@ impl Ready {
         self.lock().waiting.len()
     }
 
-    /// Takes out the events that have waited longer than `limit` (their leases must not run out
+    /// Takes out the events that have waited too long to start (their leases must not run out
     /// here: the caller gives them back to the queue).
-    pub fn stale(&self, limit: Duration) -> Vec<Claim> {
+    pub fn take_stale(&self) -> Vec<Claim> {
+        let limit = self.stale_after;
         let mut inner = self.lock();
         let mut stale = Vec::new();
         let mut kept = VecDeque::with_capacity(inner.waiting.len());
@@ -175,25 +184,31 @@ mod tests {
     use super::*;
     use crate::db::test_claim;
 
+    const MINUTE: Duration = Duration::from_secs(60);
+
     #[test]
     fn an_app_at_its_cap_waits_while_other_apps_start() {
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let ready = Ready::new(2);
+        let ready = Ready::new(2, MINUTE);
         ready.push(vec![
             test_claim(a),
             test_claim(a),
             test_claim(a),
             test_claim(b),
         ]);
-        assert_eq!(ready.next().map(|c| c.app_id), Some(a));
-        assert_eq!(ready.next().map(|c| c.app_id), Some(a));
-        assert_eq!(ready.next().map(|c| c.app_id), Some(b), "a is at its cap");
+        assert_eq!(ready.next().map(|(c, _)| c.app_id), Some(a));
+        assert_eq!(ready.next().map(|(c, _)| c.app_id), Some(a));
+        assert_eq!(
+            ready.next().map(|(c, _)| c.app_id),
+            Some(b),
+            "a is at its cap"
+        );
         assert!(
             ready.next().is_none(),
             "a's third waits for one of a's to end"
         );
         ready.ended(a);
-        assert_eq!(ready.next().map(|c| c.app_id), Some(a));
+        assert_eq!(ready.next().map(|(c, _)| c.app_id), Some(a));
         assert_eq!(ready.waiting(), 0);
     }
 
@@ -204,18 +219,18 @@ mod tests {
             priority,
             ..test_claim(app)
         };
-        let ready = Ready::new(10);
+        let ready = Ready::new(10, MINUTE);
         ready.push(vec![with(a, 5), with(b, 0), with(a, 5)]);
         // A later claim brings a more urgent event of a, and one of b more urgent still.
         let urgent = with(a, -5);
         let urgent_id = urgent.event_id;
         ready.push(vec![urgent, with(b, -100)]);
-        let first = ready
+        let (first, _) = ready
             .next()
             .expect("a's turn: its first event waits longest");
         assert_eq!((first.app_id, first.event_id), (a, urgent_id));
         let order: Vec<(Uuid, i16)> = std::iter::from_fn(|| ready.next())
-            .map(|c| (c.app_id, c.priority))
+            .map(|(c, _)| (c.app_id, c.priority))
             .collect();
         assert_eq!(order, vec![(a, 5), (b, -100), (b, 0), (a, 5)]);
     }
@@ -223,7 +238,7 @@ mod tests {
     #[test]
     fn a_claim_takes_ahead_what_finished_since_the_last_one() {
         let a = Uuid::from_u128(1);
-        let ready = Ready::new(14);
+        let ready = Ready::new(14, MINUTE);
         let room = |ready: &Ready, prefetch| {
             let r = ready.room(16, prefetch);
             (r.take, r.ahead)
@@ -244,7 +259,7 @@ mod tests {
     #[test]
     fn events_of_an_app_at_its_cap_leave_the_free_slots_to_claims() {
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let ready = Ready::new(14);
+        let ready = Ready::new(14, MINUTE);
         ready.push((0..40).map(|_| test_claim(a)).collect());
         while ready.next().is_some() {}
         // 14 of a's run (its cap), 26 wait: more than the slots, yet two slots are free.
@@ -268,13 +283,16 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_closing_take_waiting_events_out() {
+    fn stale_events_do_not_start_and_closing_takes_the_rest() {
         let a = Uuid::from_u128(1);
-        let ready = Ready::new(1);
+        let ready = Ready::new(5, Duration::from_millis(50));
         ready.push(vec![test_claim(a), test_claim(a)]);
-        assert!(ready.stale(Duration::from_secs(60)).is_empty());
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(ready.stale(Duration::from_millis(1)).len(), 2);
+        assert!(ready.take_stale().is_empty());
+        std::thread::sleep(Duration::from_millis(60));
+        ready.push(vec![test_claim(a)]);
+        assert!(ready.next().is_some(), "the fresh one starts");
+        assert!(ready.next().is_none(), "the two old ones do not");
+        assert_eq!(ready.take_stale().len(), 2);
         ready.push(vec![test_claim(a)]);
         assert_eq!(ready.close().len(), 1);
         ready.push(vec![test_claim(a)]);

@@ -69,14 +69,14 @@ pub struct Completion {
 /// handler has answered. When the dispatcher stops the queue closes, and an executor reports
 /// its own event.
 pub struct Completions {
-    /// None once closed.
-    queue: Mutex<Option<Vec<Completion>>>,
+    /// None once closed; with when the oldest queued one was queued.
+    queue: Mutex<Option<(Vec<Completion>, Option<Instant>)>>,
 }
 
 impl Completions {
     pub fn new() -> Completions {
         Completions {
-            queue: Mutex::new(Some(Vec::new())),
+            queue: Mutex::new(Some((Vec::new(), None))),
         }
     }
 
@@ -88,8 +88,9 @@ impl Completions {
             .unwrap_or_else(PoisonError::into_inner)
             .as_mut()
         {
-            Some(queue) => {
+            Some((queue, oldest)) => {
                 queue.push(done);
+                oldest.get_or_insert_with(Instant::now);
                 Ok(())
             }
             None => Err(Box::new(done)),
@@ -102,8 +103,20 @@ impl Completions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_mut()
-            .map(std::mem::take)
+            .map(|(queue, oldest)| {
+                *oldest = None;
+                std::mem::take(queue)
+            })
             .unwrap_or_default()
+    }
+
+    /// When the oldest completion still queued was queued.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|(_, oldest)| *oldest)
     }
 
     /// Closes the queue for good and returns what is left in it.
@@ -112,6 +125,7 @@ impl Completions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
+            .map(|(queue, _)| queue)
             .unwrap_or_default()
     }
 }
@@ -245,9 +259,12 @@ mod tests {
         let queue = Completions::new();
         let first = completion();
         let id = first.claim.event_id;
+        assert!(queue.oldest().is_none());
         assert!(queue.push(first).is_ok());
         assert!(queue.push(completion()).is_ok());
+        assert!(queue.oldest().is_some());
         let taken = queue.take();
+        assert!(queue.oldest().is_none());
         assert_eq!(taken.len(), 2);
         assert_eq!(taken[0].claim.event_id, id);
         assert!(queue.take().is_empty(), "taken once");

@@ -144,7 +144,11 @@ pub async fn run(config: Config) -> u8 {
     let concurrency = config.concurrency;
     let lanes = config.sql_lanes;
     let metrics = Arc::new(Metrics::new(concurrency));
-    let ready = Ready::new(config.max_running_per_app);
+    // Events waiting for a slot are given back a third of a lease after their claim.
+    let ready = Ready::new(
+        config.max_running_per_app,
+        std::time::Duration::from_millis(config.lease_ms as u64 / 3),
+    );
     let shared = Arc::new(Shared {
         pool: Pool::new(config.database.clone(), Arc::clone(&metrics)),
         http,
