@@ -65,9 +65,11 @@ LANGUAGE c IMMUTABLE PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'picloud_event_jsonb';
 
 CREATE FUNCTION picloud._event_json(r picloud.outbox) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT picloud._event_jsonb(r.event_id, r.app_id, r.source, r.op, r.payload, r.depth,
-                                r.attempt_count, r.trigger_id, r.script_id)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN picloud._event_jsonb(r.event_id, r.app_id, r.source, r.op, r.payload, r.depth,
+                                r.attempt_count, r.trigger_id, r.script_id);
+END
 $$;
 
 -- The claimed event, as every claim answers it (picloud_claim, picloud_claim_events): the
@@ -85,17 +87,19 @@ CREATE TYPE picloud.claimed_event AS (
 -- What a claim answers for the rows it claimed, in their order.
 CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
 RETURNS SETOF picloud.claimed_event
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
     -- The principal once per handler and trigger, not once per event: a claim's events mostly
     -- share a few. (Materialized: joined in, the planner ran it again for every event.)
     WITH principals AS MATERIALIZED (
         SELECT k.app_id, k.trigger_id, k.script_id, p.principal, p.problem
         FROM (SELECT DISTINCT d.app_id, d.trigger_id, d.script_id FROM unnest(p_claimed) d) k
         CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) p)
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
+    SELECT c.app_id, c.event_id, c.source::text, c.op::text, c.trigger_id, c.script_id, c.payload,
+           c.depth::integer, c.attempt_count::integer, c.reply_to, s.kind::text,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
+           coalesce(s.timeout_ms, 30000)::integer,
            h.principal,
            h.problem,
            picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
@@ -106,7 +110,8 @@ LANGUAGE sql STABLE AS $$
     JOIN principals h
       ON h.app_id = c.app_id AND h.script_id = c.script_id
      AND h.trigger_id IS NOT DISTINCT FROM c.trigger_id
-    ORDER BY c.ordinality
+    ORDER BY c.ordinality;
+END
 $$;
 
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
@@ -485,8 +490,10 @@ $$;
 -- sleeps until then rather than a whole poll interval, so retries and events scheduled with
 -- run_at start on time: no notification announces them. One probe of outbox_due_idx.
 CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL);
+END
 $$;
 
 CREATE FUNCTION picloud._lease_lost(p_app_id uuid, p_event_id uuid, p_worker text) RETURNS void
@@ -523,7 +530,8 @@ $$;
 CREATE FUNCTION picloud._count_outcome(
     p_app_id uuid, p_source text, p_completed integer, p_failed integer, p_dead_lettered integer)
 RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
     INSERT INTO picloud.event_counts AS c
         (app_id, source, minute, backend_pid, completed, failed, dead_lettered)
     VALUES (p_app_id, p_source, date_trunc('minute', now()), pg_backend_pid(),
@@ -531,7 +539,8 @@ LANGUAGE sql AS $$
     ON CONFLICT ON CONSTRAINT event_counts_pkey DO UPDATE
     SET completed = c.completed + EXCLUDED.completed,
         failed = c.failed + EXCLUDED.failed,
-        dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
+        dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered;
+END
 $$;
 
 -- Completes claimed events whose handlers ran outside the database (http, command) in one

@@ -333,6 +333,9 @@ SELECT pg_catalog.pg_extension_config_dump('picloud.ordering_seq', '');
 -- resolve in pg_catalog and picloud only, never in a schema a tenant can create objects in,
 -- whoever calls them (a tenant, the supervisor, the housekeeper as the bootstrap superuser).
 -- The C functions (Rust) qualify every name and operator of the few statements they run.
+-- A function in SQL with a SET clause is never inlined and keeps no plan between calls: it is
+-- parsed and planned on every call (up to PostgreSQL 17). So the functions a claim, a
+-- completion or a sql lane batch calls are PL/pgSQL, whose plans the session keeps.
 DO $pin$
 DECLARE
     v_function regprocedure;

@@ -539,17 +539,19 @@ CREATE TYPE picloud.claimed_event AS (
 -- What a claim answers for the rows it claimed.
 CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
 RETURNS SETOF picloud.claimed_event
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
     -- The principal once per handler and trigger, not once per event: a claim's events mostly
     -- share a few. (Materialized: joined in, the planner ran it again for every event.)
     WITH principals AS MATERIALIZED (
         SELECT k.app_id, k.trigger_id, k.script_id, p.principal, p.problem
         FROM (SELECT DISTINCT d.app_id, d.trigger_id, d.script_id FROM unnest(p_claimed) d) k
         CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) p)
-    SELECT c.app_id, c.event_id, c.source, c.op, c.trigger_id, c.script_id, c.payload, c.depth,
-           c.attempt_count, c.reply_to, s.kind,
+    SELECT c.app_id, c.event_id, c.source::text, c.op::text, c.trigger_id, c.script_id, c.payload,
+           c.depth::integer, c.attempt_count::integer, c.reply_to, s.kind::text,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
-           coalesce(s.timeout_ms, 30000),
+           coalesce(s.timeout_ms, 30000)::integer,
            h.principal,
            h.problem,
            picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
@@ -560,7 +562,8 @@ LANGUAGE sql STABLE AS $$
     JOIN principals h
       ON h.app_id = c.app_id AND h.script_id = c.script_id
      AND h.trigger_id IS NOT DISTINCT FROM c.trigger_id
-    ORDER BY c.ordinality
+    ORDER BY c.ordinality;
+END
 $$;
 
 -- Claims up to p_batch due events for p_worker under a lease of p_lease_ms and returns each
@@ -925,7 +928,10 @@ $$;
 -- that failed by themselves, and every event of a group whose principal may not run it.
 CREATE OR REPLACE FUNCTION picloud.picloud_run_sql_lane(p_event_ids uuid[], p_row_tids tid[])
 RETURNS TABLE (ran integer, left_app_ids uuid[], left_event_ids uuid[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- One plan per statement kept per session, not one per call (see picloud_claim).
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     g record;
     v_function regprocedure;
@@ -1033,13 +1039,19 @@ $$;
 CREATE OR REPLACE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
 RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
                event_ids uuid[], row_tids tid[], events jsonb[])
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
 SET enable_indexscan = off
 SET enable_bitmapscan = off
 SET jit = off
+-- PL/pgSQL would plan this afresh on every call (each custom plan looks cheaper than the
+-- generic one). One plan kept per session, here and in the lane's other functions, took a
+-- one-event batch's run and commit from 1.18 ms to 0.93 ms (as for picloud_claim).
+SET plan_cache_mode = force_generic_plan
 AS $$
-    SELECT o.app_id, o.trigger_id, o.script_id, o.depth,
+BEGIN
+    RETURN QUERY
+    SELECT o.app_id, o.trigger_id, o.script_id, o.depth::integer,
            -- Within a group, by priority then due time, as the batch was taken.
            array_agg(o.event_id ORDER BY o.priority, o.due_at, o.event_id),
            array_agg(o.ctid ORDER BY o.priority, o.due_at, o.event_id),
@@ -1050,7 +1062,8 @@ AS $$
     WHERE o.ctid = ANY(p_row_tids)
       AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
-    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth
+    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth;
+END
 $$;
 -- Deletes the lane's events at the given addresses once their handlers ran and counts them as
 -- completed; returns how many. Same TID scan as above.
@@ -1060,6 +1073,8 @@ SET enable_seqscan = off
 SET enable_indexscan = off
 SET enable_bitmapscan = off
 SET jit = off
+-- One plan per session, not one per call (as for the groups above).
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_apps uuid[];
@@ -1145,6 +1160,8 @@ SET jit = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
 SET enable_sort = off
+-- One plan per statement kept per session, not one per call (see picloud_claim).
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_locked integer;
@@ -2397,6 +2414,37 @@ BEGIN
         PERFORM picloud._wake_at_commit();
     END IF;
     RETURN QUERY SELECT u.event_id FROM unnest(v_done) u;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._event_json(r picloud.outbox) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN picloud._event_jsonb(r.event_id, r.app_id, r.source, r.op, r.payload, r.depth,
+                                r.attempt_count, r.trigger_id, r.script_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._count_outcome(
+    p_app_id uuid, p_source text, p_completed integer, p_failed integer, p_dead_lettered integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO picloud.event_counts AS c
+        (app_id, source, minute, backend_pid, completed, failed, dead_lettered)
+    VALUES (p_app_id, p_source, date_trunc('minute', now()), pg_backend_pid(),
+            p_completed, p_failed, p_dead_lettered)
+    ON CONFLICT ON CONSTRAINT event_counts_pkey DO UPDATE
+    SET completed = c.completed + EXCLUDED.completed,
+        failed = c.failed + EXCLUDED.failed,
+        dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered;
 END
 $$;
 

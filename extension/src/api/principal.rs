@@ -19,7 +19,9 @@
 use crate::api::budget;
 use crate::error::PicloudError;
 use pgrx::prelude::*;
-use std::cell::Cell;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{PgBuiltInOids, PgOid};
+use std::cell::{Cell, RefCell};
 use std::ffi::CString;
 
 #[derive(Clone, Copy)]
@@ -114,11 +116,28 @@ struct EventPrincipal {
     timeout_ms: i32,
 }
 
+thread_local! {
+    /// EVENT_PRINCIPAL, prepared on first use and kept for the backend's life: a sql lane calls
+    /// `_become_event` once per batch, and parsing and planning the lookup each time cost more
+    /// than running it. Postgres' plan cache re-plans it when what it uses changes.
+    static EVENT_PRINCIPAL_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
 fn event_principal(app_id: pgrx::Uuid, event_id: pgrx::Uuid) -> Option<EventPrincipal> {
     Spi::connect(|client| {
-        let rows = client
-            .select(EVENT_PRINCIPAL, Some(1), &[app_id.into(), event_id.into()])
-            .ok()?;
+        let kept = EVENT_PRINCIPAL_PLAN.with(|plan| plan.borrow().is_some());
+        if !kept {
+            let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
+            let plan = client.prepare(EVENT_PRINCIPAL, &[uuid, uuid]).ok()?.keep();
+            EVENT_PRINCIPAL_PLAN.with(|slot| *slot.borrow_mut() = Some(plan));
+        }
+        let rows = EVENT_PRINCIPAL_PLAN.with(|plan| {
+            let plan = plan.borrow();
+            let plan = plan.as_ref()?;
+            client
+                .select(plan, Some(1), &[app_id.into(), event_id.into()])
+                .ok()
+        })?;
         if rows.is_empty() {
             return None;
         }
