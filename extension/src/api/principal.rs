@@ -125,17 +125,14 @@ thread_local! {
 
 fn event_principal(app_id: pgrx::Uuid, event_id: pgrx::Uuid) -> Option<EventPrincipal> {
     Spi::connect(|client| {
-        let kept = EVENT_PRINCIPAL_PLAN.with(|plan| plan.borrow().is_some());
-        if !kept {
-            let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
-            let plan = client.prepare(EVENT_PRINCIPAL, &[uuid, uuid]).ok()?.keep();
-            EVENT_PRINCIPAL_PLAN.with(|slot| *slot.borrow_mut() = Some(plan));
-        }
-        let rows = EVENT_PRINCIPAL_PLAN.with(|plan| {
-            let plan = plan.borrow();
-            let plan = plan.as_ref()?;
+        let rows = EVENT_PRINCIPAL_PLAN.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if slot.is_none() {
+                let uuid = PgOid::BuiltIn(PgBuiltInOids::UUIDOID);
+                *slot = Some(client.prepare(EVENT_PRINCIPAL, &[uuid, uuid]).ok()?.keep());
+            }
             client
-                .select(plan, Some(1), &[app_id.into(), event_id.into()])
+                .select(slot.as_ref()?, Some(1), &[app_id.into(), event_id.into()])
                 .ok()
         })?;
         if rows.is_empty() {
