@@ -50,6 +50,8 @@ CREATE TABLE picloud.scripts (
     CONSTRAINT scripts_app_fkey FOREIGN KEY (app_id)
         REFERENCES picloud.apps (app_id) ON DELETE CASCADE
 );
+-- The lanes' first question (picloud._lock_lane): is there any handler of their kind at all.
+CREATE INDEX scripts_kind_idx ON picloud.scripts (kind);
 
 -- Handlers with a concurrency limit: at most max_concurrency of the handler's events run at
 -- once, across every supervisor (picloud_set_handler_max_concurrency; see picloud_claim). A

@@ -84,8 +84,10 @@ CREATE TYPE picloud.claimed_event AS (
     handler_kind text, handler_target text, timeout_ms integer,
     principal name, principal_error text, event jsonb, priority smallint);
 
--- What a claim answers for the rows it claimed, in their order.
-CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+-- What a claim answers for the rows it claimed, in their order; with p_attempts_ahead, for the
+-- attempt that many after the rows' attempt_count (an http lane answers rows it has not
+-- updated, sql/036_http_lane.sql).
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[], p_attempts_ahead integer DEFAULT 0)
 RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -97,13 +99,13 @@ BEGIN
         FROM (SELECT DISTINCT d.app_id, d.trigger_id, d.script_id FROM unnest(p_claimed) d) k
         CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) p)
     SELECT c.app_id, c.event_id, c.source::text, c.op::text, c.trigger_id, c.script_id, c.payload,
-           c.depth::integer, c.attempt_count::integer, c.reply_to, s.kind::text,
+           c.depth::integer, c.attempt_count::integer + p_attempts_ahead, c.reply_to, s.kind::text,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
            coalesce(s.timeout_ms, 30000)::integer,
            h.principal,
            h.problem,
            picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
-                                c.attempt_count, c.trigger_id, c.script_id),
+                                c.attempt_count + p_attempts_ahead, c.trigger_id, c.script_id),
            c.priority
     FROM unnest(p_claimed) WITH ORDINALITY AS c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
@@ -143,13 +145,14 @@ $$;
 -- one supervisor's executors, and adding supervisors adds capacity for every app.)
 -- With p_leave_sql_lane a supervisor that runs SQL lanes (sql/035_sql_lane.sql) leaves the
 -- lanes their events - first attempts of asynchronous events whose sql handler has no
--- concurrency limit, and its step 2 looks at no more than the oldest p_batch * 4 + 100 due
--- rows, so a backlog of lane events costs it a bounded scan. (Without lanes, step 2 passes over
+-- concurrency limit - and p_leave_http_lane does the same for http handlers and the http
+-- lanes (sql/036_http_lane.sql). With either, step 2 looks at no more than the oldest
+-- p_batch * 4 + 100 due rows, so a backlog of lane events costs it a bounded scan. (Without lanes, step 2 passes over
 -- the rows of apps at their cap and of handlers at their limit: a claim beside a large
 -- backlog of those costs a scan of it.)
 CREATE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
-    p_app_cap integer DEFAULT NULL)
+    p_app_cap integer DEFAULT NULL, p_leave_http_lane boolean DEFAULT false)
 RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql
 -- A backlog makes the planner's estimates for the claim large enough to JIT-compile it, which
@@ -172,9 +175,11 @@ DECLARE
     v_full uuid[] := '{}';
     v_bound timestamptz := 'infinity';
 BEGIN
-    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
-        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
-            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL
+       OR p_leave_http_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane,leave_http_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL,
+                  p_leave_http_lane IS NULL]);
     END IF;
     IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
@@ -187,6 +192,14 @@ BEGIN
     END IF;
     IF p_app_cap IS NOT NULL AND p_app_cap NOT BETWEEN 1 AND 100000 THEN
         PERFORM picloud._invalid(format('app_cap must be between 1 and 100000, got %s', p_app_cap));
+    END IF;
+    -- Lanes of a kind no handler has take nothing: leaving them their events would only cost
+    -- each row of the scans below a handler lookup (scripts_kind_idx answers this).
+    IF p_leave_sql_lane AND NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = 'sql') THEN
+        p_leave_sql_lane := false;
+    END IF;
+    IF p_leave_http_lane AND NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = 'http') THEN
+        p_leave_http_lane := false;
     END IF;
     -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
     -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
@@ -228,7 +241,7 @@ BEGIN
         JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
         WHERE r.n >= l.max_concurrency;
     END IF;
-    IF p_leave_sql_lane THEN
+    IF p_leave_sql_lane OR p_leave_http_lane THEN
         -- The bounded look of step 2 (see above). Only then: without it, step 2 must be free to
         -- pass over the rows of apps at their cap to reach other apps' events (a flood of one
         -- app's slow events would otherwise leave the others one event per claim).
@@ -319,8 +332,9 @@ BEGIN
                    FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
             WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
               AND w.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = w.app_id AND l.script_id = w.script_id))
@@ -344,8 +358,9 @@ BEGIN
                          AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
                 AND o.ordering_key IS NULL
                 AND o.script_id <> ALL (v_full)
-                AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                         AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                         AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -363,8 +378,9 @@ BEGIN
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority <> 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -382,8 +398,9 @@ BEGIN
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority = 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -403,8 +420,9 @@ BEGIN
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
           -- The lanes run a key's first event when it is theirs (as for unordered events).
-          AND NOT (p_leave_sql_lane AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
-                   AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+          AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
+                   AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                  WHERE s.app_id = h.app_id AND s.script_id = h.script_id), false)
                    AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                    WHERE l.app_id = h.app_id AND l.script_id = h.script_id))

@@ -17,7 +17,8 @@
 -- first event; retries and synchronous calls never do, nor events a lane gave up on
 -- (picloud_leave_sql_lane).
 
--- Locks up to p_batch events that may run in the lane, by priority, then oldest first, in the
+-- Locks up to p_batch events that may run in a lane of handlers of kind p_kind (the sql lanes
+-- here, the http lanes in sql/036_http_lane.sql), by priority, then oldest first, in the
 -- caller's transaction, and returns them with their row address (valid while the lock is held: the
 -- lane never updates a locked row) and their handler's timeout.
 --
@@ -28,7 +29,7 @@
 -- and enqueues never touch it. So one app's slow handlers hold at most one lane while another
 -- app has lane events; when every app with lane events is in a lane already, a lane shares the
 -- first one, so a single busy app still gets every lane.
-CREATE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
+CREATE FUNCTION picloud._lock_lane(p_batch integer, p_kind text)
 RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
 LANGUAGE plpgsql
 -- A backlog makes the planner's estimates large enough to JIT-compile this small query,
@@ -54,9 +55,17 @@ DECLARE
     v_keys text[];
     v_keyed integer;
 BEGIN
-    IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
+    IF p_batch IS NULL OR p_kind IS NULL THEN
+        PERFORM picloud._null_argument('{batch,kind}', ARRAY[p_batch IS NULL, p_kind IS NULL]);
+    END IF;
     IF p_batch NOT BETWEEN 1 AND 10000 THEN
         PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    -- A lane of a kind no handler has (http lanes in a database of sql handlers) looks no
+    -- further: the walk below would scan the oldest rows of every app for nothing.
+    IF NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = p_kind) THEN
+        PERFORM picloud._note_claim(0);
+        RETURN;
     END IF;
     -- Apps with rows in the outbox, from a random one on (one probe of outbox_pkey each, at
     -- most 100 apps per batch), that have a lane event among their oldest 1,000 rows.
@@ -84,7 +93,7 @@ BEGIN
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
               AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-              AND s.kind = 'sql'
+              AND s.kind = p_kind
               AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                               WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
     LOOP
@@ -114,7 +123,7 @@ BEGIN
           -- Ordered events are taken below, one per key.
           AND o.ordering_key IS NULL
           -- A handler with a concurrency limit has its events counted by claims.
-          AND s.kind = 'sql'
+          AND s.kind = p_kind
           AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                           WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
         ORDER BY o.due_at
@@ -141,7 +150,7 @@ BEGIN
                     AND o.priority = 0 AND o.due_at <= now()) w
             JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
             WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-              AND s.kind = 'sql'
+              AND s.kind = p_kind
               AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                               WHERE l.app_id = w.app_id AND l.script_id = w.script_id)
             ORDER BY w.priority, w.due_at
@@ -198,7 +207,7 @@ BEGIN
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
         WHERE o.claimed_by IS NULL AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-          AND s.kind = 'sql'
+          AND s.kind = p_kind
           AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                           WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
           AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
@@ -211,6 +220,15 @@ BEGIN
     END IF;
     -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
     PERFORM picloud._note_claim(v_locked);
+END
+$$;
+
+-- The sql lane's batch (see picloud._lock_lane).
+CREATE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM picloud._lock_lane(p_batch, 'sql');
 END
 $$;
 

@@ -152,7 +152,7 @@ DECLARE
     v_function regprocedure;
 BEGIN
     FOREACH v_function IN ARRAY ARRAY[
-        'picloud.picloud_claim(text, integer, integer, boolean, integer)',
+        'picloud.picloud_claim(text, integer, integer, boolean, integer, boolean)',
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
@@ -166,6 +166,8 @@ BEGIN
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
         'picloud.picloud_leave_sql_lane(uuid[], uuid[])',
+        'picloud.picloud_lock_http_lane(integer)',
+        'picloud.picloud_complete_lane(uuid[], uuid[])',
         'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
         'picloud.picloud_signing_secrets(uuid[], uuid[])'
     ]::regprocedure[] LOOP

@@ -79,9 +79,14 @@ extension_sql_file!(
     requires = ["inboxes"]
 );
 extension_sql_file!(
+    "../../sql/036_http_lane.sql",
+    name = "http_lane",
+    requires = ["sql_lane"]
+);
+extension_sql_file!(
     "../../sql/040_dead_letters.sql",
     name = "dead_letters",
-    requires = ["sql_lane"]
+    requires = ["http_lane"]
 );
 extension_sql_file!(
     "../../sql/050_housekeeping.sql",

@@ -79,6 +79,8 @@ ALTER TABLE picloud.outbox
     ADD COLUMN ordering_key text,
     ADD COLUMN ordering_seq bigint,
     ADD COLUMN ordering_blocks boolean;
+-- The lanes' first question (picloud._lock_lane): is there any handler of their kind at all.
+CREATE INDEX scripts_kind_idx ON picloud.scripts (kind);
 CREATE INDEX outbox_ordering_idx ON picloud.outbox (app_id, ordering_key, ordering_seq)
     WHERE ordering_key IS NOT NULL;
 CREATE SEQUENCE picloud.ordering_seq;
@@ -537,7 +539,7 @@ CREATE TYPE picloud.claimed_event AS (
     principal name, principal_error text, event jsonb, priority smallint);
 
 -- What a claim answers for the rows it claimed.
-CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[])
+CREATE FUNCTION picloud._claim_answers(p_claimed picloud.outbox[], p_attempts_ahead integer DEFAULT 0)
 RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -549,13 +551,13 @@ BEGIN
         FROM (SELECT DISTINCT d.app_id, d.trigger_id, d.script_id FROM unnest(p_claimed) d) k
         CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) p)
     SELECT c.app_id, c.event_id, c.source::text, c.op::text, c.trigger_id, c.script_id, c.payload,
-           c.depth::integer, c.attempt_count::integer, c.reply_to, s.kind::text,
+           c.depth::integer, c.attempt_count::integer + p_attempts_ahead, c.reply_to, s.kind::text,
            CASE WHEN s.kind = 'sql' THEN s.sql_function::text ELSE s.target END,
            coalesce(s.timeout_ms, 30000)::integer,
            h.principal,
            h.problem,
            picloud._event_jsonb(c.event_id, c.app_id, c.source, c.op, c.payload, c.depth,
-                                c.attempt_count, c.trigger_id, c.script_id),
+                                c.attempt_count + p_attempts_ahead, c.trigger_id, c.script_id),
            c.priority
     FROM unnest(p_claimed) WITH ORDINALITY AS c
     LEFT JOIN picloud.scripts s ON s.app_id = c.app_id AND s.script_id = c.script_id
@@ -585,7 +587,7 @@ $$;
 -- costs it a bounded scan.
 CREATE OR REPLACE FUNCTION picloud.picloud_claim(
     p_worker text, p_batch integer, p_lease_ms integer, p_leave_sql_lane boolean DEFAULT false,
-    p_app_cap integer DEFAULT NULL)
+    p_app_cap integer DEFAULT NULL, p_leave_http_lane boolean DEFAULT false)
 RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql
 -- A backlog makes the planner's estimates for the claim large enough to JIT-compile it, which
@@ -608,9 +610,11 @@ DECLARE
     v_full uuid[] := '{}';
     v_bound timestamptz := 'infinity';
 BEGIN
-    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL THEN
-        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane}',
-            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL]);
+    IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL
+       OR p_leave_http_lane IS NULL THEN
+        PERFORM picloud._null_argument('{worker,batch,lease_ms,leave_sql_lane,leave_http_lane}',
+            ARRAY[p_worker IS NULL, p_batch IS NULL, p_lease_ms IS NULL, p_leave_sql_lane IS NULL,
+                  p_leave_http_lane IS NULL]);
     END IF;
     IF length(p_worker) NOT BETWEEN 1 AND 200 THEN
         PERFORM picloud._invalid('worker name must be 1 to 200 characters long');
@@ -623,6 +627,14 @@ BEGIN
     END IF;
     IF p_app_cap IS NOT NULL AND p_app_cap NOT BETWEEN 1 AND 100000 THEN
         PERFORM picloud._invalid(format('app_cap must be between 1 and 100000, got %s', p_app_cap));
+    END IF;
+    -- Lanes of a kind no handler has take nothing: leaving them their events would only cost
+    -- each row of the scans below a handler lookup (scripts_kind_idx answers this).
+    IF p_leave_sql_lane AND NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = 'sql') THEN
+        p_leave_sql_lane := false;
+    END IF;
+    IF p_leave_http_lane AND NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = 'http') THEN
+        p_leave_http_lane := false;
     END IF;
     -- A claim need not wait for its WAL to reach disk: if a crash loses it, the rows are
     -- simply unclaimed again, and the supervisor that made it lost its connection anyway. This
@@ -664,7 +676,7 @@ BEGIN
         JOIN picloud.handler_limits l ON l.app_id = r.app_id AND l.script_id = r.script_id
         WHERE r.n >= l.max_concurrency;
     END IF;
-    IF p_leave_sql_lane THEN
+    IF p_leave_sql_lane OR p_leave_http_lane THEN
         -- The bounded look of step 2 (see above). Only then: without it, step 2 must be free to
         -- pass over the rows of apps at their cap to reach other apps' events (a flood of one
         -- app's slow events would otherwise leave the others one event per claim).
@@ -755,8 +767,9 @@ BEGIN
                    FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
             WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
               AND w.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = w.app_id AND s.script_id = w.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = w.app_id AND l.script_id = w.script_id))
@@ -780,8 +793,9 @@ BEGIN
                          AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
                 AND o.ordering_key IS NULL
                 AND o.script_id <> ALL (v_full)
-                AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                         AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+                AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                         AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -799,8 +813,9 @@ BEGIN
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority <> 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -818,8 +833,9 @@ BEGIN
             WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
               AND o.priority = 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
-              AND NOT (p_leave_sql_lane AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-                       AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+              AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+                       AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                      WHERE s.app_id = o.app_id AND s.script_id = o.script_id), false)
                        AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                        WHERE l.app_id = o.app_id AND l.script_id = o.script_id))
@@ -839,8 +855,9 @@ BEGIN
         WHERE h.claimed_by IS NULL AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
           -- The lanes run a key's first event when it is theirs (as for unordered events).
-          AND NOT (p_leave_sql_lane AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
-                   AND coalesce((SELECT s.kind = 'sql' FROM picloud.scripts s
+          AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
+                   AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
+                                     FROM picloud.scripts s
                                  WHERE s.app_id = h.app_id AND s.script_id = h.script_id), false)
                    AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
                                    WHERE l.app_id = h.app_id AND l.script_id = h.script_id))
@@ -1149,187 +1166,9 @@ DROP FUNCTION picloud.picloud_run_sql_handlers(text, uuid[], uuid[]);
 -- first one, so a single busy app still gets every lane.
 CREATE OR REPLACE FUNCTION picloud.picloud_lock_sql_lane(p_batch integer)
 RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
-LANGUAGE plpgsql
--- A backlog makes the planner's estimates large enough to JIT-compile this small query,
--- which costs more than running it.
-SET jit = off
--- An index-ordered scan (outbox_due_idx) must drive the plan: a hash
--- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
--- off (only inside this function, where no handler runs) the handler is looked up in a nested
--- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
-SET enable_hashjoin = off
-SET enable_mergejoin = off
-SET enable_sort = off
--- One plan per statement kept per session, not one per call (see picloud_claim).
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-    v_locked integer;
-    v_app uuid;
-    v_candidate uuid;
-    v_shared uuid;
-    v_start uuid := gen_random_uuid();
-    v_after_key text;
-    v_keys text[];
-    v_keyed integer;
+LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_batch IS NULL THEN PERFORM picloud._null_argument('{batch}', '{t}'); END IF;
-    IF p_batch NOT BETWEEN 1 AND 10000 THEN
-        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
-    END IF;
-    -- Apps with rows in the outbox, from a random one on (one probe of outbox_pkey each, at
-    -- most 100 apps per batch), that have a lane event among their oldest 1,000 rows.
-    FOR v_candidate IN
-        WITH RECURSIVE apps (app_id, first_app, n) AS (
-            SELECT s.app_id, s.app_id, 1
-            FROM (SELECT coalesce(
-                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
-                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
-            WHERE s.app_id IS NOT NULL
-            UNION ALL
-            SELECT nxt.app_id, a.first_app, a.n + 1
-            FROM apps a
-            CROSS JOIN LATERAL (SELECT coalesce(
-                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
-                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
-            WHERE a.n < 100 AND nxt.app_id <> a.first_app
-        )
-        SELECT a.app_id FROM apps a
-        WHERE EXISTS (
-            SELECT 1
-            FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
-                         o.reply_to, o.ordering_key
-                  FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
-            JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
-            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
-              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-              AND s.kind = 'sql'
-              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
-                              WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
-    LOOP
-        PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
-        IF FOUND THEN
-            v_app := v_candidate;
-            EXIT;
-        END IF;
-        v_shared := coalesce(v_shared, v_candidate);
-    END LOOP;
-    v_app := coalesce(v_app, v_shared);
-    -- The scan passes over other events to find lane events wherever they are in the queue; a
-    -- lane that finds none waits longer and longer before looking again (see
-    -- supervisor/src/lane.rs).
-    v_locked := 0;
-    IF v_app IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM picloud.outbox o
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL AND o.priority <> 0) THEN
-        -- The usual case, every waiting event of the app of priority 0: its oldest, in one
-        -- index-ordered scan of outbox_due_idx.
-        RETURN QUERY
-        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
-        FROM picloud.outbox o
-        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
-          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-          -- Ordered events are taken below, one per key.
-          AND o.ordering_key IS NULL
-          -- A handler with a concurrency limit has its events counted by claims.
-          AND s.kind = 'sql'
-          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
-                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
-        ORDER BY o.due_at
-        LIMIT p_batch
-        FOR UPDATE OF o SKIP LOCKED;
-        GET DIAGNOSTICS v_locked = ROW_COUNT;
-    ELSIF v_app IS NOT NULL THEN
-        -- Priorities in use: the app's best lane events by priority, then due time - its rows of
-        -- other priorities (outbox_app_priority_idx) merged with its rows of priority 0 - twice
-        -- as many as wanted for those another lane holds, then locked.
-        RETURN QUERY
-        WITH best AS MATERIALIZED (
-            SELECT w.event_id, w.priority, w.due_at
-            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
-                         o.first_attempt_at, o.reply_to
-                  FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-                    AND o.priority <> 0 AND o.due_at <= now()
-                  UNION ALL
-                  SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
-                         o.first_attempt_at, o.reply_to
-                  FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
-                    AND o.priority = 0 AND o.due_at <= now()) w
-            JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
-            WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
-              AND s.kind = 'sql'
-              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
-                              WHERE l.app_id = w.app_id AND l.script_id = w.script_id)
-            ORDER BY w.priority, w.due_at
-            LIMIT p_batch * 2)
-        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
-        FROM best b
-        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = b.event_id
-        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-          AND o.ordering_key IS NULL
-        ORDER BY b.priority, b.due_at
-        LIMIT p_batch
-        FOR UPDATE OF o SKIP LOCKED;
-        GET DIAGNOSTICS v_locked = ROW_COUNT;
-    END IF;
-    -- Ordered events: the first event of each of the app's keys (by place, ordering_seq) when
-    -- the lane may run it, visiting up to p_batch * 2 keys in key order from where this
-    -- session's previous batch of the app stopped. A key's later events are never taken: the
-    -- first is still in the outbox (locked by this or another lane, claimed, or waiting) until
-    -- the transaction that ran it commits, so a key's events run one at a time, in order.
-    IF v_app IS NOT NULL AND v_locked < p_batch AND EXISTS (
-        SELECT 1 FROM picloud.outbox o WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL) THEN
-        v_after_key := CASE WHEN current_setting('picloud.lane_after_app', true) = v_app::text
-                            THEN coalesce(current_setting('picloud.lane_after_key', true), '') ELSE '' END;
-        WITH RECURSIVE keys (ordering_key, n) AS (
-            SELECT f.ordering_key, 1
-            FROM (SELECT coalesce(
-                      (SELECT o.ordering_key FROM picloud.outbox o
-                       WHERE o.app_id = v_app AND o.ordering_key > v_after_key
-                       ORDER BY o.ordering_key LIMIT 1),
-                      (SELECT o.ordering_key FROM picloud.outbox o
-                       WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL
-                       ORDER BY o.ordering_key LIMIT 1)) AS ordering_key) f
-            WHERE f.ordering_key IS NOT NULL
-            UNION ALL
-            SELECT nxt.ordering_key, k.n + 1
-            FROM keys k
-            CROSS JOIN LATERAL (SELECT o.ordering_key FROM picloud.outbox o
-                                WHERE o.app_id = v_app AND o.ordering_key > k.ordering_key
-                                ORDER BY o.ordering_key LIMIT 1) nxt
-            WHERE k.n < p_batch * 2
-        )
-        SELECT array_agg(k.ordering_key ORDER BY k.n) INTO v_keys FROM keys k;
-        PERFORM pg_catalog.set_config('picloud.lane_after_app', v_app::text, false);
-        PERFORM pg_catalog.set_config('picloud.lane_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
-        RETURN QUERY
-        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
-        FROM unnest(v_keys) WITH ORDINALITY AS k(ordering_key, n)
-        CROSS JOIN LATERAL (SELECT w.event_id FROM picloud.outbox w
-                            WHERE w.app_id = v_app AND w.ordering_key = k.ordering_key
-                            ORDER BY w.ordering_seq LIMIT 1) h
-        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = h.event_id
-        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
-          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
-          AND s.kind = 'sql'
-          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
-                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
-          AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
-                          WHERE b.app_id = v_app AND b.ordering_key = k.ordering_key)
-        ORDER BY k.n
-        LIMIT p_batch - v_locked
-        FOR UPDATE OF o SKIP LOCKED;
-        GET DIAGNOSTICS v_keyed = ROW_COUNT;
-        v_locked := v_locked + v_keyed;
-    END IF;
-    -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
-    PERFORM picloud._note_claim(v_locked);
+    RETURN QUERY SELECT * FROM picloud._lock_lane(p_batch, 'sql');
 END
 $$;
 DROP FUNCTION picloud._become(text, integer);
@@ -2448,6 +2287,267 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION picloud._lock_lane(p_batch integer, p_kind text)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+-- A backlog makes the planner's estimates large enough to JIT-compile this small query,
+-- which costs more than running it.
+SET jit = off
+-- An index-ordered scan (outbox_due_idx) must drive the plan: a hash
+-- or merge join, or a sort, would read and sort the whole backlog for each batch. With these
+-- off (only inside this function, where no handler runs) the handler is looked up in a nested
+-- loop behind a memoize node: one lookup per distinct handler in the batch, not one per event.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_sort = off
+-- One plan per statement kept per session, not one per call (see picloud_claim).
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_locked integer;
+    v_app uuid;
+    v_candidate uuid;
+    v_shared uuid;
+    v_start uuid := gen_random_uuid();
+    v_after_key text;
+    v_keys text[];
+    v_keyed integer;
+BEGIN
+    IF p_batch IS NULL OR p_kind IS NULL THEN
+        PERFORM picloud._null_argument('{batch,kind}', ARRAY[p_batch IS NULL, p_kind IS NULL]);
+    END IF;
+    IF p_batch NOT BETWEEN 1 AND 10000 THEN
+        PERFORM picloud._invalid(format('batch must be between 1 and 10000, got %s', p_batch));
+    END IF;
+    -- A lane of a kind no handler has (http lanes in a database of sql handlers) looks no
+    -- further: the walk below would scan the oldest rows of every app for nothing.
+    IF NOT EXISTS (SELECT 1 FROM picloud.scripts s WHERE s.kind = p_kind) THEN
+        PERFORM picloud._note_claim(0);
+        RETURN;
+    END IF;
+    -- Apps with rows in the outbox, from a random one on (one probe of outbox_pkey each, at
+    -- most 100 apps per batch), that have a lane event among their oldest 1,000 rows.
+    FOR v_candidate IN
+        WITH RECURSIVE apps (app_id, first_app, n) AS (
+            SELECT s.app_id, s.app_id, 1
+            FROM (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
+            WHERE s.app_id IS NOT NULL
+            UNION ALL
+            SELECT nxt.app_id, a.first_app, a.n + 1
+            FROM apps a
+            CROSS JOIN LATERAL (SELECT coalesce(
+                      (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
+                      (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
+            WHERE a.n < 100 AND nxt.app_id <> a.first_app
+        )
+        SELECT a.app_id FROM apps a
+        WHERE EXISTS (
+            SELECT 1
+            FROM (SELECT o.script_id, o.claimed_by, o.due_at, o.attempt_count, o.first_attempt_at,
+                         o.reply_to, o.ordering_key
+                  FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id LIMIT 1000) w
+            JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
+            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
+              AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+              AND s.kind = p_kind
+              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                              WHERE l.app_id = a.app_id AND l.script_id = w.script_id))
+    LOOP
+        PERFORM FROM picloud.apps ap WHERE ap.app_id = v_candidate FOR NO KEY UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            v_app := v_candidate;
+            EXIT;
+        END IF;
+        v_shared := coalesce(v_shared, v_candidate);
+    END LOOP;
+    v_app := coalesce(v_app, v_shared);
+    -- The scan passes over other events to find lane events wherever they are in the queue; a
+    -- lane that finds none waits longer and longer before looking again (see
+    -- supervisor/src/lane.rs).
+    v_locked := 0;
+    IF v_app IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM picloud.outbox o
+        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL AND o.priority <> 0) THEN
+        -- The usual case, every waiting event of the app of priority 0: its oldest, in one
+        -- index-ordered scan of outbox_due_idx.
+        RETURN QUERY
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM picloud.outbox o
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          -- Ordered events are taken below, one per key.
+          AND o.ordering_key IS NULL
+          -- A handler with a concurrency limit has its events counted by claims.
+          AND s.kind = p_kind
+          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+        ORDER BY o.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+    ELSIF v_app IS NOT NULL THEN
+        -- Priorities in use: the app's best lane events by priority, then due time - its rows of
+        -- other priorities (outbox_app_priority_idx) merged with its rows of priority 0 - twice
+        -- as many as wanted for those another lane holds, then locked.
+        RETURN QUERY
+        WITH best AS MATERIALIZED (
+            SELECT w.event_id, w.priority, w.due_at
+            FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority <> 0 AND o.due_at <= now()
+                  UNION ALL
+                  SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
+                         o.first_attempt_at, o.reply_to
+                  FROM picloud.outbox o
+                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                    AND o.priority = 0 AND o.due_at <= now()) w
+            JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
+            WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
+              AND s.kind = p_kind
+              AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                              WHERE l.app_id = w.app_id AND l.script_id = w.script_id)
+            ORDER BY w.priority, w.due_at
+            LIMIT p_batch * 2)
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM best b
+        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = b.event_id
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND o.ordering_key IS NULL
+        ORDER BY b.priority, b.due_at
+        LIMIT p_batch
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_locked = ROW_COUNT;
+    END IF;
+    -- Ordered events: the first event of each of the app's keys (by place, ordering_seq) when
+    -- the lane may run it, visiting up to p_batch * 2 keys in key order from where this
+    -- session's previous batch of the app stopped. A key's later events are never taken: the
+    -- first is still in the outbox (locked by this or another lane, claimed, or waiting) until
+    -- the transaction that ran it commits, so a key's events run one at a time, in order.
+    IF v_app IS NOT NULL AND v_locked < p_batch AND EXISTS (
+        SELECT 1 FROM picloud.outbox o WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL) THEN
+        v_after_key := CASE WHEN current_setting('picloud.lane_after_app', true) = v_app::text
+                            THEN coalesce(current_setting('picloud.lane_after_key', true), '') ELSE '' END;
+        WITH RECURSIVE keys (ordering_key, n) AS (
+            SELECT f.ordering_key, 1
+            FROM (SELECT coalesce(
+                      (SELECT o.ordering_key FROM picloud.outbox o
+                       WHERE o.app_id = v_app AND o.ordering_key > v_after_key
+                       ORDER BY o.ordering_key LIMIT 1),
+                      (SELECT o.ordering_key FROM picloud.outbox o
+                       WHERE o.app_id = v_app AND o.ordering_key IS NOT NULL
+                       ORDER BY o.ordering_key LIMIT 1)) AS ordering_key) f
+            WHERE f.ordering_key IS NOT NULL
+            UNION ALL
+            SELECT nxt.ordering_key, k.n + 1
+            FROM keys k
+            CROSS JOIN LATERAL (SELECT o.ordering_key FROM picloud.outbox o
+                                WHERE o.app_id = v_app AND o.ordering_key > k.ordering_key
+                                ORDER BY o.ordering_key LIMIT 1) nxt
+            WHERE k.n < p_batch * 2
+        )
+        SELECT array_agg(k.ordering_key ORDER BY k.n) INTO v_keys FROM keys k;
+        PERFORM pg_catalog.set_config('picloud.lane_after_app', v_app::text, false);
+        PERFORM pg_catalog.set_config('picloud.lane_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
+        RETURN QUERY
+        SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
+        FROM unnest(v_keys) WITH ORDINALITY AS k(ordering_key, n)
+        CROSS JOIN LATERAL (SELECT w.event_id FROM picloud.outbox w
+                            WHERE w.app_id = v_app AND w.ordering_key = k.ordering_key
+                            ORDER BY w.ordering_seq LIMIT 1) h
+        JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = h.event_id
+        JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+          AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+          AND s.kind = p_kind
+          AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                          WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+          AND NOT EXISTS (SELECT 1 FROM picloud.key_blocks b
+                          WHERE b.app_id = v_app AND b.ordering_key = k.ordering_key)
+        ORDER BY k.n
+        LIMIT p_batch - v_locked
+        FOR UPDATE OF o SKIP LOCKED;
+        GET DIAGNOSTICS v_keyed = ROW_COUNT;
+        v_locked := v_locked + v_keyed;
+    END IF;
+    -- Like an empty claim, an empty batch raises the idle mark that makes enqueues wake us.
+    PERFORM picloud._note_claim(v_locked);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_lock_http_lane(p_batch integer)
+RETURNS SETOF picloud.claimed_event
+LANGUAGE plpgsql
+SET jit = off
+-- A TID scan finds the locked rows (see picloud._sql_lane_groups).
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+    -- Answered as claims answer the attempt they start (one ahead of the row's count): this is
+    -- the event's first.
+    RETURN QUERY
+    SELECT * FROM picloud._claim_answers(ARRAY(
+        SELECT o FROM picloud.outbox o
+        WHERE o.ctid = ANY(ARRAY(SELECT l.row_tid FROM picloud._lock_lane(p_batch, 'http') l))
+        ORDER BY o.priority, o.due_at, o.event_id), 1);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud.picloud_complete_lane(p_app_ids uuid[], p_event_ids uuid[])
+RETURNS integer
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_apps uuid[];
+    v_sources text[];
+    v_counts integer[];
+    v_keyed boolean;
+    v_deleted integer := 0;
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+    IF cardinality(p_event_ids) > 10000 THEN
+        PERFORM picloud._invalid(format('at most 10000 events at once, got %s', cardinality(p_event_ids)));
+    END IF;
+    WITH done AS (
+        DELETE FROM picloud.outbox o
+        USING unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
+        WHERE o.app_id = k.app_id AND o.event_id = k.event_id
+          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+          AND o.reply_to IS NULL
+        RETURNING o.app_id, o.source, o.ordering_key
+    ), counted AS (
+        SELECT d.app_id, d.source, count(*)::integer AS n, bool_or(d.ordering_key IS NOT NULL) AS keyed
+        FROM done d GROUP BY d.app_id, d.source
+    )
+    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n), coalesce(bool_or(c.keyed), false)
+    INTO v_apps, v_sources, v_counts, v_keyed FROM counted c;
+    IF v_keyed THEN
+        -- The next event of a key can run now: no enqueue announces it.
+        PERFORM picloud._wake_at_commit();
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
+        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
+        v_deleted := v_deleted + v_counts[i];
+    END LOOP;
+    RETURN v_deleted;
+END
+$$;
+
 -- Privileges --------------------------------------------------------------------------------
 
 GRANT USAGE ON SCHEMA picloud TO picloud_owner;
@@ -2521,7 +2621,7 @@ DECLARE
     v_function regprocedure;
 BEGIN
     FOREACH v_function IN ARRAY ARRAY[
-        'picloud.picloud_claim(text, integer, integer, boolean, integer)',
+        'picloud.picloud_claim(text, integer, integer, boolean, integer, boolean)',
         'picloud.picloud_claim_events(text, uuid[], uuid[], integer)',
         'picloud.picloud_next_due_at()',
         'picloud.picloud_run_sql_handler(uuid, uuid, text)',
@@ -2535,6 +2635,8 @@ BEGIN
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
         'picloud.picloud_leave_sql_lane(uuid[], uuid[])',
+        'picloud.picloud_lock_http_lane(integer)',
+        'picloud.picloud_complete_lane(uuid[], uuid[])',
         'picloud.picloud_record_abandoned_execution(uuid, uuid, text, boolean, jsonb, text, text)',
         'picloud.picloud_signing_secrets(uuid[], uuid[])'
     ]::regprocedure[] LOOP

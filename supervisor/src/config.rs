@@ -90,6 +90,12 @@ pub struct Cli {
           value_parser = clap::value_parser!(u8).range(0..=64))]
     pub sql_lanes: u8,
 
+    /// Connections that deliver first attempts of http-handler events without claims, each a
+    /// batch at a time in one transaction; 0 delivers every event through claims.
+    #[arg(long, env = "PICLOUD_HTTP_LANES", value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(0..=64))]
+    pub http_lanes: u8,
+
     /// Most events a sql lane runs in one transaction.
     #[arg(long, env = "PICLOUD_SQL_LANE_BATCH", value_name = "N", default_value_t = 500,
           value_parser = clap::value_parser!(u16).range(1..=10000))]
@@ -176,6 +182,7 @@ pub struct Config {
     pub deprecated: Vec<&'static str>,
     pub sql_lanes: usize,
     pub sql_lane_batch: usize,
+    pub http_lanes: usize,
     pub poll_interval: Duration,
     pub lease_ms: i32,
     pub shutdown_grace: Duration,
@@ -307,6 +314,7 @@ impl Cli {
                 .collect(),
             sql_lanes: usize::from(self.sql_lanes),
             sql_lane_batch: usize::from(self.sql_lane_batch),
+            http_lanes: usize::from(self.http_lanes),
             poll_interval: Duration::from_millis(u64::from(self.poll_interval_ms)),
             lease_ms: self.lease_ms,
             shutdown_grace: Duration::from_millis(u64::from(self.shutdown_grace_ms)),
@@ -459,9 +467,10 @@ mod tests {
             c.batch_size,
             c.sql_lanes,
             c.sql_lane_batch,
+            c.http_lanes,
             c.prefetch,
         ];
-        assert_eq!(numbers, [16, 16, 2, 500, 128]);
+        assert_eq!(numbers, [16, 16, 2, 500, 2, 128]);
         assert!(c.deprecated.is_empty());
         assert_eq!(c.max_running_per_app, 14);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));

@@ -398,7 +398,8 @@ fn is_read_only_refusal(e: &tokio_postgres::Error) -> bool {
 /// The dispatcher's claim statements, prepared once per connection so that a claim costs one
 /// round trip rather than two (prepare, then execute).
 pub struct ClaimStatements {
-    /// Claims with the per-app cap (0.4.0 on); None on an older schema.
+    /// Claims with the per-app cap that can leave http events to the http lanes (0.4.0 on);
+    /// None on an older schema.
     capped: Option<tokio_postgres::Statement>,
     /// `picloud_complete_many` (0.4.0 on). Prepared with the claims so that a report sent just
     /// before a claim on the same connection also runs before it (an unprepared statement
@@ -418,7 +419,7 @@ impl ClaimStatements {
             Some(
                 client
                     .prepare(
-                        "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, $4::bool, $5::int4)",
+                        "SELECT * FROM picloud.picloud_claim($1::text, $2::int4, $3::int4, $4::bool, $5::int4, $6::bool)",
                     )
                     .await?,
             )
@@ -461,6 +462,9 @@ pub struct ClaimRequest<'a> {
     pub lease_ms: i32,
     /// Sql lanes are connected: leave them the first attempts of sql-handler events.
     pub leave_sql_lane: bool,
+    /// Http lanes are connected: leave them the first attempts of http-handler events (a
+    /// schema before 0.4.0 has no http lanes).
+    pub leave_http_lane: bool,
     /// Most events of one app this worker holds claimed (a schema before 0.4.0 has no cap).
     pub app_cap: i32,
 }
@@ -476,11 +480,22 @@ pub async fn claim(
         batch,
         lease_ms,
         leave_sql_lane,
+        leave_http_lane,
         app_cap,
     } = request;
     if let Some(capped) = &statements.capped {
         let rows = client
-            .query(capped, &[worker, batch, lease_ms, leave_sql_lane, app_cap])
+            .query(
+                capped,
+                &[
+                    worker,
+                    batch,
+                    lease_ms,
+                    leave_sql_lane,
+                    app_cap,
+                    leave_http_lane,
+                ],
+            )
             .await?;
         return Ok(rows.iter().map(Claim::from_row).collect());
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -267,29 +268,50 @@ async fn process(
     if *phase.borrow() != Phase::Running {
         return (release(client, claim, worker).await, true);
     }
-    if let Some(error) = &claim.principal_error {
-        return (
-            report_failure(client, claim, worker, &error.clone().into()).await,
-            true,
-        );
+    if let Some(refused) = refusal(claim) {
+        return (report_failure(client, claim, worker, &refused).await, true);
     }
     // Every handler has a timeout; a non-positive one would mean "none".
     let timeout_ms = claim.timeout_ms.max(1) as u32;
-    let unrunnable = match &claim.handler {
-        Handler::Sql => return run_sql(shared, client, claim, timeout_ms, phase).await,
-        Handler::Http { .. } | Handler::Command { .. } => {
-            return (
-                run_external(shared, client, claim, timeout_ms, started, phase).await,
-                true,
-            );
-        }
-        Handler::Unrunnable(reason) => reason.clone(),
-        Handler::Missing => "the event's handler script no longer exists".to_owned(),
-    };
-    (
-        report_failure(client, claim, worker, &unrunnable.into()).await,
-        true,
-    )
+    match &claim.handler {
+        Handler::Sql => run_sql(shared, client, claim, timeout_ms, phase).await,
+        _ => (
+            run_external(shared, client, claim, timeout_ms, started, phase).await,
+            true,
+        ),
+    }
+}
+
+/// Why `claim` cannot run at all: its principal may not run it, or its handler is gone or of
+/// a kind this supervisor does not run. None when it can run.
+pub fn refusal(claim: &Claim) -> Option<Failure> {
+    if let Some(error) = &claim.principal_error {
+        return Some(error.clone().into());
+    }
+    match &claim.handler {
+        Handler::Sql | Handler::Http { .. } | Handler::Command { .. } => None,
+        Handler::Unrunnable(reason) => Some(reason.clone().into()),
+        Handler::Missing => Some(Failure::from(
+            "the event's handler script no longer exists".to_owned(),
+        )),
+    }
+}
+
+/// The signing secrets of an http event's handler (none on a schema without them).
+pub async fn signing_secrets(
+    shared: &Shared,
+    client: &Client,
+    claim: &Claim,
+) -> Result<Arc<Vec<String>>, Failure> {
+    if !shared.pool.database().schema().signing_secrets() {
+        return Ok(Arc::new(Vec::new()));
+    }
+    shared.http.secrets(client, claim).await.map_err(|e| {
+        Failure::from(format!(
+            "signing secrets could not be read: {}",
+            db::error_text(&e)
+        ))
+    })
 }
 
 /// SQL handlers hold the row locked in their own transaction, so no lease
@@ -363,20 +385,7 @@ async fn run_external(
     let handler = async {
         match &claim.handler {
             Handler::Http { url } => {
-                // A schema without picloud_signing_secrets signs nothing.
-                let secrets = if !shared.pool.database().schema().signing_secrets() {
-                    Arc::new(Vec::new())
-                } else {
-                    match shared.http.secrets(client, claim).await {
-                        Ok(secrets) => secrets,
-                        Err(e) => {
-                            return Err(Failure::from(format!(
-                                "signing secrets could not be read: {}",
-                                db::error_text(&e)
-                            )))
-                        }
-                    }
-                };
+                let secrets = signing_secrets(shared, client, claim).await?;
                 shared
                     .http
                     .post(url, claim.event_id, input, &secrets, timeout)
@@ -400,6 +409,18 @@ async fn run_external(
         ended = with_lease(&shared.metrics, client, claim, worker, config.lease_ms, handler) => ended,
         _ = aborted(phase) => External::Aborted,
     };
+    settle_external(shared, client, claim, started, ended).await
+}
+
+/// Reports how an http or command handler run ended.
+async fn settle_external(
+    shared: &Shared,
+    client: &Client,
+    claim: &Claim,
+    started: Instant,
+    ended: External,
+) -> Outcome {
+    let worker = shared.config.worker_name.as_str();
     match ended {
         External::Finished(Ok(result)) => {
             if !shared.pool.database().schema().complete_many() {
@@ -421,6 +442,76 @@ async fn run_external(
         }
         External::Aborted => release(client, claim, worker).await,
     }
+}
+
+/// Finishes an http delivery that an http lane started and then handed to the claim path
+/// (`claim`: the event as claimed since): renews the lease while the delivery runs, then
+/// reports its outcome as an executor would. The delivery is cut off if the supervisor aborts
+/// or the lease is lost.
+pub async fn finish_delivery(
+    shared: Arc<Shared>,
+    claim: Claim,
+    delivery: JoinHandle<HandlerResult>,
+    started: Instant,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let cut_off = AbortOnDrop(delivery.abort_handle());
+    let handler = async move {
+        let _cut_off = cut_off;
+        delivery
+            .await
+            .unwrap_or_else(|e| Err(Failure::from(format!("http delivery ended: {e}"))))
+    };
+    let outcome = match connection(&shared, Instant::now(), &mut phase).await {
+        Some(client) => {
+            let worker = shared.config.worker_name.as_str();
+            let lease_ms = shared.config.lease_ms;
+            let ended = tokio::select! {
+                ended = with_lease(&shared.metrics, &client, &claim, worker, lease_ms, handler) => ended,
+                _ = aborted(&mut phase) => External::Aborted,
+            };
+            let outcome = settle_external(&shared, &client, &claim, started, ended).await;
+            shared.pool.put(client);
+            outcome
+        }
+        None => Outcome::Unreported("no executor connection".to_owned()),
+    };
+    match outcome {
+        Outcome::Queued => shared.finished.notify_one(),
+        outcome => record(&shared, &claim, &outcome, started),
+    }
+}
+
+/// Aborts a task when dropped (a finished task is not affected).
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts and logs an event an http lane delivered and completed.
+/// (The dispatcher is not told, as `record` tells it: what a claim may take does not depend on
+/// lane events, and a lane that completes an event of an ordering key wakes claimers through
+/// the database, as picloud_complete_many does.)
+pub fn record_completed(shared: &Shared, claim: &Claim, started: Instant) {
+    let elapsed = started.elapsed();
+    count(&shared.metrics, claim, &Outcome::Completed, elapsed);
+    log_outcome(claim, &Outcome::Completed, elapsed);
+}
+
+/// Reports the failure of an event (claimed) with picloud_fail, then counts and logs it.
+pub async fn fail_and_record(
+    shared: &Shared,
+    client: &Client,
+    claim: &Claim,
+    failure: &Failure,
+    started: Instant,
+) {
+    let worker = shared.config.worker_name.as_str();
+    let outcome = report_failure(client, claim, worker, failure).await;
+    record(shared, claim, &outcome, started);
 }
 
 /// Runs `handler` while renewing the lease every lease/3. If the database

@@ -15,6 +15,7 @@ mod endpoint;
 mod executor;
 mod handlers;
 mod health;
+mod http_lane;
 mod idle;
 mod lane;
 mod logging;

@@ -151,6 +151,8 @@ pub struct Metrics {
     pub lane_batches: Counter,
     /// Events of rolled-back sql lane batches, sent back to the ordinary claim path.
     pub lane_fallbacks: Counter,
+    /// http lane transactions that committed.
+    pub http_lane_batches: Counter,
     /// sql lane connections up now (the dispatcher leaves lane events to them while > 0).
     pub lanes_connected: AtomicU64,
     /// Events running now (each holds one executor slot).
@@ -272,6 +274,12 @@ impl Metrics {
                 r,
                 "picloud_sql_lane_fallbacks",
                 "Events of rolled-back sql lane batches, run again through ordinary claims",
+                Counter::default(),
+            ),
+            http_lane_batches: registered(
+                r,
+                "picloud_http_lane_batches",
+                "http lane transactions that committed (their events count as claimed, and as completed once delivered)",
                 Counter::default(),
             ),
             lanes_connected: AtomicU64::new(0),

@@ -86,6 +86,12 @@ impl Schema {
         self.since(Version(0, 4, 0))
     }
 
+    /// The http lanes (0.4.0): `picloud_lock_http_lane`, `picloud_complete_lane`, and claims
+    /// that leave http events to them.
+    pub fn http_lanes(&self) -> bool {
+        self.since(Version(0, 4, 0))
+    }
+
     /// `picloud_complete_many` (0.4.0): finished events reported together.
     pub fn complete_many(&self) -> bool {
         self.since(Version(0, 4, 0))

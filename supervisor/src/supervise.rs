@@ -3,6 +3,7 @@
 //! claiming, let running handlers finish within the grace period, release what is still
 //! unfinished.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +16,13 @@ use crate::config::Config;
 use crate::dispatch::{self, Ended};
 use crate::endpoint;
 use crate::handlers::http::HttpClient;
-use crate::lane;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::ready::Ready;
 use crate::state::{Completions, LaneBatches, Phase, Shared};
 use crate::summary::{self, Summary};
 use crate::EXIT_CONFIG;
+use crate::{http_lane, lane};
 
 /// Time allowed, after the grace period, to cancel handlers and release their rows.
 const RELEASE_BUDGET: Duration = Duration::from_secs(5);
@@ -49,23 +50,36 @@ impl Signals {
     }
 }
 
-/// The sql lanes' tasks. A lane that panics is started again, so lane events are never left
-/// to a lane that is gone (its connection count was already dropped with it); a lane that
-/// returns (shutdown, or a schema without lanes) is not.
+/// The lanes' tasks: the sql lanes, then the http lanes. A lane that panics is started again,
+/// so lane events are never left to a lane that is gone (its connection count was already
+/// dropped with it); a lane that returns (shutdown, or a schema without lanes) is not.
 struct Lanes {
     tasks: Vec<Option<JoinHandle<()>>>,
 }
 
+/// Starts lane `index` of `Lanes`: a sql lane below `--sql-lanes`, an http lane after.
+fn spawn_lane(
+    shared: &Arc<Shared>,
+    index: usize,
+    phase: &watch::Receiver<Phase>,
+) -> JoinHandle<()> {
+    let sql_lanes = shared.config.sql_lanes;
+    if index < sql_lanes {
+        tokio::spawn(lane::run(Arc::clone(shared), index, phase.clone()))
+    } else {
+        tokio::spawn(http_lane::run(
+            Arc::clone(shared),
+            index - sql_lanes,
+            phase.clone(),
+        ))
+    }
+}
+
 impl Lanes {
     fn start(shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) -> Lanes {
-        let tasks = (0..shared.config.sql_lanes)
-            .map(|index| {
-                Some(tokio::spawn(lane::run(
-                    Arc::clone(shared),
-                    index,
-                    phase.clone(),
-                )))
-            })
+        let count = shared.config.sql_lanes + shared.config.http_lanes;
+        let tasks = (0..count)
+            .map(|index| Some(spawn_lane(shared, index, phase)))
             .collect();
         Lanes { tasks }
     }
@@ -95,11 +109,7 @@ impl Lanes {
 
     fn restart(&mut self, index: usize, shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
         if let Some(task) = self.tasks.get_mut(index) {
-            *task = Some(tokio::spawn(lane::run(
-                Arc::clone(shared),
-                index,
-                phase.clone(),
-            )));
+            *task = Some(spawn_lane(shared, index, phase));
         }
     }
 }
@@ -159,6 +169,7 @@ pub async fn run(config: Config) -> u8 {
         finished: Notify::new(),
         lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
+        http_lanes_connected: AtomicUsize::new(0),
         completions: Completions::new(),
         ready,
     });
@@ -211,7 +222,7 @@ pub async fn run(config: Config) -> u8 {
                 break;
             }
             index = lanes.panicked() => {
-                tracing::error!(lane = index, "sql lane panicked; starting it again");
+                tracing::error!(lane = index, "lane panicked; starting it again");
                 lanes.restart(index, &shared, &phase);
             }
         }
@@ -235,7 +246,7 @@ pub async fn run(config: Config) -> u8 {
     for mut lane in lanes.tasks.into_iter().flatten() {
         if !lane.is_finished() && tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
             lane.abort();
-            tracing::warn!("a sql lane did not stop within the grace period");
+            tracing::warn!("a lane did not stop within the grace period");
         }
     }
     warm.abort();

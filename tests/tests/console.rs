@@ -748,8 +748,8 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     );
     drop(trusting);
 
-    // https with rustls: the session cookie is then Secure too. (55484 was never bound: the
-    // refusal above comes before the listener.)
+    // https with rustls: the session cookie is then Secure too. (On a port picked now: a fixed
+    // one inside the ephemeral range can be the local port of some connection at that moment.)
     let ca = TestCa::new("console test CA");
     let (cert, key) = ca.server_cert(&["127.0.0.1", "localhost"]);
     let dir = scratch_dir("console-https-files");
@@ -759,7 +759,7 @@ fn sign_ins_are_rate_limited_trust_keeps_the_console_on_loopback_https_serves_an
     let key_path = dir.join("console.key").to_string_lossy().into_owned();
     let https = Console::start(
         &cluster.url(),
-        55484,
+        free_port(),
         &[
             "--probe-role",
             "admin_a",

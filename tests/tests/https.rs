@@ -9,10 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// /ok records each request (headers and body) as a JSON line and answers 200; /redirect
-/// answers 302 to elsewhere; /busy answers 503 with Retry-After: 30.
+/// /ok records each request (path, headers and body) as a JSON line and answers 200; /slow
+/// records it on arrival and answers 200 two seconds later; /redirect answers 302 to
+/// elsewhere; /busy answers 503 with Retry-After: 30.
 const SERVER: &str = r#"
-import http.server, json, ssl, sys
+import http.server, json, ssl, sys, time
 cert, key, port_file, log_file = sys.argv[1:5]
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -26,8 +27,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.answer(503, b"busy", [("Retry-After", "30")])
         else:
             with open(log_file, "a") as log:
-                log.write(json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()},
+                log.write(json.dumps({"path": self.path,
+                                      "headers": {k.lower(): v for k, v in self.headers.items()},
                                       "body": body.decode()}) + "\n")
+            if self.path == "/slow":
+                time.sleep(2)
             self.answer(200, b'{"ok": true}', [("Content-Type", "application/json")])
     def answer(self, status, body, headers):
         self.send_response(status)
@@ -359,4 +363,104 @@ fn retry_after_reschedules_no_earlier_than_asked() {
         "due {due_in} s after the attempt; log: {}",
         sup.log()
     );
+}
+
+/// Http lanes deliver first attempts without claiming them (the outbox row is never updated:
+/// locked, delivered, deleted), each once, as attempt 1; a delivery still running when its lane
+/// stops waiting (500 ms) is claimed under a lease, goes on, and is completed when it ends.
+#[test]
+fn http_lanes_deliver_without_claims_and_hand_slow_deliveries_to_a_lease() {
+    let server = start_server("https-lanes");
+    let (db, mut c) = fresh_db("https_lanes");
+    let (app, _) = ledger_app(&mut c);
+    let url = |path: &str| format!("https://127.0.0.1:{}/{path}", server.port);
+    let ok = script(&mut c, app, "ok", &url("ok"));
+    let slow = script(&mut c, app, "slow", &url("slow"));
+    let sup = server.supervisor(&db, &format!("127.0.0.1:{}", server.port));
+    let updates_and_deletes = |c: &mut postgres::Client| -> (i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT n_tup_upd, n_tup_del FROM pg_stat_user_tables
+                 WHERE schemaname = 'picloud' AND relname = 'outbox'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let before = updates_and_deletes(&mut c);
+    let events: Vec<Uuid> = (0..30)
+        .map(|i| enqueue(&mut c, app, ok, &format!("{{\"n\": {i}}}")))
+        .collect();
+    // Statistics reach pg_stat_user_tables within a few seconds of each transaction.
+    let mut after = before;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            after = updates_and_deletes(&mut c);
+            after.1 - before.1 >= 30
+        }),
+        "deletes {after:?}; log: {}",
+        sup.log()
+    );
+    assert_eq!(after.0, before.0, "an outbox row was updated (claimed)");
+    let bodies: Vec<Value> = received(&server)
+        .iter()
+        .map(|r| serde_json::from_str(r["body"].as_str().unwrap_or("")).unwrap())
+        .collect();
+    let mut ids: Vec<String> = bodies
+        .iter()
+        .map(|body| body["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = events.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "each event delivered once");
+    assert!(bodies.iter().all(|body| body["attempt"] == 1), "{bodies:?}");
+
+    let event = enqueue(&mut c, app, slow, "{}");
+    assert!(eventually(Duration::from_secs(10), || received(&server)
+        .iter()
+        .any(|r| r["path"] == "/slow")));
+    let row = |c: &mut postgres::Client| -> Option<(Option<String>, i32)> {
+        c.query_opt(
+            "SELECT claimed_by, attempt_count FROM picloud.outbox WHERE event_id = $1",
+            &[&event],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+    };
+    // Being delivered: unclaimed, not tried, and locked by the lane's transaction.
+    assert_eq!(row(&mut c), Some((None, 0)));
+    let locked = c
+        .query(
+            "SELECT 1 FROM picloud.outbox WHERE event_id = $1 FOR UPDATE SKIP LOCKED",
+            &[&event],
+        )
+        .unwrap();
+    assert!(locked.is_empty(), "the lane holds the row");
+    // Past the lane's wait: claimed under a lease, the attempt counted, still running.
+    let mut seen = None;
+    assert!(
+        eventually(Duration::from_millis(1500), || {
+            seen = row(&mut c);
+            seen.as_ref().is_some_and(|(worker, _)| worker.is_some())
+        }),
+        "{seen:?}; log: {}",
+        sup.log()
+    );
+    assert_eq!(seen.map(|(_, attempts)| attempts), Some(1));
+    assert!(
+        eventually(Duration::from_secs(10), || row(&mut c).is_none()),
+        "log: {}",
+        sup.log()
+    );
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM picloud.dead_letters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0, "log: {}", sup.log());
+    let slow_requests = received(&server)
+        .iter()
+        .filter(|r| r["path"] == "/slow")
+        .count();
+    assert_eq!(slow_requests, 1, "delivered once");
 }

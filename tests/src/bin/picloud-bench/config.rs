@@ -62,7 +62,10 @@ impl Cfg {
             e1_secs: pick(quick, 3, 20),
             e2_events: pick(quick, 20_000, 100_000),
             p1_events: pick(quick, 5_000, 200_000),
-            p1_http_events: pick(quick, 2_000, 20_000),
+            // BENCH_P1_HTTP_EVENTS: a longer drain, to watch it with perf or top.
+            p1_http_events: env("BENCH_P1_HTTP_EVENTS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| pick(quick, 2_000, 20_000)),
             l1_samples: pick(quick, 60, 200),
             m1_secs: pick(quick, 3, 10),
             g1_rows: pick(quick, 100_000, 1_000_000),
