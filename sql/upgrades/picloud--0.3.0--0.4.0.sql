@@ -2548,6 +2548,17 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION picloud._event_jsonb(
+    p_event_id uuid, p_app_id uuid, p_source text, p_op text, p_payload jsonb,
+    p_depth integer, p_attempt integer, p_trigger_id uuid, p_script_id uuid)
+RETURNS jsonb
+-- STABLE as jsonb_build_object is (a function declared IMMUTABLE over it is not inlined).
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN pg_catalog.jsonb_build_object(
+    'event_id', p_event_id, 'app_id', p_app_id, 'source', p_source, 'op', p_op,
+    'payload', p_payload, 'depth', p_depth, 'attempt', p_attempt,
+    'trigger_id', p_trigger_id, 'script_id', p_script_id);
+
 -- Privileges --------------------------------------------------------------------------------
 
 GRANT USAGE ON SCHEMA picloud TO picloud_owner;
@@ -2703,12 +2714,14 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Three functions qualify every name instead (sql/020_triggers.sql): one looks the
-          -- handler function up in the caller's search_path, two are inlined into their callers.
+          -- Four functions qualify every name instead: one looks the handler function up in
+          -- the caller's search_path, three are inlined into their callers
+          -- (sql/020_triggers.sql, and _event_jsonb in sql/031_claims.sql).
           AND p.oid <> ALL (ARRAY[
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
-              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)'
+              'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',
+              'picloud._event_jsonb(uuid, uuid, text, text, jsonb, integer, integer, uuid, uuid)'
           ]::regprocedure[])
     LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);

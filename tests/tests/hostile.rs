@@ -50,7 +50,6 @@ const C_FUNCTIONS: &[&str] = &[
     "_cron_due(text,text,timestamp with time zone,timestamp with time zone,integer)",
     "_cron_next_after(text,text,timestamp with time zone)",
     "_enqueue_fast(uuid,text,text,jsonb,uuid,uuid,integer,timestamp with time zone,text,text,text,text,smallint)",
-    "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
     // The list of event sources: no SQL.
     "_event_sources()",
     "_is_owner()",
@@ -74,6 +73,7 @@ const C_FUNCTIONS: &[&str] = &[
 /// The functions that qualify every name instead of fixing their search_path (see
 /// sql/090_privileges.sql).
 const QUALIFIED: &[&str] = &[
+    "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
     "picloud_create_script(uuid,text,text,text,integer)",
     "picloud_match_dead_letter_triggers(uuid,text,uuid)",
     "picloud_match_kv_triggers(uuid,text,text)",
