@@ -50,7 +50,13 @@ pub fn exited(sup: &mut Supervisor) -> Option<String> {
 /// row count, for noticing a stalled supervisor, about once a second. Fails if the supervisor
 /// exits, or nothing moves for 60 s, or the overall timeout passes.
 pub fn wait_empty(c: &mut Client, table: &str, sup: &mut Supervisor, timeout: Duration) -> Res<()> {
-    let any = format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS first");
+    // Probed in primary-key order: an index scan passes over the entries of deleted rows once
+    // (it marks them dead), where a sequential scan would read the whole drained head of the
+    // table again every 5 ms - measurement work of up to a sixth of a core during a drain,
+    // which a baseline whose clients see the table empty for themselves never pays.
+    let any = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} ORDER BY app_id, event_id LIMIT 1) AS first"
+    );
     let all = format!("SELECT count(*) FROM {table}");
     let start = Instant::now();
     let mut last = i64::MAX;
