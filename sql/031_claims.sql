@@ -573,6 +573,20 @@ $$;
 -- lease expired: the row went back to the queue or to another worker) is left out, and nothing
 -- is done for it. p_results, when given, holds each event's handler reply (for a synchronous
 -- call's inbox), element for element.
+-- Counts deleted outbox rows as completed; when one had an ordering key, wakes an idle
+-- supervisor at commit: the key's next event can run now, and no enqueue announces it.
+CREATE FUNCTION picloud._count_completed(p_done picloud.outbox[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._count_outcome(c.app_id, c.source, c.n, 0, 0)
+    FROM (SELECT u.app_id, u.source, count(*)::integer AS n
+          FROM unnest(p_done) u GROUP BY u.app_id, u.source) c;
+    IF EXISTS (SELECT 1 FROM unnest(p_done) u WHERE u.ordering_key IS NOT NULL) THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+END
+$$;
+
 CREATE FUNCTION picloud.picloud_complete_many(p_app_ids uuid[], p_event_ids uuid[], p_worker text,
                                               p_results jsonb[] DEFAULT NULL)
 RETURNS SETOF uuid
@@ -600,16 +614,10 @@ BEGIN
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id AND o.claimed_by = p_worker
         RETURNING o AS row)
     SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
-    PERFORM picloud._count_outcome(c.app_id, c.source, c.n, 0, 0)
-    FROM (SELECT u.app_id, u.source, count(*)::integer AS n
-          FROM unnest(v_done) u GROUP BY u.app_id, u.source) c;
+    PERFORM picloud._count_completed(v_done);
     FOR r IN SELECT * FROM unnest(v_done) u WHERE u.reply_to IS NOT NULL LOOP
         PERFORM picloud._reply(r, true, p_results[array_position(p_event_ids, r.event_id)], NULL);
     END LOOP;
-    IF EXISTS (SELECT 1 FROM unnest(v_done) u WHERE u.ordering_key IS NOT NULL) THEN
-        -- The next event of a key can run now: no enqueue announces it.
-        PERFORM picloud._wake_at_commit();
-    END IF;
     RETURN QUERY SELECT u.event_id FROM unnest(v_done) u;
 END
 $$;

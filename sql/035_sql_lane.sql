@@ -477,6 +477,20 @@ BEGIN
 END
 $$;
 
+-- Refuses event keys given as two arrays (app ids, event ids) that are NULL (22004) or of
+-- different lengths (22023).
+CREATE FUNCTION picloud._check_event_keys(p_app_ids uuid[], p_event_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+END
+$$;
+
 -- Takes the given events out of the lanes (those still unclaimed first attempts) and returns
 -- how many: what a supervisor does with the events of a lane batch that failed as a whole (its
 -- statement timeout, a lost connection) or that failed by themselves. They are marked as tried
@@ -488,12 +502,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_left integer;
 BEGIN
-    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
+    PERFORM picloud._check_event_keys(p_app_ids, p_event_ids);
     UPDATE picloud.outbox o SET first_attempt_at = now()
     FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
     WHERE o.app_id = k.app_id AND o.event_id = k.event_id

@@ -47,18 +47,9 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-    v_apps uuid[];
-    v_sources text[];
-    v_counts integer[];
-    v_keyed boolean;
-    v_deleted integer := 0;
+    v_done picloud.outbox[];
 BEGIN
-    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
+    PERFORM picloud._check_event_keys(p_app_ids, p_event_ids);
     IF cardinality(p_event_ids) > 10000 THEN
         PERFORM picloud._invalid(format('at most 10000 events at once, got %s', cardinality(p_event_ids)));
     END IF;
@@ -68,21 +59,9 @@ BEGIN
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id
           AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
           AND o.reply_to IS NULL
-        RETURNING o.app_id, o.source, o.ordering_key
-    ), counted AS (
-        SELECT d.app_id, d.source, count(*)::integer AS n, bool_or(d.ordering_key IS NOT NULL) AS keyed
-        FROM done d GROUP BY d.app_id, d.source
-    )
-    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n), coalesce(bool_or(c.keyed), false)
-    INTO v_apps, v_sources, v_counts, v_keyed FROM counted c;
-    IF v_keyed THEN
-        -- The next event of a key can run now: no enqueue announces it.
-        PERFORM picloud._wake_at_commit();
-    END IF;
-    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
-        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
-        v_deleted := v_deleted + v_counts[i];
-    END LOOP;
-    RETURN v_deleted;
+        RETURNING o AS row)
+    SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
+    PERFORM picloud._count_completed(v_done);
+    RETURN cardinality(v_done);
 END
 $$;

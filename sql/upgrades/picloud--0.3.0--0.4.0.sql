@@ -1028,12 +1028,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_left integer;
 BEGIN
-    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
+    PERFORM picloud._check_event_keys(p_app_ids, p_event_ids);
     UPDATE picloud.outbox o SET first_attempt_at = now()
     FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
     WHERE o.app_id = k.app_id AND o.event_id = k.event_id
@@ -2242,16 +2237,10 @@ BEGIN
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id AND o.claimed_by = p_worker
         RETURNING o AS row)
     SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
-    PERFORM picloud._count_outcome(c.app_id, c.source, c.n, 0, 0)
-    FROM (SELECT u.app_id, u.source, count(*)::integer AS n
-          FROM unnest(v_done) u GROUP BY u.app_id, u.source) c;
+    PERFORM picloud._count_completed(v_done);
     FOR r IN SELECT * FROM unnest(v_done) u WHERE u.reply_to IS NOT NULL LOOP
         PERFORM picloud._reply(r, true, p_results[array_position(p_event_ids, r.event_id)], NULL);
     END LOOP;
-    IF EXISTS (SELECT 1 FROM unnest(v_done) u WHERE u.ordering_key IS NOT NULL) THEN
-        -- The next event of a key can run now: no enqueue announces it.
-        PERFORM picloud._wake_at_commit();
-    END IF;
     RETURN QUERY SELECT u.event_id FROM unnest(v_done) u;
 END
 $$;
@@ -2508,18 +2497,9 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-    v_apps uuid[];
-    v_sources text[];
-    v_counts integer[];
-    v_keyed boolean;
-    v_deleted integer := 0;
+    v_done picloud.outbox[];
 BEGIN
-    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
-        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
-    END IF;
-    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
-        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
-    END IF;
+    PERFORM picloud._check_event_keys(p_app_ids, p_event_ids);
     IF cardinality(p_event_ids) > 10000 THEN
         PERFORM picloud._invalid(format('at most 10000 events at once, got %s', cardinality(p_event_ids)));
     END IF;
@@ -2529,22 +2509,10 @@ BEGIN
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id
           AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
           AND o.reply_to IS NULL
-        RETURNING o.app_id, o.source, o.ordering_key
-    ), counted AS (
-        SELECT d.app_id, d.source, count(*)::integer AS n, bool_or(d.ordering_key IS NOT NULL) AS keyed
-        FROM done d GROUP BY d.app_id, d.source
-    )
-    SELECT array_agg(c.app_id), array_agg(c.source), array_agg(c.n), coalesce(bool_or(c.keyed), false)
-    INTO v_apps, v_sources, v_counts, v_keyed FROM counted c;
-    IF v_keyed THEN
-        -- The next event of a key can run now: no enqueue announces it.
-        PERFORM picloud._wake_at_commit();
-    END IF;
-    FOR i IN 1 .. coalesce(cardinality(v_apps), 0) LOOP
-        PERFORM picloud._count_outcome(v_apps[i], v_sources[i], v_counts[i], 0, 0);
-        v_deleted := v_deleted + v_counts[i];
-    END LOOP;
-    RETURN v_deleted;
+        RETURNING o AS row)
+    SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
+    PERFORM picloud._count_completed(v_done);
+    RETURN cardinality(v_done);
 END
 $$;
 
@@ -2558,6 +2526,30 @@ RETURN pg_catalog.jsonb_build_object(
     'event_id', p_event_id, 'app_id', p_app_id, 'source', p_source, 'op', p_op,
     'payload', p_payload, 'depth', p_depth, 'attempt', p_attempt,
     'trigger_id', p_trigger_id, 'script_id', p_script_id);
+
+CREATE OR REPLACE FUNCTION picloud._check_event_keys(p_app_ids uuid[], p_event_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_app_ids IS NULL OR p_event_ids IS NULL THEN
+        PERFORM picloud._null_argument('{app_ids,event_ids}', ARRAY[p_app_ids IS NULL, p_event_ids IS NULL]);
+    END IF;
+    IF cardinality(p_app_ids) <> cardinality(p_event_ids) THEN
+        PERFORM picloud._invalid('app_ids and event_ids must have the same length');
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION picloud._count_completed(p_done picloud.outbox[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM picloud._count_outcome(c.app_id, c.source, c.n, 0, 0)
+    FROM (SELECT u.app_id, u.source, count(*)::integer AS n
+          FROM unnest(p_done) u GROUP BY u.app_id, u.source) c;
+    IF EXISTS (SELECT 1 FROM unnest(p_done) u WHERE u.ordering_key IS NOT NULL) THEN
+        PERFORM picloud._wake_at_commit();
+    END IF;
+END
+$$;
 
 -- Privileges --------------------------------------------------------------------------------
 

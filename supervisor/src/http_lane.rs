@@ -22,13 +22,14 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, ConnectError, Handler};
+use crate::db::{self, Claim, Handler};
 use crate::executor::{self, accept_claimed};
 use crate::handlers::{self, Failure, HandlerResult};
-use crate::idle::{idle_wait, DueWait, RECHECK_DELAY};
-use crate::metrics::{Connection, Kind};
-use crate::state::{pause_before_reconnect, stopping, Phase, Shared};
-use crate::wake::{self, WakeConnection};
+use crate::idle::LaneWait;
+use crate::metrics::Kind;
+use crate::schema::Schema;
+use crate::state::{connect_lane, lane_lost, stopping, Phase, Shared};
+use crate::wake::WakeConnection;
 
 /// The longest a lane waits for its batch's deliveries before it hands those still running to
 /// the claim path and commits: the transaction (and the app's lane lock) is held no longer.
@@ -58,44 +59,31 @@ impl Drop for Connected<'_> {
 
 /// Runs http lane `index` until shutdown, reconnecting with backoff.
 pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<Phase>) {
+    const NAME: &str = "http lane";
     let mut backoff = Backoff::new();
     loop {
-        if *phase.borrow() != Phase::Running {
-            return;
-        }
-        let failure = match wake::connect(shared.pool.database(), true).await {
-            Ok(_) if !shared.pool.database().schema().http_lanes() => {
-                tracing::warn!(
-                    lane = index,
-                    "the database's picloud schema has no http lanes (run ALTER EXTENSION \
-                     picloud UPDATE); every http event runs through claims"
-                );
-                return;
-            }
-            Ok(connection) => {
-                let connected = Connected::new(&shared.http_lanes_connected);
-                tracing::info!(lane = index, "http lane connected");
-                let result = lane_loop(&shared, &connection, &mut phase, &mut backoff).await;
-                drop(connected);
-                match result {
-                    Ok(()) => return,
-                    Err(e) => Some(format!("http lane connection failed: {e}")),
-                }
-            }
-            Err(ConnectError::Standby) => None,
-            Err(e) => Some(format!("http lane could not connect: {e}")),
-        };
-        let who = format!("http lane {index}");
-        if pause_before_reconnect(
+        let offered = Schema::http_lanes;
+        let Some(connection) = connect_lane(
             &shared,
-            Connection::Lane,
-            &who,
-            failure,
+            NAME,
+            index,
+            true,
+            offered,
             &mut backoff,
             &mut phase,
         )
         .await
-        {
+        else {
+            return;
+        };
+        let connected = Connected::new(&shared.http_lanes_connected);
+        let result = lane_loop(&shared, &connection, &mut phase, &mut backoff).await;
+        drop(connected);
+        let Err(e) = result else {
+            return;
+        };
+        let failure = Some(format!("{NAME} connection failed: {e}"));
+        if lane_lost(&shared, NAME, index, failure, &mut backoff, &mut phase).await {
             return;
         }
     }
@@ -113,8 +101,7 @@ async fn lane_loop(
         .await
         .map_err(|e| db::error_text(&e))?;
     let batch = batch_size(shared.config.concurrency);
-    let mut rechecked = false;
-    let mut others_due = DueWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval);
+    let mut wait = LaneWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval, schema);
     loop {
         // A batch is locked only while an executor slot is free to start delivering it. (The
         // lane never queues for a slot: a queued waiter would be handed every slot that comes
@@ -132,35 +119,13 @@ async fn lane_loop(
         if *phase.borrow() != Phase::Running {
             return Ok(());
         }
-        if locked == batch {
-            // A full batch: more are probably waiting.
-            rechecked = false;
-            others_due.reset();
-            continue;
-        }
-        if locked > 0 || !rechecked {
-            // The lane caught up, or found nothing for the first time: look again shortly (a
-            // wake-up cuts it short), then go to the idle wait.
-            rechecked = locked == 0;
-            if locked > 0 {
-                others_due.reset();
-            }
-            tokio::select! {
-                _ = connection.wake.notified() => {}
-                _ = tokio::time::sleep(RECHECK_DELAY) => {}
-                _ = stopping(phase) => return Ok(()),
-            }
-            continue;
-        }
-        rechecked = false;
-        let wait = idle_wait(client, shared.config.poll_interval, schema)
+        let wakes = [Some(connection.wake.as_ref()), None];
+        let go_on = wait
+            .after_batch(locked, locked == batch, client, wakes, phase)
             .await
             .map_err(|e| db::error_text(&e))?;
-        let wait = others_due.stretch(wait);
-        tokio::select! {
-            _ = connection.wake.notified() => others_due.reset(),
-            _ = tokio::time::sleep(wait) => {}
-            _ = stopping(phase) => return Ok(()),
+        if !go_on {
+            return Ok(());
         }
     }
 }

@@ -1,11 +1,14 @@
-//! How long an idle claimer - the dispatcher or a sql lane - sleeps before it looks again: until
+//! How long an idle claimer - the dispatcher or a lane - sleeps before it looks again: until
 //! the next retry or scheduled event is due (no notification announces those), at most the poll
 //! interval, and longer and longer while events are due that it cannot take.
 
 use std::time::Duration;
 
+use tokio::sync::{watch, Notify};
+
 use crate::db;
 use crate::schema::Schema;
+use crate::state::{stopping, Phase};
 
 /// After an empty claim (by the dispatcher or a lane) the extension starts sending wake-ups
 /// for this worker; an event enqueued just before that would get none, so claim once more
@@ -72,6 +75,70 @@ impl DueWait {
         let stretched = self.next.min(self.poll_interval);
         self.next = (self.next * 2).min(self.poll_interval);
         stretched
+    }
+}
+
+/// How a lane (sql or http) waits between batches. After a full batch it looks again at once;
+/// after a short batch (it caught up) or the first empty one, shortly (`RECHECK_DELAY`); after
+/// an empty recheck it goes to the idle wait, which grows from `first_due_wait` while events
+/// are due that are not for it (each look may scan past them). A wake-up ends any wait.
+pub struct LaneWait {
+    rechecked: bool,
+    others_due: DueWait,
+    poll_interval: Duration,
+    schema: Schema,
+}
+
+impl LaneWait {
+    pub fn new(first_due_wait: Duration, poll_interval: Duration, schema: Schema) -> LaneWait {
+        LaneWait {
+            rechecked: false,
+            others_due: DueWait::new(first_due_wait, poll_interval),
+            poll_interval,
+            schema,
+        }
+    }
+
+    /// Waits after a batch that locked `locked` events (`full`: as many as it could take).
+    /// `wakes` end the wait early. Returns false if the supervisor began stopping meanwhile.
+    pub async fn after_batch(
+        &mut self,
+        locked: usize,
+        full: bool,
+        client: &tokio_postgres::Client,
+        wakes: [Option<&Notify>; 2],
+        phase: &mut watch::Receiver<Phase>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        if full || locked > 0 {
+            self.others_due.reset();
+        }
+        if full {
+            self.rechecked = false;
+            return Ok(true);
+        }
+        let wait = if locked > 0 || !self.rechecked {
+            self.rechecked = locked == 0;
+            RECHECK_DELAY
+        } else {
+            self.rechecked = false;
+            let wait = idle_wait(client, self.poll_interval, self.schema).await?;
+            self.others_due.stretch(wait)
+        };
+        tokio::select! {
+            _ = woken(wakes[0]) => self.others_due.reset(),
+            _ = woken(wakes[1]) => self.others_due.reset(),
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopping(phase) => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// Resolves when `notify` is signalled; never without one.
+async fn woken(notify: Option<&Notify>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
     }
 }
 

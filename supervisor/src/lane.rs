@@ -20,13 +20,13 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, ConnectError};
+use crate::db::{self, Claim};
 use crate::executor::{self, accept_claimed};
-use crate::idle::{idle_wait, DueWait, RECHECK_DELAY};
-use crate::metrics::{Connection, Kind, LaneConnected};
+use crate::idle::LaneWait;
+use crate::metrics::{Kind, LaneConnected};
 use crate::schema::Schema;
-use crate::state::{pause_before_reconnect, stopping, Phase, Shared};
-use crate::wake::{self, WakeConnection};
+use crate::state::{connect_lane, lane_lost, Phase, Shared};
+use crate::wake::WakeConnection;
 
 /// First idle wait while events are due but none is for a lane: the dispatcher is working
 /// through them, and each look scans past them (see `idle::DueWait`).
@@ -48,59 +48,46 @@ enum BatchError {
 
 /// Runs lane `index` until shutdown, reconnecting with backoff.
 pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<Phase>) {
+    const NAME: &str = "sql lane";
     let mut backoff = Backoff::new();
     // Events of a batch whose connection broke; sent to the claim path once connected again.
     let mut stranded: Option<Locked> = None;
+    let listens = index == 0;
     loop {
-        if *phase.borrow() != Phase::Running {
-            return;
-        }
-        let listens = index == 0;
-        let failure = match wake::connect(shared.pool.database(), listens).await {
-            Ok(_) if !shared.pool.database().schema().sql_lanes() => {
-                tracing::warn!(
-                    lane = index,
-                    "the database's picloud schema has no sql lanes (run ALTER EXTENSION \
-                     picloud UPDATE); every event runs through claims"
-                );
-                return;
-            }
-            Ok(connection) => {
-                // Counted while this lane runs: dropped when it returns, fails or panics.
-                let connected = LaneConnected::new(&shared.metrics);
-                shared.lane_batches.connected(index);
-                tracing::info!(lane = index, "sql lane connected");
-                let result = lane_loop(
-                    &shared,
-                    index,
-                    &connection,
-                    listens,
-                    &mut phase,
-                    &mut backoff,
-                    &mut stranded,
-                )
-                .await;
-                drop(connected);
-                shared.lane_batches.disconnected(index);
-                match result {
-                    Ok(()) => return,
-                    Err(e) => Some(format!("sql lane connection failed: {e}")),
-                }
-            }
-            Err(ConnectError::Standby) => None,
-            Err(e) => Some(format!("sql lane could not connect: {e}")),
-        };
-        let who = format!("sql lane {index}");
-        if pause_before_reconnect(
+        let offered = Schema::sql_lanes;
+        let Some(connection) = connect_lane(
             &shared,
-            Connection::Lane,
-            &who,
-            failure,
+            NAME,
+            index,
+            listens,
+            offered,
             &mut backoff,
             &mut phase,
         )
         .await
-        {
+        else {
+            return;
+        };
+        // Counted while this lane runs: dropped when it returns, fails or panics.
+        let connected = LaneConnected::new(&shared.metrics);
+        shared.lane_batches.connected(index);
+        let result = lane_loop(
+            &shared,
+            index,
+            &connection,
+            listens,
+            &mut phase,
+            &mut backoff,
+            &mut stranded,
+        )
+        .await;
+        drop(connected);
+        shared.lane_batches.disconnected(index);
+        let Err(e) = result else {
+            return;
+        };
+        let failure = Some(format!("{NAME} connection failed: {e}"));
+        if lane_lost(&shared, NAME, index, failure, &mut backoff, &mut phase).await {
             return;
         }
     }
@@ -121,8 +108,7 @@ async fn lane_loop(
     let statements = Statements::prepare(client, schema)
         .await
         .map_err(|e| db::error_text(&e))?;
-    let mut rechecked = false;
-    let mut others_due = DueWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval);
+    let mut wait = LaneWait::new(OTHERS_DUE_WAIT, shared.config.poll_interval, schema);
     loop {
         if let Some(locked) = stranded.take() {
             leave_lane(shared, client, &statements, locked, phase)
@@ -167,41 +153,19 @@ async fn lane_loop(
             }
         };
         backoff.reset();
-        if locked == batch {
+        let full = locked == batch;
+        if full && listens {
             // A full batch: more are probably waiting; the other lanes help.
-            if listens {
-                shared.lanes_wake.notify_waiters();
-            }
-            rechecked = false;
-            others_due.reset();
-            continue;
+            shared.lanes_wake.notify_waiters();
         }
-        if locked > 0 || !rechecked {
-            // A short batch (the lane caught up), or the first empty one: look again shortly
-            // (a wake-up cuts it short). Each look may scan past other events, so not in a
-            // tight loop; an empty look after an empty recheck goes to the idle wait below.
-            rechecked = locked == 0;
-            if locked > 0 {
-                others_due.reset();
-            }
-            tokio::select! {
-                _ = connection.wake.notified() => {}
-                _ = shared.lanes_wake.notified(), if !listens => {}
-                _ = tokio::time::sleep(RECHECK_DELAY) => {}
-                _ = stopping(phase) => return Ok(()),
-            }
-            continue;
-        }
-        rechecked = false;
-        let wait = idle_wait(client, shared.config.poll_interval, schema)
+        let others = (!listens).then_some(&shared.lanes_wake);
+        let wakes = [Some(connection.wake.as_ref()), others];
+        let go_on = wait
+            .after_batch(locked, full, client, wakes, phase)
             .await
             .map_err(|e| db::error_text(&e))?;
-        let wait = others_due.stretch(wait);
-        tokio::select! {
-            _ = connection.wake.notified() => others_due.reset(),
-            _ = shared.lanes_wake.notified(), if !listens => others_due.reset(),
-            _ = tokio::time::sleep(wait) => {}
-            _ = stopping(phase) => return Ok(()),
+        if !go_on {
+            return Ok(());
         }
     }
 }

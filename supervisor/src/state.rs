@@ -12,11 +12,13 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::db::Claim;
+use crate::db::{Claim, ConnectError};
 use crate::handlers::http::HttpClient;
 use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
 use crate::ready::Ready;
+use crate::schema::Schema;
+use crate::wake::{self, WakeConnection};
 
 /// Lifecycle phase, broadcast to the dispatcher, the lanes and every executor task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +242,58 @@ pub async fn pause_before_reconnect(
         None => tracing::debug!(retry_in_ms, "{who} found a standby; reconnecting"),
     }
     sleep_unless_stopping(delay, phase).await
+}
+
+/// Connects lane `index` (`name`: "sql lane", "http lane") on a connection of its own,
+/// listening for wake-ups with `listen`, retrying with backoff. None once shutdown has begun,
+/// or at once when the database's schema has no such lanes (`offered` says).
+pub async fn connect_lane(
+    shared: &Shared,
+    name: &str,
+    index: usize,
+    listen: bool,
+    offered: fn(&Schema) -> bool,
+    backoff: &mut Backoff,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<WakeConnection> {
+    loop {
+        if *phase.borrow() != Phase::Running {
+            return None;
+        }
+        let failure = match wake::connect(shared.pool.database(), listen).await {
+            Ok(_) if !offered(&shared.pool.database().schema()) => {
+                tracing::warn!(
+                    lane = index,
+                    "the database's picloud schema has no {name}s (run ALTER EXTENSION picloud \
+                     UPDATE); their events run through claims"
+                );
+                return None;
+            }
+            Ok(connection) => {
+                tracing::info!(lane = index, "{name} connected");
+                return Some(connection);
+            }
+            Err(ConnectError::Standby) => None,
+            Err(e) => Some(format!("{name} could not connect: {e}")),
+        };
+        if lane_lost(shared, name, index, failure, backoff, phase).await {
+            return None;
+        }
+    }
+}
+
+/// After lane `index` lost its connection or could not open one (`failure`; None: it found a
+/// standby): see `pause_before_reconnect`. True if the supervisor began stopping meanwhile.
+pub async fn lane_lost(
+    shared: &Shared,
+    name: &str,
+    index: usize,
+    failure: Option<String>,
+    backoff: &mut Backoff,
+    phase: &mut watch::Receiver<Phase>,
+) -> bool {
+    let who = format!("{name} {index}");
+    pause_before_reconnect(shared, Connection::Lane, &who, failure, backoff, phase).await
 }
 
 #[cfg(test)]

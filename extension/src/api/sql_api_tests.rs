@@ -524,6 +524,21 @@ mod tests {
                 "SELECT * FROM picloud.picloud_claim_events(NULL, ARRAY[{app}], ARRAY[{ev}], 60000)",
                 "22004",
             ),
+            ("SELECT * FROM picloud.picloud_lock_http_lane(10001)", "22023"),
+            ("SELECT * FROM picloud.picloud_lock_http_lane(NULL)", "22004"),
+            (
+                "SELECT picloud.picloud_complete_lane(ARRAY[{app}], ARRAY[]::uuid[])",
+                "22023",
+            ),
+            (
+                "SELECT picloud.picloud_complete_lane(NULL, ARRAY[{ev}])",
+                "22004",
+            ),
+            (
+                "SELECT picloud.picloud_complete_lane(array_fill({app}, ARRAY[10001]),
+                                                      array_fill({ev}, ARRAY[10001]))",
+                "22023",
+            ),
         ]);
         // Three fresh first attempts: the lane locks them (not the claimed fixture event), runs
         // their handler in one statement and deletes them.
