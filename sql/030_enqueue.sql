@@ -295,7 +295,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ordering_seqs bigint[];
     v_script_id uuid;
-    v_depth integer;
+    -- The values every row shares, held in the outbox columns' own domains: each domain check
+    -- runs once here, where a value of the base type would be checked again for every row.
+    v_source picloud.event_source;
+    v_op picloud.event_op;
+    v_depth picloud.non_negative_int;
+    v_due_at picloud.event_time;
     v_max integer := current_setting('picloud.max_payload_bytes')::integer;
     v_too_big integer;
     v_ids uuid[];
@@ -319,6 +324,9 @@ BEGIN
         PERFORM picloud._check_run_at(p_run_at);
     END IF;
     v_depth := picloud._event_depth(p_depth);
+    v_source := p_source;
+    v_op := p_op;
+    v_due_at := coalesce(p_run_at, now());
     v_script_id := picloud._resolve_handler(p_app_id, p_script_id, p_trigger_id);
     v_priority := coalesce(p_priority, picloud._trigger_priority(p_app_id, p_trigger_id));
     IF p_ordering_keys IS NOT NULL OR p_on_dead_letter IS NOT NULL THEN
@@ -342,10 +350,10 @@ BEGIN
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
     v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
-    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth, due_at,
-                                ordering_key, ordering_seq, ordering_blocks, priority)
-    SELECT p_app_id, p.event_id, p_source, p_op, p_trigger_id, v_script_id, p.payload, v_depth,
-           coalesce(p_run_at, now()),
+    INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
+                                due_at, ordering_key, ordering_seq, ordering_blocks, priority)
+    SELECT p_app_id, p.event_id, v_source, v_op, p_trigger_id, v_script_id, p.payload, v_depth,
+           v_due_at,
            p.ordering_key, p.ordering_seq,
            CASE WHEN p.ordering_key IS NOT NULL THEN p_on_dead_letter IS NOT DISTINCT FROM 'block' END,
            v_priority
