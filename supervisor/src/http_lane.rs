@@ -61,13 +61,16 @@ impl Drop for Connected<'_> {
 pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<Phase>) {
     const NAME: &str = "http lane";
     let mut backoff = Backoff::new();
+    // Only lane 0 is woken by notifications, as for the sql lanes: every woken lane looks for
+    // work at once, and on 2 cores each extra one delays the handler that was enqueued.
+    let listens = index == 0;
     loop {
         let offered = Schema::http_lanes;
         let Some(connection) = connect_lane(
             &shared,
             NAME,
             index,
-            true,
+            listens,
             offered,
             &mut backoff,
             &mut phase,
@@ -77,7 +80,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             return;
         };
         let connected = Connected::new(&shared.http_lanes_connected);
-        let result = lane_loop(&shared, &connection, &mut phase, &mut backoff).await;
+        let result = lane_loop(&shared, &connection, listens, &mut phase, &mut backoff).await;
         drop(connected);
         let Err(e) = result else {
             return;
@@ -92,6 +95,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
 async fn lane_loop(
     shared: &Arc<Shared>,
     connection: &WakeConnection,
+    listens: bool,
     phase: &mut watch::Receiver<Phase>,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
@@ -119,9 +123,15 @@ async fn lane_loop(
         if *phase.borrow() != Phase::Running {
             return Ok(());
         }
-        let wakes = [Some(connection.wake.as_ref()), None];
+        let full = locked == batch;
+        if full && listens {
+            // A full batch: more are probably waiting; the other lanes help.
+            shared.http_lanes_wake.notify_waiters();
+        }
+        let others = (!listens).then_some(&shared.http_lanes_wake);
+        let wakes = [Some(connection.wake.as_ref()), others];
         let go_on = wait
-            .after_batch(locked, locked == batch, client, wakes, phase)
+            .after_batch(locked, full, client, wakes, phase)
             .await
             .map_err(|e| db::error_text(&e))?;
         if !go_on {

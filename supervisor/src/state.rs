@@ -48,6 +48,8 @@ pub struct Shared {
     /// Wakes the sql lanes that do not listen for notifications: lane 0 listens, and calls
     /// the others when it finds a full batch (one wake-up per event would wake them all).
     pub lanes_wake: Notify,
+    /// The same for the http lanes: lane 0 listens and calls the others in on a full batch.
+    pub http_lanes_wake: Notify,
     /// What each sql lane is doing, for the dispatcher.
     pub lane_batches: LaneBatches,
     /// Http lanes connected now: while one is, claims leave them first attempts of http events.

@@ -168,6 +168,7 @@ pub async fn run(config: Config) -> u8 {
         rescheduled: Notify::new(),
         finished: Notify::new(),
         lanes_wake: Notify::new(),
+        http_lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
         http_lanes_connected: AtomicUsize::new(0),
         completions: Completions::new(),

@@ -464,3 +464,60 @@ fn http_lanes_deliver_without_claims_and_hand_slow_deliveries_to_a_lease() {
         .count();
     assert_eq!(slow_requests, 1, "delivered once");
 }
+
+/// An http lane whose connection is killed in the middle of its batches loses nothing: its
+/// transaction rolls back, its events are unlocked untouched, and every event is still
+/// delivered (at least once) with no dead letter.
+#[test]
+fn http_lanes_whose_backends_are_killed_lose_no_event() {
+    let server = start_server("https-lane-kills");
+    let (db, mut c) = fresh_db("https_lane_kills");
+    let (app, _) = ledger_app(&mut c);
+    let ok = script(
+        &mut c,
+        app,
+        "ok",
+        &format!("https://127.0.0.1:{}/ok", server.port),
+    );
+    let events: Vec<Uuid> = (0..300)
+        .map(|i| enqueue(&mut c, app, ok, &format!("{{\"n\": {i}}}")))
+        .collect();
+    let sup = server.supervisor(&db, &format!("127.0.0.1:{}", server.port));
+    let mut killed = 0;
+    let remaining = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM picloud.outbox", &[])
+            .unwrap()
+            .get(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining(&mut c) > 0 && std::time::Instant::now() < deadline {
+        killed += c
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND query LIKE '%picloud_lock_http_lane%'",
+                &[],
+            )
+            .unwrap()
+            .len();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert_eq!(remaining(&mut c), 0, "log: {}", sup.log());
+    assert!(killed > 0, "no lane backend was killed");
+    let delivered: std::collections::HashSet<String> = received(&server)
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Value>(r["body"].as_str()?).ok())
+        .filter_map(|body| body["event_id"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<&Uuid> = events
+        .iter()
+        .filter(|id| !delivered.contains(&id.to_string()))
+        .collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM picloud.dead_letters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0, "log: {}", sup.log());
+    println!("http lane backends killed: {killed}");
+}
