@@ -208,7 +208,7 @@ async fn run_batch(
     let locked = rows.len();
     let claims = accept_claimed(&shared.metrics, rows.iter().map(Claim::from_row).collect());
     let started = Instant::now();
-    let deliveries = deliver(shared, client, &claims, phase).await;
+    let deliveries = deliver(shared, &claims, phase).await;
     settle(
         shared, client, statements, &claims, deliveries, started, phase,
     )
@@ -220,7 +220,6 @@ async fn run_batch(
 /// all have ended or `HOLD` has passed.
 async fn deliver(
     shared: &Arc<Shared>,
-    client: &Client,
     claims: &[Claim],
     phase: &watch::Receiver<Phase>,
 ) -> Vec<Delivery> {
@@ -237,7 +236,7 @@ async fn deliver(
             let Ok(slot) = Arc::clone(&shared.slots).try_acquire_owned() else {
                 break;
             };
-            deliveries[next] = start(shared, client, &claims[next], (slot, share), &ended).await;
+            deliveries[next] = start(shared, &claims[next], (slot, share), &ended);
             next += 1;
         }
         let mut running = false;
@@ -379,10 +378,9 @@ async fn settle(
 
 /// Starts delivering `claim` in a task of its own that holds `slots` (the executor slot and the
 /// app's share) until the delivery ends, then signals `ended`. An event that cannot be
-/// delivered at all fails at once.
-async fn start(
+/// delivered at all fails at once; the signing secrets are read in the task (`secrets`).
+fn start(
     shared: &Arc<Shared>,
-    client: &Client,
     claim: &Claim,
     slots: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ended: &Arc<Notify>,
@@ -393,25 +391,43 @@ async fn start(
     let Handler::Http { url } = &claim.handler else {
         return Delivery::Failed("not an http handler".to_owned().into());
     };
-    let secrets = match executor::signing_secrets(shared, client, claim).await {
-        Ok(secrets) => secrets,
-        Err(failure) => return Delivery::Failed(failure),
-    };
     let (shared, ended, url) = (Arc::clone(shared), Arc::clone(ended), url.clone());
+    let claim_for_secrets = claim.clone();
     let body = handlers::event_json(claim).to_string().into_bytes();
     let event_id = claim.event_id;
     // Every handler has a timeout; a non-positive one would mean "none".
     let timeout = Duration::from_millis(claim.timeout_ms.max(1) as u64);
     Delivery::Running(tokio::spawn(async move {
         let _busy = shared.metrics.busy(1);
-        let result = shared
-            .http
-            .post(&url, event_id, body, &secrets, timeout)
-            .await;
+        let result = match secrets(&shared, &claim_for_secrets).await {
+            Ok(secrets) => {
+                shared
+                    .http
+                    .post(&url, event_id, body, &secrets, timeout)
+                    .await
+            }
+            Err(failure) => Err(failure),
+        };
         drop(slots);
         ended.notify_one();
         result
     }))
+}
+
+/// The signing secrets of `claim`'s handler: from the cache, or read on an executor connection
+/// (never on the lane's: a failed query there would abort the batch's transaction).
+async fn secrets(shared: &Shared, claim: &Claim) -> Result<Arc<Vec<String>>, Failure> {
+    if let Some(secrets) = shared.http.cached_secrets(claim) {
+        return Ok(secrets);
+    }
+    let client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| Failure::from(format!("signing secrets could not be read: {e}")))?;
+    let secrets = executor::signing_secrets(shared, &client, claim).await;
+    shared.pool.put(client);
+    secrets
 }
 
 /// Ends the lane's transaction after `e` (a rollback; if even that fails the connection is

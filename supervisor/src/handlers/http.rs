@@ -160,17 +160,10 @@ impl HttpClient {
         client: &Client,
         claim: &Claim,
     ) -> Result<Arc<Vec<String>>, tokio_postgres::Error> {
-        let key = (claim.app_id, claim.script_id);
-        if let Some((read_at, secrets)) = self
-            .secrets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            if read_at.elapsed() < SECRETS_TTL {
-                return Ok(Arc::clone(secrets));
-            }
+        if let Some(secrets) = self.cached_secrets(claim) {
+            return Ok(secrets);
         }
+        let key = (claim.app_id, claim.script_id);
         let secrets = match client
             .query_opt(
                 "SELECT secrets FROM picloud.picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
@@ -188,6 +181,18 @@ impl HttpClient {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, (Instant::now(), Arc::clone(&secrets)));
         Ok(secrets)
+    }
+
+    /// The handler's signing secrets if they were read less than `SECRETS_TTL` ago.
+    pub fn cached_secrets(&self, claim: &Claim) -> Option<Arc<Vec<String>>> {
+        let key = (claim.app_id, claim.script_id);
+        let secrets = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+        match secrets.get(&key) {
+            Some((read_at, secrets)) if read_at.elapsed() < SECRETS_TTL => {
+                Some(Arc::clone(secrets))
+            }
+            _ => None,
+        }
     }
 
     /// Posts `body` (the event JSON) to `url`; the whole exchange is bounded by `timeout`.
