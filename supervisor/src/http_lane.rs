@@ -1,21 +1,21 @@
 //! The http lanes (see sql/036_http_lane.sql): first attempts of http-handler events delivered
 //! without claims. While an executor slot is free, a lane locks a batch of one app's events in
-//! a transaction and delivers them as slots come free (one slot per delivery, so `--concurrency`
-//! still bounds everything running at once; at most `--max-running-per-app` of the batch at
-//! once). Then, in the same transaction, it deletes those delivered and claims the rest that
-//! were tried - the failed ones, and those still running when the lane stops waiting (`HOLD`) -
-//! and commits; events no slot came free for stay in the queue untouched. The claimed ones go
-//! the ordinary way: a failure is reported with picloud_fail (retry or dead letter), a delivery
-//! still running goes on under a lease and is reported when it ends
-//! (`executor::finish_delivery`). So the database writes nothing for a delivered event but its
-//! delete, and no lane transaction stays open much longer than `HOLD`.
+//! a transaction and delivers them as slots come free: one slot per delivery, so
+//! `--concurrency` still bounds everything running at once, and each delivery counts toward its
+//! app's `--max-running-per-app` with the app's claimed events. Then, in the same transaction,
+//! it deletes those delivered and claims the rest that were tried - the failed ones, and those
+//! still running when the lane stops waiting (`HOLD`) - and commits; events no slot came free
+//! for stay in the queue untouched. The claimed ones go the ordinary way: a failure is reported
+//! with picloud_fail (retry or dead letter), a delivery still running goes on under a lease and
+//! is reported when it ends (`executor::finish_delivery`). So the database writes nothing for a
+//! delivered event but its delete, and no lane transaction stays open much longer than `HOLD`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
@@ -216,7 +216,8 @@ async fn run_batch(
     Ok(locked)
 }
 
-/// Delivers `claims` in order, each as an executor slot and the app's share come free, until
+/// Delivers `claims` in order, each once an executor slot is free and its app is under its
+/// cap (`Ready::try_start_outside`: the cap counts claimed and lane events together), until
 /// all have ended or `HOLD` has passed.
 async fn deliver(
     shared: &Arc<Shared>,
@@ -224,19 +225,24 @@ async fn deliver(
     phase: &watch::Receiver<Phase>,
 ) -> Vec<Delivery> {
     let hold_until = tokio::time::Instant::now() + HOLD;
-    let app_share = Arc::new(Semaphore::new(shared.config.max_running_per_app.max(1)));
     let ended = Arc::new(Notify::new());
     let mut deliveries: Vec<Delivery> = claims.iter().map(|_| Delivery::Waiting).collect();
     let mut next = 0;
     loop {
         while next < claims.len() && *phase.borrow() == Phase::Running {
-            let Ok(share) = Arc::clone(&app_share).try_acquire_owned() else {
-                break;
-            };
             let Ok(slot) = Arc::clone(&shared.slots).try_acquire_owned() else {
                 break;
             };
-            deliveries[next] = start(shared, &claims[next], (slot, share), &ended);
+            let app_id = claims[next].app_id;
+            if !shared.ready.try_start_outside(app_id) {
+                break;
+            }
+            let running = Running {
+                shared: Arc::clone(shared),
+                app_id,
+                phase: phase.clone(),
+            };
+            deliveries[next] = start(shared, &claims[next], (slot, running), &ended);
             next += 1;
         }
         let mut running = false;
@@ -257,11 +263,10 @@ async fn deliver(
         if !running && !more {
             return deliveries;
         }
-        // Waiting for an executor slot (not for the app's share, which `ended` announces).
-        let wants_slot = more && app_share.available_permits() > 0;
+        // A slot or the app's cap may come free through other events too: look again shortly.
         tokio::select! {
             _ = ended.notified() => {}
-            _ = tokio::time::sleep(SLOT_POLL), if wants_slot => {}
+            _ = tokio::time::sleep(SLOT_POLL), if more => {}
             _ = tokio::time::sleep_until(hold_until) => return deliveries,
         }
     }
@@ -376,13 +381,13 @@ async fn settle(
     Ok(())
 }
 
-/// Starts delivering `claim` in a task of its own that holds `slots` (the executor slot and the
-/// app's share) until the delivery ends, then signals `ended`. An event that cannot be
+/// Starts delivering `claim` in a task of its own that holds `slots` (the executor slot and its
+/// place among the app's running events) until the delivery ends, then signals `ended`. An event that cannot be
 /// delivered at all fails at once; the signing secrets are read in the task (`secrets`).
 fn start(
     shared: &Arc<Shared>,
     claim: &Claim,
-    slots: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    slots: (OwnedSemaphorePermit, Running),
     ended: &Arc<Notify>,
 ) -> Delivery {
     if let Some(refused) = executor::refusal(claim) {
@@ -412,6 +417,22 @@ fn start(
         ended.notify_one();
         result
     }))
+}
+
+/// A lane delivery counted among its app's running events (`Ready`) until dropped; then
+/// claimed events of the app that waited for the cap may start on the free slots (started
+/// here: the dispatcher is not woken for each lane delivery).
+struct Running {
+    shared: Arc<Shared>,
+    app_id: Uuid,
+    phase: watch::Receiver<Phase>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shared.ready.ended_outside(self.app_id);
+        executor::start_waiting(&self.shared, &self.phase);
+    }
 }
 
 /// The signing secrets of `claim`'s handler: from the cache, or read on an executor connection

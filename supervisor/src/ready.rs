@@ -119,6 +119,32 @@ impl Ready {
         inner.finished += 1;
     }
 
+    /// An event delivered outside the claims (by an http lane) starts if its app is under its
+    /// cap, and then counts as running like a claimed one, so the cap holds for both together.
+    /// False when the app is at its cap or the queue is closed.
+    pub fn try_start_outside(&self, app_id: Uuid) -> bool {
+        let mut inner = self.lock();
+        if !inner.open || inner.running.get(&app_id).copied().unwrap_or(0) >= self.cap {
+            return false;
+        }
+        *inner.running.entry(app_id).or_insert(0) += 1;
+        inner.running_total += 1;
+        true
+    }
+
+    /// An event started with `try_start_outside` ended. It is not counted as finished: what a
+    /// claim takes ahead follows the claimed events only.
+    pub fn ended_outside(&self, app_id: Uuid) {
+        let mut inner = self.lock();
+        if let Some(n) = inner.running.get_mut(&app_id) {
+            *n -= 1;
+            if *n == 0 {
+                inner.running.remove(&app_id);
+            }
+            inner.running_total -= 1;
+        }
+    }
+
     /// What a claim may take now (`Room`): the free slots less the events already waiting,
     /// plus twice as many as finished since the previous claim, up to `prefetch`. (Twice: when
     /// the events of a claim all finish before the next claim returns, the slots wait for it,
@@ -280,6 +306,25 @@ mod tests {
                 runnable: 1
             }
         );
+    }
+
+    #[test]
+    fn deliveries_outside_the_claims_count_toward_the_cap() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let ready = Ready::new(2, Duration::from_secs(60));
+        assert!(ready.try_start_outside(a));
+        assert!(ready.try_start_outside(a));
+        assert!(!ready.try_start_outside(a), "a is at its cap");
+        ready.push(vec![test_claim(a), test_claim(b)]);
+        let started = ready.next().map(|(claim, _)| claim.app_id);
+        assert_eq!(started, Some(b), "a's claimed event waits, b's starts");
+        assert!(ready.next().is_none());
+        ready.ended_outside(a);
+        assert_eq!(ready.next().map(|(claim, _)| claim.app_id), Some(a));
+        // Ending outside is not finishing: nothing more is claimed ahead for it.
+        assert_eq!(ready.room(4, 8).ahead, 0);
+        ready.close();
+        assert!(!ready.try_start_outside(b), "closed");
     }
 
     #[test]

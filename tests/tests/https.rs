@@ -521,3 +521,75 @@ fn http_lanes_whose_backends_are_killed_lose_no_event() {
     assert_eq!(dead, 0, "log: {}", sup.log());
     println!("http lane backends killed: {killed}");
 }
+
+/// One app's slow http events cannot take every executor slot through the http lanes: the cap
+/// per app (--max-running-per-app) counts lane deliveries, also those handed to a lease, so
+/// another app's event starts while the flood runs.
+#[test]
+fn an_app_flooding_slow_http_events_leaves_room_for_another_app() {
+    let server = start_server("https-lane-flood");
+    let (db, mut c) = fresh_db("https_lane_flood");
+    let app = |c: &mut postgres::Client, name: &str| -> Uuid {
+        c.query_one("SELECT picloud_create_app($1)", &[&name])
+            .unwrap()
+            .get(0)
+    };
+    let (a, b) = (app(&mut c, "flood_a"), app(&mut c, "flood_b"));
+    let url = |path: &str| format!("https://127.0.0.1:{}/{path}", server.port);
+    let slow = script(&mut c, a, "slow", &url("slow"));
+    let ok = script(&mut c, b, "ok", &url("ok"));
+    for i in 0..40 {
+        enqueue(&mut c, a, slow, &format!("{{\"n\": {i}}}"));
+    }
+    let allow = format!("127.0.0.1:{}", server.port);
+    let args = [
+        "--poll-interval-ms",
+        "500",
+        "--http-allow",
+        &allow,
+        "--http-ca-file",
+        &server.ca_file,
+        "--concurrency",
+        "4",
+        "--max-running-per-app",
+        "3",
+    ];
+    let sup = Supervisor::start(&db, &args);
+    // The flood is running: four of its deliveries could fill every slot.
+    assert!(eventually(Duration::from_secs(10), || received(&server)
+        .iter()
+        .filter(|r| r["path"] == "/slow")
+        .count()
+        >= 3));
+    let mut waits = Vec::new();
+    for i in 0..3 {
+        let started = std::time::Instant::now();
+        let event = enqueue(&mut c, b, ok, &format!("{{\"b\": {i}}}"));
+        let arrived = eventually(Duration::from_secs(10), || {
+            received(&server)
+                .iter()
+                .filter_map(|r| serde_json::from_str::<Value>(r["body"].as_str()?).ok())
+                .any(|body| body["event_id"] == event.to_string())
+        });
+        assert!(arrived, "log: {}", sup.log());
+        waits.push(started.elapsed());
+    }
+    // A slot stays free for B: its events do not wait for A's two-second deliveries.
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_millis(1500),
+        "B waited {worst:?}; log: {}",
+        sup.log()
+    );
+    let most_slow_at_once: i64 = c
+        .query_one(
+            "SELECT count(*) FROM picloud.outbox WHERE app_id = $1 AND claimed_by IS NOT NULL",
+            &[&a],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        most_slow_at_once <= 3,
+        "{most_slow_at_once} of A's events claimed"
+    );
+}
