@@ -152,7 +152,7 @@ async fn claim_loop(
             lease_ms: config.lease_ms,
             leave_sql_lane,
             // Http lanes never hold a batch for long (see http_lane.rs).
-            leave_http_lane: shared.http_lanes_connected.load(Ordering::Relaxed) > 0,
+            leave_http_lane: metrics.http_lanes_connected.load(Ordering::Relaxed) > 0,
             // What an app may have claimed by this supervisor: what it may run, and what is
             // claimed ahead. The running cap itself is kept by `Shared::ready`.
             app_cap: (config.max_running_per_app + ahead) as i32,

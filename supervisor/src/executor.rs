@@ -193,9 +193,7 @@ pub async fn give_back(shared: &Shared, client: &Client, claims: Vec<Claim>) {
 
 /// Counts an event's outcome in the metrics and logs it.
 fn record(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
-    let elapsed = started.elapsed();
-    count(&shared.metrics, claim, outcome, elapsed);
-    log_outcome(claim, outcome, elapsed);
+    count_and_log(shared, claim, outcome, started);
     if matches!(
         outcome,
         Outcome::Failed {
@@ -496,9 +494,13 @@ impl Drop for AbortOnDrop {
 /// lane events, and a lane that completes an event of an ordering key wakes claimers through
 /// the database, as picloud_complete_many does.)
 pub fn record_completed(shared: &Shared, claim: &Claim, started: Instant) {
+    count_and_log(shared, claim, &Outcome::Completed, started);
+}
+
+fn count_and_log(shared: &Shared, claim: &Claim, outcome: &Outcome, started: Instant) {
     let elapsed = started.elapsed();
-    count(&shared.metrics, claim, &Outcome::Completed, elapsed);
-    log_outcome(claim, &Outcome::Completed, elapsed);
+    count(&shared.metrics, claim, outcome, elapsed);
+    log_outcome(claim, outcome, elapsed);
 }
 
 /// Reports the failure of an event (claimed) with picloud_fail, then counts and logs it.

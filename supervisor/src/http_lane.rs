@@ -11,7 +11,6 @@
 //! delivered event but its delete, and no lane transaction stays open much longer than `HOLD`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use crate::db::{self, Claim, Handler};
 use crate::executor::{self, accept_claimed};
 use crate::handlers::{self, Failure, HandlerResult};
 use crate::idle::LaneWait;
-use crate::metrics::Kind;
+use crate::metrics::{Kind, LaneConnected};
 use crate::schema::Schema;
 use crate::state::{connect_lane, lane_lost, stopping, Phase, Shared};
 use crate::wake::WakeConnection;
@@ -40,22 +39,6 @@ const SLOT_POLL: Duration = Duration::from_millis(1);
 
 /// First idle wait while events are due but none is for a lane (see `idle::DueWait`).
 const OTHERS_DUE_WAIT: Duration = Duration::from_millis(20);
-
-/// Counts a connected http lane in `Shared::http_lanes_connected` while it lives.
-struct Connected<'a>(&'a AtomicUsize);
-
-impl<'a> Connected<'a> {
-    fn new(count: &'a AtomicUsize) -> Connected<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        Connected(count)
-    }
-}
-
-impl Drop for Connected<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Runs http lane `index` until shutdown, reconnecting with backoff.
 pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<Phase>) {
@@ -79,7 +62,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
         else {
             return;
         };
-        let connected = Connected::new(&shared.http_lanes_connected);
+        let connected = LaneConnected::new(&shared.metrics.http_lanes_connected);
         let result = lane_loop(&shared, &connection, listens, &mut phase, &mut backoff).await;
         drop(connected);
         let Err(e) = result else {
@@ -455,7 +438,10 @@ async fn secrets(shared: &Shared, claim: &Claim) -> Result<Arc<Vec<String>>, Fai
 /// gone) and returns `e` for the reconnect.
 async fn abandon(client: &Client, e: tokio_postgres::Error) -> tokio_postgres::Error {
     if !client.is_closed() {
-        let _ = client.batch_execute("ROLLBACK").await;
+        if let Err(rollback) = client.batch_execute("ROLLBACK").await {
+            // The connection is then gone too; the caller reconnects either way.
+            tracing::debug!(error = %db::error_text(&rollback), "http lane could not roll back");
+        }
     }
     e
 }

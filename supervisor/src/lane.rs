@@ -69,7 +69,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             return;
         };
         // Counted while this lane runs: dropped when it returns, fails or panics.
-        let connected = LaneConnected::new(&shared.metrics);
+        let connected = LaneConnected::new(&shared.metrics.lanes_connected);
         shared.lane_batches.connected(index);
         let result = lane_loop(
             &shared,

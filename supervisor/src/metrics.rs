@@ -155,6 +155,8 @@ pub struct Metrics {
     pub http_lane_batches: Counter,
     /// sql lane connections up now (the dispatcher leaves lane events to them while > 0).
     pub lanes_connected: AtomicU64,
+    /// The same for the http lanes.
+    pub http_lanes_connected: AtomicU64,
     /// Events running now (each holds one executor slot).
     busy: Gauge,
     db_connected: Gauge,
@@ -283,6 +285,7 @@ impl Metrics {
                 Counter::default(),
             ),
             lanes_connected: AtomicU64::new(0),
+            http_lanes_connected: AtomicU64::new(0),
             busy: registered(
                 r,
                 "picloud_executors_busy",
@@ -339,14 +342,15 @@ impl Metrics {
     }
 }
 
-/// Counts a sql lane as connected for as long as it lives: a lane that ends, by an error or
-/// a panic, stops counting even if nothing else runs after it.
+/// Counts a lane as connected (in `lanes_connected` or `http_lanes_connected`) for as long as
+/// it lives: a lane that ends, by an error or a panic, stops counting even if nothing else runs
+/// after it.
 pub struct LaneConnected<'a>(&'a AtomicU64);
 
 impl<'a> LaneConnected<'a> {
-    pub fn new(metrics: &'a Metrics) -> LaneConnected<'a> {
-        metrics.lanes_connected.fetch_add(1, Ordering::Relaxed);
-        LaneConnected(&metrics.lanes_connected)
+    pub fn new(count: &'a AtomicU64) -> LaneConnected<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        LaneConnected(count)
     }
 }
 
@@ -395,7 +399,7 @@ mod tests {
             .unwrap_or_default()
             .contains("picloud_executors_busy 0"));
         {
-            let _lane = LaneConnected::new(&metrics);
+            let _lane = LaneConnected::new(&metrics.lanes_connected);
             assert_eq!(metrics.lanes_connected.load(Ordering::Relaxed), 1);
         }
         assert_eq!(metrics.lanes_connected.load(Ordering::Relaxed), 0);

@@ -3,7 +3,7 @@
 //! (`supervise`) builds it; the services (`dispatch`, `lane`, `executor`) only use it, so
 //! dependencies run one way.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -52,8 +52,6 @@ pub struct Shared {
     pub http_lanes_wake: Notify,
     /// What each sql lane is doing, for the dispatcher.
     pub lane_batches: LaneBatches,
-    /// Http lanes connected now: while one is, claims leave them first attempts of http events.
-    pub http_lanes_connected: AtomicUsize,
     /// Events whose http or command handler succeeded, waiting to be reported together.
     pub completions: Completions,
     /// Claimed events waiting for a slot, and what runs per app.

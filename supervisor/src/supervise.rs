@@ -3,7 +3,6 @@
 //! claiming, let running handlers finish within the grace period, release what is still
 //! unfinished.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,7 +169,6 @@ pub async fn run(config: Config) -> u8 {
         lanes_wake: Notify::new(),
         http_lanes_wake: Notify::new(),
         lane_batches: LaneBatches::new(lanes),
-        http_lanes_connected: AtomicUsize::new(0),
         completions: Completions::new(),
         ready,
     });
