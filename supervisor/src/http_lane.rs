@@ -11,10 +11,13 @@
 //! delivered event but its delete, and no lane transaction stays open much longer than `HOLD`.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
@@ -208,7 +211,6 @@ async fn deliver(
     phase: &watch::Receiver<Phase>,
 ) -> Vec<Delivery> {
     let hold_until = tokio::time::Instant::now() + HOLD;
-    let ended = Arc::new(Notify::new());
     let mut deliveries: Vec<Delivery> = claims.iter().map(|_| Delivery::Waiting).collect();
     let mut next = 0;
     loop {
@@ -225,34 +227,49 @@ async fn deliver(
                 app_id,
                 phase: phase.clone(),
             };
-            deliveries[next] = start(shared, &claims[next], (slot, running), &ended);
+            deliveries[next] = start(shared, &claims[next], (slot, running));
             next += 1;
         }
-        let mut running = false;
-        for delivery in deliveries[..next].iter_mut() {
-            if let Delivery::Running(handle) = delivery {
-                if !handle.is_finished() {
-                    running = true;
-                    continue;
-                }
-                *delivery = match handle.await {
-                    Ok(Ok(_)) => Delivery::Delivered,
-                    Ok(Err(failure)) => Delivery::Failed(failure),
-                    Err(e) => Delivery::Failed(format!("http delivery ended: {e}").into()),
-                };
-            }
-        }
+        let running = deliveries[..next]
+            .iter()
+            .any(|d| matches!(d, Delivery::Running(_)));
         let more = next < claims.len() && *phase.borrow() == Phase::Running;
         if !running && !more {
             return deliveries;
         }
         // A slot or the app's cap may come free through other events too: look again shortly.
-        tokio::select! {
-            _ = ended.notified() => {}
-            _ = tokio::time::sleep(SLOT_POLL), if more => {}
+        let ended = tokio::select! {
+            ended = one_ended(&mut deliveries[..next]) => Some(ended),
+            _ = tokio::time::sleep(SLOT_POLL), if more => None,
             _ = tokio::time::sleep_until(hold_until) => return deliveries,
+        };
+        if let Some((index, result)) = ended {
+            deliveries[index] = match result {
+                Ok(_) => Delivery::Delivered,
+                Err(failure) => Delivery::Failed(failure),
+            };
         }
     }
+}
+
+/// Waits for one of the running `deliveries` to end and returns its index and result; never
+/// resolves while none runs. (Each delivery's task is polled here, so no end can be missed: a
+/// signal sent by the task before it returns could be seen before the task had finished.)
+async fn one_ended(deliveries: &mut [Delivery]) -> (usize, HandlerResult) {
+    std::future::poll_fn(|cx| {
+        for (index, delivery) in deliveries.iter_mut().enumerate() {
+            let Delivery::Running(handle) = delivery else {
+                continue;
+            };
+            if let Poll::Ready(joined) = Pin::new(handle).poll(cx) {
+                let result = joined
+                    .unwrap_or_else(|e| Err(format!("http delivery ended: {e}").into()));
+                return Poll::Ready((index, result));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Ends the batch's transaction in one round trip: the delivered events deleted, the failed
@@ -365,21 +382,16 @@ async fn settle(
 }
 
 /// Starts delivering `claim` in a task of its own that holds `slots` (the executor slot and its
-/// place among the app's running events) until the delivery ends, then signals `ended`. An event that cannot be
+/// place among the app's running events) until the delivery ends. An event that cannot be
 /// delivered at all fails at once; the signing secrets are read in the task (`secrets`).
-fn start(
-    shared: &Arc<Shared>,
-    claim: &Claim,
-    slots: (OwnedSemaphorePermit, Running),
-    ended: &Arc<Notify>,
-) -> Delivery {
+fn start(shared: &Arc<Shared>, claim: &Claim, slots: (OwnedSemaphorePermit, Running)) -> Delivery {
     if let Some(refused) = executor::refusal(claim) {
         return Delivery::Failed(refused);
     }
     let Handler::Http { url } = &claim.handler else {
         return Delivery::Failed("not an http handler".to_owned().into());
     };
-    let (shared, ended, url) = (Arc::clone(shared), Arc::clone(ended), url.clone());
+    let (shared, url) = (Arc::clone(shared), url.clone());
     let claim_for_secrets = claim.clone();
     let body = handlers::event_json(claim).to_string().into_bytes();
     let event_id = claim.event_id;
@@ -397,7 +409,6 @@ fn start(
             Err(failure) => Err(failure),
         };
         drop(slots);
-        ended.notify_one();
         result
     }))
 }
