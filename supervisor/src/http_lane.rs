@@ -262,8 +262,8 @@ async fn one_ended(deliveries: &mut [Delivery]) -> (usize, HandlerResult) {
                 continue;
             };
             if let Poll::Ready(joined) = Pin::new(handle).poll(cx) {
-                let result = joined
-                    .unwrap_or_else(|e| Err(format!("http delivery ended: {e}").into()));
+                let result =
+                    joined.unwrap_or_else(|e| Err(format!("http delivery ended: {e}").into()));
                 return Poll::Ready((index, result));
             }
         }

@@ -47,6 +47,19 @@ struct Inner {
     finished: usize,
 }
 
+impl Inner {
+    /// One running event of `app_id` ended, claimed or not.
+    fn stop_running(&mut self, app_id: Uuid) {
+        if let Some(n) = self.running.get_mut(&app_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&app_id);
+            }
+            self.running_total -= 1;
+        }
+    }
+}
+
 impl Ready {
     pub fn new(cap: usize, stale_after: Duration) -> Ready {
         Ready {
@@ -109,13 +122,7 @@ impl Ready {
     /// An event of `app_id` ended (whatever its outcome).
     pub fn ended(&self, app_id: Uuid) {
         let mut inner = self.lock();
-        if let Some(n) = inner.running.get_mut(&app_id) {
-            *n -= 1;
-            if *n == 0 {
-                inner.running.remove(&app_id);
-            }
-            inner.running_total -= 1;
-        }
+        inner.stop_running(app_id);
         inner.finished += 1;
     }
 
@@ -135,14 +142,7 @@ impl Ready {
     /// An event started with `try_start_outside` ended. It is not counted as finished: what a
     /// claim takes ahead follows the claimed events only.
     pub fn ended_outside(&self, app_id: Uuid) {
-        let mut inner = self.lock();
-        if let Some(n) = inner.running.get_mut(&app_id) {
-            *n -= 1;
-            if *n == 0 {
-                inner.running.remove(&app_id);
-            }
-            inner.running_total -= 1;
-        }
+        self.lock().stop_running(app_id);
     }
 
     /// What a claim may take now (`Room`): the free slots less the events already waiting,
