@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, Json};
 use tokio_postgres::{Client, Row, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
@@ -30,20 +31,17 @@ pub const LEASE_LOST_SQLSTATE: &str = "PC002";
 pub struct Claim {
     pub app_id: Uuid,
     pub event_id: Uuid,
-    pub source: String,
-    pub op: String,
-    pub trigger_id: Option<Uuid>,
     pub script_id: Uuid,
-    pub payload: Value,
     pub depth: i32,
     pub attempt_count: i32,
     pub handler: Handler,
     pub timeout_ms: i32,
     pub principal: Option<String>,
     pub principal_error: Option<String>,
-    /// The document the handler receives, as the database built it (picloud.claimed_event's
-    /// `event`); None from a schema before 0.4.0, which has no such column.
-    pub event: Option<Value>,
+    /// The document http and command handlers receive, as the database built it
+    /// (picloud.claimed_event's `event`), kept as its text: it is only ever passed on. From a
+    /// schema before 0.4.0, which has no such column, the same document built here.
+    pub event: Box<RawValue>,
     /// Orders an app's events waiting for a slot (`crate::ready`); 0 from a schema that does
     /// not answer it.
     pub priority: i16,
@@ -55,49 +53,63 @@ pub fn test_claim(app_id: Uuid) -> Claim {
     Claim {
         app_id,
         event_id: Uuid::from_u128(rand::random()),
-        source: "queue".to_owned(),
-        op: "x".to_owned(),
-        trigger_id: None,
         script_id: Uuid::nil(),
-        payload: Value::Null,
         depth: 0,
         attempt_count: 1,
         handler: Handler::Sql,
         timeout_ms: 1000,
         principal: None,
         principal_error: None,
-        event: None,
+        event: RawValue::from_string("{}".to_owned()).expect("valid JSON"),
         priority: 0,
     }
 }
 
 impl Claim {
     pub fn from_row(row: &Row) -> Result<Claim, String> {
+        let event: Option<Json<Box<RawValue>>> = if has_column(row, "event") {
+            column(row, "event")?
+        } else {
+            None
+        };
+        let event = match event {
+            Some(Json(event)) => event,
+            None => Claim::event_before_0_4(row)?,
+        };
         Ok(Claim {
             app_id: column(row, "app_id")?,
             event_id: column(row, "event_id")?,
-            source: column(row, "source")?,
-            op: column(row, "op")?,
-            trigger_id: column(row, "trigger_id")?,
             script_id: column(row, "script_id")?,
-            payload: column(row, "payload")?,
             depth: column(row, "depth")?,
             attempt_count: column(row, "attempt_count")?,
             handler: Handler::new(column(row, "handler_kind")?, column(row, "handler_target")?),
             timeout_ms: column(row, "timeout_ms")?,
             principal: column(row, "principal")?,
             principal_error: column(row, "principal_error")?,
-            event: if has_column(row, "event") {
-                column(row, "event")?
-            } else {
-                None
-            },
+            event,
             priority: if has_column(row, "priority") {
                 column::<Option<i16>>(row, "priority")?.unwrap_or(0)
             } else {
                 0
             },
         })
+    }
+
+    /// The event document from a schema before 0.4.0 (whose claims do not build it), the same
+    /// as sql/031_claims.sql builds it.
+    fn event_before_0_4(row: &Row) -> Result<Box<RawValue>, String> {
+        let document = json!({
+            "event_id": column::<Uuid>(row, "event_id")?,
+            "app_id": column::<Uuid>(row, "app_id")?,
+            "source": column::<String>(row, "source")?,
+            "op": column::<String>(row, "op")?,
+            "payload": column::<Value>(row, "payload")?,
+            "depth": column::<i32>(row, "depth")?,
+            "attempt": column::<i32>(row, "attempt_count")?,
+            "trigger_id": column::<Option<Uuid>>(row, "trigger_id")?,
+            "script_id": column::<Uuid>(row, "script_id")?,
+        });
+        serde_json::value::to_raw_value(&document).map_err(|e| format!("event document: {e}"))
     }
 }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::db::{self, Claim, ConnectError, Decision, Handler, ReportError};
+use crate::handlers::http::HandlerKey;
 use crate::handlers::sql::SqlOutcome;
 use crate::handlers::{self, bounded_error, Failure, HandlerResult};
 use crate::metrics::{Connection, Kind, Metrics};
@@ -295,21 +296,45 @@ pub fn refusal(claim: &Claim) -> Option<Failure> {
     }
 }
 
-/// The signing secrets of an http event's handler (none on a schema without them).
+/// The signing secrets of an http handler (none on a schema without them): from the
+/// cache, or read on `client` - or, without one, on an executor connection of the pool (an http
+/// lane never reads on its own: a failed query there would abort its batch's transaction).
 pub async fn signing_secrets(
     shared: &Shared,
-    client: &Client,
-    claim: &Claim,
+    client: Option<&Client>,
+    handler: HandlerKey,
 ) -> Result<Arc<Vec<String>>, Failure> {
     if !shared.pool.database().schema().signing_secrets() {
         return Ok(Arc::new(Vec::new()));
     }
-    shared.http.secrets(client, claim).await.map_err(|e| {
-        Failure::from(format!(
-            "signing secrets could not be read: {}",
-            db::error_text(&e)
-        ))
-    })
+    if let Some(secrets) = shared.http.cached_secrets(handler) {
+        return Ok(secrets);
+    }
+    let _turn = shared.http.secrets_turn().await;
+    if let Some(secrets) = shared.http.cached_secrets(handler) {
+        return Ok(secrets);
+    }
+    let unreadable = |e: String| Failure::from(format!("signing secrets could not be read: {e}"));
+    let read = |client| async move {
+        shared
+            .http
+            .read_secrets(client, handler)
+            .await
+            .map_err(|e| unreadable(db::error_text(&e)))
+    };
+    match client {
+        Some(client) => read(client).await,
+        None => {
+            let pooled = shared
+                .pool
+                .get()
+                .await
+                .map_err(|e| unreadable(e.to_string()))?;
+            let secrets = read(&pooled).await;
+            shared.pool.put(pooled);
+            secrets
+        }
+    }
 }
 
 /// SQL handlers hold the row locked in their own transaction, so no lease
@@ -379,11 +404,12 @@ async fn run_external(
     let config = &shared.config;
     let worker = config.worker_name.as_str();
     let timeout = Duration::from_millis(u64::from(timeout_ms));
-    let input = handlers::event_json(claim).to_string().into_bytes();
+    let input = handlers::event_body(claim);
     let handler = async {
         match &claim.handler {
             Handler::Http { url } => {
-                let secrets = signing_secrets(shared, client, claim).await?;
+                let handler = (claim.app_id, claim.script_id);
+                let secrets = signing_secrets(shared, Some(client), handler).await?;
                 shared
                     .http
                     .post(url, claim.event_id, input, &secrets, timeout)

@@ -383,7 +383,7 @@ async fn settle(
 
 /// Starts delivering `claim` in a task of its own that holds `slots` (the executor slot and its
 /// place among the app's running events) until the delivery ends. An event that cannot be
-/// delivered at all fails at once; the signing secrets are read in the task (`secrets`).
+/// delivered at all fails at once; the signing secrets are read in the task.
 fn start(shared: &Arc<Shared>, claim: &Claim, slots: (OwnedSemaphorePermit, Running)) -> Delivery {
     if let Some(refused) = executor::refusal(claim) {
         return Delivery::Failed(refused);
@@ -392,14 +392,14 @@ fn start(shared: &Arc<Shared>, claim: &Claim, slots: (OwnedSemaphorePermit, Runn
         return Delivery::Failed("not an http handler".to_owned().into());
     };
     let (shared, url) = (Arc::clone(shared), url.clone());
-    let claim_for_secrets = claim.clone();
-    let body = handlers::event_json(claim).to_string().into_bytes();
+    let handler = (claim.app_id, claim.script_id);
+    let body = handlers::event_body(claim);
     let event_id = claim.event_id;
     // Every handler has a timeout; a non-positive one would mean "none".
     let timeout = Duration::from_millis(claim.timeout_ms.max(1) as u64);
     Delivery::Running(tokio::spawn(async move {
         let _busy = shared.metrics.busy(1);
-        let result = match secrets(&shared, &claim_for_secrets).await {
+        let result = match executor::signing_secrets(&shared, None, handler).await {
             Ok(secrets) => {
                 shared
                     .http
@@ -427,22 +427,6 @@ impl Drop for Running {
         self.shared.ready.ended_outside(self.app_id);
         executor::start_waiting(&self.shared, &self.phase);
     }
-}
-
-/// The signing secrets of `claim`'s handler: from the cache, or read on an executor connection
-/// (never on the lane's: a failed query there would abort the batch's transaction).
-async fn secrets(shared: &Shared, claim: &Claim) -> Result<Arc<Vec<String>>, Failure> {
-    if let Some(secrets) = shared.http.cached_secrets(claim) {
-        return Ok(secrets);
-    }
-    let client = shared
-        .pool
-        .get()
-        .await
-        .map_err(|e| Failure::from(format!("signing secrets could not be read: {e}")))?;
-    let secrets = executor::signing_secrets(shared, &client, claim).await;
-    shared.pool.put(client);
-    secrets
 }
 
 /// Ends the lane's transaction after `e` (a rollback; if even that fails the connection is

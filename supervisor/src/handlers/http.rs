@@ -24,7 +24,6 @@ use uuid::Uuid;
 
 use super::{excerpt, result_from_output, signing, Failure, HandlerResult};
 use crate::allow::{AllowList, Host};
-use crate::db::Claim;
 
 /// How much of a non-2xx body goes into the error text.
 const ERROR_BODY_BYTES: usize = 512;
@@ -86,8 +85,11 @@ impl Resolve for CheckedResolver {
     }
 }
 
-/// Each handler's (app, script) signing secrets and when they were read.
-type SecretCache = HashMap<(Uuid, Uuid), (Instant, Arc<Vec<String>>)>;
+/// A handler, as its signing secrets are kept: (app id, script id).
+pub type HandlerKey = (Uuid, Uuid);
+
+/// Each handler's signing secrets and when they were read.
+type SecretCache = HashMap<HandlerKey, (Instant, Arc<Vec<String>>)>;
 
 /// The http clients and what every delivery needs: the allow list, the TLS roots, the reply
 /// limit, and the signing secrets read recently.
@@ -97,6 +99,9 @@ pub struct HttpClient {
     max_body: usize,
     clients: Mutex<HashMap<u16, reqwest::Client>>,
     secrets: Mutex<SecretCache>,
+    /// Held while secrets are read: deliveries that miss the cache together (a lane's first
+    /// batch) read them once, on one connection, instead of one read and connection each.
+    reading_secrets: tokio::sync::Mutex<()>,
 }
 
 impl HttpClient {
@@ -127,6 +132,7 @@ impl HttpClient {
             max_body,
             clients: Mutex::new(HashMap::new()),
             secrets: Mutex::new(HashMap::new()),
+            reading_secrets: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -153,41 +159,42 @@ impl HttpClient {
         Ok(client)
     }
 
-    /// The handler's valid signing secrets (newest first), read at most every `SECRETS_TTL`.
-    /// A database without picloud_signing_secrets signs nothing.
-    pub async fn secrets(
+    /// The turn to read signing secrets (`reading_secrets`): look in the cache again once it
+    /// is yours, another delivery may have read them meanwhile.
+    pub async fn secrets_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reading_secrets.lock().await
+    }
+
+    /// Reads the valid signing secrets (newest first) of `handler` (app, script) and caches
+    /// them for `SECRETS_TTL`.
+    pub async fn read_secrets(
         &self,
         client: &Client,
-        claim: &Claim,
+        handler: HandlerKey,
     ) -> Result<Arc<Vec<String>>, tokio_postgres::Error> {
-        if let Some(secrets) = self.cached_secrets(claim) {
-            return Ok(secrets);
-        }
-        let key = (claim.app_id, claim.script_id);
+        let (app_id, script_id) = handler;
         let secrets = match client
             .query_opt(
                 "SELECT secrets FROM picloud.picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
-                &[&claim.app_id, &claim.script_id],
+                &[&app_id, &script_id],
             )
-            .await
+            .await?
         {
-            Ok(Some(row)) => row.try_get::<_, Option<Vec<String>>>(0)?.unwrap_or_default(),
-            Ok(None) => Vec::new(),
-            Err(e) => return Err(e),
+            Some(row) => row.try_get::<_, Option<Vec<String>>>(0)?.unwrap_or_default(),
+            None => Vec::new(),
         };
         let secrets = Arc::new(secrets);
         self.secrets
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, (Instant::now(), Arc::clone(&secrets)));
+            .insert(handler, (Instant::now(), Arc::clone(&secrets)));
         Ok(secrets)
     }
 
     /// The handler's signing secrets if they were read less than `SECRETS_TTL` ago.
-    pub fn cached_secrets(&self, claim: &Claim) -> Option<Arc<Vec<String>>> {
-        let key = (claim.app_id, claim.script_id);
+    pub fn cached_secrets(&self, handler: HandlerKey) -> Option<Arc<Vec<String>>> {
         let secrets = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
-        match secrets.get(&key) {
+        match secrets.get(&handler) {
             Some((read_at, secrets)) if read_at.elapsed() < SECRETS_TTL => {
                 Some(Arc::clone(secrets))
             }

@@ -9,7 +9,7 @@ pub mod sql;
 mod test_support;
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::db::Claim;
 
@@ -39,23 +39,9 @@ impl From<String> for Failure {
     }
 }
 
-/// The event document given to http and command handlers: the one the claim brought (built in
-/// the database, sql/031_claims.sql), or, from a schema before 0.4.0, the same built here.
-pub fn event_json(claim: &Claim) -> Value {
-    if let Some(event) = &claim.event {
-        return event.clone();
-    }
-    json!({
-        "event_id": claim.event_id,
-        "app_id": claim.app_id,
-        "source": claim.source,
-        "op": claim.op,
-        "payload": claim.payload,
-        "depth": claim.depth,
-        "attempt": claim.attempt_count,
-        "trigger_id": claim.trigger_id,
-        "script_id": claim.script_id,
-    })
+/// The event document given to http and command handlers (`Claim::event`), as bytes to send.
+pub fn event_body(claim: &Claim) -> Vec<u8> {
+    claim.event.get().as_bytes().to_vec()
 }
 
 /// Turns handler output into a result: valid JSON is used as is, anything
@@ -98,6 +84,7 @@ pub fn bounded_error(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn short_errors_are_unchanged() {
