@@ -24,6 +24,12 @@ use crate::metrics::Kind;
 /// longer holds the lease on the row.
 pub const LEASE_LOST_SQLSTATE: &str = "PC002";
 
+/// The columns of picloud.claimed_event that `Claim::from_row` reads from a 0.4.0 schema. The
+/// http lanes select these rather than `*`: the database then sends each event's payload once,
+/// inside `event`, instead of twice, and converts none of the columns nobody reads.
+pub const CLAIM_COLUMNS: &str = "app_id, event_id, script_id, depth, attempt_count, \
+     handler_kind, handler_target, timeout_ms, principal, principal_error, event, priority";
+
 /// One claimed outbox row, as returned by picloud.picloud_claim.
 /// (reply_to is not read: answering a synchronous caller is done by the
 /// database when the row is completed.)
@@ -735,6 +741,28 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every column a claim selects is one of picloud.claimed_event's (sql/031_claims.sql).
+    #[test]
+    fn claim_columns_are_claimed_event_columns() {
+        let sql = include_str!("../../sql/031_claims.sql");
+        let start = sql
+            .find("CREATE TYPE picloud.claimed_event AS (")
+            .expect("claimed_event is defined");
+        let definition = &sql[start..start + sql[start..].find(");").expect("its end")];
+        let defined: Vec<&str> = definition
+            .split(['(', ','])
+            .skip(1)
+            .filter_map(|column| column.split_whitespace().next())
+            .collect();
+        for column in CLAIM_COLUMNS.split(", ") {
+            assert!(defined.contains(&column), "{column} is not in {defined:?}");
+        }
+        assert!(
+            defined.contains(&"event") && defined.len() > 12,
+            "{defined:?}"
+        );
+    }
 
     /// A report whose connection broke (the primary died) is `Connection`: the executor never
     /// repeats it, on this connection or a new one. The row either committed its outcome before

@@ -24,7 +24,7 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::db::{self, Claim, Handler};
+use crate::db::{self, Claim, Handler, CLAIM_COLUMNS};
 use crate::executor::{self, accept_claimed};
 use crate::handlers::{self, Failure, HandlerResult};
 use crate::idle::LaneWait;
@@ -144,13 +144,17 @@ impl Statements {
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
             lock: client
-                .prepare("SELECT * FROM picloud.picloud_lock_http_lane($1)")
+                .prepare(&format!(
+                    "SELECT {CLAIM_COLUMNS} FROM picloud.picloud_lock_http_lane($1)"
+                ))
                 .await?,
             complete: client
                 .prepare("SELECT picloud.picloud_complete_lane($1, $2)")
                 .await?,
             claim: client
-                .prepare("SELECT * FROM picloud.picloud_claim_events($1, $2, $3, $4)")
+                .prepare(&format!(
+                    "SELECT {CLAIM_COLUMNS} FROM picloud.picloud_claim_events($1, $2, $3, $4)"
+                ))
                 .await?,
         })
     }
