@@ -7,6 +7,8 @@
 #   PICLOUD_BENCH_PORT   cluster port (default 55450)
 # A full run takes about 14 minutes on 2 cores (estimated); BENCH_QUICK=1 a few.
 # Diagnosis knobs (see tests/src/bin/picloud-bench/main.rs): BENCH_ONLY=E1,L1, BENCH_L1_GAP_MS, BENCH_B1_WAIT_S.
+# For comparing builds in one hour: PICLOUD_BENCH_SUPERVISOR and PICLOUD_BENCH_BIN name other
+# binaries than the ones this script builds.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -57,8 +59,8 @@ psql -h 127.0.0.1 -p "$port" -U postgres -d "$db" -AtF ' = ' -c "
 echo "== running picloud-bench${BENCH_QUICK:+ (BENCH_QUICK=$BENCH_QUICK)}"
 status=0
 PICLOUD_BENCH_PORT=$port PICLOUD_BENCH_DB=$db BENCH_OUT=$out \
-  PICLOUD_BENCH_SUPERVISOR="$root/target/release/picloud-supervisor" \
-  "$root/target/release/picloud-bench" || status=$?
+  PICLOUD_BENCH_SUPERVISOR="${PICLOUD_BENCH_SUPERVISOR:-$root/target/release/picloud-supervisor}" \
+  "${PICLOUD_BENCH_BIN:-$root/target/release/picloud-bench}" || status=$?
 
 if [ -f "$out/results.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
   python3 - "$out/results.json" "$out/p1_l1.png" <<'PY' || echo "bench: chart failed" >&2
