@@ -1218,3 +1218,64 @@ fn events_claimed_ahead_are_given_back_before_their_lease_runs_out() {
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 0);
 }
+
+/// Claims leave first attempts of sql events to the sql lanes, and a lane picks an app by a due
+/// lane event among the app's newest 1,000 rows. 1,200 events scheduled for an hour later,
+/// enqueued first, must not hide the 20 due events enqueued after them: all 20 run at once (an
+/// app that looked only at its oldest 1,000 rows found nothing to take for an hour).
+#[test]
+fn events_scheduled_for_later_do_not_hide_due_ones_from_the_lanes() {
+    let (db, mut c) = fresh_db("lane_window");
+    c.batch_execute(
+        "CREATE TABLE ran (i integer NOT NULL);
+         CREATE FUNCTION note(e jsonb) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO ran VALUES ((e->'payload'->>'i')::integer) $$;",
+    )
+    .expect("handler");
+    let app: Uuid = c
+        .query_one("SELECT picloud_create_app('window')", &[])
+        .expect("app")
+        .get(0);
+    let script: Uuid = c
+        .query_one(
+            "SELECT picloud_create_script($1, 'note', 'sql', 'note')",
+            &[&app],
+        )
+        .expect("script")
+        .get(0);
+    c.execute(
+        "SELECT count(*) FROM picloud_enqueue_bulk($1, 'queue', 'x',
+             ARRAY(SELECT jsonb_build_object('i', -g) FROM generate_series(1, 1200) g), $2,
+             p_run_at => now() + interval '1 hour')",
+        &[&app, &script],
+    )
+    .expect("events for later");
+    c.execute(
+        "SELECT count(*) FROM picloud_enqueue_bulk($1, 'queue', 'x',
+             ARRAY(SELECT jsonb_build_object('i', g) FROM generate_series(1, 20) g), $2)",
+        &[&app, &script],
+    )
+    .expect("due events");
+    let _sup = Supervisor::start(&db, FAST);
+    assert!(
+        eventually(Duration::from_secs(30), || count(
+            &mut c,
+            "SELECT count(*) FROM ran"
+        ) == 20),
+        "the 20 due events ran ({} did)",
+        count(&mut c, "SELECT count(*) FROM ran")
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM ran WHERE i < 0"),
+        0,
+        "no event scheduled for later ran"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM picloud.outbox WHERE due_at > now() + interval '50 minutes'"
+        ),
+        1200,
+        "the events for later wait"
+    );
+}
