@@ -61,8 +61,10 @@ impl Cfg {
                 .unwrap_or_else(|| root.join("target/bench")),
             e1_secs: pick(quick, 3, 20),
             e2_events: pick(quick, 20_000, 100_000),
-            p1_events: pick(quick, 5_000, 200_000),
-            // BENCH_P1_HTTP_EVENTS: a longer drain, to watch it with perf or top.
+            // BENCH_P1_EVENTS and BENCH_P1_HTTP_EVENTS: longer drains, to watch with perf or top.
+            p1_events: env("BENCH_P1_EVENTS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| pick(quick, 5_000, 200_000)),
             p1_http_events: env("BENCH_P1_HTTP_EVENTS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| pick(quick, 2_000, 20_000)),
