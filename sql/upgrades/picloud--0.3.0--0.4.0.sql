@@ -616,7 +616,8 @@ DECLARE
     v_key_apps uuid[];
     v_keys text[];
     v_full uuid[] := '{}';
-    v_bound timestamptz := 'infinity';
+    -- How many of the oldest due rows step 2 looks at (NULL: no bound).
+    v_look integer;
 BEGIN
     IF p_worker IS NULL OR p_batch IS NULL OR p_lease_ms IS NULL OR p_leave_sql_lane IS NULL
        OR p_leave_http_lane IS NULL THEN
@@ -685,14 +686,12 @@ BEGIN
         WHERE r.n >= l.max_concurrency;
     END IF;
     IF p_leave_sql_lane OR p_leave_http_lane THEN
-        -- The bounded look of step 2 (see above). Only then: without it, step 2 must be free to
-        -- pass over the rows of apps at their cap to reach other apps' events (a flood of one
-        -- app's slow events would otherwise leave the others one event per claim).
-        v_bound := coalesce(
-            (SELECT w.due_at FROM picloud.outbox w
-             WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
-             ORDER BY w.due_at OFFSET p_batch * 4 + 100 LIMIT 1),
-            'infinity');
+        -- The bounded look of step 2 (see above): that many rows however many share one due
+        -- time (a bulk enqueue gives all its events the same; a bound on the due time let the
+        -- look pass over all of them). Only then: without it, step 2 must be free to pass over
+        -- the rows of apps at their cap to reach other apps' events (a flood of one app's slow
+        -- events would otherwise leave the others one event per claim).
+        v_look := p_batch * 4 + 100;
     END IF;
     -- The ordering keys this claim visits (see above), and the cursor moved past them.
     BEGIN
@@ -795,11 +794,14 @@ BEGIN
         SELECT c.app_id,
                greatest(0, count(*) - (SELECT count(*) FROM heads h WHERE h.app_id = c.app_id))::integer AS n
         FROM (SELECT o.app_id
-              FROM picloud.outbox o
-              WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.due_at <= v_bound
-                AND NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
+              FROM (SELECT w.app_id, w.script_id, w.due_at, w.attempt_count, w.first_attempt_at,
+                           w.reply_to
+                    FROM picloud.outbox w
+                    WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+                    ORDER BY w.due_at
+                    LIMIT v_look) o
+              WHERE NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
                          AND v_running_counts[array_position(v_running_apps, o.app_id)] >= p_app_cap)
-                AND o.ordering_key IS NULL
                 AND o.script_id <> ALL (v_full)
                 AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
                          AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
