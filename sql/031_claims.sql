@@ -174,6 +174,7 @@ DECLARE
     v_running_apps uuid[] := '{}';
     v_running_counts integer[] := '{}';
     v_start uuid := gen_random_uuid();
+    v_first_app uuid;
     v_after_app uuid;
     v_after_key text;
     v_key_apps uuid[];
@@ -225,10 +226,10 @@ BEGIN
         IF EXISTS (SELECT 1 FROM unnest(v_running_counts) n WHERE n >= p_app_cap)
            AND NOT EXISTS (
                WITH RECURSIVE walk (app_id) AS (
-                   SELECT (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)
+                   SELECT (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id DESC LIMIT 1)
                    UNION ALL
-                   SELECT (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > w.app_id
-                           ORDER BY o.app_id LIMIT 1)
+                   SELECT (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id < w.app_id
+                           ORDER BY o.app_id DESC LIMIT 1)
                    FROM walk w
                    WHERE w.app_id IS NOT NULL
                      AND coalesce(v_running_counts[array_position(v_running_apps, w.app_id)], 0) >= p_app_cap)
@@ -289,22 +290,24 @@ BEGIN
     FROM keys k;
     PERFORM pg_catalog.set_config('picloud.claim_after_app', coalesce(v_key_apps[cardinality(v_key_apps)]::text, ''), false);
     PERFORM pg_catalog.set_config('picloud.claim_after_key', coalesce(v_keys[cardinality(v_keys)], ''), false);
+    -- The apps' round robin below starts here (computed once: within the query it was planned
+    -- as one subquery per use).
+    v_first_app := coalesce(
+        (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id < v_start ORDER BY o.app_id DESC LIMIT 1),
+        (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id DESC LIMIT 1));
     RETURN QUERY
-    WITH RECURSIVE apps (app_id, first_app, n) AS (
+    WITH RECURSIVE apps (app_id, n) AS (
         -- Apps with rows in the outbox, from a random one on, wrapping around: one index probe
-        -- of outbox_pkey each.
-        SELECT s.app_id, s.app_id, 1
-        FROM (SELECT coalesce(
-                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > v_start ORDER BY o.app_id LIMIT 1),
-                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) s
-        WHERE s.app_id IS NOT NULL
+        -- of outbox_pkey each, downwards, so that each lands on an app's newest entries (a
+        -- drain empties an app's part of the index from its oldest end: see picloud._lock_lane).
+        SELECT v_first_app, 1 WHERE v_first_app IS NOT NULL
         UNION ALL
-        SELECT nxt.app_id, a.first_app, a.n + 1
+        SELECT nxt.app_id, a.n + 1
         FROM apps a
         CROSS JOIN LATERAL (SELECT coalesce(
-                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id > a.app_id ORDER BY o.app_id LIMIT 1),
-                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id LIMIT 1)) AS app_id) nxt
-        WHERE a.n < p_batch AND nxt.app_id <> a.first_app
+                  (SELECT o.app_id FROM picloud.outbox o WHERE o.app_id < a.app_id ORDER BY o.app_id DESC LIMIT 1),
+                  (SELECT o.app_id FROM picloud.outbox o ORDER BY o.app_id DESC LIMIT 1)) AS app_id) nxt
+        WHERE a.n < p_batch AND nxt.app_id <> v_first_app
     ), room AS (
         -- How many more events each app may have claimed (NULL: no cap).
         SELECT a.app_id,
