@@ -538,6 +538,27 @@ pub async fn next_due_in_ms(client: &Client) -> Result<Option<f64>, tokio_postgr
     row.try_get(0)
 }
 
+/// The valid signing secrets of the handler `script_id` of `app_id`, newest first (none if it
+/// has none).
+pub async fn signing_secrets(
+    client: &Client,
+    app_id: Uuid,
+    script_id: Uuid,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT secrets FROM picloud.picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
+            &[&app_id, &script_id],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(row
+            .try_get::<_, Option<Vec<String>>>(0)?
+            .unwrap_or_default()),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Why a report (complete, fail, release) did not go through.
 #[derive(Clone, Debug)]
 pub enum ReportError {

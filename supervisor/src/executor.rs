@@ -296,9 +296,9 @@ pub fn refusal(claim: &Claim) -> Option<Failure> {
     }
 }
 
-/// The signing secrets of an http handler (none on a schema without them): from the
-/// cache, or read on `client` - or, without one, on an executor connection of the pool (an http
-/// lane never reads on its own: a failed query there would abort its batch's transaction).
+/// The signing secrets of an http handler (none on a schema without them), read when not cached
+/// on `client` - or, without one, on an executor connection of the pool (an http lane never
+/// reads on its own: a failed query there would abort its batch's transaction).
 pub async fn signing_secrets(
     shared: &Shared,
     client: Option<&Client>,
@@ -307,34 +307,25 @@ pub async fn signing_secrets(
     if !shared.pool.database().schema().signing_secrets() {
         return Ok(Arc::new(Vec::new()));
     }
-    if let Some(secrets) = shared.http.cached_secrets(handler) {
-        return Ok(secrets);
-    }
-    let _turn = shared.http.secrets_turn().await;
-    if let Some(secrets) = shared.http.cached_secrets(handler) {
-        return Ok(secrets);
-    }
     let unreadable = |e: String| Failure::from(format!("signing secrets could not be read: {e}"));
-    let read = |client| async move {
-        shared
-            .http
-            .read_secrets(client, handler)
-            .await
-            .map_err(|e| unreadable(db::error_text(&e)))
+    let (app_id, script_id) = handler;
+    let read = || async move {
+        let secrets = match client {
+            Some(client) => db::signing_secrets(client, app_id, script_id).await,
+            None => {
+                let pooled = shared
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| unreadable(e.to_string()))?;
+                let secrets = db::signing_secrets(&pooled, app_id, script_id).await;
+                shared.pool.put(pooled);
+                secrets
+            }
+        };
+        secrets.map_err(|e| unreadable(db::error_text(&e)))
     };
-    match client {
-        Some(client) => read(client).await,
-        None => {
-            let pooled = shared
-                .pool
-                .get()
-                .await
-                .map_err(|e| unreadable(e.to_string()))?;
-            let secrets = read(&pooled).await;
-            shared.pool.put(pooled);
-            secrets
-        }
-    }
+    shared.http.secrets(handler, read).await
 }
 
 /// SQL handlers hold the row locked in their own transaction, so no lease

@@ -10,6 +10,7 @@
 //! never followed, and no proxy is used: either would reach an address nobody checked.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -19,7 +20,6 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use rustls::pki_types::CertificateDer;
-use tokio_postgres::Client;
 use uuid::Uuid;
 
 use super::{excerpt, result_from_output, signing, Failure, HandlerResult};
@@ -159,31 +159,27 @@ impl HttpClient {
         Ok(client)
     }
 
-    /// The turn to read signing secrets (`reading_secrets`): look in the cache again once it
-    /// is yours, another delivery may have read them meanwhile.
-    pub async fn secrets_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.reading_secrets.lock().await
-    }
-
-    /// Reads the valid signing secrets (newest first) of `handler` (app, script) and caches
-    /// them for `SECRETS_TTL`.
-    pub async fn read_secrets(
+    /// The handler's valid signing secrets (newest first): from the cache while they were read
+    /// less than `SECRETS_TTL` ago, else from `read`. Deliveries that miss the cache together
+    /// wait for one read (`reading_secrets`).
+    pub async fn secrets<F, Fut>(
         &self,
-        client: &Client,
         handler: HandlerKey,
-    ) -> Result<Arc<Vec<String>>, tokio_postgres::Error> {
-        let (app_id, script_id) = handler;
-        let secrets = match client
-            .query_opt(
-                "SELECT secrets FROM picloud.picloud_signing_secrets(ARRAY[$1::uuid], ARRAY[$2::uuid])",
-                &[&app_id, &script_id],
-            )
-            .await?
-        {
-            Some(row) => row.try_get::<_, Option<Vec<String>>>(0)?.unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let secrets = Arc::new(secrets);
+        read: F,
+    ) -> Result<Arc<Vec<String>>, Failure>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<String>, Failure>>,
+    {
+        if let Some(secrets) = self.cached_secrets(handler) {
+            return Ok(secrets);
+        }
+        let _turn = self.reading_secrets.lock().await;
+        // Another delivery may have read them while this one waited.
+        if let Some(secrets) = self.cached_secrets(handler) {
+            return Ok(secrets);
+        }
+        let secrets = Arc::new(read().await?);
         self.secrets
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -191,8 +187,7 @@ impl HttpClient {
         Ok(secrets)
     }
 
-    /// The handler's signing secrets if they were read less than `SECRETS_TTL` ago.
-    pub fn cached_secrets(&self, handler: HandlerKey) -> Option<Arc<Vec<String>>> {
+    fn cached_secrets(&self, handler: HandlerKey) -> Option<Arc<Vec<String>>> {
         let secrets = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
         match secrets.get(&handler) {
             Some((read_at, secrets)) if read_at.elapsed() < SECRETS_TTL => {
