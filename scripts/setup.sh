@@ -25,3 +25,12 @@ if [ ! -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ] || ! grep -q 'pg15' "${PGRX_
   echo "setup: configuring pgrx for the system's PostgreSQL 15"
   cargo pgrx init --pg15 /usr/bin/pg_config >/dev/null
 fi
+
+# The test and benchmark clusters listen on fixed ports (55430-55499, package-check 55991)
+# inside the kernel's range for outgoing connections' local ports (32768-60999): a client
+# socket that happened to take one made a cluster's start fail with "Address already in use".
+# Reserved here so the kernel never hands them out (best effort: a container may not allow it).
+if [ "$(cat /proc/sys/net/ipv4/ip_local_reserved_ports 2>/dev/null)" != "55430-55499,55991" ]; then
+  sysctl -q -w net.ipv4.ip_local_reserved_ports=55430-55499,55991 2>/dev/null \
+    || echo "setup: could not reserve the test ports 55430-55499 (they may collide with outgoing connections)" >&2
+fi
