@@ -2,7 +2,6 @@
 //! slots and, when handlers finish fast, some ahead of them (`crate::ready`), and starts an
 //! executor task on each free slot.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use crate::executor::{self, accept_claimed};
 use crate::idle::{idle_wait, DueWait, DUE_BUT_LOCKED_WAIT, RECHECK_DELAY};
 use crate::metrics::Connection;
 use crate::state::{pause_before_reconnect, stopping, Phase, Shared};
-use crate::wake::{self, WakeConnection};
+use crate::wake::{self, Listen, WakeConnection, WakeFor};
 
 /// How the dispatcher ended.
 pub enum Ended {
@@ -25,10 +24,6 @@ pub enum Ended {
     /// would not help.
     Misconfigured(String),
 }
-
-/// How long every sql lane must have been in its current batch before claims take sql events
-/// too. A lane batch of fast handlers takes tens of milliseconds.
-const LANES_HELD: Duration = Duration::from_millis(500);
 
 /// Runs until shutdown is requested, reconnecting with backoff whenever the
 /// connection or a claim fails; then reports the successes still queued.
@@ -74,7 +69,7 @@ async fn serve(shared: &Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ended
             return Ended::Stopped;
         }
         // None: only a standby answered, which `Database` has said once for every connection.
-        let failure = match wake::connect(shared.pool.database(), true).await {
+        let failure = match wake::connect(shared.pool.database(), dispatcher_wakes(shared)).await {
             Ok(connection) => {
                 shared.metrics.set_db_connected(true);
                 tracing::info!(channel = wake::WAKE_CHANNEL, "dispatcher connected");
@@ -115,6 +110,17 @@ async fn serve(shared: &Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Ended
     }
 }
 
+/// The dispatcher acts on wake-ups for any claimer, and on those for a kind of lane while no
+/// lane of that kind serves (its claims take those events then).
+fn dispatcher_wakes(shared: &Arc<Shared>) -> Listen {
+    let shared = Arc::clone(shared);
+    Listen::For(Box::new(move |wake| match wake {
+        WakeFor::Any => true,
+        WakeFor::SqlLane => !shared.sql_lanes_serve(),
+        WakeFor::HttpLane => !shared.http_lanes_serve(),
+    }))
+}
+
 /// Claims and dispatches until shutdown (`Ok`) or a database error (`Err`).
 async fn claim_loop(
     shared: &Arc<Shared>,
@@ -141,18 +147,12 @@ async fn claim_loop(
         else {
             return Ok(());
         };
-        // While a sql lane is connected, it runs the first attempts of sql events; unless every
-        // lane has been in one batch for long (slow handlers hold them until their timeout):
-        // then claims take those events too, fairly between apps.
-        let leave_sql_lane = metrics.lanes_connected.load(Ordering::Relaxed) > 0
-            && !shared.lane_batches.all_held_longer_than(LANES_HELD);
         let request = db::ClaimRequest {
             worker: &config.worker_name,
             batch: batch as i32,
             lease_ms: config.lease_ms,
-            leave_sql_lane,
-            // Http lanes never hold a batch for long (see http_lane.rs).
-            leave_http_lane: metrics.http_lanes_connected.load(Ordering::Relaxed) > 0,
+            leave_sql_lane: shared.sql_lanes_serve(),
+            leave_http_lane: shared.http_lanes_serve(),
             // What an app may have claimed by this supervisor: what it may run, and what is
             // claimed ahead. The running cap itself is kept by `Shared::ready`.
             app_cap: (config.max_running_per_app + ahead) as i32,

@@ -26,7 +26,7 @@ use crate::idle::LaneWait;
 use crate::metrics::{Kind, LaneConnected};
 use crate::schema::Schema;
 use crate::state::{connect_lane, lane_lost, Phase, Shared};
-use crate::wake::WakeConnection;
+use crate::wake::{Listen, WakeConnection, WakeFor};
 
 /// First idle wait while events are due but none is for a lane: the dispatcher is working
 /// through them, and each look scans past them (see `idle::DueWait`).
@@ -59,7 +59,13 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             &shared,
             NAME,
             index,
-            listens,
+            || {
+                if listens {
+                    Listen::lane(WakeFor::SqlLane)
+                } else {
+                    Listen::No
+                }
+            },
             offered,
             &mut backoff,
             &mut phase,

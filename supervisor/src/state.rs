@@ -18,7 +18,7 @@ use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
 use crate::ready::Ready;
 use crate::schema::Schema;
-use crate::wake::{self, WakeConnection};
+use crate::wake::{self, Listen, WakeConnection};
 
 /// Lifecycle phase, broadcast to the dispatcher, the lanes and every executor task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,10 @@ pub enum Phase {
     /// Grace period over: abandon handlers and release their rows.
     Aborting,
 }
+
+/// How long every sql lane must have been in its current batch before claims take sql events
+/// too. A lane batch of fast handlers takes tens of milliseconds.
+const LANES_HELD: Duration = Duration::from_millis(500);
 
 /// State shared by the dispatcher, the lanes and the executors.
 pub struct Shared {
@@ -56,6 +60,22 @@ pub struct Shared {
     pub completions: Completions,
     /// Claimed events waiting for a slot, and what runs per app.
     pub ready: Ready,
+}
+
+impl Shared {
+    /// Whether the sql lanes run the first attempts of sql events now, so that claims (and
+    /// the dispatcher's wake-ups) leave those to them: some lane is connected, and not every
+    /// lane has been in one batch for long (slow handlers hold them until their timeout; then
+    /// claims take those events too, fairly between apps).
+    pub fn sql_lanes_serve(&self) -> bool {
+        self.metrics.lanes_connected.load(Ordering::Relaxed) > 0
+            && !self.lane_batches.all_held_longer_than(LANES_HELD)
+    }
+
+    /// The same for http events: http lanes never hold a batch for long (see http_lane.rs).
+    pub fn http_lanes_serve(&self) -> bool {
+        self.metrics.http_lanes_connected.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// An event whose http or command handler succeeded, not yet reported.
@@ -245,13 +265,13 @@ pub async fn pause_before_reconnect(
 }
 
 /// Connects lane `index` (`name`: "sql lane", "http lane") on a connection of its own,
-/// listening for wake-ups with `listen`, retrying with backoff. None once shutdown has begun,
+/// listening for the wake-ups `listen` makes it, retrying with backoff. None once shutdown has begun,
 /// or at once when the database's schema has no such lanes (`offered` says).
 pub async fn connect_lane(
     shared: &Shared,
     name: &str,
     index: usize,
-    listen: bool,
+    listen: impl Fn() -> Listen,
     offered: fn(&Schema) -> bool,
     backoff: &mut Backoff,
     phase: &mut watch::Receiver<Phase>,
@@ -260,7 +280,7 @@ pub async fn connect_lane(
         if *phase.borrow() != Phase::Running {
             return None;
         }
-        let failure = match wake::connect(shared.pool.database(), listen).await {
+        let failure = match wake::connect(shared.pool.database(), listen()).await {
             Ok(_) if !offered(&shared.pool.database().schema()) => {
                 tracing::warn!(
                     lane = index,

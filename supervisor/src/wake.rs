@@ -18,6 +18,43 @@ const PROBE_CHANNEL: &str = "picloud_listen_probe";
 /// connection gets it within milliseconds.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
+/// Whom a wake-up is for, from its payload (sent by extension/src/api/wake.rs, whose
+/// `WAKE_PAYLOADS` lists the same words): an enqueue names the lane that takes its events, so
+/// that only that lane looks for work; the others' looks would compete with it for the cores.
+/// Anything else, an empty payload included (and every payload of an older extension), is for
+/// every claimer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeFor {
+    Any,
+    SqlLane,
+    HttpLane,
+}
+
+impl WakeFor {
+    pub fn from_payload(payload: &str) -> WakeFor {
+        match payload {
+            "sql" => WakeFor::SqlLane,
+            "http" => WakeFor::HttpLane,
+            _ => WakeFor::Any,
+        }
+    }
+}
+
+/// Which wake-ups a connection LISTENs for and acts on.
+pub enum Listen {
+    /// None: its `wake` is signalled only when the connection ends.
+    No,
+    /// The wake-ups `wants` accepts (the dispatcher's depends on which lanes serve now).
+    For(Box<dyn Fn(WakeFor) -> bool + Send + Sync>),
+}
+
+impl Listen {
+    /// The listening lane of a kind: wake-ups for that kind, and for any claimer.
+    pub fn lane(kind: WakeFor) -> Listen {
+        Listen::For(Box::new(move |wake| wake == WakeFor::Any || wake == kind))
+    }
+}
+
 pub struct WakeConnection {
     pub client: Client,
     /// Signalled on every picloud_wake notification, and once when the
@@ -27,22 +64,26 @@ pub struct WakeConnection {
     probe: Arc<Notify>,
 }
 
-/// Connects to a primary (see `Database::admit`) and, with `listen`, starts listening. LISTEN is
-/// issued before the first claim so no wake-up sent after that claim can be missed. Without
-/// `listen`, `wake` is signalled only when the connection ends.
-pub async fn connect(database: &Database, listen: bool) -> Result<WakeConnection, ConnectError> {
+/// Connects to a primary (see `Database::admit`) and starts listening as `listen` says. LISTEN
+/// is issued before the first claim so no wake-up sent after that claim can be missed.
+pub async fn connect(database: &Database, listen: Listen) -> Result<WakeConnection, ConnectError> {
     let (client, mut connection) = database.open().await?;
     let in_hot_standby = db::reported_standby(&connection);
     let wake = Arc::new(Notify::new());
     let probe = Arc::new(Notify::new());
     let (wake_sender, probe_sender) = (Arc::clone(&wake), Arc::clone(&probe));
+    let listens = matches!(listen, Listen::For(_));
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(notification))) => {
-                    match notification.channel() {
-                        WAKE_CHANNEL => wake_sender.notify_one(),
-                        PROBE_CHANNEL => probe_sender.notify_one(),
+                    match (notification.channel(), &listen) {
+                        (WAKE_CHANNEL, Listen::For(wants))
+                            if wants(WakeFor::from_payload(notification.payload())) =>
+                        {
+                            wake_sender.notify_one()
+                        }
+                        (PROBE_CHANNEL, _) => probe_sender.notify_one(),
                         _ => {}
                     }
                 }
@@ -63,7 +104,7 @@ pub async fn connect(database: &Database, listen: bool) -> Result<WakeConnection
         wake_sender.notify_one();
     });
     let client = database.admit(client, in_hot_standby).await?;
-    if listen {
+    if listens {
         client
             .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
             .await
@@ -136,5 +177,40 @@ pub async fn warn_if_pooled(database: &Database, connection: &WakeConnection) {
             error,
             "could not check that notifications reach the listening connection"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The extension's list of payloads, which this module must read the same way.
+    const EXTENSION_WAKE: &str = include_str!("../../extension/src/api/wake.rs");
+
+    #[test]
+    fn payloads_are_the_ones_the_extension_sends() {
+        for (target, payload, read) in [
+            ("ANY", "", WakeFor::Any),
+            ("SQL_LANE", "sql", WakeFor::SqlLane),
+            ("HTTP_LANE", "http", WakeFor::HttpLane),
+        ] {
+            let listed = format!("(WakeFor::{target}, \"{payload}\")");
+            assert!(
+                EXTENSION_WAKE.contains(&listed),
+                "extension/src/api/wake.rs WAKE_PAYLOADS lists {listed}"
+            );
+            assert_eq!(WakeFor::from_payload(payload), read);
+        }
+        assert_eq!(WakeFor::from_payload("later"), WakeFor::Any);
+    }
+
+    #[test]
+    fn a_lane_acts_on_its_own_kind_and_on_any() {
+        let Listen::For(sql) = Listen::lane(WakeFor::SqlLane) else {
+            panic!("a lane listens")
+        };
+        assert!(sql(WakeFor::Any));
+        assert!(sql(WakeFor::SqlLane));
+        assert!(!sql(WakeFor::HttpLane));
     }
 }

@@ -474,3 +474,60 @@ fn a_metrics_address_in_use_stops_the_supervisor_at_startup() {
     );
     drop(taken);
 }
+
+/// An enqueue on an idle queue names, in its wake-up, the lane that takes its event, and only
+/// that lane looks for work: while a sql lane serves, the dispatcher makes no claim for sql
+/// events (its looks competed with the lane for the cores); with no sql lane
+/// (`--sql-lanes 0`) the dispatcher acts on the same wake-ups, so the events start at once
+/// either way, long before the poll interval.
+#[test]
+fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
+    let (db, mut c) = fresh_db("wake_for_lane");
+    let (app, script) = ledger_app(&mut c);
+    const EVENTS: i64 = 10;
+    for lanes in ["1", "0"] {
+        c.batch_execute("TRUNCATE ledger").unwrap();
+        let (sup, port) =
+            start_with_metrics(&db, &["--poll-interval-ms", "60000", "--sql-lanes", lanes]);
+        let claims = || value(&scrape(port), "picloud_claim_batch_size_count");
+        // Idle: the first claims came back empty and the recheck after them is done.
+        assert!(
+            eventually(Duration::from_secs(10), || c
+                .query_one("SELECT picloud_supervisor_idle()", &[])
+                .is_ok_and(|row| row.get::<_, bool>(0))),
+            "log: {}",
+            sup.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let before = claims();
+        for i in 1..=EVENTS {
+            c.execute(
+                "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
+                &[&app, &script],
+            )
+            .unwrap();
+            assert!(
+                eventually(Duration::from_secs(5), || count(
+                    &mut c,
+                    "SELECT count(*) FROM ledger"
+                ) == i),
+                "event {i} did not start on its wake-up (--sql-lanes {lanes}); log: {}",
+                sup.log()
+            );
+            // Idle again before the next one, so that it is announced too.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let made = claims() - before;
+        if lanes == "1" {
+            assert!(
+                made < 2.0,
+                "the dispatcher claimed {made} times for {EVENTS} sql lane events"
+            );
+        } else {
+            assert!(
+                made >= EVENTS as f64,
+                "without sql lanes the dispatcher claimed only {made} times for {EVENTS} events"
+            );
+        }
+    }
+}

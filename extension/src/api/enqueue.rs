@@ -26,7 +26,8 @@
 //! almost never runs, which cost a one-event transaction about 5% of its throughput (measured).
 
 use crate::api::raw::{self, finfo_v1, text_bytes};
-use crate::api::{access, admission, wake};
+use crate::api::wake::{self, WakeFor};
+use crate::api::{access, admission};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -166,7 +167,15 @@ thread_local! {
     static PRODUCER_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static OWNER_KEYED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static PRODUCER_KEYED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static LANE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
+
+/// The kind of lane that takes a handler's first attempts, if any (see `wake_for`).
+const LANE_OF_HANDLER: &CStr = c"
+    SELECT s.kind FROM picloud.scripts s
+    WHERE s.app_id OPERATOR(pg_catalog.=) $1 AND s.script_id OPERATOR(pg_catalog.=) $2
+      AND NOT EXISTS (SELECT FROM picloud.handler_limits l
+                      WHERE l.app_id OPERATOR(pg_catalog.=) $1 AND l.script_id OPERATOR(pg_catalog.=) $2)";
 
 /// One argument as Postgres passed it.
 #[derive(Clone, Copy)]
@@ -349,20 +358,54 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
 
     // SAFETY: connect/finish pair; the plan's parameter types match the first `types.len()`
     // of `values` (SPI reads no more).
-    let inserted = unsafe {
+    let woken = unsafe {
         spi_connect();
         let plan = kept_plan(slot, sql, types);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         check_spi(rc, pg_sys::SPI_OK_INSERT as i32, "enqueue");
-        let inserted = pg_sys::SPI_processed == 1;
+        let woken = (pg_sys::SPI_processed == 1).then(|| {
+            // Due now and some supervisor idle: name the claimer the event is for.
+            if args[RUN_AT].is_null && wake::wake_would_be_sent() {
+                wake_for(args[APP].value, args[SCRIPT].value)
+            } else {
+                WakeFor::ANY
+            }
+        });
         spi_finish();
-        inserted
+        woken
     };
-    if !inserted {
-        return None;
-    }
-    wake::picloud_wake_at_commit();
+    wake::wake_at_commit(woken?);
     Some(event_id)
+}
+
+/// Which claimer an event due now for handler `script` of `app` is for: a lane of the
+/// handler's kind when that lane takes it on its first attempt (a handler without a concurrency
+/// limit, as picloud._lock_lane asks; the fast path writes only asynchronous events), else any.
+///
+/// # Safety
+/// Must be called while connected to SPI, with uuid datums.
+unsafe fn wake_for(app: pg_sys::Datum, script: pg_sys::Datum) -> WakeFor {
+    let mut values = [app, script];
+    let nulls = [b' ' as std::ffi::c_char; 2];
+    // SAFETY: connected to SPI (see above); two uuid parameters, as declared.
+    unsafe {
+        let plan = kept_plan(&LANE_PLAN, LANE_OF_HANDLER, &[pg_sys::UUIDOID; 2]);
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), true, 1);
+        check_spi(rc, pg_sys::SPI_OK_SELECT as i32, "lane lookup");
+        let table = pg_sys::SPI_tuptable;
+        if pg_sys::SPI_processed != 1 || table.is_null() {
+            return WakeFor::ANY;
+        }
+        let kind = pg_sys::SPI_getvalue(*(*table).vals, (*table).tupdesc, 1);
+        if kind.is_null() {
+            return WakeFor::ANY;
+        }
+        match CStr::from_ptr(kind).to_bytes() {
+            b"sql" => WakeFor::SQL_LANE,
+            b"http" => WakeFor::HTTP_LANE,
+            _ => WakeFor::ANY,
+        }
+    }
 }
 
 /// What an enqueue says about ordering, when the fast path may write it.

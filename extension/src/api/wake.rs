@@ -13,6 +13,14 @@
 //! An idle supervisor claims again at every poll interval, which refreshes the mark; a mark
 //! older than `IDLE_MARK_TTL_MS` belongs to a supervisor that has gone away, and is ignored, so
 //! a stopped supervisor does not leave every enqueue paying for a notification nobody hears.
+//!
+//! The payload says which claimer the events are for (`WAKE_PAYLOADS`): "sql" when a sql lane
+//! takes every one of them, "http" when an http lane does, empty for anything else. Every
+//! listening connection receives every notification, but a supervisor only sends the claimer
+//! named to look for work: on an idle machine the looks of the others (a claim, an http lane's
+//! lock) competed for the cores with the lane that runs the handler, and made the handler start
+//! about 0.8 ms later (L1, docs/benchmarks.md). A transaction that enqueues for several
+//! claimers sends one notification for each.
 
 use pgrx::prelude::*;
 use pgrx::{
@@ -21,9 +29,38 @@ use pgrx::{
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
-/// The channel supervisors LISTEN on. The payload is always empty so Postgres coalesces
-/// duplicate notifications within a transaction.
+/// The channel supervisors LISTEN on. Postgres coalesces duplicate notifications (the same
+/// payload) within a transaction, so a transaction sends at most one per payload.
 pub const WAKE_CHANNEL: &str = "picloud_wake";
+
+/// Whom a transaction's enqueues are for, as a set of bits: the wake-up payloads it sends at
+/// commit. Anything not known to be for a lane is `ANY`, which wakes every claimer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct WakeFor(u8);
+
+impl WakeFor {
+    pub const ANY: WakeFor = WakeFor(1);
+    pub const SQL_LANE: WakeFor = WakeFor(2);
+    pub const HTTP_LANE: WakeFor = WakeFor(4);
+}
+
+/// Each wake-up target and its payload; supervisor/src/wake.rs reads the same words (a unit
+/// test there checks them against this list), and treats any other payload as empty.
+pub const WAKE_PAYLOADS: [(WakeFor, &str); 3] = [
+    (WakeFor::ANY, ""),
+    (WakeFor::SQL_LANE, "sql"),
+    (WakeFor::HTTP_LANE, "http"),
+];
+
+/// The payloads to send for the targets in `pending`: the empty one alone when `ANY` is among
+/// them (it wakes every claimer), else one per lane kind.
+fn payloads(pending: u8) -> impl Iterator<Item = &'static str> {
+    let any = pending & WakeFor::ANY.0 != 0;
+    WAKE_PAYLOADS
+        .iter()
+        .filter(move |(target, _)| pending & target.0 != 0 && (!any || *target == WakeFor::ANY))
+        .map(|(_, payload)| *payload)
+}
 
 /// Databases tracked at once; a database that finds every slot taken by a fresh idle mark is
 /// untracked, and its enqueues always notify (see `IdleBoard::slot`).
@@ -100,6 +137,8 @@ thread_local! {
     /// Local transaction id for which the pre-commit check is already registered, so that a
     /// transaction enqueueing many events registers it once.
     static REGISTERED_FOR: Cell<u32> = const { Cell::new(0) };
+    /// The `WakeFor` bits of that transaction's enqueues so far.
+    static PENDING: Cell<u8> = const { Cell::new(0) };
 }
 
 pub fn init_shared_memory() {
@@ -138,9 +177,9 @@ fn supervisor_idle_here() -> bool {
     }
 }
 
-fn notify_supervisors() {
+fn notify_supervisors(payload: &str) {
     let channel = WAKE_CHANNEL.into_datum();
-    let payload = "".into_datum();
+    let payload = payload.into_datum();
     if let (Some(channel), Some(payload)) = (channel, payload) {
         // SAFETY: pg_notify takes two non-null text arguments, which we pass; it only queues the
         // notification, which Postgres delivers once this transaction has committed.
@@ -155,16 +194,30 @@ fn notify_supervisors() {
 /// value only so that PL/pgSQL can call it as a cheap expression instead of a query.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
 pub fn picloud_wake_at_commit() -> bool {
+    wake_at_commit(WakeFor::ANY);
+    true
+}
+
+/// `_wake_at_commit` for events known to be for `target`.
+pub fn wake_at_commit(target: WakeFor) {
     let lxid = current_local_xid();
     if REGISTERED_FOR.with(|registered| registered.replace(lxid)) == lxid {
-        return true;
+        PENDING.with(|pending| pending.set(pending.get() | target.0));
+        return;
     }
+    PENDING.with(|pending| pending.set(target.0));
     register_xact_callback(PgXactCallbackEvent::PreCommit, || {
+        let pending = PENDING.with(|pending| pending.replace(0));
         if supervisor_idle_here() {
-            notify_supervisors();
+            payloads(pending).for_each(notify_supervisors);
         }
     });
-    true
+}
+
+/// Is some supervisor of this database idle now? An enqueue asks before it spends a lookup
+/// on naming the claimer its event is for: when none is idle, no wake-up is sent.
+pub fn wake_would_be_sent() -> bool {
+    supervisor_idle_here()
 }
 
 /// Records the outcome of a claim in the current database: an empty claim means its
@@ -183,6 +236,27 @@ pub fn picloud_note_claim(claimed: i32) {
 #[pg_extern(volatile, parallel_safe)]
 pub fn picloud_supervisor_idle() -> bool {
     supervisor_idle_here()
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn one_payload_per_lane_kind_and_the_empty_one_alone_for_anything_else() {
+        let sent = |targets: &[WakeFor]| -> Vec<&str> {
+            payloads(targets.iter().fold(0, |bits, t| bits | t.0)).collect()
+        };
+        assert_eq!(sent(&[]), Vec::<&str>::new());
+        assert_eq!(sent(&[WakeFor::SQL_LANE]), ["sql"]);
+        assert_eq!(sent(&[WakeFor::HTTP_LANE]), ["http"]);
+        assert_eq!(
+            sent(&[WakeFor::SQL_LANE, WakeFor::HTTP_LANE]),
+            ["sql", "http"]
+        );
+        assert_eq!(sent(&[WakeFor::SQL_LANE, WakeFor::ANY]), [""]);
+        assert_eq!(sent(&[WakeFor::ANY]), [""]);
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
