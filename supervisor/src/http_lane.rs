@@ -31,7 +31,7 @@ use crate::idle::LaneWait;
 use crate::metrics::{Kind, LaneConnected};
 use crate::schema::Schema;
 use crate::state::{connect_lane, lane_lost, stopping, Phase, Shared};
-use crate::wake::{Listen, WakeConnection, WakeFor};
+use crate::wake::{WakeConnection, WakeFor};
 
 /// The longest a lane waits for its batch's deliveries before it hands those still running to
 /// the claim path and commits: the transaction (and the app's lane lock) is held no longer.
@@ -56,13 +56,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             &shared,
             NAME,
             index,
-            || {
-                if listens {
-                    Listen::lane(WakeFor::HttpLane)
-                } else {
-                    Listen::No
-                }
-            },
+            listens.then_some(WakeFor::HttpLane),
             offered,
             &mut backoff,
             &mut phase,

@@ -26,7 +26,7 @@ use crate::idle::LaneWait;
 use crate::metrics::{Kind, LaneConnected};
 use crate::schema::Schema;
 use crate::state::{connect_lane, lane_lost, Phase, Shared};
-use crate::wake::{Listen, WakeConnection, WakeFor};
+use crate::wake::{WakeConnection, WakeFor};
 
 /// First idle wait while events are due but none is for a lane: the dispatcher is working
 /// through them, and each look scans past them (see `idle::DueWait`).
@@ -59,13 +59,7 @@ pub async fn run(shared: Arc<Shared>, index: usize, mut phase: watch::Receiver<P
             &shared,
             NAME,
             index,
-            || {
-                if listens {
-                    Listen::lane(WakeFor::SqlLane)
-                } else {
-                    Listen::No
-                }
-            },
+            listens.then_some(WakeFor::SqlLane),
             offered,
             &mut backoff,
             &mut phase,

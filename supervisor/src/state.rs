@@ -18,7 +18,7 @@ use crate::metrics::{Connection, Metrics};
 use crate::pool::Pool;
 use crate::ready::Ready;
 use crate::schema::Schema;
-use crate::wake::{self, Listen, WakeConnection};
+use crate::wake::{self, Listen, WakeConnection, WakeFor};
 
 /// Lifecycle phase, broadcast to the dispatcher, the lanes and every executor task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,13 +265,14 @@ pub async fn pause_before_reconnect(
 }
 
 /// Connects lane `index` (`name`: "sql lane", "http lane") on a connection of its own,
-/// listening for the wake-ups `listen` makes it, retrying with backoff. None once shutdown has begun,
-/// or at once when the database's schema has no such lanes (`offered` says).
+/// listening for the wake-ups of lanes of `listen`'s kind if given, retrying with backoff. None
+/// once shutdown has begun, or at once when the database's schema has no such lanes (`offered`
+/// says).
 pub async fn connect_lane(
     shared: &Shared,
     name: &str,
     index: usize,
-    listen: impl Fn() -> Listen,
+    listen: Option<WakeFor>,
     offered: fn(&Schema) -> bool,
     backoff: &mut Backoff,
     phase: &mut watch::Receiver<Phase>,
@@ -280,7 +281,12 @@ pub async fn connect_lane(
         if *phase.borrow() != Phase::Running {
             return None;
         }
-        let failure = match wake::connect(shared.pool.database(), listen()).await {
+        let failure = match wake::connect(
+            shared.pool.database(),
+            listen.map_or(Listen::No, Listen::lane),
+        )
+        .await
+        {
             Ok(_) if !offered(&shared.pool.database().schema()) => {
                 tracing::warn!(
                     lane = index,

@@ -477,16 +477,25 @@ fn a_metrics_address_in_use_stops_the_supervisor_at_startup() {
 
 /// An enqueue on an idle queue names, in its wake-up, the lane that takes its event, and only
 /// that lane looks for work: while a sql lane serves, the dispatcher makes no claim for sql
-/// events (its looks competed with the lane for the cores); with no sql lane
-/// (`--sql-lanes 0`) the dispatcher acts on the same wake-ups, so the events start at once
-/// either way, long before the poll interval.
+/// events (its looks competed with the lane for the cores). The dispatcher acts on the same
+/// wake-ups when no sql lane runs (`--sql-lanes 0`), and is woken for the events of a handler
+/// with a concurrency limit, which only claims run: the events start at once in every case,
+/// long before the poll interval.
 #[test]
 fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
     let (db, mut c) = fresh_db("wake_for_lane");
     let (app, script) = ledger_app(&mut c);
     const EVENTS: i64 = 10;
-    for lanes in ["1", "0"] {
+    // (sql lanes, the handler's concurrency limit (None: none), whether the dispatcher claims)
+    for (lanes, limit, dispatcher_claims) in
+        [("1", None, false), ("0", None, true), ("1", Some(5), true)]
+    {
         c.batch_execute("TRUNCATE ledger").unwrap();
+        c.execute(
+            "SELECT picloud_set_handler_max_concurrency($1, $2, $3)",
+            &[&app, &script, &limit],
+        )
+        .unwrap();
         let (sup, port) =
             start_with_metrics(&db, &["--poll-interval-ms", "60000", "--sql-lanes", lanes]);
         let claims = || value(&scrape(port), "picloud_claim_batch_size_count");
@@ -511,22 +520,22 @@ fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
                     &mut c,
                     "SELECT count(*) FROM ledger"
                 ) == i),
-                "event {i} did not start on its wake-up (--sql-lanes {lanes}); log: {}",
+                "event {i} did not start on its wake-up (--sql-lanes {lanes}, limit {limit:?}); log: {}",
                 sup.log()
             );
             // Idle again before the next one, so that it is announced too.
             std::thread::sleep(Duration::from_millis(100));
         }
         let made = claims() - before;
-        if lanes == "1" {
+        if dispatcher_claims {
             assert!(
-                made < 2.0,
-                "the dispatcher claimed {made} times for {EVENTS} sql lane events"
+                made >= EVENTS as f64,
+                "the dispatcher claimed only {made} times for {EVENTS} events (--sql-lanes {lanes}, limit {limit:?})"
             );
         } else {
             assert!(
-                made >= EVENTS as f64,
-                "without sql lanes the dispatcher claimed only {made} times for {EVENTS} events"
+                made < 2.0,
+                "the dispatcher claimed {made} times for {EVENTS} sql lane events"
             );
         }
     }

@@ -365,7 +365,7 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         check_spi(rc, pg_sys::SPI_OK_INSERT as i32, "enqueue");
         let woken = (pg_sys::SPI_processed == 1).then(|| {
             // Due now and some supervisor idle: name the claimer the event is for.
-            if args[RUN_AT].is_null && wake::wake_would_be_sent() {
+            if args[RUN_AT].is_null && wake::supervisor_idle_here() {
                 wake_for(args[APP].value, args[SCRIPT].value)
             } else {
                 WakeFor::ANY

@@ -161,8 +161,9 @@ fn now_ms() -> i64 {
     micros / 1000
 }
 
-/// Is some supervisor of the current database idle, by a mark fresh enough to trust?
-fn supervisor_idle_here() -> bool {
+/// Is some supervisor of the current database idle, by a mark fresh enough to trust? (An
+/// enqueue also asks before it spends a lookup on naming the lane its event is for.)
+pub fn supervisor_idle_here() -> bool {
     let board = IDLE_BOARD.get();
     match board.slot(current_database(), false) {
         Some(slot) => {
@@ -212,12 +213,6 @@ pub fn wake_at_commit(target: WakeFor) {
             payloads(pending).for_each(notify_supervisors);
         }
     });
-}
-
-/// Is some supervisor of this database idle now? An enqueue asks before it spends a lookup
-/// on naming the claimer its event is for: when none is idle, no wake-up is sent.
-pub fn wake_would_be_sent() -> bool {
-    supervisor_idle_here()
 }
 
 /// Records the outcome of a claim in the current database: an empty claim means its
