@@ -91,8 +91,9 @@ pub struct Cli {
     pub sql_lanes: u8,
 
     /// Connections that deliver first attempts of http-handler events without claims, each a
-    /// batch at a time in one transaction; 0 delivers every event through claims.
-    #[arg(long, env = "PICLOUD_HTTP_LANES", value_name = "N", default_value_t = 2,
+    /// batch at a time in one transaction; 0 delivers every event through claims. (Four, so
+    /// that while some lanes lock or settle a batch in the database others deliver.)
+    #[arg(long, env = "PICLOUD_HTTP_LANES", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u8).range(0..=64))]
     pub http_lanes: u8,
 
@@ -470,7 +471,7 @@ mod tests {
             c.http_lanes,
             c.prefetch,
         ];
-        assert_eq!(numbers, [16, 16, 2, 500, 2, 128]);
+        assert_eq!(numbers, [16, 16, 2, 500, 4, 128]);
         assert!(c.deprecated.is_empty());
         assert_eq!(c.max_running_per_app, 14);
         assert_eq!(c.poll_interval, Duration::from_millis(5000));
