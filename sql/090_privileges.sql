@@ -163,6 +163,7 @@ BEGIN
         'picloud.picloud_release(uuid, uuid, text)',
         'picloud.picloud_lock_sql_lane(integer)',
         'picloud.picloud_lock_sql_lane_for_run(integer)',
+        'picloud.picloud_lock_sql_lane_event_for_run(uuid, uuid)',
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
         'picloud.picloud_leave_sql_lane(uuid[], uuid[])',

@@ -1030,6 +1030,48 @@ BEGIN
     RETURN QUERY SELECT cardinality(v_done), v_left_apps, v_left;
 END
 $$;
+-- A lone event's batch: what picloud_lock_sql_lane_for_run readies, for exactly the given event
+-- when a sql lane would take it (its first attempt, due and unclaimed, asynchronous, without
+-- an ordering key, its handler of kind sql without a concurrency limit), and nothing
+-- otherwise. An enqueue that finds a supervisor idle names its event in the wake-up when it is
+-- its transaction's only sql-lane event (extension/src/api/wake.rs); the woken lane locks it by
+-- its key instead of walking the queue's apps for a batch - on an idle queue there is nothing
+-- to share fairly, and the walk was the larger part of the time between the wake-up and the
+-- handler's start (docs/benchmarks.md, L1). Like any lane batch it records whether it found
+-- anything (the idle mark, picloud._note_claim).
+CREATE FUNCTION picloud.picloud_lock_sql_lane_event_for_run(p_app_id uuid, p_event_id uuid)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_row_tid tid;
+    v_timeout integer;
+BEGIN
+    IF p_app_id IS NULL OR p_event_id IS NULL THEN
+        PERFORM picloud._null_argument('{app_id,event_id}', ARRAY[p_app_id IS NULL, p_event_id IS NULL]);
+    END IF;
+    SELECT o.ctid, s.timeout_ms INTO v_row_tid, v_timeout
+    FROM picloud.outbox o
+    JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
+    WHERE o.app_id = p_app_id AND o.event_id = p_event_id
+      AND o.claimed_by IS NULL AND o.due_at <= now()
+      AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
+      AND o.ordering_key IS NULL
+      AND s.kind = 'sql'
+      AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
+                      WHERE l.app_id = o.app_id AND l.script_id = o.script_id)
+    FOR UPDATE OF o SKIP LOCKED;
+    PERFORM picloud._note_claim(CASE WHEN v_row_tid IS NULL THEN 0 ELSE 1 END);
+    IF v_row_tid IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('picloud.sql_lane_row_tids', ARRAY[v_row_tid]::text, true);
+    PERFORM set_config('picloud.sql_lane_event_ids', ARRAY[p_event_id]::text, true);
+    PERFORM set_config('statement_timeout', greatest(coalesce(v_timeout, 30000), 1)::text, true);
+    RETURN QUERY SELECT p_app_id, p_event_id, v_row_tid, v_timeout;
+END
+$$;
 -- Takes the given events out of the lanes (those still unclaimed first attempts) and returns
 -- how many: what a supervisor does with the events of a lane batch that failed as a whole (its
 -- statement timeout, a lost connection) or that failed by themselves. They are marked as tried
@@ -2652,6 +2694,7 @@ BEGIN
         'picloud.picloud_release(uuid, uuid, text)',
         'picloud.picloud_lock_sql_lane(integer)',
         'picloud.picloud_lock_sql_lane_for_run(integer)',
+        'picloud.picloud_lock_sql_lane_event_for_run(uuid, uuid)',
         'picloud.picloud_run_sql_lane_locked()',
         'picloud.picloud_run_sql_lane(uuid[], tid[])',
         'picloud.picloud_leave_sql_lane(uuid[], uuid[])',

@@ -119,7 +119,11 @@ async fn lane_loop(
             return Ok(());
         }
         shared.lane_batches.batch_started(index);
-        let ran = run_batch(shared, client, &statements, batch).await;
+        // A wake-up that named its one event: lock that event by its key (see wake.rs).
+        let lone = connection
+            .take_lone()
+            .filter(|_| statements.lock_event.is_some());
+        let ran = run_batch(shared, client, &statements, batch, lone).await;
         shared.lane_batches.batch_ended(index);
         let locked = match ran {
             Ok(Ran { locked, left }) => {
@@ -174,6 +178,8 @@ async fn lane_loop(
 /// soon as it is asked for, which is what lets the lane send a whole batch at once.
 struct Statements {
     lock: Statement,
+    /// picloud_lock_sql_lane_event_for_run; None on a schema without it.
+    lock_event: Option<Statement>,
     run: Statement,
     /// picloud_leave_sql_lane; None on a schema from before 0.4.0.
     leave: Option<Statement>,
@@ -185,6 +191,15 @@ impl Statements {
             lock: client
                 .prepare("SELECT app_id, event_id FROM picloud.picloud_lock_sql_lane_for_run($1)")
                 .await?,
+            // Prepared where it exists: 0.4.0 schemas made before it was added lack it, and
+            // only their extension's wake-ups would name an event.
+            lock_event: client
+                .prepare(
+                    "SELECT app_id, event_id \
+                     FROM picloud.picloud_lock_sql_lane_event_for_run($1, $2)",
+                )
+                .await
+                .ok(),
             run: client
                 .prepare(
                     "SELECT ran, left_app_ids, left_event_ids \
@@ -204,13 +219,15 @@ impl Statements {
     }
 }
 
-/// Locks, runs and commits one batch; returns how many events ran. On failure returns the
-/// events it had locked (rolled back, so unlocked again) with what went wrong.
+/// Locks, runs and commits one batch - of the `lone` event (app id, event id) alone when
+/// given; returns how many events ran. On failure returns the events it had locked (rolled
+/// back, so unlocked again) with what went wrong.
 async fn run_batch(
     shared: &Arc<Shared>,
     client: &Client,
     statements: &Statements,
     batch: usize,
+    lone: Option<(Uuid, Uuid)>,
 ) -> Result<Ran, (Locked, BatchError)> {
     let nothing = || Locked {
         app_ids: Vec::new(),
@@ -226,11 +243,16 @@ async fn run_batch(
     // each under its own timeout. If anything fails, the statements after it find the
     // transaction aborted and the COMMIT ends it as a rollback.
     let batch_size = batch as i32;
-    let lock_params: [&(dyn ToSql + Sync); 1] = [&batch_size];
+    let (lone_app, lone_event) = lone.unzip();
+    let (lock, lock_params): (_, Vec<&(dyn ToSql + Sync)>) =
+        match (&statements.lock_event, &lone_app, &lone_event) {
+            (Some(lock_event), Some(app), Some(event)) => (lock_event, vec![app, event]),
+            _ => (&statements.lock, vec![&batch_size]),
+        };
     let no_params: [&(dyn ToSql + Sync); 0] = [];
     let (begun, lock, run, committed) = tokio::join!(
         client.batch_execute("BEGIN"),
-        client.query(&statements.lock, &lock_params),
+        client.query(lock, &lock_params),
         client.query_one(&statements.run, &no_params),
         client.batch_execute("COMMIT")
     );

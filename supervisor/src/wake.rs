@@ -2,12 +2,13 @@
 //! Notifications only arrive through the connection task, so that task forwards them to a
 //! `Notify` the claimer waits on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client};
+use uuid::Uuid;
 
 use crate::db::{self, ConnectError, Database};
 
@@ -35,7 +36,36 @@ impl WakeFor {
         match payload {
             "sql" => WakeFor::SqlLane,
             "http" => WakeFor::HttpLane,
+            named if lone_event(named).is_some() => WakeFor::SqlLane,
             _ => WakeFor::Any,
+        }
+    }
+}
+
+/// The event a sql lane's wake-up names, "sql <app id> <event id>": its transaction's only
+/// sql-lane event, which the lane may lock by its key (extension/src/api/wake.rs).
+pub fn lone_event(payload: &str) -> Option<(Uuid, Uuid)> {
+    let mut ids = payload.strip_prefix("sql ")?.split(' ');
+    let app = ids.next()?.parse().ok()?;
+    let event = ids.next()?.parse().ok()?;
+    ids.next().is_none().then_some((app, event))
+}
+
+/// The wake-ups a listening lane has received since it last looked: none, exactly one that
+/// names its event, or others (anything a batch must look for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lone {
+    None,
+    One(Uuid, Uuid),
+    Many,
+}
+
+impl Lone {
+    /// After one more wake-up, naming `event` or not.
+    fn and(self, event: Option<(Uuid, Uuid)>) -> Lone {
+        match (self, event) {
+            (Lone::None, Some((app, event))) => Lone::One(app, event),
+            _ => Lone::Many,
         }
     }
 }
@@ -62,6 +92,20 @@ pub struct WakeConnection {
     pub wake: Arc<Notify>,
     /// Signalled when the start-up probe's notification arrives.
     probe: Arc<Notify>,
+    /// The wake-ups acted on since `take_lone` last looked (set before `wake` is signalled).
+    lone: Arc<Mutex<Lone>>,
+}
+
+impl WakeConnection {
+    /// The event the wake-ups since the last call named, if they named exactly one and nothing
+    /// else woke this connection.
+    pub fn take_lone(&self) -> Option<(Uuid, Uuid)> {
+        let mut lone = self.lone.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *lone, Lone::None) {
+            Lone::One(app, event) => Some((app, event)),
+            Lone::None | Lone::Many => None,
+        }
+    }
 }
 
 /// Connects to a primary (see `Database::admit`) and starts listening as `listen` says. LISTEN
@@ -71,7 +115,9 @@ pub async fn connect(database: &Database, listen: Listen) -> Result<WakeConnecti
     let in_hot_standby = db::reported_standby(&connection);
     let wake = Arc::new(Notify::new());
     let probe = Arc::new(Notify::new());
+    let lone = Arc::new(Mutex::new(Lone::None));
     let (wake_sender, probe_sender) = (Arc::clone(&wake), Arc::clone(&probe));
+    let lone_sender = Arc::clone(&lone);
     let listens = matches!(listen, Listen::For(_));
     tokio::spawn(async move {
         loop {
@@ -81,6 +127,11 @@ pub async fn connect(database: &Database, listen: Listen) -> Result<WakeConnecti
                         (WAKE_CHANNEL, Listen::For(wants))
                             if wants(WakeFor::from_payload(notification.payload())) =>
                         {
+                            let named = lone_event(notification.payload());
+                            let mut lone =
+                                lone_sender.lock().unwrap_or_else(PoisonError::into_inner);
+                            *lone = lone.and(named);
+                            drop(lone);
                             wake_sender.notify_one()
                         }
                         (PROBE_CHANNEL, _) => probe_sender.notify_one(),
@@ -114,6 +165,7 @@ pub async fn connect(database: &Database, listen: Listen) -> Result<WakeConnecti
         client,
         wake,
         probe,
+        lone,
     })
 }
 
@@ -202,6 +254,34 @@ mod tests {
             assert_eq!(WakeFor::from_payload(payload), read);
         }
         assert_eq!(WakeFor::from_payload("later"), WakeFor::Any);
+    }
+
+    #[test]
+    fn a_named_event_is_read_as_the_extension_writes_it() {
+        let (app, event) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        // The extension's unit test pins the same form.
+        let payload = format!("sql {app} {event}");
+        assert!(EXTENSION_WAKE.contains("format!(\"{payload} {app} {event}\")"));
+        assert_eq!(lone_event(&payload), Some((app, event)));
+        assert_eq!(WakeFor::from_payload(&payload), WakeFor::SqlLane);
+        for other in [
+            "sql",
+            "sql x y",
+            &format!("sql {app}"),
+            &format!("sql {app} {event} 3"),
+            &format!("http {app} {event}"),
+        ] {
+            assert_eq!(lone_event(other), None, "{other}");
+        }
+        assert_eq!(
+            WakeFor::from_payload(&format!("http {app} {event}")),
+            WakeFor::Any
+        );
+        // Only a lone named wake-up since the last look names an event.
+        assert_eq!(Lone::None.and(Some((app, event))), Lone::One(app, event));
+        assert_eq!(Lone::One(app, event).and(Some((app, event))), Lone::Many);
+        assert_eq!(Lone::None.and(None), Lone::Many);
+        assert_eq!(Lone::Many.and(Some((app, event))), Lone::Many);
     }
 
     #[test]

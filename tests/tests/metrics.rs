@@ -480,12 +480,23 @@ fn a_metrics_address_in_use_stops_the_supervisor_at_startup() {
 /// events (its looks competed with the lane for the cores). The dispatcher acts on the same
 /// wake-ups when no sql lane runs (`--sql-lanes 0`), and is woken for the events of a handler
 /// with a concurrency limit, which only claims run: the events start at once in every case,
-/// long before the poll interval.
+/// long before the poll interval. Each event that is alone in its transaction and for a sql
+/// lane is named in its wake-up, and the lane locks it by its key
+/// (picloud_lock_sql_lane_event_for_run, counted by track_functions).
 #[test]
 fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
     let (db, mut c) = fresh_db("wake_for_lane");
+    c.batch_execute(&format!("ALTER DATABASE {db} SET track_functions = 'all'"))
+        .unwrap();
     let (app, script) = ledger_app(&mut c);
     const EVENTS: i64 = 10;
+    let lone_locks = |c: &mut postgres::Client| {
+        count(
+            c,
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+             WHERE funcname = 'picloud_lock_sql_lane_event_for_run'",
+        )
+    };
     // (sql lanes, the handler's concurrency limit (None: none), whether the dispatcher claims)
     for (lanes, limit, dispatcher_claims) in
         [("1", None, false), ("0", None, true), ("1", Some(5), true)]
@@ -509,6 +520,7 @@ fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
         );
         std::thread::sleep(Duration::from_millis(300));
         let before = claims();
+        let lone_before = lone_locks(&mut c);
         for i in 1..=EVENTS {
             c.execute(
                 "SELECT picloud_enqueue($1, 'queue', 'x', '{}', $2)",
@@ -536,6 +548,17 @@ fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
             assert!(
                 made < 2.0,
                 "the dispatcher claimed {made} times for {EVENTS} sql lane events"
+            );
+        }
+        let log = sup.log();
+        // Its connections' function counts reach the statistics when they end.
+        drop(sup);
+        if lanes == "1" && limit.is_none() {
+            assert!(
+                eventually(Duration::from_secs(10), || lone_locks(&mut c)
+                    >= lone_before + EVENTS),
+                "the lane locked {} named events of {EVENTS}; log: {log}",
+                lone_locks(&mut c) - lone_before
             );
         }
     }

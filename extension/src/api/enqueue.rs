@@ -317,7 +317,8 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
     }
 
     // Made before connecting to SPI so that it lives in the caller's memory context.
-    let event_id = admission::picloud_new_event_id().into_datum()?;
+    let new_event_id = admission::picloud_new_event_id();
+    let event_id = new_event_id.into_datum()?;
     let owner = access::picloud_is_owner();
     let (slot, sql, types): (_, _, &[pg_sys::Oid]) = match (ordering, owner) {
         (Ordering::None, true) => (&OWNER_PLAN, OWNER_INSERT, &INSERT_TYPES[..PLAIN_PARAMS]),
@@ -374,7 +375,16 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         spi_finish();
         woken
     };
-    wake::wake_at_commit(woken?);
+    // An unordered event for a sql lane is named in the wake-up (see api/wake.rs).
+    let lone = match ordering {
+        Ordering::None => {
+            // SAFETY: APP is a non-null uuid datum (checked above).
+            let app = unsafe { pgrx::Uuid::from_datum(args[APP].value, false) };
+            app.map(|app| (app, new_event_id))
+        }
+        Ordering::Keyed { .. } => None,
+    };
+    wake::wake_at_commit_for(woken?, lone);
     Some(event_id)
 }
 

@@ -617,6 +617,80 @@ mod tests {
         Spi::run("SET LOCAL statement_timeout = 0").expect("reset timeout");
     }
 
+    /// A lone event's batch: locked by its key only when a sql lane would take it, and run by
+    /// the same run as any batch.
+    #[pg_test]
+    fn sql_lane_lone_event() {
+        fixture();
+        expect(&[
+            (
+                "SELECT * FROM picloud.picloud_lock_sql_lane_event_for_run(NULL, {app})",
+                "22004",
+            ),
+            (
+                "SELECT * FROM picloud.picloud_lock_sql_lane_event_for_run({app}, NULL)",
+                "22004",
+            ),
+        ]);
+        Spi::run(
+            "CREATE TABLE lane_seen (event_id uuid);
+             CREATE FUNCTION public.lane_handler(e jsonb) RETURNS void LANGUAGE sql AS $$
+                 INSERT INTO lane_seen VALUES ((e->>'event_id')::uuid) $$;
+             UPDATE fx SET script = picloud.picloud_create_script(app, 'lane', 'sql', 'public.lane_handler', 7000);
+             CREATE TEMP TABLE lone (name text, ev uuid);
+             INSERT INTO lone SELECT 'due', picloud.picloud_enqueue(app, 'queue', 'x', '{}', script) FROM fx;
+             INSERT INTO lone SELECT 'later', picloud.picloud_enqueue(app, 'queue', 'x', '{}', script,
+                 p_run_at => now() + interval '1 hour') FROM fx;
+             INSERT INTO lone SELECT 'ordered', picloud.picloud_enqueue(app, 'queue', 'x', '{}', script,
+                 p_ordering_key => 'k') FROM fx;
+             INSERT INTO lone SELECT 'http', picloud.picloud_enqueue(app, 'queue', 'x', '{}',
+                 picloud.picloud_create_script(app, 'hook', 'http', 'https://example.com/')) FROM fx;
+             INSERT INTO lone SELECT 'limited', picloud.picloud_enqueue(app, 'queue', 'x', '{}',
+                 picloud.picloud_create_script(app, 'limited', 'sql', 'public.lane_handler')) FROM fx;
+             SELECT picloud.picloud_set_handler_max_concurrency(app, s.script_id, 1)
+               FROM fx JOIN picloud.scripts s ON s.app_id = fx.app WHERE s.name = 'limited';
+             INSERT INTO lone SELECT 'unknown', gen_random_uuid();
+             SET LOCAL statement_timeout = 0;",
+        )
+        .expect("lone fixture");
+        let locks = |name: &str| {
+            Spi::get_one::<i64>(&format!(
+                "SELECT count(*) FROM fx, lone, picloud.picloud_lock_sql_lane_event_for_run(fx.app, lone.ev) l
+                 WHERE lone.name = '{name}'"
+            ))
+        };
+        for name in ["later", "ordered", "http", "limited", "unknown"] {
+            assert_eq!(locks(name), Ok(Some(0)), "{name} is not for a sql lane");
+        }
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()"),
+            Ok(Some(0)),
+            "nothing was readied"
+        );
+        Spi::run(
+            "CREATE TEMP TABLE lane_locked AS
+             SELECT l.* FROM fx, lone, picloud.picloud_lock_sql_lane_event_for_run(fx.app, lone.ev) l
+             WHERE lone.name = 'due'",
+        )
+        .expect("lock the due event");
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM lane_locked l JOIN lone ON lone.ev = l.event_id
+                 WHERE lone.name = 'due'"
+            ),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT current_setting('statement_timeout')"),
+            Ok(Some("7s".to_string())),
+            "its handler's timeout"
+        );
+        let ran = Spi::get_one::<i32>("SELECT ran FROM picloud.picloud_run_sql_lane_locked()");
+        assert_eq!(ran, Ok(Some(1)));
+        assert_locked_batch_ran(1);
+        Spi::run("SET LOCAL statement_timeout = 0").expect("reset timeout");
+    }
+
     #[pg_test]
     fn operator_views_and_tools() {
         fixture();

@@ -21,6 +21,13 @@
 //! lock) competed for the cores with the lane that runs the handler, and made the handler start
 //! about 0.8 ms later (L1, docs/benchmarks.md). A transaction that enqueues for several
 //! claimers sends one notification for each.
+//!
+//! A transaction whose only sql-lane event is unordered names it: "sql <app id> <event id>".
+//! The woken lane locks that event by its key (picloud_lock_sql_lane_event_for_run) instead of
+//! walking the queue's apps for a batch, which was the larger part of the time between the
+//! wake-up and the handler's start. Older supervisors read any payload they do not know as the
+//! empty one. Only idle supervisors are notified at all, so naming events costs a busy queue
+//! nothing, and a transaction names at most one.
 
 use pgrx::prelude::*;
 use pgrx::{
@@ -53,13 +60,36 @@ pub const WAKE_PAYLOADS: [(WakeFor, &str); 3] = [
 ];
 
 /// The payloads to send for the targets in `pending`: the empty one alone when `ANY` is among
-/// them (it wakes every claimer), else one per lane kind.
-fn payloads(pending: u8) -> impl Iterator<Item = &'static str> {
+/// them (it wakes every claimer), else one per lane kind; the sql lane's names `lone` when
+/// that is the transaction's one sql-lane event.
+fn payloads(pending: u8, lone: Lone) -> impl Iterator<Item = String> {
     let any = pending & WakeFor::ANY.0 != 0;
     WAKE_PAYLOADS
         .iter()
         .filter(move |(target, _)| pending & target.0 != 0 && (!any || *target == WakeFor::ANY))
-        .map(|(_, payload)| *payload)
+        .map(move |(target, payload)| match (*target, lone) {
+            (WakeFor::SQL_LANE, Lone::One(app, event)) => format!("{payload} {app} {event}"),
+            _ => (*payload).to_owned(),
+        })
+}
+
+/// The sql-lane events of the current transaction: none yet, exactly one that a lane may lock
+/// by its key (app id, event id), or more (or one that must be found the usual way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lone {
+    None,
+    One(pgrx::Uuid, pgrx::Uuid),
+    Many,
+}
+
+impl Lone {
+    /// After one more sql-lane event (`event` when a lane may lock it by its key).
+    fn and(self, event: Option<(pgrx::Uuid, pgrx::Uuid)>) -> Lone {
+        match (self, event) {
+            (Lone::None, Some((app, event))) => Lone::One(app, event),
+            _ => Lone::Many,
+        }
+    }
 }
 
 /// Databases tracked at once; a database that finds every slot taken by a fresh idle mark is
@@ -139,6 +169,8 @@ thread_local! {
     static REGISTERED_FOR: Cell<u32> = const { Cell::new(0) };
     /// The `WakeFor` bits of that transaction's enqueues so far.
     static PENDING: Cell<u8> = const { Cell::new(0) };
+    /// Its sql-lane events so far.
+    static LONE: Cell<Lone> = const { Cell::new(Lone::None) };
 }
 
 pub fn init_shared_memory() {
@@ -178,7 +210,7 @@ pub fn supervisor_idle_here() -> bool {
     }
 }
 
-fn notify_supervisors(payload: &str) {
+fn notify_supervisors(payload: String) {
     let channel = WAKE_CHANNEL.into_datum();
     let payload = payload.into_datum();
     if let (Some(channel), Some(payload)) = (channel, payload) {
@@ -201,18 +233,28 @@ pub fn picloud_wake_at_commit() -> bool {
 
 /// `_wake_at_commit` for events known to be for `target`.
 pub fn wake_at_commit(target: WakeFor) {
+    wake_at_commit_for(target, None);
+}
+
+/// `wake_at_commit` for one event for `target`; `event` (app id, event id) when it is for a sql
+/// lane that may lock it by its key: an unordered event due now.
+pub fn wake_at_commit_for(target: WakeFor, event: Option<(pgrx::Uuid, pgrx::Uuid)>) {
     let lxid = current_local_xid();
-    if REGISTERED_FOR.with(|registered| registered.replace(lxid)) == lxid {
-        PENDING.with(|pending| pending.set(pending.get() | target.0));
-        return;
+    if REGISTERED_FOR.with(|registered| registered.replace(lxid)) != lxid {
+        PENDING.with(|pending| pending.set(0));
+        LONE.with(|lone| lone.set(Lone::None));
+        register_xact_callback(PgXactCallbackEvent::PreCommit, || {
+            let pending = PENDING.with(|pending| pending.replace(0));
+            let lone = LONE.with(|lone| lone.replace(Lone::None));
+            if supervisor_idle_here() {
+                payloads(pending, lone).for_each(notify_supervisors);
+            }
+        });
     }
-    PENDING.with(|pending| pending.set(target.0));
-    register_xact_callback(PgXactCallbackEvent::PreCommit, || {
-        let pending = PENDING.with(|pending| pending.replace(0));
-        if supervisor_idle_here() {
-            payloads(pending).for_each(notify_supervisors);
-        }
-    });
+    PENDING.with(|pending| pending.set(pending.get() | target.0));
+    if target == WakeFor::SQL_LANE {
+        LONE.with(|lone| lone.set(lone.get().and(event)));
+    }
 }
 
 /// Records the outcome of a claim in the current database: an empty claim means its
@@ -239,10 +281,10 @@ mod payload_tests {
 
     #[test]
     fn one_payload_per_lane_kind_and_the_empty_one_alone_for_anything_else() {
-        let sent = |targets: &[WakeFor]| -> Vec<&str> {
-            payloads(targets.iter().fold(0, |bits, t| bits | t.0)).collect()
+        let sent = |targets: &[WakeFor]| -> Vec<String> {
+            payloads(targets.iter().fold(0, |bits, t| bits | t.0), Lone::None).collect()
         };
-        assert_eq!(sent(&[]), Vec::<&str>::new());
+        assert_eq!(sent(&[]), Vec::<String>::new());
         assert_eq!(sent(&[WakeFor::SQL_LANE]), ["sql"]);
         assert_eq!(sent(&[WakeFor::HTTP_LANE]), ["http"]);
         assert_eq!(
@@ -251,6 +293,28 @@ mod payload_tests {
         );
         assert_eq!(sent(&[WakeFor::SQL_LANE, WakeFor::ANY]), [""]);
         assert_eq!(sent(&[WakeFor::ANY]), [""]);
+    }
+
+    #[test]
+    fn a_lone_sql_lane_event_is_named_and_only_in_the_sql_lanes_payload() {
+        let app = pgrx::Uuid::from_bytes([1; 16]);
+        let event = pgrx::Uuid::from_bytes([2; 16]);
+        let lone = Lone::None.and(Some((app, event)));
+        assert_eq!(lone, Lone::One(app, event));
+        let bits = WakeFor::SQL_LANE.0 | WakeFor::HTTP_LANE.0;
+        assert_eq!(
+            payloads(bits, lone).collect::<Vec<_>>(),
+            [
+                "sql 01010101-0101-0101-0101-010101010101 02020202-0202-0202-0202-020202020202",
+                "http"
+            ]
+        );
+        // A second sql-lane event, or one that must be found the usual way: no name.
+        assert_eq!(lone.and(Some((app, event))), Lone::Many);
+        assert_eq!(Lone::None.and(None), Lone::Many);
+        assert_eq!(Lone::Many.and(Some((app, event))), Lone::Many);
+        let any = bits | WakeFor::ANY.0;
+        assert_eq!(payloads(any, lone).collect::<Vec<_>>(), [""]);
     }
 }
 

@@ -762,6 +762,16 @@ pub fn operator_and_lane_functions() -> Vec<Spec> {
             },
         },
         Spec {
+            func: "picloud_lock_sql_lane_event_for_run",
+            kind: Kind::Supervisor,
+            build: |t, _, app| {
+                let event = t.event(app);
+                call(format!(
+                    "SELECT count(*)::text FROM picloud.picloud_lock_sql_lane_event_for_run('{app}', '{event}')"
+                ))
+            },
+        },
+        Spec {
             func: "picloud_run_sql_lane_locked",
             kind: Kind::Supervisor,
             build: |_, _, _| call("SELECT picloud.picloud_run_sql_lane_locked()::text"),
