@@ -1030,6 +1030,48 @@ BEGIN
     RETURN QUERY SELECT cardinality(v_done), v_left_apps, v_left;
 END
 $$;
+-- Readies a locked sql lane batch for picloud_run_sql_lane_locked later in this transaction:
+-- its rows' ids and addresses in the transaction-local settings that function reads, and
+-- statement_timeout for the rest of the transaction set to the shortest of its handlers'
+-- timeouts (30 s for a handler without one; unchanged for an empty batch). The one writer of
+-- those settings, for the lanes' two locks.
+CREATE FUNCTION picloud._ready_sql_lane_batch(p_event_ids uuid[], p_row_tids tid[], p_timeouts integer[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('picloud.sql_lane_row_tids', coalesce(p_row_tids::text, ''), true);
+    PERFORM set_config('picloud.sql_lane_event_ids', coalesce(p_event_ids::text, ''), true);
+    IF cardinality(p_row_tids) > 0 THEN
+        PERFORM set_config('statement_timeout',
+            greatest((SELECT min(coalesce(t.timeout_ms, 30000)) FROM unnest(p_timeouts) AS t(timeout_ms)), 1)::text,
+            true);
+    END IF;
+END
+$$;
+
+-- One round trip per batch: locks like picloud_lock_sql_lane and readies the batch for
+-- picloud_run_sql_lane_locked, so that a supervisor can send BEGIN, this, the run and COMMIT
+-- together. The batch's row addresses and ids are kept in transaction-local settings
+-- (picloud.sql_lane_row_tids, picloud.sql_lane_event_ids), and statement_timeout is set for the
+-- rest of the transaction to the shortest timeout among the batch's handlers: the next
+-- statement, the run, is bounded by it as the separate SET LOCAL used to bound it.
+CREATE OR REPLACE FUNCTION picloud.picloud_lock_sql_lane_for_run(p_batch integer)
+RETURNS TABLE (app_id uuid, event_id uuid, row_tid tid, timeout_ms integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_app_ids uuid[];
+    v_event_ids uuid[];
+    v_row_tids tid[];
+    v_timeouts integer[];
+BEGIN
+    SELECT array_agg(l.app_id), array_agg(l.event_id), array_agg(l.row_tid), array_agg(l.timeout_ms)
+    INTO v_app_ids, v_event_ids, v_row_tids, v_timeouts
+    FROM picloud.picloud_lock_sql_lane(p_batch) l;
+    PERFORM picloud._ready_sql_lane_batch(v_event_ids, v_row_tids, v_timeouts);
+    RETURN QUERY SELECT * FROM unnest(v_app_ids, v_event_ids, v_row_tids, v_timeouts);
+END
+$$;
+
 -- A lone event's batch: what picloud_lock_sql_lane_for_run readies, for exactly the given event
 -- when a sql lane would take it (its first attempt, due and unclaimed, asynchronous, without
 -- an ordering key, its handler of kind sql without a concurrency limit), and nothing
@@ -1066,9 +1108,7 @@ BEGIN
     IF v_row_tid IS NULL THEN
         RETURN;
     END IF;
-    PERFORM set_config('picloud.sql_lane_row_tids', ARRAY[v_row_tid]::text, true);
-    PERFORM set_config('picloud.sql_lane_event_ids', ARRAY[p_event_id]::text, true);
-    PERFORM set_config('statement_timeout', greatest(coalesce(v_timeout, 30000), 1)::text, true);
+    PERFORM picloud._ready_sql_lane_batch(ARRAY[p_event_id], ARRAY[v_row_tid], ARRAY[v_timeout]);
     RETURN QUERY SELECT p_app_id, p_event_id, v_row_tid, v_timeout;
 END
 $$;

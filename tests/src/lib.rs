@@ -122,6 +122,16 @@ pub fn count(client: &mut Client, sql: &str) -> i64 {
 }
 
 /// Polls `check` until it returns true or `timeout` passes; returns whether it did.
+/// Whether some supervisor of the database goes idle within 10 s: its claims came back empty,
+/// so its connections are up and enqueues now wake it.
+pub fn goes_idle(client: &mut Client) -> bool {
+    eventually(Duration::from_secs(10), || {
+        client
+            .query_one("SELECT picloud_supervisor_idle()", &[])
+            .is_ok_and(|row| row.get::<_, bool>(0))
+    })
+}
+
 pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {

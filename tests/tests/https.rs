@@ -380,13 +380,7 @@ fn http_lanes_deliver_without_claims_and_hand_slow_deliveries_to_a_lease() {
     // Its connections, the http lanes among them, are up once it has gone idle and a moment
     // has passed: before that a claim may take the lanes' events, as it rightly does while no
     // http lane is connected (a race at start-up that four lanes made likelier).
-    assert!(
-        eventually(Duration::from_secs(10), || c
-            .query_one("SELECT picloud_supervisor_idle()", &[])
-            .is_ok_and(|row| row.get::<_, bool>(0))),
-        "log: {}",
-        sup.log()
-    );
+    assert!(goes_idle(&mut c), "log: {}", sup.log());
     std::thread::sleep(Duration::from_millis(500));
     let updates_and_deletes = |c: &mut postgres::Client| -> (i64, i64) {
         let row = c

@@ -511,13 +511,7 @@ fn wake_ups_for_a_lane_leave_the_dispatcher_idle() {
             start_with_metrics(&db, &["--poll-interval-ms", "60000", "--sql-lanes", lanes]);
         let claims = || value(&scrape(port), "picloud_claim_batch_size_count");
         // Idle: the first claims came back empty and the recheck after them is done.
-        assert!(
-            eventually(Duration::from_secs(10), || c
-                .query_one("SELECT picloud_supervisor_idle()", &[])
-                .is_ok_and(|row| row.get::<_, bool>(0))),
-            "log: {}",
-            sup.log()
-        );
+        assert!(goes_idle(&mut c), "log: {}", sup.log());
         std::thread::sleep(Duration::from_millis(300));
         let before = claims();
         let lone_before = lone_locks(&mut c);

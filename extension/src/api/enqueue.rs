@@ -375,16 +375,18 @@ unsafe fn enqueue_common(args: &[Arg; ARGS]) -> Option<pg_sys::Datum> {
         spi_finish();
         woken
     };
-    // An unordered event for a sql lane is named in the wake-up (see api/wake.rs).
+    let woken = woken?;
+    // An unordered event for a sql lane is named in the wake-up (see api/wake.rs); the key is
+    // read only then, so a busy queue pays nothing for it.
     let lone = match ordering {
-        Ordering::None => {
+        Ordering::None if woken == WakeFor::SQL_LANE => {
             // SAFETY: APP is a non-null uuid datum (checked above).
             let app = unsafe { pgrx::Uuid::from_datum(args[APP].value, false) };
             app.map(|app| (app, new_event_id))
         }
-        Ordering::Keyed { .. } => None,
+        _ => None,
     };
-    wake::wake_at_commit_for(woken?, lone);
+    wake::wake_at_commit_for(woken, lone);
     Some(event_id)
 }
 
