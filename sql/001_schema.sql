@@ -219,14 +219,17 @@ CREATE TABLE picloud.outbox (
 -- parent row; the enqueue functions check the handler instead, and deleting an app or a
 -- handler removes its pending events explicitly.
 
--- Claim path: due, unclaimed rows in due order.
-CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE claimed_by IS NULL;
+-- Claim path: due, unclaimed rows in due order. The indexes over waiting rows say "unclaimed"
+-- as picloud._unclaimed(claimed_by), which the planner does not see through: its estimate of
+-- `claimed_by IS NULL` follows whatever the last ANALYZE of this churning table saw (see
+-- extension/src/api/outbox.rs). Queries that should use them must say it the same way.
+CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE picloud._unclaimed(claimed_by);
 -- Claim path and sql lanes, within one app: its unordered waiting rows of a priority other
 -- than the default, by priority, then due time (claims and lanes merge them with the app's
 -- rows of priority 0 from outbox_due_idx). Events of priority 0 never enter it, so they cost
 -- no index write of their own.
 CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)
-    WHERE claimed_by IS NULL AND ordering_key IS NULL AND priority <> 0;
+    WHERE priority <> 0 AND ordering_key IS NULL AND picloud._unclaimed(claimed_by);
 -- Lease rescue: claimed rows by lease expiry.
 CREATE INDEX outbox_lease_idx ON picloud.outbox (lease_expires_at) WHERE claimed_by IS NOT NULL;
 -- Ordered delivery: an event of a key may run only when no earlier event of its key is in the

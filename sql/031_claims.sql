@@ -331,14 +331,14 @@ BEGIN
             FROM ((SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid AS tid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o
-                   WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                   WHERE o.app_id = r.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                      AND o.priority <> 0 AND o.due_at <= now()
                    ORDER BY o.priority, o.due_at LIMIT 64)
                   UNION ALL
                   (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
-            WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
+            WHERE picloud._unclaimed(w.claimed_by) AND w.ordering_key IS NULL AND w.due_at <= now()
               AND w.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
                        AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
@@ -352,7 +352,7 @@ BEGIN
     ), locked_heads AS (
         SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), fill_slots AS (
         -- How many rows of each app are among the oldest due rows: one index scan of
@@ -363,7 +363,7 @@ BEGIN
               FROM (SELECT w.app_id, w.script_id, w.due_at, w.attempt_count, w.first_attempt_at,
                            w.reply_to
                     FROM picloud.outbox w
-                    WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+                    WHERE picloud._unclaimed(w.claimed_by) AND w.due_at <= now() AND w.ordering_key IS NULL
                     ORDER BY w.due_at
                     LIMIT v_look) o
               WHERE NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
@@ -386,7 +386,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
-            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+            WHERE o.app_id = s.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
               AND o.priority <> 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
@@ -406,7 +406,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
-            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+            WHERE o.app_id = s.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
               AND o.priority = 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
@@ -428,7 +428,7 @@ BEGIN
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
-        WHERE h.claimed_by IS NULL AND h.due_at <= now()
+        WHERE picloud._unclaimed(h.claimed_by) AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
           -- The lanes run a key's first event when it is theirs (as for unordered events).
           AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
@@ -444,7 +444,7 @@ BEGIN
     ), locked_keyed AS (
         SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
         -- Within its cap, each app's rows in order: its heads first, then by priority and due
@@ -521,7 +521,7 @@ $$;
 CREATE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL);
+    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE picloud._unclaimed(o.claimed_by));
 END
 $$;
 

@@ -95,7 +95,7 @@ BEGIN
                          o.reply_to, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id DESC LIMIT 1000) w
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
-            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
+            WHERE picloud._unclaimed(w.claimed_by) AND w.due_at <= now() AND w.attempt_count = 0
               AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
               AND s.kind = p_kind
               AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
@@ -115,14 +115,14 @@ BEGIN
     v_locked := 0;
     IF v_app IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM picloud.outbox o
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL AND o.priority <> 0) THEN
+        WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL AND o.priority <> 0) THEN
         -- The usual case, every waiting event of the app of priority 0: its oldest, in one
         -- index-ordered scan of outbox_due_idx.
         RETURN QUERY
         SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
         FROM picloud.outbox o
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           -- Ordered events are taken below, one per key.
           AND o.ordering_key IS NULL
@@ -144,13 +144,13 @@ BEGIN
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
                          o.first_attempt_at, o.reply_to
                   FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                     AND o.priority <> 0 AND o.due_at <= now()
                   UNION ALL
                   SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
                          o.first_attempt_at, o.reply_to
                   FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                     AND o.priority = 0 AND o.due_at <= now()) w
             JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
             WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
@@ -163,7 +163,7 @@ BEGIN
         FROM best b
         JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = b.event_id
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           AND o.ordering_key IS NULL
         ORDER BY b.priority, b.due_at
@@ -209,7 +209,7 @@ BEGIN
                             ORDER BY w.ordering_seq LIMIT 1) h
         JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = h.event_id
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           AND s.kind = p_kind
           AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
@@ -303,7 +303,7 @@ BEGIN
     FROM picloud.outbox o
     JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
     WHERE o.app_id = p_app_id AND o.event_id = p_event_id
-      AND o.claimed_by IS NULL AND o.due_at <= now()
+      AND picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
       AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
       AND o.ordering_key IS NULL
       AND s.kind = 'sql'
@@ -370,7 +370,7 @@ BEGIN
                      ORDER BY o.priority, o.due_at, o.event_id)
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
-      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
     GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth;
 END
@@ -396,7 +396,7 @@ BEGIN
     WITH done AS (
         DELETE FROM picloud.outbox o
         WHERE o.ctid = ANY(p_row_tids)
-          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+          AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
         RETURNING o.app_id, o.source
     ), counted AS (
@@ -518,7 +518,7 @@ BEGIN
         SELECT o.app_id, o.event_id
         FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
         JOIN picloud.outbox o ON o.app_id = k.app_id AND o.event_id = k.event_id
-        WHERE o.claimed_by IS NULL
+        WHERE picloud._unclaimed(o.claimed_by)
         FOR UPDATE OF o SKIP LOCKED
     ), claimed AS (
         UPDATE picloud.outbox o
@@ -564,7 +564,7 @@ BEGIN
     UPDATE picloud.outbox o SET first_attempt_at = now()
     FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
     WHERE o.app_id = k.app_id AND o.event_id = k.event_id
-      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
+      AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
     GET DIAGNOSTICS v_left = ROW_COUNT;
     IF v_left > 0 THEN
         PERFORM picloud._wake_at_commit();

@@ -57,7 +57,7 @@ BEGIN
         DELETE FROM picloud.outbox o
         USING unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id
-          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+          AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
           AND o.reply_to IS NULL
         RETURNING o AS row)
     SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;

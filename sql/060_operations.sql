@@ -171,7 +171,7 @@ CREATE VIEW picloud.limited_handlers WITH (security_invoker = true) AS
                         WHERE o.claimed_by IS NOT NULL AND o.app_id = l.app_id
                           AND o.script_id = l.script_id) r
     CROSS JOIN LATERAL (SELECT count(*) AS waiting FROM picloud.outbox o
-                        WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.app_id = l.app_id
+                        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now() AND o.app_id = l.app_id
                           AND o.script_id = l.script_id) w;
 
 -- Resolves every unresolved dead letter of an app that matches all the given filters (NULL =

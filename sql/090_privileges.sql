@@ -120,6 +120,8 @@ GRANT EXECUTE ON FUNCTION
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
+    -- In the outbox's index predicates, which every writer of a row evaluates.
+    picloud._unclaimed(text),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
     picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
     picloud._trigger_priority(uuid, uuid),

@@ -19,7 +19,10 @@ pgrx::pg_module_magic!();
 extension_sql_file!(
     "../../sql/001_schema.sql",
     name = "schema",
-    requires = [api::admission::picloud_new_event_id]
+    requires = [
+        api::admission::picloud_new_event_id,
+        api::outbox::picloud_unclaimed
+    ]
 );
 extension_sql_file!(
     "../../sql/010_access.sql",

@@ -13,6 +13,9 @@
 --   * Signing secrets for webhook deliveries (picloud.handler_secrets, picloud_set_handler_secret,
 --     picloud_clear_handler_secrets, picloud_signing_secrets).
 --   * Cron triggers (picloud.cron_trigger_details, picloud_create_cron_trigger and its kin).
+--   * The outbox's indexes over waiting rows say "unclaimed" as picloud._unclaimed(claimed_by),
+--     which the planner takes as opaque (its estimate of claimed_by IS NULL followed the last
+--     ANALYZE's snapshot of a churning table), and so do the claims' and lanes' queries.
 -- Frozen once released: later changes go in a new picloud--0.4.0--X.sql.
 \echo Use "ALTER EXTENSION picloud UPDATE TO '0.4.0'" to load this file. \quit
 
@@ -23,6 +26,17 @@ BEGIN
     END IF;
 END
 $roles$;
+
+-- Whether an outbox row waits for a claim, in a form the planner takes as opaque (Rust,
+-- extension/src/api/outbox.rs); the indexes over waiting rows are declared with it.
+CREATE FUNCTION picloud."_unclaimed"(
+	"claimed_by" TEXT /* core::option::Option<&str> */
+) RETURNS bool /* bool */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_unclaimed_wrapper';
+DROP INDEX picloud.outbox_due_idx;
+CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE picloud._unclaimed(claimed_by);
 
 -- Bounded outbox values. Rows written before the bounds existed are brought inside them
 -- first (a row outside them could only have been written by hand).
@@ -110,7 +124,7 @@ ALTER TABLE picloud.outbox ADD COLUMN priority smallint NOT NULL DEFAULT 0;
 ALTER TABLE picloud.dead_letters ADD COLUMN priority smallint NOT NULL DEFAULT 0;
 ALTER TABLE picloud.triggers ADD COLUMN priority smallint NOT NULL DEFAULT 0;
 CREATE INDEX outbox_app_priority_idx ON picloud.outbox (app_id, priority, due_at)
-    WHERE claimed_by IS NULL AND ordering_key IS NULL AND priority <> 0;
+    WHERE priority <> 0 AND ordering_key IS NULL AND picloud._unclaimed(claimed_by);
 CREATE TABLE picloud.handler_limits (
     app_id           uuid        NOT NULL,
     script_id        uuid        NOT NULL,
@@ -768,14 +782,14 @@ BEGIN
             FROM ((SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid AS tid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o
-                   WHERE o.app_id = r.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                   WHERE o.app_id = r.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                      AND o.priority <> 0 AND o.due_at <= now()
                    ORDER BY o.priority, o.due_at LIMIT 64)
                   UNION ALL
                   (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.attempt_count, o.first_attempt_at, o.ctid,
                           o.reply_to, o.script_id, o.claimed_by, o.ordering_key
                    FROM picloud.outbox o WHERE o.app_id = r.app_id ORDER BY o.event_id LIMIT 64)) w
-            WHERE w.claimed_by IS NULL AND w.ordering_key IS NULL AND w.due_at <= now()
+            WHERE picloud._unclaimed(w.claimed_by) AND w.ordering_key IS NULL AND w.due_at <= now()
               AND w.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
                        AND coalesce((SELECT s.kind = 'sql' AND p_leave_sql_lane OR s.kind = 'http' AND p_leave_http_lane
@@ -789,7 +803,7 @@ BEGIN
     ), locked_heads AS (
         SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), fill_slots AS (
         -- How many rows of each app are among the oldest due rows: one index scan of
@@ -800,7 +814,7 @@ BEGIN
               FROM (SELECT w.app_id, w.script_id, w.due_at, w.attempt_count, w.first_attempt_at,
                            w.reply_to
                     FROM picloud.outbox w
-                    WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.ordering_key IS NULL
+                    WHERE picloud._unclaimed(w.claimed_by) AND w.due_at <= now() AND w.ordering_key IS NULL
                     ORDER BY w.due_at
                     LIMIT v_look) o
               WHERE NOT (p_app_cap IS NOT NULL AND o.app_id = ANY (v_running_apps)
@@ -823,7 +837,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
-            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+            WHERE o.app_id = s.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
               AND o.priority <> 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
@@ -843,7 +857,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
             FROM picloud.outbox o
-            WHERE o.app_id = s.app_id AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+            WHERE o.app_id = s.app_id AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
               AND o.priority = 0 AND o.due_at <= now()
               AND o.script_id <> ALL (v_full)
               AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
@@ -865,7 +879,7 @@ BEGIN
                             FROM picloud.outbox o
                             WHERE o.app_id = k.app_id AND o.ordering_key = k.ordering_key
                             ORDER BY o.ordering_seq LIMIT 1) h
-        WHERE h.claimed_by IS NULL AND h.due_at <= now()
+        WHERE picloud._unclaimed(h.claimed_by) AND h.due_at <= now()
           AND h.script_id <> ALL (v_full)
           -- The lanes run a key's first event when it is theirs (as for unordered events).
           AND NOT ((p_leave_sql_lane OR p_leave_http_lane) AND h.attempt_count = 0 AND h.first_attempt_at IS NULL AND h.reply_to IS NULL
@@ -881,7 +895,7 @@ BEGIN
     ), locked_keyed AS (
         SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.ctid AS tid
         FROM picloud.outbox o JOIN key_heads h ON o.app_id = h.app_id AND o.event_id = h.event_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
         FOR UPDATE OF o SKIP LOCKED
     ), ranked AS (
         -- Within its cap, each app's rows in order: its heads first, then by priority and due
@@ -1097,7 +1111,7 @@ BEGIN
     FROM picloud.outbox o
     JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
     WHERE o.app_id = p_app_id AND o.event_id = p_event_id
-      AND o.claimed_by IS NULL AND o.due_at <= now()
+      AND picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
       AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
       AND o.ordering_key IS NULL
       AND s.kind = 'sql'
@@ -1127,7 +1141,7 @@ BEGIN
     UPDATE picloud.outbox o SET first_attempt_at = now()
     FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
     WHERE o.app_id = k.app_id AND o.event_id = k.event_id
-      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
+      AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL;
     GET DIAGNOSTICS v_left = ROW_COUNT;
     IF v_left > 0 THEN
         PERFORM picloud._wake_at_commit();
@@ -1167,7 +1181,7 @@ BEGIN
                      ORDER BY o.priority, o.due_at, o.event_id)
     FROM picloud.outbox o
     WHERE o.ctid = ANY(p_row_tids)
-      AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+      AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
     GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth;
 END
@@ -1192,7 +1206,7 @@ BEGIN
     WITH done AS (
         DELETE FROM picloud.outbox o
         WHERE o.ctid = ANY(p_row_tids)
-          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+          AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
         RETURNING o.app_id, o.source
     ), counted AS (
@@ -1849,7 +1863,7 @@ BEGIN
         SELECT o.app_id, o.event_id
         FROM unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
         JOIN picloud.outbox o ON o.app_id = k.app_id AND o.event_id = k.event_id
-        WHERE o.claimed_by IS NULL
+        WHERE picloud._unclaimed(o.claimed_by)
         FOR UPDATE OF o SKIP LOCKED
     ), claimed AS (
         UPDATE picloud.outbox o
@@ -2187,7 +2201,7 @@ CREATE VIEW picloud.limited_handlers WITH (security_invoker = true) AS
                         WHERE o.claimed_by IS NOT NULL AND o.app_id = l.app_id
                           AND o.script_id = l.script_id) r
     CROSS JOIN LATERAL (SELECT count(*) AS waiting FROM picloud.outbox o
-                        WHERE o.claimed_by IS NULL AND o.due_at <= now() AND o.app_id = l.app_id
+                        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now() AND o.app_id = l.app_id
                           AND o.script_id = l.script_id) w;
 
 -- Housekeeping: one step function and one list of steps instead of a function per step.
@@ -2351,7 +2365,7 @@ $$;
 CREATE OR REPLACE FUNCTION picloud.picloud_next_due_at() RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE o.claimed_by IS NULL);
+    RETURN (SELECT min(o.due_at) FROM picloud.outbox o WHERE picloud._unclaimed(o.claimed_by));
 END
 $$;
 
@@ -2437,7 +2451,7 @@ BEGIN
                          o.reply_to, o.ordering_key
                   FROM picloud.outbox o WHERE o.app_id = a.app_id ORDER BY o.event_id DESC LIMIT 1000) w
             JOIN picloud.scripts s ON s.app_id = a.app_id AND s.script_id = w.script_id
-            WHERE w.claimed_by IS NULL AND w.due_at <= now() AND w.attempt_count = 0
+            WHERE picloud._unclaimed(w.claimed_by) AND w.due_at <= now() AND w.attempt_count = 0
               AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
               AND s.kind = p_kind
               AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
@@ -2457,14 +2471,14 @@ BEGIN
     v_locked := 0;
     IF v_app IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM picloud.outbox o
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL AND o.priority <> 0) THEN
+        WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL AND o.priority <> 0) THEN
         -- The usual case, every waiting event of the app of priority 0: its oldest, in one
         -- index-ordered scan of outbox_due_idx.
         RETURN QUERY
         SELECT o.app_id, o.event_id, o.ctid, s.timeout_ms
         FROM picloud.outbox o
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           -- Ordered events are taken below, one per key.
           AND o.ordering_key IS NULL
@@ -2486,13 +2500,13 @@ BEGIN
             FROM (SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
                          o.first_attempt_at, o.reply_to
                   FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                     AND o.priority <> 0 AND o.due_at <= now()
                   UNION ALL
                   SELECT o.app_id, o.event_id, o.due_at, o.priority, o.script_id, o.attempt_count,
                          o.first_attempt_at, o.reply_to
                   FROM picloud.outbox o
-                  WHERE o.app_id = v_app AND o.claimed_by IS NULL AND o.ordering_key IS NULL
+                  WHERE o.app_id = v_app AND picloud._unclaimed(o.claimed_by) AND o.ordering_key IS NULL
                     AND o.priority = 0 AND o.due_at <= now()) w
             JOIN picloud.scripts s ON s.app_id = w.app_id AND s.script_id = w.script_id
             WHERE w.attempt_count = 0 AND w.first_attempt_at IS NULL AND w.reply_to IS NULL
@@ -2505,7 +2519,7 @@ BEGIN
         FROM best b
         JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = b.event_id
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           AND o.ordering_key IS NULL
         ORDER BY b.priority, b.due_at
@@ -2551,7 +2565,7 @@ BEGIN
                             ORDER BY w.ordering_seq LIMIT 1) h
         JOIN picloud.outbox o ON o.app_id = v_app AND o.event_id = h.event_id
         JOIN picloud.scripts s ON s.app_id = o.app_id AND s.script_id = o.script_id
-        WHERE o.claimed_by IS NULL AND o.due_at <= now()
+        WHERE picloud._unclaimed(o.claimed_by) AND o.due_at <= now()
           AND o.attempt_count = 0 AND o.first_attempt_at IS NULL AND o.reply_to IS NULL
           AND s.kind = p_kind
           AND NOT EXISTS (SELECT 1 FROM picloud.handler_limits l
@@ -2606,7 +2620,7 @@ BEGIN
         DELETE FROM picloud.outbox o
         USING unnest(p_app_ids, p_event_ids) AS k(app_id, event_id)
         WHERE o.app_id = k.app_id AND o.event_id = k.event_id
-          AND o.claimed_by IS NULL AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
+          AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
           AND o.reply_to IS NULL
         RETURNING o AS row)
     SELECT coalesce(array_agg(done.row), '{}') INTO v_done FROM done;
@@ -2684,6 +2698,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_
 GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
+    -- In the outbox's index predicates, which every writer of a row evaluates.
+    picloud._unclaimed(text),
     picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean, boolean, text),
     picloud.picloud_enqueue(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
     picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz, text[], text, smallint),

@@ -60,6 +60,7 @@ const C_FUNCTIONS: &[&str] = &[
     "_payload_bytes(anyelement)",
     "_role_standing(text)",
     "_unbecome(bigint)",
+    "_unclaimed(text)",
     "_wake_at_commit()",
     // Sets the housekeeper's latch at commit: no SQL.
     "_wake_housekeeper_at_commit()",

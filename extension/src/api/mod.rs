@@ -8,6 +8,7 @@ pub mod cron;
 pub mod enqueue;
 pub mod event_json;
 pub mod matching;
+pub mod outbox;
 pub mod principal;
 pub mod raw;
 mod sql_api_tests;
