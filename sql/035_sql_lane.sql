@@ -338,16 +338,21 @@ BEGIN
 END
 $$;
 
--- The events at the given row addresses, grouped by handler, trigger and depth, as the JSON
--- their handlers receive, with their ids and addresses in the same order. A TID scan finds
--- them. An address still holds the event the lane locked: the lock keeps the row from being
+-- The events at the given row addresses, grouped by app, handler, depth and the principal they
+-- run as, as the JSON their handlers receive, with their ids and addresses in the same order;
+-- with the principal, or why it may not run. The principal is picloud._handler_principal's,
+-- the rule _become_event applies, worked out once per trigger and handler: the events of
+-- different triggers that one role registered share a group, so the ticks of a hundred cron
+-- triggers of one app due at the same second run in one statement, not a hundred (a group
+-- costs a principal switch and a statement parsed and planned). A TID scan finds them. An
+-- address still holds the event the lane locked: the lock keeps the row from being
 -- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
 -- (The planner's cost model would rather read the whole table, or walk the whole due index
 -- testing every row against the list, than fetch a few hundred rows by address: the second
 -- makes draining a queue of n events cost n^2 row visits. So only the TID scan is left to it;
 -- the settings are local to this function, and no handler runs in it.)
 CREATE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
-RETURNS TABLE (app_id uuid, trigger_id uuid, script_id uuid, depth integer,
+RETURNS TABLE (app_id uuid, script_id uuid, depth integer, principal name, problem text,
                event_ids uuid[], row_tids tid[], events jsonb[])
 LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
@@ -361,7 +366,12 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     RETURN QUERY
-    SELECT o.app_id, o.trigger_id, o.script_id, o.depth::integer,
+    WITH principals AS MATERIALIZED (
+        SELECT k.app_id, k.trigger_id, k.script_id, h.principal, h.problem
+        FROM (SELECT DISTINCT o.app_id, o.trigger_id, o.script_id
+              FROM picloud.outbox o WHERE o.ctid = ANY(p_row_tids)) k
+        CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) h)
+    SELECT o.app_id, o.script_id, o.depth::integer, p.principal, p.problem,
            -- Within a group, by priority then due time, as the batch was taken.
            array_agg(o.event_id ORDER BY o.priority, o.due_at, o.event_id),
            array_agg(o.ctid ORDER BY o.priority, o.due_at, o.event_id),
@@ -369,10 +379,13 @@ BEGIN
                                           o.depth, o.attempt_count + 1, o.trigger_id, o.script_id)
                      ORDER BY o.priority, o.due_at, o.event_id)
     FROM picloud.outbox o
+    JOIN principals p
+      ON p.app_id = o.app_id AND p.script_id = o.script_id
+     AND p.trigger_id IS NOT DISTINCT FROM o.trigger_id
     WHERE o.ctid = ANY(p_row_tids)
       AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
       AND o.reply_to IS NULL
-    GROUP BY o.app_id, o.trigger_id, o.script_id, o.depth;
+    GROUP BY o.app_id, o.script_id, o.depth, p.principal, p.problem;
 END
 $$;
 
@@ -427,8 +440,6 @@ DECLARE
     g record;
     v_function regprocedure;
     v_kind text;
-    v_principal name;
-    v_problem text;
     v_token bigint;
     v_batch_call text;
     v_one_call text;
@@ -446,9 +457,7 @@ BEGIN
     FOR g IN SELECT * FROM picloud._sql_lane_groups(p_row_tids) LOOP
         SELECT s.sql_function, s.kind INTO v_function, v_kind
         FROM picloud.scripts s WHERE s.app_id = g.app_id AND s.script_id = g.script_id;
-        SELECT h.principal, h.problem INTO v_principal, v_problem
-        FROM picloud._handler_principal(g.app_id, g.trigger_id, g.script_id) h;
-        IF v_problem IS NOT NULL OR v_kind IS DISTINCT FROM 'sql'
+        IF g.problem IS NOT NULL OR v_kind IS DISTINCT FROM 'sql'
            OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid = v_function) THEN
             -- The ordinary path reports exactly why, as each event's error.
             v_left_apps := v_left_apps || array_fill(g.app_id, ARRAY[cardinality(g.event_ids)]);

@@ -695,3 +695,91 @@ fn dropped_or_demoted_principals_run_nothing() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// One sql lane batch holds events of several triggers of one handler: each event runs as its
+/// own trigger's registrant, and the events of the triggers one role registered share a group
+/// (one statement and one principal switch for them, as a hundred cron triggers firing at once
+/// need).
+#[test]
+fn a_lane_batch_runs_each_event_as_its_triggers_registrant() {
+    let mut t = Tenancy::new("seclanegroups");
+    let a = t.app_a;
+    t.a.batch_execute(
+        "CREATE TABLE a_schema.ran (who text, trigger_id uuid);
+         CREATE FUNCTION a_schema.whoami(e jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO a_schema.ran VALUES (current_user, (e->>'trigger_id')::uuid) $$;",
+    )
+    .expect("handler");
+    let script = id(
+        &mut t.a,
+        &format!("SELECT picloud_create_script('{a}', 'whoami', 'sql', 'a_schema.whoami')"),
+    );
+    let trigger = |c: &mut Client| {
+        id(
+            c,
+            &format!("SELECT picloud_create_kv_trigger('{a}', 'lanes', '{script}')"),
+        )
+    };
+    let tenant_triggers = [trigger(&mut t.a), trigger(&mut t.a)];
+    let superuser_trigger = trigger(&mut t.su);
+    // One write, one event per trigger.
+    t.su.execute(
+        &format!("SELECT picloud_emit_kv('{a}', 'lanes', 'set', 'k', '{{}}'::jsonb)"),
+        &[],
+    )
+    .expect("emit");
+
+    let mut tx = t.su.transaction().expect("begin");
+    let locked = tx
+        .query(
+            "SELECT * FROM picloud.picloud_lock_sql_lane_for_run(500)",
+            &[],
+        )
+        .expect("lock");
+    assert_eq!(locked.len(), 3, "the lane locked the three events");
+    let groups: Vec<(String, i64)> = tx
+        .query(
+            "SELECT principal::text, cardinality(event_ids)::bigint
+             FROM picloud._sql_lane_groups(ARRAY(SELECT ctid FROM picloud.outbox WHERE app_id = $1))
+             ORDER BY 1",
+            &[&a],
+        )
+        .expect("groups")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut expected = vec![("postgres".to_string(), 1), (t.tenant_a.clone(), 2)];
+    expected.sort();
+    assert_eq!(groups, expected, "one group per principal");
+    let ran: i32 = tx
+        .query_one("SELECT ran FROM picloud.picloud_run_sql_lane_locked()", &[])
+        .expect("run")
+        .get(0);
+    assert_eq!(ran, 3);
+    tx.commit().expect("commit");
+
+    let mut who_ran: Vec<(String, Uuid)> =
+        t.su.query("SELECT who, trigger_id FROM a_schema.ran", &[])
+            .expect("ran")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    who_ran.sort();
+    let mut expected: Vec<(String, Uuid)> = tenant_triggers
+        .iter()
+        .map(|&trigger| (t.tenant_a.clone(), trigger))
+        .chain([("postgres".to_string(), superuser_trigger)])
+        .collect();
+    expected.sort();
+    assert_eq!(
+        who_ran, expected,
+        "each event ran as its trigger's registrant"
+    );
+    assert!(
+        !flag(
+            &mut t.su,
+            &format!("SELECT EXISTS (SELECT 1 FROM picloud.outbox WHERE app_id = '{a}')")
+        ),
+        "the batch's events are done"
+    );
+}
