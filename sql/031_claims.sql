@@ -22,35 +22,31 @@ $$;
 -- Who a claimed event's handler runs as, or why it cannot run. The role comes from the
 -- trigger only when the event's handler is that trigger's handler: a row that pairs one
 -- registrant's trigger with another's handler must never borrow the trigger's rights.
+-- (A dropped trigger leaves the handler's registrant.) A SQL function that qualifies every name
+-- and operator and has no SET clause, so the planner inlines it into the query that calls it:
+-- a lane batch or a claim of the ticks of a hundred cron triggers looks their principals up
+-- with two joins instead of a hundred PL/pgSQL calls (about 40 us each).
 CREATE FUNCTION picloud._handler_principal(p_app_id uuid, p_trigger_id uuid, p_script_id uuid)
 RETURNS TABLE (principal name, problem text)
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_script_principal name;
-    v_trigger_principal name;
-    v_trigger_script uuid;
-BEGIN
-    SELECT s.registered_by_principal INTO v_script_principal
-    FROM picloud.scripts s WHERE s.app_id = p_app_id AND s.script_id = p_script_id;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT NULL::name, 'the handler no longer exists'::text;
-        RETURN;
-    END IF;
-    IF p_trigger_id IS NOT NULL THEN
-        SELECT t.registered_by_principal, t.script_id INTO v_trigger_principal, v_trigger_script
-        FROM picloud.triggers t WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id;
-        IF FOUND THEN
-            IF v_trigger_script <> p_script_id THEN
-                RETURN QUERY SELECT NULL::name, format('handler %s is not the handler of trigger %s', p_script_id, p_trigger_id);
-                RETURN;
-            END IF;
-            RETURN QUERY SELECT v_trigger_principal, picloud._principal_problem(p_app_id, v_trigger_principal);
-            RETURN;
-        END IF;
-        -- The trigger was dropped after the event was enqueued: the handler's registrant runs it.
-    END IF;
-    RETURN QUERY SELECT v_script_principal, picloud._principal_problem(p_app_id, v_script_principal);
-END
+LANGUAGE sql STABLE AS $$
+    SELECT r.principal, coalesce(r.mismatch, picloud._principal_problem(p_app_id, r.principal))
+    FROM (SELECT CASE WHEN s.script_id IS NULL THEN NULL
+                      WHEN t.trigger_id IS NULL THEN s.registered_by_principal
+                      WHEN t.script_id OPERATOR(pg_catalog.<>) p_script_id THEN NULL
+                      ELSE t.registered_by_principal
+                 END AS principal,
+                 CASE WHEN s.script_id IS NOT NULL
+                       AND t.script_id OPERATOR(pg_catalog.<>) p_script_id
+                      THEN pg_catalog.format('handler %s is not the handler of trigger %s',
+                                             p_script_id, p_trigger_id)
+                 END AS mismatch
+          FROM (VALUES (1)) AS one (x)
+          LEFT JOIN picloud.scripts s
+            ON s.app_id OPERATOR(pg_catalog.=) p_app_id
+           AND s.script_id OPERATOR(pg_catalog.=) p_script_id
+          LEFT JOIN picloud.triggers t
+            ON t.app_id OPERATOR(pg_catalog.=) p_app_id
+           AND t.trigger_id OPERATOR(pg_catalog.=) p_trigger_id) r
 $$;
 
 -- The JSON document a handler receives for an event: event_id, app_id, source, op, payload,

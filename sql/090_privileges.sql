@@ -349,14 +349,16 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Four functions qualify every name instead: one looks the handler function up in
-          -- the caller's search_path, three are inlined into their callers
-          -- (sql/020_triggers.sql, and _event_jsonb in sql/031_claims.sql).
+          -- Five functions qualify every name instead: one looks the handler function up in
+          -- the caller's search_path, four are inlined into their callers
+          -- (sql/020_triggers.sql, and _event_jsonb and _handler_principal in
+          -- sql/031_claims.sql).
           AND p.oid <> ALL (ARRAY[
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
               'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',
-              'picloud._event_jsonb(uuid, uuid, text, text, jsonb, integer, integer, uuid, uuid)'
+              'picloud._event_jsonb(uuid, uuid, text, text, jsonb, integer, integer, uuid, uuid)',
+              'picloud._handler_principal(uuid, uuid, uuid)'
           ]::regprocedure[])
     LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);

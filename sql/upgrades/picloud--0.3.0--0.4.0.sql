@@ -142,6 +142,36 @@ DROP FUNCTION picloud._enqueue_general(uuid, text, text, jsonb, uuid, uuid, inte
 DROP FUNCTION picloud.picloud_enqueue_bulk(uuid, text, text, jsonb[], uuid, uuid, integer, timestamptz);
 DROP FUNCTION picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean);
 
+-- Who a claimed event's handler runs as, or why it cannot run. The role comes from the
+-- trigger only when the event's handler is that trigger's handler: a row that pairs one
+-- registrant's trigger with another's handler must never borrow the trigger's rights.
+-- (A dropped trigger leaves the handler's registrant.) A SQL function that qualifies every name
+-- and operator and has no SET clause, so the planner inlines it into the query that calls it:
+-- a lane batch or a claim of the ticks of a hundred cron triggers looks their principals up
+-- with two joins instead of a hundred PL/pgSQL calls (about 40 us each).
+CREATE OR REPLACE FUNCTION picloud._handler_principal(p_app_id uuid, p_trigger_id uuid, p_script_id uuid)
+RETURNS TABLE (principal name, problem text)
+LANGUAGE sql STABLE AS $$
+    SELECT r.principal, coalesce(r.mismatch, picloud._principal_problem(p_app_id, r.principal))
+    FROM (SELECT CASE WHEN s.script_id IS NULL THEN NULL
+                      WHEN t.trigger_id IS NULL THEN s.registered_by_principal
+                      WHEN t.script_id OPERATOR(pg_catalog.<>) p_script_id THEN NULL
+                      ELSE t.registered_by_principal
+                 END AS principal,
+                 CASE WHEN s.script_id IS NOT NULL
+                       AND t.script_id OPERATOR(pg_catalog.<>) p_script_id
+                      THEN pg_catalog.format('handler %s is not the handler of trigger %s',
+                                             p_script_id, p_trigger_id)
+                 END AS mismatch
+          FROM (VALUES (1)) AS one (x)
+          LEFT JOIN picloud.scripts s
+            ON s.app_id OPERATOR(pg_catalog.=) p_app_id
+           AND s.script_id OPERATOR(pg_catalog.=) p_script_id
+          LEFT JOIN picloud.triggers t
+            ON t.app_id OPERATOR(pg_catalog.=) p_app_id
+           AND t.trigger_id OPERATOR(pg_catalog.=) p_trigger_id) r
+$$;
+
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 CREATE OR REPLACE FUNCTION picloud._enqueue_general(
@@ -2832,14 +2862,16 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Four functions qualify every name instead: one looks the handler function up in
-          -- the caller's search_path, three are inlined into their callers
-          -- (sql/020_triggers.sql, and _event_jsonb in sql/031_claims.sql).
+          -- Five functions qualify every name instead: one looks the handler function up in
+          -- the caller's search_path, four are inlined into their callers
+          -- (sql/020_triggers.sql, and _event_jsonb and _handler_principal in
+          -- sql/031_claims.sql).
           AND p.oid <> ALL (ARRAY[
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
               'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',
-              'picloud._event_jsonb(uuid, uuid, text, text, jsonb, integer, integer, uuid, uuid)'
+              'picloud._event_jsonb(uuid, uuid, text, text, jsonb, integer, integer, uuid, uuid)',
+              'picloud._handler_principal(uuid, uuid, uuid)'
           ]::regprocedure[])
     LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, picloud, pg_temp', v_function);
