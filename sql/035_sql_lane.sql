@@ -338,26 +338,38 @@ BEGIN
 END
 $$;
 
+-- The outbox rows at the given addresses, by a TID scan: the rows a lane locked in this
+-- transaction (an address still holds the event the lane locked: the lock keeps the row from
+-- being updated or removed by anyone else, and the lane itself changes nothing before it
+-- deletes). The planner's cost model would rather read the whole table, or walk the whole due
+-- index testing every row against the list, than fetch a few hundred rows by address: the
+-- second makes draining a queue of n events cost n^2 row visits. So only the TID scan is left
+-- to it - in this function alone: a SET clause holds for everything a function calls, and the
+-- lanes' other statements (the lock's walk of the apps, the handlers' and principals' lookups)
+-- need their indexes. (Planned with them off, the lock's look at an app's newest rows read
+-- all 1,000 of them for every http batch.)
+CREATE FUNCTION picloud._outbox_at(p_row_tids tid[])
+RETURNS TABLE (row_tid tid, event picloud.outbox)
+LANGUAGE sql STABLE
+SET enable_seqscan = off
+SET enable_indexscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+    SELECT o.ctid, o FROM picloud.outbox o WHERE o.ctid = ANY(p_row_tids)
+$$;
+
 -- The events at the given row addresses, grouped by app, handler, depth and the principal they
 -- run as, as the JSON their handlers receive, with their ids and addresses in the same order;
 -- with the principal, or why it may not run. The principal is picloud._handler_principal's,
 -- the rule _become_event applies, worked out once per trigger and handler: the events of
 -- different triggers that one role registered share a group, so the ticks of a hundred cron
 -- triggers of one app due at the same second run in one statement, not a hundred (a group
--- costs a principal switch and a statement parsed and planned). A TID scan finds them. An
--- address still holds the event the lane locked: the lock keeps the row from being
--- updated or removed by anyone else, and the lane itself changes nothing before it deletes.
--- (The planner's cost model would rather read the whole table, or walk the whole due index
--- testing every row against the list, than fetch a few hundred rows by address: the second
--- makes draining a queue of n events cost n^2 row visits. So only the TID scan is left to it;
--- the settings are local to this function, and no handler runs in it.)
+-- costs a principal switch and a statement parsed and planned). picloud._outbox_at finds them.
 CREATE FUNCTION picloud._sql_lane_groups(p_row_tids tid[])
 RETURNS TABLE (app_id uuid, script_id uuid, depth integer, principal name, problem text,
                event_ids uuid[], row_tids tid[], events jsonb[])
 LANGUAGE plpgsql STABLE
-SET enable_seqscan = off
-SET enable_indexscan = off
-SET enable_bitmapscan = off
 SET jit = off
 -- PL/pgSQL would plan this afresh on every call (each custom plan looks cheaper than the
 -- generic one). One plan kept per session, here and in the lane's other functions, took a
@@ -366,25 +378,28 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     RETURN QUERY
-    WITH principals AS MATERIALIZED (
+    WITH locked AS MATERIALIZED (
+        SELECT a.row_tid, (a.event).* FROM picloud._outbox_at(p_row_tids) a
+        WHERE picloud._unclaimed((a.event).claimed_by) AND (a.event).attempt_count = 0
+          AND (a.event).first_attempt_at IS NULL AND (a.event).reply_to IS NULL
+    ), principals AS MATERIALIZED (
         SELECT k.app_id, k.trigger_id, k.script_id, h.principal, h.problem
-        FROM (SELECT DISTINCT o.app_id, o.trigger_id, o.script_id
-              FROM picloud.outbox o WHERE o.ctid = ANY(p_row_tids)) k
+        FROM (SELECT DISTINCT l.app_id, l.trigger_id, l.script_id FROM locked l) k
         CROSS JOIN LATERAL picloud._handler_principal(k.app_id, k.trigger_id, k.script_id) h)
     SELECT o.app_id, o.script_id, o.depth::integer, p.principal, p.problem,
            -- Within a group, by priority then due time, as the batch was taken.
            array_agg(o.event_id ORDER BY o.priority, o.due_at, o.event_id),
-           array_agg(o.ctid ORDER BY o.priority, o.due_at, o.event_id),
+           array_agg(o.row_tid ORDER BY o.priority, o.due_at, o.event_id),
            array_agg(picloud._event_jsonb(o.event_id, o.app_id, o.source, o.op, o.payload,
                                           o.depth, o.attempt_count + 1, o.trigger_id, o.script_id)
                      ORDER BY o.priority, o.due_at, o.event_id)
-    FROM picloud.outbox o
+    FROM locked o
+    -- The nil uuid stands for "no trigger" in the hash key only; the exact test follows it.
     JOIN principals p
       ON p.app_id = o.app_id AND p.script_id = o.script_id
+     AND coalesce(p.trigger_id, '00000000-0000-0000-0000-000000000000'::uuid)
+       = coalesce(o.trigger_id, '00000000-0000-0000-0000-000000000000'::uuid)
      AND p.trigger_id IS NOT DISTINCT FROM o.trigger_id
-    WHERE o.ctid = ANY(p_row_tids)
-      AND picloud._unclaimed(o.claimed_by) AND o.attempt_count = 0 AND o.first_attempt_at IS NULL
-      AND o.reply_to IS NULL
     GROUP BY o.app_id, o.script_id, o.depth, p.principal, p.problem;
 END
 $$;

@@ -22,20 +22,16 @@ CREATE FUNCTION picloud.picloud_lock_http_lane(p_batch integer)
 RETURNS SETOF picloud.claimed_event
 LANGUAGE plpgsql
 SET jit = off
--- A TID scan finds the locked rows (see picloud._sql_lane_groups).
-SET enable_seqscan = off
-SET enable_indexscan = off
-SET enable_bitmapscan = off
 SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     -- Answered as claims answer the attempt they start (one ahead of the row's count): this is
-    -- the event's first.
+    -- the event's first. picloud._outbox_at fetches the locked rows by address.
     RETURN QUERY
     SELECT * FROM picloud._claim_answers(ARRAY(
-        SELECT o FROM picloud.outbox o
-        WHERE o.ctid = ANY(ARRAY(SELECT l.row_tid FROM picloud._lock_lane(p_batch, 'http') l))
-        ORDER BY o.priority, o.due_at, o.event_id), 1);
+        SELECT a.event
+        FROM picloud._outbox_at(ARRAY(SELECT l.row_tid FROM picloud._lock_lane(p_batch, 'http') l)) a
+        ORDER BY (a.event).priority, (a.event).due_at, (a.event).event_id), 1);
 END
 $$;
 

@@ -531,3 +531,30 @@ fn every_key_and_hot_path_function_leads_with_app_id() {
         );
     }
 }
+
+/// A SET clause holds for everything a function calls. The lanes fetch the rows they locked by
+/// address with every other scan method switched off (picloud._outbox_at: the cost model would
+/// rather walk the whole due index); a function that did so and called others would have their
+/// statements planned without indexes too - the http lane's lock once read an app's newest
+/// 1,000 rows for every batch so, and looked handlers and triggers up by reading their whole
+/// tables. Only functions that plan nothing else may switch scan methods off
+/// (_sql_lane_complete calls only _count_outcome, one INSERT ... ON CONFLICT).
+#[test]
+fn scan_methods_are_switched_off_only_where_nothing_else_is_planned() {
+    let (_db, mut c) = fresh_db("scan_methods");
+    let names: Vec<String> = c
+        .query(
+            "SELECT p.proname::text FROM pg_proc p
+             WHERE p.pronamespace = 'picloud'::regnamespace
+               AND EXISTS (SELECT 1 FROM unnest(p.proconfig) s
+                           WHERE s IN ('enable_seqscan=off', 'enable_indexscan=off',
+                                       'enable_bitmapscan=off'))
+             ORDER BY 1",
+            &[],
+        )
+        .expect("functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(names, ["_outbox_at", "_sql_lane_complete"]);
+}
