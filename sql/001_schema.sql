@@ -174,6 +174,13 @@ CREATE TABLE picloud.cron_trigger_details (
 -- The housekeeper's look for the next due tick.
 CREATE INDEX cron_trigger_details_next_idx ON picloud.cron_trigger_details (next_fire_at);
 
+-- Whether an outbox row waits for a claim, in a form the planner takes as opaque (Rust,
+-- extension/src/api/outbox.rs); the indexes over waiting rows are declared with it.
+CREATE FUNCTION picloud._unclaimed(claimed_by text) RETURNS boolean
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'picloud_unclaimed';
+
 -- The outbox: the one async dispatch substrate. A row is claimed by a supervisor under a
 -- lease, and either completed (deleted), rescheduled, or moved to dead_letters.
 CREATE TABLE picloud.outbox (

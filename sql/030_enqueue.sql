@@ -276,6 +276,15 @@ RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'picloud_enqueue';
 
+-- The position of the first of a bulk enqueue's payloads larger than p_max_bytes (as
+-- picloud._payload_bytes measures it), or NULL; refuses one nested too deep (Rust,
+-- extension/src/api/admission.rs: one call for the whole array).
+CREATE FUNCTION picloud._oversized_payload(p_payloads jsonb[], p_max_bytes integer)
+RETURNS integer
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'picloud_oversized_payload';
+
 -- Enqueues one event per payload, all for the same handler, in one statement. Returns the
 -- new event ids in payload order.
 CREATE FUNCTION picloud.picloud_enqueue_bulk(
@@ -315,8 +324,7 @@ BEGIN
     IF array_position(p_payloads, NULL) IS NOT NULL THEN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
-    SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
+    v_too_big := picloud._oversized_payload(p_payloads, v_max);
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -349,7 +357,7 @@ BEGIN
     END IF;
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
-    v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
+    v_ids := picloud._new_event_ids(cardinality(p_payloads));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
                                 due_at, ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, p.event_id, v_source, v_op, p_trigger_id, v_script_id, p.payload, v_depth,

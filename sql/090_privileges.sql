@@ -120,6 +120,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._resolve_handler(uuid, uuid, uuid),
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
+    picloud._oversized_payload(jsonb[], integer),
     -- In the outbox's index predicates, which every writer of a row evaluates.
     picloud._unclaimed(text),
     picloud._enqueue_fast(uuid, text, text, jsonb, uuid, uuid, integer, timestamptz, text, text, text, text, smallint),
@@ -131,6 +132,7 @@ GRANT EXECUTE ON FUNCTION
     picloud._check_page(integer, integer),
     picloud._wake_at_commit(),
     picloud._new_event_id(),
+    picloud._new_event_ids(integer),
     picloud._admit(integer, integer),
     picloud._lock_unresolved(uuid, uuid),
     picloud._replay(picloud.dead_letters),

@@ -19,10 +19,7 @@ pgrx::pg_module_magic!();
 extension_sql_file!(
     "../../sql/001_schema.sql",
     name = "schema",
-    requires = [
-        api::admission::picloud_new_event_id,
-        api::outbox::picloud_unclaimed
-    ]
+    requires = [api::admission::picloud_new_event_id]
 );
 extension_sql_file!(
     "../../sql/010_access.sql",
@@ -54,6 +51,7 @@ extension_sql_file!(
         api::principal::picloud_current_depth,
         api::admission::picloud_admit,
         api::admission::picloud_payload_bytes,
+        api::admission::picloud_new_event_ids,
         api::principal::picloud_become_event,
         api::principal::picloud_unbecome,
         api::budget::picloud_after_handler,

@@ -29,12 +29,10 @@ $roles$;
 
 -- Whether an outbox row waits for a claim, in a form the planner takes as opaque (Rust,
 -- extension/src/api/outbox.rs); the indexes over waiting rows are declared with it.
-CREATE FUNCTION picloud."_unclaimed"(
-	"claimed_by" TEXT /* core::option::Option<&str> */
-) RETURNS bool /* bool */
+CREATE FUNCTION picloud._unclaimed(claimed_by text) RETURNS boolean
 IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'picloud_unclaimed_wrapper';
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'picloud_unclaimed';
 DROP INDEX picloud.outbox_due_idx;
 CREATE INDEX outbox_due_idx ON picloud.outbox (due_at) WHERE picloud._unclaimed(claimed_by);
 
@@ -172,6 +170,23 @@ LANGUAGE sql STABLE AS $$
            AND t.trigger_id OPERATOR(pg_catalog.=) p_trigger_id) r
 $$;
 
+-- Event ids for a bulk enqueue, made in one call (Rust, extension/src/api/admission.rs).
+CREATE FUNCTION picloud."_new_event_ids"(
+	"count" INT /* i32 */
+) RETURNS uuid[] /* alloc::vec::Vec<pgrx::datum::uuid::Uuid> */
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'picloud_new_event_ids_wrapper';
+
+-- The position of the first of a bulk enqueue's payloads larger than p_max_bytes (as
+-- picloud._payload_bytes measures it), or NULL; refuses one nested too deep (Rust,
+-- extension/src/api/admission.rs: one call for the whole array).
+CREATE FUNCTION picloud._oversized_payload(p_payloads jsonb[], p_max_bytes integer)
+RETURNS integer
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'picloud_oversized_payload';
+
 -- The whole contract of picloud_enqueue (below), every error included: every call that
 -- picloud._enqueue_fast does not write comes here (internal).
 CREATE OR REPLACE FUNCTION picloud._enqueue_general(
@@ -306,8 +321,7 @@ BEGIN
     IF array_position(p_payloads, NULL) IS NOT NULL THEN
         PERFORM picloud._null_argument('{"payloads element"}', '{t}');
     END IF;
-    SELECT ord INTO v_too_big FROM unnest(p_payloads) WITH ORDINALITY AS p(payload, ord)
-    WHERE picloud._payload_bytes(payload) > v_max LIMIT 1;
+    v_too_big := picloud._oversized_payload(p_payloads, v_max);
     IF v_too_big IS NOT NULL THEN
         PERFORM picloud._check_payload(p_payloads[v_too_big]);
     END IF;
@@ -340,7 +354,7 @@ BEGIN
     END IF;
     -- Ids are made here rather than taken with RETURNING: RETURNING would need producers to
     -- be allowed to read the outbox, which shows other producers' events.
-    v_ids := ARRAY(SELECT picloud._new_event_id() FROM generate_series(1, cardinality(p_payloads)));
+    v_ids := picloud._new_event_ids(cardinality(p_payloads));
     INSERT INTO picloud.outbox (app_id, event_id, source, op, trigger_id, script_id, payload, depth,
                                 due_at, ordering_key, ordering_seq, ordering_blocks, priority)
     SELECT p_app_id, p.event_id, v_source, v_op, p_trigger_id, v_script_id, p.payload, v_depth,
@@ -2750,6 +2764,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA picloud TO picloud_
 GRANT EXECUTE ON FUNCTION
     picloud._check_run_at(timestamptz),
     picloud._payload_bytes(anyelement),
+    picloud._oversized_payload(jsonb[], integer),
+    picloud._new_event_ids(integer),
     -- In the outbox's index predicates, which every writer of a row evaluates.
     picloud._unclaimed(text),
     picloud.picloud_create_kv_trigger(uuid, text, uuid, text[], boolean, boolean, text),

@@ -460,6 +460,11 @@ fn bulk_enqueue_returns_ids_in_order() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids.len(), 1000);
+    // Ascending in payload order: the rows of one call append to the end of the app's part of
+    // outbox_pkey.
+    let mut ascending = ids.clone();
+    ascending.sort();
+    assert_eq!(ids, ascending, "event ids ascend with the payloads");
     for (i, id) in ids.iter().enumerate().step_by(97) {
         let p: serde_json::Value = c
             .query_one(
@@ -478,7 +483,31 @@ fn bulk_enqueue_returns_ids_in_order() {
         )),
         "22004"
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1000);
+    // One payload over the limit, anywhere in the array, refuses the whole call.
+    c.batch_execute("SET picloud.max_payload_bytes = 1024")
+        .unwrap();
+    let mut oversized: Vec<serde_json::Value> = (0..10).map(|i| json!({ "i": i })).collect();
+    oversized[7] = json!({ "b": "x".repeat(2000) });
+    let refused = c.query(
+        "SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)",
+        &[&app, &oversized, &script],
+    );
+    let message = error_message(c.query(
+        "SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)",
+        &[&app, &oversized, &script],
+    ));
+    assert_eq!(sqlstate(refused), "PC004");
+    assert!(message.contains("1024"), "{message}");
+    oversized[7] = json!({ "b": "x".repeat(900) });
+    let taken = c
+        .query(
+            "SELECT * FROM picloud_enqueue_bulk($1, 'queue', 'bulk', $2, $3)",
+            &[&app, &oversized, &script],
+        )
+        .unwrap();
+    assert_eq!(taken.len(), 10);
+    c.batch_execute("RESET picloud.max_payload_bytes").unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM picloud.outbox"), 1010);
 }
 
 #[test]
