@@ -92,10 +92,13 @@ END
 $$;
 
 -- The priority a trigger gives its events (0 without a trigger).
+-- (PL/pgSQL for its kept plan, as picloud_has_capability.)
 CREATE FUNCTION picloud._trigger_priority(p_app_id uuid, p_trigger_id uuid) RETURNS smallint
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT t.priority FROM picloud.triggers t
-                     WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id), 0::smallint)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN coalesce((SELECT t.priority FROM picloud.triggers t
+                     WHERE t.app_id = p_app_id AND t.trigger_id = p_trigger_id), 0::smallint);
+END
 $$;
 
 -- The whole contract of picloud_enqueue (below), every error included: every call that
