@@ -1620,11 +1620,16 @@ $$;
 -- trigger's catch-up policy.
 
 -- A tick's time, or NULL past the outbox's time window (picloud.event_time): no further tick.
+-- (PL/pgSQL: a SQL function with a fixed search_path is planned again by every statement that
+-- calls it, and the housekeeper calls this once per trigger and tick.)
 CREATE FUNCTION picloud._cron_arm(p_schedule text, p_timezone text, p_after timestamptz)
 RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN n < '2200-01-01 00:00:00+00' THEN n END
-    FROM picloud._cron_next_after(p_schedule, p_timezone, p_after) AS n
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_next timestamptz := picloud._cron_next_after(p_schedule, p_timezone, p_after);
+BEGIN
+    RETURN CASE WHEN v_next < '2200-01-01 00:00:00+00' THEN v_next END;
+END
 $$;
 
 CREATE FUNCTION picloud._check_cron_options(p_catch_up text, p_catch_up_limit integer)
