@@ -90,6 +90,38 @@ pub fn pgbench(
     secs: u32,
     protocol: &str,
 ) -> Res<Pgbench> {
+    let shape = Shape {
+        clients,
+        jobs,
+        secs,
+        protocol,
+    };
+    pgbench_as(cfg, db, "postgres", name, script, shape)
+}
+
+/// How a pgbench run drives its script.
+pub struct Shape<'a> {
+    pub clients: u32,
+    pub jobs: u32,
+    pub secs: u32,
+    pub protocol: &'a str,
+}
+
+/// `pgbench` as the role `user`.
+pub fn pgbench_as(
+    cfg: &Cfg,
+    db: &str,
+    user: &str,
+    name: &str,
+    script: &str,
+    shape: Shape,
+) -> Res<Pgbench> {
+    let Shape {
+        clients,
+        jobs,
+        secs,
+        protocol,
+    } = shape;
     let dir = cfg.out.join("tmp");
     std::fs::create_dir_all(&dir).map_err(err("create tmp dir"))?;
     let path = dir.join(format!("{name}.sql"));
@@ -101,7 +133,7 @@ pub fn pgbench(
             "-p",
             &cfg.port.to_string(),
             "-U",
-            "postgres",
+            user,
             "-n",
         ])
         .args([

@@ -6,6 +6,10 @@ use crate::http::{start_http_server, NoopServer};
 use postgres::Client;
 use uuid::Uuid;
 
+/// A tenant's producer role in the bench app (`Main::app`): E1 also enqueues as it, the way
+/// applications do, through row-level security (a superuser passes it by).
+pub const PRODUCER: &str = "bench_producer";
+
 pub struct Main {
     pub app: Uuid,
     pub noop: Uuid,
@@ -75,6 +79,22 @@ pub fn setup_main(cfg: &Cfg) -> Res<Main> {
         "http",
         &format!("https://127.0.0.1:{}/hook", server.tls_port),
     )?;
+    exec(
+        &mut c,
+        &format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{PRODUCER}') THEN
+                     CREATE ROLE {PRODUCER} LOGIN;
+                 END IF;
+             END $$;
+             GRANT picloud_user TO {PRODUCER};"
+        ),
+    )?;
+    c.execute(
+        "SELECT picloud.picloud_grant_app_role($1, $2, 'producer')",
+        &[&app, &PRODUCER],
+    )
+    .map_err(pg_err("grant the producer role"))?;
     Ok(Main {
         app,
         noop,

@@ -1,12 +1,13 @@
 //! E1: enqueue, one event per transaction, 4 pgbench clients: picloud against the bigserial
 //! plain outbox in pgbench's simple and prepared protocols (each with its own target), with
-//! WAL and CPU per event; the random-UUID plain outbox as a reference.
+//! WAL and CPU per event; the random-UUID plain outbox as a reference, and picloud enqueued by a
+//! tenant's producer role (through row-level security, which the superuser passes by).
 
 use super::order;
 use crate::config::{progress, Cfg, Res};
-use crate::db::{connect, pgbench, settle, supervisor_idle, Meter};
+use crate::db::{connect, pgbench, pgbench_as, settle, supervisor_idle, Meter, Shape};
 use crate::report::{fmt_num, Row};
-use crate::setup::{reset_queues, Main};
+use crate::setup::{reset_queues, Main, PRODUCER};
 use crate::stats::{median_ratio, stat};
 
 /// The figures of one pgbench run.
@@ -54,6 +55,7 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
     let protocols = ["simple", "prepared"];
     let mut runs: [[Runs; 2]; 2] = Default::default();
     let mut uuid = Runs::default();
+    let mut producer = Runs::default();
     for run in 0..cfg.runs {
         // Both protocols in every run, which one first alternating between runs, and within
         // each the two sides in alternating order; the random-UUID reference last.
@@ -69,18 +71,27 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
             }
         }
         steps.push((0, 2));
+        steps.push((1, 3));
         for (p, side) in steps {
             let protocol = protocols[p];
             let (label, script) = match side {
                 0 => ("picloud", &picloud_script),
                 1 => ("bigserial", &bigserial_script),
-                _ => ("uuid", &uuid_script),
+                2 => ("uuid", &uuid_script),
+                _ => ("producer", &picloud_script),
             };
             let name = format!("e1_{label}_{protocol}");
             reset_queues(&mut c)?;
             settle(&mut c)?;
             let meter = Meter::start(&mut c)?;
-            let r = pgbench(cfg, &cfg.db, &name, script, 4, 2, cfg.e1_secs, protocol)?;
+            let user = if side == 3 { PRODUCER } else { "postgres" };
+            let shape = Shape {
+                clients: 4,
+                jobs: 2,
+                secs: cfg.e1_secs,
+                protocol,
+            };
+            let r = pgbench_as(cfg, &cfg.db, user, &name, script, shape)?;
             let (wal, cpu) = meter.finish(&mut c)?;
             if r.failed > 0 {
                 notes.push(format!(
@@ -98,10 +109,10 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
                 wal / txns,
                 cpu * 1e6 / txns
             ));
-            let into = if side == 2 {
-                &mut uuid
-            } else {
-                &mut runs[p][side]
+            let into = match side {
+                2 => &mut uuid,
+                3 => &mut producer,
+                _ => &mut runs[p][side],
             };
             into.tps.push(r.tps);
             into.wal.push(wal / txns);
@@ -165,6 +176,17 @@ pub fn bench_e1(cfg: &Cfg, m: &Main, notes: &mut Vec<String>) -> Res<Vec<Row>> {
         .value(&pic.tps)
         .baseline("plain INSERT, uuid key", &uuid.tps, "tx/s")
         .ratio_of(&pic.tps, &uuid.tps),
+    );
+    let superuser = &prepared[0];
+    rows.push(
+        Row::new(
+            "E1",
+            "reference: enqueue as a tenant's producer role, -M prepared",
+            "tx/s",
+        )
+        .value(&producer.tps)
+        .baseline("picloud as the superuser", &superuser.tps, "tx/s")
+        .ratio_of(&producer.tps, &superuser.tps),
     );
     Ok(rows)
 }
