@@ -351,11 +351,13 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Five functions qualify every name instead: one looks the handler function up in
+          -- Six functions qualify every name instead: one looks the handler function up in
           -- the caller's search_path, four are inlined into their callers
           -- (sql/020_triggers.sql, and _event_jsonb and _handler_principal in
-          -- sql/031_claims.sql).
+          -- sql/031_claims.sql), and one is the row-level security policies' test, which a
+          -- SET clause would make cost every tenant's enqueue (sql/010_access.sql).
           AND p.oid <> ALL (ARRAY[
+              'picloud.picloud_has_capability(uuid, text)',
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
               'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',

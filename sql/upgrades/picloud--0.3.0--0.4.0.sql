@@ -2219,15 +2219,19 @@ $$;
 -- PL/pgSQL rather than SQL: a SQL function that is not inlined (none with a fixed search_path
 -- is, see sql/090_privileges.sql) is parsed and planned again by every statement that calls
 -- it, about 0.2 ms - most of what an API call that checks a right cost; PL/pgSQL keeps its plan
--- for the session.
+-- for the session. Every name and operator is qualified instead of a fixed search_path (see
+-- sql/090_privileges.sql): it is the outbox's INSERT policy, and a SET clause would cost every
+-- enqueue by a tenant role a settings change and its undoing (6-15 percent of such an enqueue).
 CREATE OR REPLACE FUNCTION picloud.picloud_has_capability(p_app_id uuid, p_capability text) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN picloud._is_owner() OR EXISTS (
         SELECT 1 FROM picloud.app_roles r
-        WHERE r.app_id = p_app_id
-          AND r.role_name = current_user
-          AND (r.capability = 'admin' OR (p_capability = 'enqueue' AND r.capability = 'producer')));
+        WHERE r.app_id OPERATOR(pg_catalog.=) p_app_id
+          AND r.role_name OPERATOR(pg_catalog.=) CURRENT_USER
+          AND (r.capability OPERATOR(pg_catalog.=) 'admin'
+               OR (p_capability OPERATOR(pg_catalog.=) 'enqueue'
+                   AND r.capability OPERATOR(pg_catalog.=) 'producer')));
 END
 $$;
 
@@ -2921,11 +2925,13 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'picloud'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-          -- Five functions qualify every name instead: one looks the handler function up in
+          -- Six functions qualify every name instead: one looks the handler function up in
           -- the caller's search_path, four are inlined into their callers
           -- (sql/020_triggers.sql, and _event_jsonb and _handler_principal in
-          -- sql/031_claims.sql).
+          -- sql/031_claims.sql), and one is the row-level security policies' test, which a
+          -- SET clause would make cost every tenant's enqueue (sql/010_access.sql).
           AND p.oid <> ALL (ARRAY[
+              'picloud.picloud_has_capability(uuid, text)',
               'picloud.picloud_create_script(uuid, text, text, text, integer)',
               'picloud.picloud_match_kv_triggers(uuid, text, text)',
               'picloud.picloud_match_dead_letter_triggers(uuid, text, uuid)',

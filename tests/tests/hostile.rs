@@ -78,6 +78,7 @@ const C_FUNCTIONS: &[&str] = &[
 const QUALIFIED: &[&str] = &[
     "_event_jsonb(uuid,uuid,text,text,jsonb,integer,integer,uuid,uuid)",
     "_handler_principal(uuid,uuid,uuid)",
+    "picloud_has_capability(uuid,text)",
     "picloud_create_script(uuid,text,text,text,integer)",
     "picloud_match_dead_letter_triggers(uuid,text,uuid)",
     "picloud_match_kv_triggers(uuid,text,text)",
