@@ -2221,7 +2221,7 @@ $$;
 -- it, about 0.2 ms - most of what an API call that checks a right cost; PL/pgSQL keeps its plan
 -- for the session. Every name and operator is qualified instead of a fixed search_path (see
 -- sql/090_privileges.sql): it is the outbox's INSERT policy, and a SET clause would cost every
--- enqueue by a tenant role a settings change and its undoing (6-15 percent of such an enqueue).
+-- enqueue by a tenant role a settings change and its undoing (5-19 percent of such an enqueue).
 CREATE OR REPLACE FUNCTION picloud.picloud_has_capability(p_app_id uuid, p_capability text) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN

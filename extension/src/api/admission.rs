@@ -72,22 +72,12 @@ pub fn picloud_new_event_id() -> pgrx::Uuid {
 /// Postgres value may hold.
 const MAX_IDS_AT_ONCE: usize = 50_000_000;
 
-/// `count` new event ids, ascending (the order of the rows that take them, so that a bulk
-/// enqueue appends to the end of its app's part of outbox_pkey instead of landing at random
-/// places in the newest millisecond's).
-pub fn new_event_ids(count: usize) -> Vec<[u8; 16]> {
-    let unix_ms = unix_ms_now();
-    let mut ids: Vec<[u8; 16]> = (0..count)
-        .map(|_| uuid_v7(unix_ms, next_random(), next_random()))
-        .collect();
-    ids.sort_unstable();
-    ids
-}
-
 /// `picloud._new_event_ids(count)` (internal): `count` new event ids for a bulk enqueue, time-
-/// ordered like `_new_event_id`'s and ascending, in one call: one `_new_event_id` call per row
-/// cost about 1 us each (the function manager and pgrx's guard), a tenth of a 1,000-event
-/// `picloud_enqueue_bulk`. A negative count makes none.
+/// ordered like `_new_event_id`'s, in one call: one `_new_event_id` call per row cost about
+/// 1 us each (the function manager and pgrx's guard), a tenth of a 1,000-event
+/// `picloud_enqueue_bulk`. Ascending, the order of the rows that take them, so that a bulk
+/// enqueue appends to the end of its app's part of outbox_pkey instead of landing at random
+/// places in the newest millisecond's. A negative count makes none.
 #[pg_extern(volatile, parallel_safe, name = "_new_event_ids")]
 pub fn picloud_new_event_ids(count: i32) -> Vec<pgrx::Uuid> {
     let count = usize::try_from(count).unwrap_or(0);
@@ -98,10 +88,12 @@ pub fn picloud_new_event_ids(count: i32) -> Vec<pgrx::Uuid> {
         }
         .raise()
     }
-    new_event_ids(count)
-        .into_iter()
-        .map(pgrx::Uuid::from_bytes)
-        .collect()
+    let unix_ms = unix_ms_now();
+    let mut ids: Vec<[u8; 16]> = (0..count)
+        .map(|_| uuid_v7(unix_ms, next_random(), next_random()))
+        .collect();
+    ids.sort_unstable();
+    ids.into_iter().map(pgrx::Uuid::from_bytes).collect()
 }
 
 /// A payload's size as its readers will see it: uncompressed (a compressed value of a few
@@ -170,24 +162,35 @@ pub fn picloud_payload_bytes(payload: pgrx::AnyElement) -> i32 {
     if typlen != -1 {
         return i32::from(typlen.max(0));
     }
-    // SAFETY: checked above that it is a varlena.
-    let bytes = unsafe { payload_bytes(payload.datum()) };
-    if payload.oid() == pg_sys::JSONBOID {
+    let bytes = if payload.oid() == pg_sys::JSONBOID {
         // SAFETY: a non-null jsonb datum.
-        if let Some(depth) = unsafe { payload_too_deep(payload.datum(), bytes) } {
-            refuse_too_deep(depth)
-        }
-    }
+        unsafe { jsonb_payload_bytes(payload.datum()) }
+    } else {
+        // SAFETY: checked above that it is a varlena.
+        unsafe { payload_bytes(payload.datum()) }
+    };
     i32::try_from(bytes).unwrap_or(i32::MAX)
 }
 
-/// Refuses a payload nested `depth` levels deep, more than `MAX_PAYLOAD_NESTING` (22023).
-fn refuse_too_deep(depth: u32) -> ! {
-    crate::error::PicloudError::InvalidParameter {
-        what: "payload",
-        detail: format!("nested more than {MAX_PAYLOAD_NESTING} levels deep (at least {depth})"),
+/// A jsonb payload's size (`payload_bytes`), after refusing it if it is nested deeper than
+/// `MAX_PAYLOAD_NESTING` (22023): what `_payload_bytes` and `_oversized_payload` measure.
+///
+/// # Safety
+/// `payload` must be a non-null jsonb datum.
+unsafe fn jsonb_payload_bytes(payload: pg_sys::Datum) -> usize {
+    // SAFETY: the caller passes a non-null jsonb datum.
+    let bytes = unsafe { payload_bytes(payload) };
+    // SAFETY: as above.
+    if let Some(depth) = unsafe { payload_too_deep(payload, bytes) } {
+        crate::error::PicloudError::InvalidParameter {
+            what: "payload",
+            detail: format!(
+                "nested more than {MAX_PAYLOAD_NESTING} levels deep (at least {depth})"
+            ),
+        }
+        .raise()
     }
-    .raise()
+    bytes
 }
 
 /// The SQL declaration's argument types, in order (checked against pg_proc: raw::arguments).
@@ -265,12 +268,7 @@ unsafe fn first_oversized(payloads: pg_sys::Datum, max_bytes: i32) -> Option<i32
             if *nulls.add(i) {
                 continue;
             }
-            let payload = *elements.add(i);
-            let bytes = payload_bytes(payload);
-            if let Some(depth) = payload_too_deep(payload, bytes) {
-                refuse_too_deep(depth)
-            }
-            if bytes > max_bytes {
+            if jsonb_payload_bytes(*elements.add(i)) > max_bytes {
                 return Some(i32::try_from(i + 1).unwrap_or(i32::MAX));
             }
         }
